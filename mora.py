@@ -1,0 +1,994 @@
+"""MORA: a byte-level language model with a hand-written backward pass, in NumPy/CuPy.
+
+MORA replaces attention with *cumulative memory + delta update* blocks: each
+channel keeps a memory c that moves towards the input at a learned, input-dependent
+write rate, a running mean of everything seen so far, and the delta e (what the
+memory did not expect).  A block is a recurrence, so generation costs O(1) per byte
+with no context limit.  The model is 284,184 parameters at width 64 with 8 blocks.
+
+This file is the whole model: forward and backward of every layer (no autograd),
+Adam, batches from a byte file, training, evaluation, sampling and checkpoints.
+It is not a framework and has no autograd; the backward pass is the point.
+
+    python prepare_data.py            # TinyStories -> data/train.bin, data/val.bin
+    python mora.py train              # one epoch of the small model
+    python mora.py sample --prompt "Once upon a time"
+
+Shapes used in the comments: B batch, T time, d width, L blocks, V = 256 bytes,
+N = T * B positions.  Inside the model arrays are time-major, (T, B, ...), so that
+each step of the memory scan reads one contiguous (B, d) slab.
+"""
+import argparse
+import codecs
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+try:  # CuPy is optional: the same code runs on the GPU when it is installed.
+    import cupy
+except ImportError:
+    cupy = None
+
+V = 256  # the vocabulary: one token per byte value
+LN_EPS = 1e-5
+CHECKPOINT_FORMAT = "mora-checkpoint-v1"
+
+
+class UserError(Exception):
+    """A mistake in the input (flags, files) that the user can fix; printed as one line."""
+
+
+# ----------------------------------------------------------------------------
+# Array backend: xp is numpy or cupy, chosen by the arrays themselves.
+
+def array_module(a):
+    """numpy or cupy, whichever holds `a`."""
+    return cupy.get_array_module(a) if cupy is not None else np
+
+
+def to_numpy(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def select_backend(device):
+    """'cpu' -> numpy; 'gpu' -> cupy (error if it cannot run); 'auto' -> cupy when a GPU works."""
+    if device == "cpu":
+        return np
+    problem = None
+    if cupy is None:
+        problem = "CuPy is not installed (pip install cupy-cuda12x)"
+    else:
+        try:
+            if cupy.cuda.runtime.getDeviceCount() < 1:
+                problem = "CuPy finds no CUDA GPU"
+        except Exception as exc:  # CuPy raises driver-specific errors here
+            problem = f"CuPy cannot reach a GPU ({exc.__class__.__name__})"
+    if problem is None:
+        return cupy
+    if device == "gpu":
+        raise UserError(f"--device gpu: {problem}; run with --device cpu instead")
+    return np
+
+
+def describe_backend(xp):
+    if xp is np:
+        return f"numpy {np.__version__} on the CPU ({os.cpu_count()} cores for BLAS)"
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    return f"cupy {cupy.__version__} on {props['name'].decode()}"
+
+
+# ----------------------------------------------------------------------------
+# Configuration
+
+@dataclass
+class Config:
+    d_model: int = 64  # width d
+    n_layers: int = 8  # blocks L
+    seq_len: int = 256  # T: bytes of context per training record (records are T+1 bytes)
+    batch_size: int = 256  # B
+
+
+SIZES = {"small": dict(d_model=64, n_layers=8), "large": dict(d_model=128, n_layers=8)}
+
+
+def block_shapes(d):
+    """Name -> shape of one block's parameters (8 d^2 + 11 d + 3 numbers)."""
+    return {
+        "ln1.g": (d,), "ln1.b": (d,),
+        "w_in": (d, 3 * d), "b_in": (3 * d,),  # columns: v | b | q
+        "mix": (3,),
+        "w_out": (d, d), "b_out": (d,),
+        "ln2.g": (d,), "ln2.b": (d,),
+        "w_up": (d, 2 * d), "b_up": (2 * d,),
+        "w_down": (2 * d, d), "b_down": (d,),
+    }
+
+
+def param_shapes(cfg):
+    """Every parameter's name and shape, in a fixed order (the checkpoint's and Adam's)."""
+    shapes = {"embed": (V, cfg.d_model)}
+    for i in range(cfg.n_layers):
+        for name, shape in block_shapes(cfg.d_model).items():
+            shapes[f"blocks.{i}.{name}"] = shape
+    return shapes
+
+
+def count_params(cfg):
+    return sum(math.prod(s) for s in param_shapes(cfg).values())
+
+
+# ----------------------------------------------------------------------------
+# Layers: each forward returns (out, cache); its backward, right below, takes
+# (dout, cache) and returns the gradients.  The cache holds only what the
+# backward needs.  Shapes: any leading axes (...), last axis as stated.
+
+def embedding_forward(E, x):
+    """h = E[x].  E: (V, d), x: (...) ints -> (..., d)."""
+    return E[x], x
+
+
+def embedding_backward(dh, x):
+    """dE[v] = sum of dh over positions where x == v, as a (V, N) one-hot times (N, d)."""
+    xp = array_module(dh)
+    flat_x = x.reshape(-1)  # (N,)
+    onehot = (flat_x[:, None] == xp.arange(V)[None, :]).astype(dh.dtype)  # (N, V)
+    return onehot.T @ dh.reshape(len(flat_x), -1)  # (V, d)
+
+
+def layernorm_forward(x, g=None, b=None):
+    """y = g * (x - mean) / sqrt(var + eps) + b over the last axis; no g, b: plain normalisation."""
+    xp = array_module(x)
+    mean = x.mean(-1, keepdims=True)  # (..., 1)
+    centered = x - mean  # (..., d)
+    rstd = 1.0 / xp.sqrt((centered * centered).mean(-1, keepdims=True) + LN_EPS)  # (..., 1)
+    xhat = centered * rstd  # (..., d)
+    y = xhat if g is None else xhat * g + b  # (..., d)
+    return y, (xhat, rstd, g)
+
+
+def layernorm_backward(dy, cache):
+    """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), with dxhat = dy * g.
+
+    Returns dx and (dg, db) = (sum dy * xhat, sum dy) over all leading axes, or None
+    for the parameter-free norm."""
+    xhat, rstd, g = cache
+    dxhat = dy if g is None else dy * g  # (..., d)
+    dx = rstd * (dxhat - dxhat.mean(-1, keepdims=True)
+                 - xhat * (dxhat * xhat).mean(-1, keepdims=True))  # (..., d)
+    if g is None:
+        return dx, None, None
+    d = dy.shape[-1]
+    return dx, (dy * xhat).reshape(-1, d).sum(0), dy.reshape(-1, d).sum(0)
+
+
+def linear_forward(x, W, b):
+    """y = x @ W + b.  x: (..., n_in), W: (n_in, n_out) -> (..., n_out).
+    The leading axes are flattened so that BLAS sees one (N, n_in) @ (n_in, n_out)."""
+    y = x.reshape(-1, W.shape[0]) @ W  # (N, n_out)
+    y += b
+    return y.reshape(*x.shape[:-1], W.shape[1]), (x, W)
+
+
+def linear_backward(dy, cache):
+    """dx = dy @ W^T, dW = x^T dy, db = sum dy (sums over all leading axes)."""
+    x, W = cache
+    n_in, n_out = W.shape
+    dy2 = dy.reshape(-1, n_out)  # (N, n_out)
+    dx = (dy2 @ W.T).reshape(*dy.shape[:-1], n_in)  # (..., n_in)
+    dW = x.reshape(-1, n_in).T @ dy2  # (n_in, n_out)
+    return dx, dW, dy2.sum(0)
+
+
+GELU_K = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(x):
+    """gelu(x) = 0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi): the tanh form."""
+    xp = array_module(x)
+    t = xp.tanh(GELU_K * (x + 0.044715 * x * x * x))  # (..., n)
+    return 0.5 * x * (1.0 + t), (x, t)
+
+
+def gelu_backward(dy, cache):
+    """d gelu/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 * 0.044715 x^2)."""
+    x, t = cache
+    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_K * (1.0 + 3 * 0.044715 * x * x))
+
+
+def sigmoid_forward(x):
+    """s = 1 / (1 + exp(-x)); the cache is s itself."""
+    xp = array_module(x)
+    s = 1.0 / (1.0 + xp.exp(-x))
+    return s, s
+
+
+def sigmoid_backward(ds, s):
+    """ds/dx = s (1 - s)."""
+    return ds * s * (1.0 - s)
+
+
+def memory_scan_forward(v, beta, c_init):
+    """The delta-update memory, per channel:  c_t = c_{t-1} + beta_t (v_t - c_{t-1}).
+
+    v, beta: (T, B, d); c_init: (B, d), the memory before t = 0 (zeros in training,
+    the carried state in generation).  Returns c (T, B, d), the memory after each
+    step, e (T, B, d) with e_t = v_t - c_{t-1}, the delta, and the cache (beta, e).
+    Written as c_t = (1 - beta_t) c_{t-1} + beta_t v_t, only two operations per step
+    stay inside the Python loop over time."""
+    xp = array_module(v)
+    keep = 1.0 - beta  # (T, B, d) how much of the old memory survives a step
+    c = beta * v  # (T, B, d) first the written part; the loop adds the kept part
+    previous = c_init  # (B, d)
+    for t in range(v.shape[0]):
+        c[t] += keep[t] * previous
+        previous = c[t]
+    e = v - xp.concatenate([c_init[None], c[:-1]])  # (T, B, d)
+    return c, e, (beta, e)
+
+
+def memory_scan_backward(dc, de, cache):
+    """Reverse-time loop carrying dcarry, the gradient reaching c_t from later steps
+    (like min-char-rnn's dhnext).  With g_t = dc_t + dcarry_t the total dL/dc_t:
+        dL/dv_t    = beta_t g_t + de_t        (c_t = keep_t c_{t-1} + beta_t v_t; e_t = v_t - c_{t-1})
+        dL/dbeta_t = g_t e_t                  (dc_t/dbeta_t = v_t - c_{t-1} = e_t)
+        dcarry_{t-1} = keep_t g_t - de_t      (dc_t/dc_{t-1} = keep_t, de_t/dc_{t-1} = -1)
+    dc, de: (T, B, d).  Returns dv, dbeta (T, B, d)."""
+    beta, e = cache
+    keep = 1.0 - beta  # (T, B, d)
+    g = dc.copy()  # (T, B, d) becomes the total gradient of each c_t
+    for t in range(dc.shape[0] - 1, 0, -1):
+        g[t - 1] += keep[t] * g[t] - de[t]
+    return beta * g + de, g * e
+
+
+def cumulative_mean_forward(v, sum_init, count_init):
+    """a_t = (v_0 + ... + v_t) / (t + 1): a running mean with no forgetting.
+
+    v: (T, B, d); sum_init (B, d) and count_init (an int) carry earlier bytes
+    (zeros in training).  Returns a (T, B, d), the running sum after the last step
+    (B, d), and the cache: the divisors (T, 1, 1)."""
+    xp = array_module(v)
+    total = sum_init + xp.cumsum(v, axis=0)  # (T, B, d)
+    counts = (count_init + xp.arange(1, v.shape[0] + 1, dtype=v.dtype))[:, None, None]  # (T, 1, 1)
+    return total / counts, total[-1], counts
+
+
+def cumulative_mean_backward(da, counts):
+    """dL/dv_s = sum over t >= s of da_t / (t + 1): a reversed cumulative sum."""
+    xp = array_module(da)
+    return xp.cumsum((da / counts)[::-1], axis=0)[::-1]
+
+
+def mix_forward(mix, c, a, e):
+    """m = mix[0] c + mix[1] a + mix[2] e.  mix: (3,); c, a, e: (T, B, d)."""
+    return mix[0] * c + mix[1] * a + mix[2] * e, (mix, c, a, e)
+
+
+def mix_backward(dm, cache):
+    """dmix[k] = sum dm * (c, a, e)[k];  dc = mix[0] dm, da = mix[1] dm, de = mix[2] dm."""
+    xp = array_module(dm)
+    mix, c, a, e = cache
+    dmix = xp.stack([(dm * c).sum(), (dm * a).sum(), (dm * e).sum()])  # (3,)
+    return dmix, mix[0] * dm, mix[1] * dm, mix[2] * dm
+
+
+def cross_entropy_forward(logits, y):
+    """Mean of -log softmax(logits)[y] over N positions.  logits: (N, V), y: (N,).
+
+    Returns the loss (a 0-d array, nats per byte), and the cache (probs, y)."""
+    xp = array_module(logits)
+    shifted = logits - logits.max(-1, keepdims=True)  # (N, V) max subtracted: exp cannot overflow
+    probs = xp.exp(shifted)  # (N, V)
+    sum_exp = probs.sum(-1)  # (N,)
+    probs /= sum_exp[:, None]
+    rows = xp.arange(len(y))
+    loss = (xp.log(sum_exp) - shifted[rows, y]).mean()
+    return loss, (probs, y)
+
+
+def cross_entropy_backward(cache):
+    """The fused softmax + cross-entropy backward of the mean loss:
+        dlogits = (softmax - onehot(y)) / N
+    It reuses (overwrites) the cached probabilities."""
+    probs, y = cache
+    xp = array_module(probs)
+    dlogits = probs
+    dlogits[xp.arange(len(y)), y] -= 1.0
+    dlogits /= len(y)
+    return dlogits  # (N, V)
+
+
+# ----------------------------------------------------------------------------
+# The model
+
+def init_params(cfg, seed=0, dtype=np.float32, xp=np):
+    """Weights N(0, 1/fan_in); w_out and w_down scaled by a further 1/sqrt(2L) so the
+    residual stream grows slowly with depth; embedding N(0, 1/d); biases 0, LayerNorm
+    gains 1; the write-rate bias (middle third of b_in) spread from -4 to 2 so the
+    channels' rates sigmoid(b) cover time scales from ~1.1 to ~55 bytes; mix = (0, 0, 1):
+    each block starts by reading out only the delta.  Drawn with NumPy, so a seed gives
+    the same weights on either backend."""
+    rng = np.random.default_rng(seed)
+    d, L = cfg.d_model, cfg.n_layers
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        kind = name.split(".")[-1]
+        if name == "embed":
+            value = rng.normal(0.0, 1.0 / math.sqrt(d), shape)
+        elif kind.startswith("w_"):
+            value = rng.normal(0.0, 1.0 / math.sqrt(shape[0]), shape)
+            if kind in ("w_out", "w_down"):
+                value /= math.sqrt(2 * L)
+        elif kind == "g":
+            value = np.ones(shape)
+        elif kind == "mix":
+            value = np.array([0.0, 0.0, 1.0])
+        elif kind == "b_in":
+            value = np.zeros(shape)
+            value[d:2 * d] = np.linspace(-4.0, 2.0, d)
+        else:
+            value = np.zeros(shape)
+        params[name] = xp.asarray(value, dtype=dtype)
+    return params
+
+
+def config_of(params):
+    """Width and depth read off the parameters themselves."""
+    return params["embed"].shape[1], sum(1 for k in params if k.endswith(".mix"))
+
+
+def block_params(params, i):
+    return {name: params[f"blocks.{i}.{name}"] for name in block_shapes(1)}
+
+
+def initial_state(params, batch):
+    """Per block: memory c (B, d), running sum (B, d), bytes seen (int); all zero."""
+    xp = array_module(params["embed"])
+    d, L = config_of(params)
+    zeros = lambda: xp.zeros((batch, d), dtype=params["embed"].dtype)  # noqa: E731
+    return [(zeros(), zeros(), 0) for _ in range(L)]
+
+
+def block_forward(p, h, state):
+    """One block on the residual stream h: (T, B, d).  p: the block's parameters,
+    state: (c, running sum, count) before t = 0.  Returns h, cache, the state after."""
+    d = h.shape[-1]
+    c_init, sum_init, count_init = state
+    # --- mixer: cumulative memory with delta updates ---
+    u, ln1_cache = layernorm_forward(h, p["ln1.g"], p["ln1.b"])  # (T, B, d)
+    vbq, in_cache = linear_forward(u, p["w_in"], p["b_in"])  # (T, B, 3d)
+    v, b, q = vbq[..., :d], vbq[..., d:2 * d], vbq[..., 2 * d:]  # (T, B, d) each
+    beta, beta_cache = sigmoid_forward(b)  # (T, B, d) write rate
+    c, e, scan_cache = memory_scan_forward(v, beta, c_init)  # (T, B, d) memory, delta
+    a, sum_after, mean_cache = cumulative_mean_forward(v, sum_init, count_init)  # (T, B, d)
+    m, mix_cache = mix_forward(p["mix"], c, a, e)  # (T, B, d)
+    gate, gate_cache = sigmoid_forward(q)  # (T, B, d)
+    mixed, out_cache = linear_forward(gate * m, p["w_out"], p["b_out"])  # (T, B, d)
+    h = h + mixed
+    # --- channel MLP ---
+    u2, ln2_cache = layernorm_forward(h, p["ln2.g"], p["ln2.b"])  # (T, B, d)
+    pre, up_cache = linear_forward(u2, p["w_up"], p["b_up"])  # (T, B, 2d)
+    act, gelu_cache = gelu_forward(pre)  # (T, B, 2d)
+    out, down_cache = linear_forward(act, p["w_down"], p["b_down"])  # (T, B, d)
+    h = h + out
+    cache = (ln1_cache, in_cache, beta_cache, scan_cache, mean_cache, mix_cache, m,
+             gate_cache, out_cache, ln2_cache, up_cache, gelu_cache, down_cache)
+    return h, cache, (c[-1], sum_after, count_init + h.shape[0])
+
+
+def block_backward(dh, cache):
+    """The block's forward read in reverse.  dh: (T, B, d) -> dh, grads of p."""
+    (ln1_cache, in_cache, beta_cache, scan_cache, mean_cache, mix_cache, m,
+     gate_cache, out_cache, ln2_cache, up_cache, gelu_cache, down_cache) = cache
+    xp = array_module(dh)
+    grads = {}
+    # h = h + gelu(u2 @ w_up + b_up) @ w_down + b_down
+    dact, grads["w_down"], grads["b_down"] = linear_backward(dh, down_cache)
+    dpre = gelu_backward(dact, gelu_cache)
+    du2, grads["w_up"], grads["b_up"] = linear_backward(dpre, up_cache)
+    # u2 = LayerNorm(h): the residual branch adds to dh
+    dh_norm, grads["ln2.g"], grads["ln2.b"] = layernorm_backward(du2, ln2_cache)
+    dh = dh + dh_norm
+    # h = h + (gate * m) @ w_out + b_out
+    dgated, grads["w_out"], grads["b_out"] = linear_backward(dh, out_cache)
+    gate = gate_cache
+    dq = sigmoid_backward(dgated * m, gate_cache)  # gate = sigmoid(q)
+    dm = dgated * gate
+    # m = mix[0] c + mix[1] a + mix[2] e
+    grads["mix"], dc, da, de = mix_backward(dm, mix_cache)
+    # a = running mean of v;  c, e = delta-update memory of v at rates beta
+    dv = cumulative_mean_backward(da, mean_cache)
+    dv_scan, dbeta = memory_scan_backward(dc, de, scan_cache)
+    dv += dv_scan
+    db = sigmoid_backward(dbeta, beta_cache)  # beta = sigmoid(b)
+    # [v, b, q] = u @ w_in + b_in
+    du, grads["w_in"], grads["b_in"] = linear_backward(xp.concatenate([dv, db, dq], -1), in_cache)
+    # u = LayerNorm(h)
+    dh_norm, grads["ln1.g"], grads["ln1.b"] = layernorm_backward(du, ln1_cache)
+    return dh + dh_norm, grads
+
+
+def model_forward(params, x, state):
+    """x: (T, B) bytes, time-major; state: per block, from `initial_state` or an
+    earlier call.  Returns logits (T, B, V), the cache for `backward`, the new state.
+    Running it on a text in pieces, carrying the state, gives the same logits as on
+    the whole text at once: this is how sampling steps one byte at a time."""
+    E = params["embed"]
+    d, L = config_of(params)
+    h, _ = embedding_forward(E, x)  # (T, B, d)
+    block_caches, new_state = [], []
+    for i in range(L):
+        h, cache, block_state = block_forward(block_params(params, i), h, state[i])
+        block_caches.append(cache)
+        new_state.append(block_state)
+    n, final_cache = layernorm_forward(h)  # (T, B, d) the final norm has no parameters
+    logits = n @ E.T  # (T, B, V) output layer tied to the embedding
+    return logits, (x, block_caches, final_cache, n), new_state
+
+
+def forward(params, x):
+    """x: (B, T) bytes -> logits (B, T, V)."""
+    logits, _, _ = model_forward(params, x.T, initial_state(params, x.shape[0]))
+    return logits.transpose(1, 0, 2)
+
+
+def forward_loss(params, x, y):
+    """Mean cross-entropy (nats per byte) and accuracy of predicting y (B, T) from
+    x (B, T), as 0-d arrays (no host sync), and the cache for `backward`."""
+    logits, cache, _ = model_forward(params, x.T, initial_state(params, x.shape[0]))
+    targets = y.T  # (T, B)
+    loss, ce_cache = cross_entropy_forward(logits.reshape(-1, V), targets.reshape(-1))
+    accuracy = (logits.argmax(-1) == targets).mean()
+    return loss, accuracy, (cache, ce_cache)
+
+
+def backward(params, cache):
+    """Gradients of the mean loss for every parameter: the forward read in reverse."""
+    (x, block_caches, final_cache, n), ce_cache = cache
+    E = params["embed"]
+    T, B, d = n.shape
+    grads = {}
+    # loss = mean cross-entropy(logits, y): dlogits = (softmax - onehot) / (B*T)
+    dlogits = cross_entropy_backward(ce_cache)  # (N, V)
+    # logits = n @ E^T
+    dn = (dlogits @ E).reshape(T, B, d)
+    dE = dlogits.T @ n.reshape(T * B, d)  # (V, d)
+    # n = LayerNorm(h)
+    dh, _, _ = layernorm_backward(dn, final_cache)
+    for i in reversed(range(len(block_caches))):
+        dh, block_grads = block_backward(dh, block_caches[i])
+        for name, g in block_grads.items():
+            grads[f"blocks.{i}.{name}"] = g
+    # h = E[x]: the tied embedding collects its second gradient
+    dE += embedding_backward(dh, x)
+    grads["embed"] = dE
+    return {name: grads[name] for name in params}
+
+
+def loss_and_grads(params, x, y):
+    """(loss in nats per byte as a float, grads keyed like params) for x, y: (B, T)."""
+    loss, _, cache = forward_loss(params, x, y)
+    return float(loss), backward(params, cache)
+
+
+# ----------------------------------------------------------------------------
+# Optimiser: Adam (Kingma & Ba, 2015, arXiv:1412.6980, Algorithm 1) on one flat
+# vector holding every parameter, so that an update is a handful of array
+# operations however many tensors the model has.
+
+def flatten(tensors, names):
+    """One flat vector of the named tensors, in order."""
+    xp = array_module(tensors[names[0]])
+    return xp.concatenate([tensors[name].reshape(-1) for name in names])
+
+
+def unflatten(flat, shapes):
+    """Name -> view into `flat` with the given shape: writing the flat vector
+    updates every view."""
+    views, offset = {}, 0
+    for name, shape in shapes.items():
+        size = math.prod(shape)
+        views[name] = flat[offset:offset + size].reshape(shape)
+        offset += size
+    return views
+
+
+def clip_by_global_norm(grad, max_norm):
+    """Scale the flat gradient in place so its L2 norm is at most max_norm; returns
+    the norm before clipping (a 0-d array)."""
+    xp = array_module(grad)
+    norm = xp.sqrt((grad * grad).sum())
+    grad *= xp.minimum(1.0, max_norm / (norm + 1e-12))
+    return norm
+
+
+def adam_update(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8):
+    """One Adam step, in place.  step counts from 1.
+        m = beta1 m + (1 - beta1) g;   v = beta2 v + (1 - beta2) g^2
+        param -= lr * (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps)"""
+    xp = array_module(param)
+    m *= beta1
+    m += (1.0 - beta1) * grad
+    v *= beta2
+    v += (1.0 - beta2) * grad * grad
+    m_hat = m / (1.0 - beta1 ** step)
+    v_hat = v / (1.0 - beta2 ** step)
+    param -= lr * m_hat / (xp.sqrt(v_hat) + eps)
+
+
+def learning_rate(step, total_steps, peak, warmup, final_fraction):
+    """Linear warmup over `warmup` steps, then cosine decay to final_fraction * peak
+    at total_steps.  step counts from 0."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------
+# Data: a byte file cut into non-overlapping records of seq_len + 1 bytes
+# (input = the first seq_len, target = the last seq_len).  An epoch is a shuffled
+# pass over the records in batches, the last partial batch dropped; the order
+# of epoch k is a function of (seed, k) alone, so the step number is the cursor.
+
+def open_records(path, seq_len):
+    """A read-only (n_records, seq_len + 1) uint8 view of a .bin file."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: run `python prepare_data.py` first, or point --data-dir at the folder holding train.bin and val.bin")
+    size = os.path.getsize(path)
+    record = seq_len + 1
+    if size < record:
+        raise UserError(f"{path} holds {size} bytes, fewer than one record of seq_len + 1 = {record}: use more text or a smaller --seq-len")
+    n_records = size // record
+    return np.memmap(path, dtype=np.uint8, mode="r", shape=(n_records * record,)).reshape(n_records, record)
+
+
+def epoch_order(n_records, seed, epoch):
+    return np.random.default_rng([seed, epoch]).permutation(n_records)
+
+
+def make_batch(records, rows, xp):
+    """Records (B, T+1) -> inputs x and targets y, (B, T) int32 arrays on xp."""
+    batch = xp.asarray(records[np.sort(rows)].astype(np.int32))  # sorted: memmap reads go forward
+    return batch[:, :-1], batch[:, 1:]
+
+
+def evaluate(params, records, batch_size, progress=False):
+    """Loss, accuracy and bits/byte over every record, in order, in batches of
+    batch_size (the last one may be smaller).  Note: this builds the backward's
+    cache too (forward_loss serves training); evaluation does not need it."""
+    xp = array_module(params["embed"])
+    total_loss = total_correct = 0.0
+    n = len(records)
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc="eval", unit="batch", leave=False)
+    for start in starts:
+        x, y = make_batch(records, np.arange(start, min(n, start + batch_size)), xp)
+        loss, accuracy, _ = forward_loss(params, x, y)
+        total_loss += float(loss) * len(x)
+        total_correct += float(accuracy) * len(x)
+    loss = total_loss / n
+    return {"loss": loss, "accuracy": total_correct / n, "bpb": loss / math.log(2)}
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints: one .npz.  Every parameter under its own name (any NumPy user can
+# load the weights), the flat Adam moments under "adam.m" and "adam.v", and a
+# JSON "meta" with the config, the step (which is also the data cursor), the seed
+# and the training settings.  Written to a temporary file and renamed, so a crash
+# mid-write never leaves a broken checkpoint.
+
+def save_checkpoint(path, params, meta, adam_m=None, adam_v=None):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    arrays = {name: to_numpy(p) for name, p in params.items()}
+    if adam_m is not None:
+        arrays["adam.m"], arrays["adam.v"] = to_numpy(adam_m), to_numpy(adam_v)
+    arrays["meta"] = np.array(json.dumps(dict(meta, format=CHECKPOINT_FORMAT)))
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """-> (Config, params as NumPy float32 arrays, meta dict, {"adam.m", "adam.v"} or {})."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}: train one with `python mora.py train`, or pass --ckpt PATH")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except Exception as exc:  # zipfile, OSError, ValueError, KeyError, JSON: all mean "unreadable"
+        raise UserError(f"{path} is not a readable MORA checkpoint (truncated or corrupt? {exc.__class__.__name__}): retrain, or resume from another copy")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} has checkpoint format {meta.get('format')!r}, this mora.py reads {CHECKPOINT_FORMAT!r}: use the mora.py that wrote it")
+    cfg = Config(**meta["config"])
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name not in arrays or arrays[name].shape != shape:
+            raise UserError(f"{path} does not match its own config (parameter {name}): the file is damaged")
+        params[name] = arrays[name].astype(np.float32)
+    optimizer = {k: arrays[k] for k in ("adam.m", "adam.v") if k in arrays}
+    return cfg, params, meta, optimizer
+
+
+# ----------------------------------------------------------------------------
+# Sampling: the prompt runs through the model once, then the recurrence steps one
+# byte at a time from the carried state: O(1) work per byte, no context window.
+
+def pick_byte(logits, temperature, top_k, rng):
+    """A byte from logits (V,) NumPy: greedy at temperature 0, else softmax(logits /
+    temperature) restricted to the top_k most likely bytes (0 = all)."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    if 0 < top_k < V:
+        scaled[scaled < np.sort(scaled)[-top_k]] = -np.inf
+    probs = np.exp(scaled - scaled.max())
+    return int(rng.choice(V, p=probs / probs.sum()))
+
+
+def generate(params, prompt, length, temperature, top_k, seed):
+    """Yields `length` new bytes (ints) continuing the prompt (bytes, non-empty)."""
+    xp = array_module(params["embed"])
+    rng = np.random.default_rng(seed)
+    state = initial_state(params, 1)
+    x = xp.asarray(np.frombuffer(prompt, dtype=np.uint8).astype(np.int32))[:, None]  # (T, 1)
+    for _ in range(length):
+        logits, _, state = model_forward(params, x, state)  # (T, 1, V)
+        byte = pick_byte(to_numpy(logits[-1, 0]), temperature, top_k, rng)
+        yield byte
+        x = xp.asarray([[byte]], dtype=np.int32)  # (1, 1): only the new byte goes in
+
+
+# ----------------------------------------------------------------------------
+# Training, evaluation and benchmark
+
+def train_step(params, flat_params, names, adam_m, adam_v, x, y, step, lr, clip):
+    """Forward, backward, clip, Adam (step counts from 0).  Returns loss, accuracy
+    and the gradient norm before clipping as 0-d arrays: no host sync here."""
+    loss, accuracy, cache = forward_loss(params, x, y)
+    grad = flatten(backward(params, cache), names)
+    grad_norm = clip_by_global_norm(grad, clip)
+    adam_update(flat_params, grad, adam_m, adam_v, step + 1, lr)
+    return loss, accuracy, grad_norm
+
+
+def print_summary(cfg, xp):
+    d = cfg.d_model
+    block = sum(math.prod(s) for s in block_shapes(d).values())
+    rows = [("embed (tied with the output layer)", f"({V}, {d})", V * d)]
+    rows += [(f"blocks.0.{name}", str(shape), math.prod(shape)) for name, shape in block_shapes(d).items()]
+    rows += [(f"blocks.{i}  (as blocks.0)", "", block) for i in range(1, cfg.n_layers)]
+    rows += [("final LayerNorm (no parameters)", "", 0)]
+    print(f"MORA  d_model={d}  n_layers={cfg.n_layers}  seq_len={cfg.seq_len}  batch_size={cfg.batch_size}")
+    print(f"backend: {describe_backend(xp)}")
+    print(f"{'parameter':<38}{'shape':>12}{'count':>12}")
+    for name, shape, count in rows:
+        print(f"{name:<38}{shape:>12}{count:>12,}")
+    print(f"{'total':<38}{'':>12}{count_params(cfg):>12,}   (one block: {block:,})")
+
+
+LOG_FIELDS = ["step", "bytes", "lr", "loss", "bpb", "accuracy", "grad_norm", "ms_per_step",
+              "val_loss", "val_bpb", "val_accuracy"]
+
+
+def open_log(path, step):
+    """The CSV log beside the checkpoint, kept up to `step` (rows a crashed run wrote
+    after its last checkpoint are dropped), opened for appending."""
+    rows = []
+    if step > 0 and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    f = open(path, "w", newline="")
+    writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return f, writer
+
+
+TRAIN_SETTINGS = dict(lr=2e-2, warmup=None, final_lr_fraction=0.1, clip=1.0, seed=0,
+                      max_steps=None, epochs=1)
+
+
+def train(args):
+    from tqdm import tqdm
+    xp = select_backend(args.device)
+    chosen = {k: getattr(args, k) for k in TRAIN_SETTINGS if getattr(args, k) is not None}
+    if args.resume:
+        cfg, params_np, meta, adam_state = load_checkpoint(args.ckpt)
+        asked = model_config(args, base=cfg)
+        if asked != cfg:
+            raise UserError(f"--resume: {args.ckpt} is a {asdict(cfg)} model, the flags ask for {asdict(asked)}: drop the size flags or use another --ckpt")
+        settings, step = meta["train"], meta["step"]
+        changed = {k: v for k, v in chosen.items() if settings.get(k) != v}
+        if changed:
+            raise UserError(f"--resume continues the run with its own settings {settings}; these flags differ: {changed}")
+        if not adam_state:
+            raise UserError(f"{args.ckpt} holds weights only (no optimizer state): it cannot be resumed")
+    else:
+        if os.path.exists(args.ckpt) and not args.overwrite:
+            raise UserError(f"{args.ckpt} exists: pass --resume to continue it, --overwrite to start over, or another --ckpt")
+        cfg = model_config(args)
+        settings = dict(TRAIN_SETTINGS, **chosen)
+        params_np, adam_state, step = init_params(cfg, settings["seed"]), {}, 0
+
+    train_records = open_records(os.path.join(args.data_dir, "train.bin"), cfg.seq_len)
+    val_records = open_records(os.path.join(args.data_dir, "val.bin"), cfg.seq_len)
+    steps_per_epoch = len(train_records) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"train.bin has {len(train_records)} records of {cfg.seq_len + 1} bytes, fewer than one batch of {cfg.batch_size}: lower --batch-size or --seq-len")
+    if settings["max_steps"] is None:
+        settings["max_steps"] = settings["epochs"] * steps_per_epoch
+    total_steps = settings["max_steps"]
+    if settings["warmup"] is None:  # short runs must not spend their budget warming up
+        settings["warmup"] = max(1, min(300, total_steps // 20))
+    end = total_steps if args.stop_after is None else min(total_steps, step + args.stop_after)
+    eval_records = val_records[:max(1, args.eval_bytes // (cfg.seq_len + 1))]
+
+    print_summary(cfg, xp)
+    print(f"data: {len(train_records):,} train records of {cfg.seq_len + 1} bytes, {steps_per_epoch:,} steps per epoch; "
+          f"{len(val_records):,} val records")
+    print(f"training: steps {step:,} -> {end:,} of {total_steps:,}, lr {settings['lr']:g} "
+          f"(warmup {settings['warmup']}, cosine to {settings['final_lr_fraction']:g}x), clip {settings['clip']:g}")
+
+    names = list(param_shapes(cfg))
+    flat = xp.asarray(flatten(params_np, names))
+    params = unflatten(flat, param_shapes(cfg))
+    adam_m = xp.asarray(adam_state.get("adam.m", np.zeros(flat.shape, np.float32)))
+    adam_v = xp.asarray(adam_state.get("adam.v", np.zeros(flat.shape, np.float32)))
+    log_path = os.path.splitext(args.ckpt)[0] + ".csv"
+    os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
+    log_file, log = open_log(log_path, step)
+
+    def checkpoint():
+        meta = {"config": asdict(cfg), "step": step, "train": settings,
+                "data": {"train_records": len(train_records)}}
+        save_checkpoint(args.ckpt, params, meta, adam_m, adam_v)
+
+    stop = []  # Ctrl-C finishes the step under way, then saves and exits
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    bytes_per_step = cfg.batch_size * cfg.seq_len
+    bar = tqdm(total=end, initial=step, unit="step", dynamic_ncols=True)
+    order_epoch, order, timed_steps, timed_seconds, first_step = None, None, 0, 0.0, step
+    try:
+        while step < end and not stop:
+            epoch, k = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(len(train_records), settings["seed"], epoch), epoch
+            started = time.perf_counter()
+            x, y = make_batch(train_records, order[k * cfg.batch_size:(k + 1) * cfg.batch_size], xp)
+            lr = learning_rate(step, total_steps, settings["lr"], settings["warmup"], settings["final_lr_fraction"])
+            loss, accuracy, grad_norm = train_step(params, flat, names, adam_m, adam_v, x, y, step, lr, settings["clip"])
+            loss, accuracy, grad_norm = float(loss), float(accuracy), float(grad_norm)  # the one host sync
+            seconds = time.perf_counter() - started
+            if not math.isfinite(loss):
+                raise UserError(f"the loss became {loss} at step {step}: lower --lr (the checkpoint at {args.ckpt} is from before)")
+            step += 1
+            if step > first_step + 1:  # this call's first step warms caches (and compiles, on the GPU): not timed
+                timed_steps, timed_seconds = timed_steps + 1, timed_seconds + seconds
+            speed = (f"{1000 * timed_seconds / timed_steps:.0f} ms/step {bytes_per_step * timed_steps / timed_seconds:,.0f} bytes/s"
+                     if timed_steps else "")
+            row = {"step": step, "bytes": step * bytes_per_step, "lr": f"{lr:.6g}", "loss": f"{loss:.5f}",
+                   "bpb": f"{loss / math.log(2):.5f}", "accuracy": f"{accuracy:.5f}",
+                   "grad_norm": f"{grad_norm:.4f}", "ms_per_step": f"{1000 * seconds:.2f}"}
+            if args.eval_every and step % args.eval_every == 0 and step < total_steps:
+                val = evaluate(params, eval_records, cfg.batch_size)
+                row.update(val_loss=f"{val['loss']:.5f}", val_bpb=f"{val['bpb']:.5f}", val_accuracy=f"{val['accuracy']:.5f}")
+                bar.write(f"step {step:,}: val bits/byte {val['bpb']:.4f} (first {len(eval_records) * (cfg.seq_len + 1):,} bytes), accuracy {val['accuracy']:.4f}")
+            log.writerow(row)
+            if step % args.ckpt_every == 0:
+                checkpoint()
+                log_file.flush()
+            bar.set_postfix_str(f"loss {loss:.4f} acc {accuracy:.3f} bpb {loss / math.log(2):.4f} lr {lr:.2e} "
+                                f"gnorm {grad_norm:.2f} {speed}")
+            bar.update(1)
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous_handler)
+    checkpoint()
+    print(f"checkpoint: {args.ckpt} (step {step:,}); log: {log_path}")
+    if stop:
+        log_file.close()
+        print(f"interrupted: continue with `python mora.py train --resume --ckpt {args.ckpt}`")
+        return 130
+    if timed_steps:
+        print(f"speed: {1000 * timed_seconds / timed_steps:.1f} ms/step, {bytes_per_step * timed_steps / timed_seconds:,.0f} bytes/s")
+    if step == total_steps:
+        val = evaluate(params, val_records, cfg.batch_size, progress=True)
+        log.writerow({"step": step, "bytes": step * bytes_per_step, "val_loss": f"{val['loss']:.5f}",
+                      "val_bpb": f"{val['bpb']:.5f}", "val_accuracy": f"{val['accuracy']:.5f}"})
+        print(f"val ({len(val_records):,} records): loss {val['loss']:.4f} nats/byte, accuracy {val['accuracy']:.4f}, "
+              f"{val['bpb']:.4f} bits/byte")
+    log_file.close()
+    return 0
+
+
+def evaluate_checkpoint(args):
+    xp = select_backend(args.device)
+    cfg, params_np, meta, _ = load_checkpoint(args.ckpt)
+    records = open_records(os.path.join(args.data_dir, f"{args.split}.bin"), cfg.seq_len)
+    if args.max_bytes:
+        records = records[:max(1, args.max_bytes // (cfg.seq_len + 1))]
+    params = {k: xp.asarray(p) for k, p in params_np.items()}
+    started = time.perf_counter()
+    result = evaluate(params, records, args.batch_size or cfg.batch_size, progress=True)
+    seconds = time.perf_counter() - started
+    print(f"{args.ckpt} (step {meta['step']:,}) on {args.split}: {len(records):,} records, "
+          f"{records.size:,} bytes, {records.size / seconds:,.0f} bytes/s")
+    print(f"loss {result['loss']:.4f} nats/byte  accuracy {result['accuracy']:.4f}  bits/byte {result['bpb']:.4f}")
+    return 0
+
+
+def sample(args):
+    xp = select_backend(args.device)
+    prompt = args.prompt.encode("utf-8")
+    if not prompt:
+        raise UserError('--prompt is empty: the model needs at least one byte to continue, e.g. --prompt "Once"')
+    _, params_np, _, _ = load_checkpoint(args.ckpt)
+    params = {k: xp.asarray(p) for k, p in params_np.items()}
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span bytes
+    sys.stdout.reconfigure(errors="replace")
+    sys.stdout.write(args.prompt)
+    for byte in generate(params, prompt, args.length, args.temperature, args.top_k, args.seed):
+        sys.stdout.write(decoder.decode(bytes([byte])))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    return 0
+
+
+def bench(args):
+    """Time training steps (batch, forward, backward, clip, Adam) on random bytes."""
+    xp = select_backend(args.device)
+    cfg = model_config(args)
+    print_summary(cfg, xp)
+    shapes = param_shapes(cfg)
+    names = list(shapes)
+    flat = xp.asarray(flatten(init_params(cfg, 0), names))
+    params = unflatten(flat, shapes)
+    adam_m, adam_v = xp.zeros_like(flat), xp.zeros_like(flat)
+    records = np.random.default_rng(0).integers(0, V, (cfg.batch_size, cfg.seq_len + 1), dtype=np.uint8)
+    rows = np.arange(cfg.batch_size)
+    seconds = []
+    for step in range(args.steps + 1):  # step 0 warms up (CuPy compiles its kernels there)
+        started = time.perf_counter()
+        x, y = make_batch(records, rows, xp)
+        loss, _, _ = train_step(params, flat, names, adam_m, adam_v, x, y, step, 1e-3, 1.0)
+        float(loss)  # waits for the device
+        seconds.append(time.perf_counter() - started)
+    timed = np.array(seconds[1:])
+    ms = 1000 * float(np.median(timed))
+    print(f"{args.steps} steps of {cfg.batch_size} x {cfg.seq_len}: median {ms:.1f} ms/step "
+          f"(min {1000 * timed.min():.1f}, mean {1000 * timed.mean():.1f}), "
+          f"{cfg.batch_size * cfg.seq_len / (ms / 1000):,.0f} bytes/s")
+    if xp is np:
+        import resource
+        print(f"peak memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+    else:
+        print(f"GPU memory held by CuPy's pool: {cupy.get_default_memory_pool().total_bytes() / 2**20:,.0f} MiB")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# Command line
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonnegative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def model_config(args, base=None):
+    """Config from --size, --d-model, --n-layers, --seq-len, --batch-size; flags left
+    out take their value from `base` (a checkpoint's config) or the size's default."""
+    base = base or Config(**SIZES[args.size or "small"])
+    if args.size:
+        base = Config(**dict(asdict(base), **SIZES[args.size]))
+    given = {k: getattr(args, k) for k in ("d_model", "n_layers", "seq_len", "batch_size") if getattr(args, k) is not None}
+    return Config(**dict(asdict(base), **given))
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="mora.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_model_flags(p):
+        p.add_argument("--size", choices=sorted(SIZES), help="small: d=64 (284,184 params); large: d=128 (1,092,632)")
+        p.add_argument("--d-model", type=positive_int)
+        p.add_argument("--n-layers", type=positive_int)
+        p.add_argument("--batch-size", type=positive_int, help="default 256")
+        p.add_argument("--seq-len", type=positive_int, help="default 256")
+
+    def add_device_flag(p):
+        p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                       help="auto: the GPU when CuPy finds one, else the CPU")
+
+    p = commands.add_parser("train", help="train a model (defaults: the published run, one epoch)")
+    add_model_flags(p)
+    add_device_flag(p)
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--ckpt", default="checkpoints/mora.npz", help="checkpoint; its log goes beside it as .csv")
+    p.add_argument("--epochs", type=positive_int, help="default 1")
+    p.add_argument("--max-steps", type=positive_int, help="train this many steps instead of whole epochs")
+    p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {TRAIN_SETTINGS['lr']:g})")
+    p.add_argument("--warmup", type=nonnegative_int, help="warmup steps (default: 5%% of the run, at most 300)")
+    p.add_argument("--final-lr-fraction", type=fraction, help="cosine decay ends at this fraction of --lr (default 0.1)")
+    p.add_argument("--clip", type=positive_float, help="global gradient-norm clip (default 1.0)")
+    p.add_argument("--seed", type=nonnegative_int, help="initialisation and data order (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --ckpt exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="start over even if --ckpt exists")
+    p.add_argument("--stop-after", type=positive_int, help="stop (and save) after this many steps of this call, keeping the whole run's schedule")
+    p.add_argument("--eval-every", type=nonnegative_int, default=500, help="steps between evaluations on the start of val (0: never)")
+    p.add_argument("--eval-bytes", type=positive_int, default=1 << 20, help="bytes of val used by the periodic evaluation")
+    p.add_argument("--ckpt-every", type=positive_int, default=500, help="steps between checkpoints")
+
+    p = commands.add_parser("sample", help="generate text from a checkpoint")
+    add_device_flag(p)
+    p.add_argument("--ckpt", default="checkpoints/mora.npz")
+    p.add_argument("--prompt", default="Once upon a time")
+    p.add_argument("--length", type=nonnegative_int, default=500, help="bytes to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=nonnegative_int, default=0, help="sample among the k likeliest bytes (0: all)")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+
+    p = commands.add_parser("eval", help="loss, accuracy and bits/byte of a checkpoint on every record of a split")
+    add_device_flag(p)
+    p.add_argument("--ckpt", default="checkpoints/mora.npz")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--split", choices=["val", "train"], default="val")
+    p.add_argument("--batch-size", type=positive_int, help="default: the checkpoint's")
+    p.add_argument("--max-bytes", type=nonnegative_int, default=0, help="only the first N bytes of the split (0: all)")
+
+    p = commands.add_parser("bench", help="time training steps on random bytes: ms/step and bytes/s")
+    add_model_flags(p)
+    add_device_flag(p)
+    p.add_argument("--steps", type=positive_int, default=10)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if getattr(args, "temperature", 0) < 0:
+        print("error: --temperature must be 0 (greedy) or more", file=sys.stderr)
+        return 2
+    command = {"train": train, "sample": sample, "eval": evaluate_checkpoint, "bench": bench}[args.command]
+    try:
+        return command(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
