@@ -70,9 +70,27 @@ def download(url, dest):
     os.replace(part, dest)
 
 
+def count_stories(f, out, bar):
+    """Copy the open file f to out in chunks; return its story count: the number of
+    <|endoftext|> separators, plus one if text follows the last separator."""
+    separators, tail, text_after_last = 0, b"", False
+    while chunk := f.read(CHUNK):
+        out.write(chunk)
+        bar.update(len(chunk))
+        window = tail + chunk  # a separator may straddle two chunks
+        last = window.rfind(SEPARATOR)
+        if last >= 0:
+            separators += window.count(SEPARATOR)
+            text_after_last = bool(window[last + len(SEPARATOR):].strip())
+        else:
+            text_after_last = text_after_last or bool(chunk.strip())
+        tail = window[-(len(SEPARATOR) - 1):]
+    return separators + text_after_last if separators else 0
+
+
 def convert(sources, dest):
     """Concatenate the source files byte for byte into dest (written as dest.tmp, then
-    renamed); count bytes and <|endoftext|> separators on the way."""
+    renamed), counting bytes and stories on the way."""
     for path in sources:
         if not os.path.isfile(path):
             raise PrepareError(f"{path}: no such file")
@@ -81,16 +99,11 @@ def convert(sources, dest):
             and os.path.getmtime(dest) >= max(os.path.getmtime(p) for p in sources)):
         print(f"{dest}: up to date ({expected:,} bytes), skipped")
         return
-    stories, tail = 0, b""
+    stories = 0
     with open(dest + ".tmp", "wb") as out, tqdm(total=expected, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
         for path in sources:
             with open(path, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    out.write(chunk)
-                    window = tail + chunk  # a separator may straddle two chunks
-                    stories += window.count(SEPARATOR)
-                    tail = window[-(len(SEPARATOR) - 1):]
-                    bar.update(len(chunk))
+                stories += count_stories(f, out, bar)
     os.replace(dest + ".tmp", dest)
     counted = f"{stories:,} stories (<|endoftext|> separators)" if stories else "no <|endoftext|> separators, stories not counted"
     print(f"{dest}: {expected:,} bytes, {counted}")

@@ -1,0 +1,445 @@
+"""Tests for MORA: gradients against finite differences, the recurrence against the
+full forward, Adam against its formula, data preparation, training end to end,
+exact resume, and the errors a user sees.  Run: python -m pytest -q test_mora.py
+
+Everything here makes its own small text: no network, no ../shared."""
+import http.server
+import math
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import mora
+import prepare_data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--d-model", "8", "--n-layers", "2", "--seq-len", "16", "--batch-size", "4"]
+
+
+def made_up_text(n_stories=60, seed=0):
+    """Short repetitive stories with <|endoftext|> separators, some non-ASCII bytes."""
+    rng = np.random.default_rng(seed)
+    names, things = ["Tom", "Lily", "Ben", "Zoë"], ["ball", "cat", "tree", "cake"]
+    stories = []
+    for _ in range(n_stories):
+        name, thing = rng.choice(names), rng.choice(things)
+        stories.append(f"Once upon a time, {name} had a {thing}. {name} loved the {thing} very much. "
+                       f"One day the {thing} was lost, and {name} was sad. Then {name} found it. The end.\n")
+    return "<|endoftext|>\n".join(stories).encode("utf-8")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    (root / "train.txt").write_bytes(made_up_text(80, seed=0))
+    (root / "val.txt").write_bytes(made_up_text(20, seed=1))
+    out = root / "data"
+    assert prepare_data.main(["--out-dir", str(out), "--input-train", str(root / "train.txt"),
+                              "--input-val", str(root / "val.txt")]) == 0
+    return str(out)
+
+
+# ----------------------------------------------------------------------------
+# Gradients: central finite differences in float64
+
+def numeric_gradient(f, array, h=1e-6):
+    """d f() / d array by central differences, perturbing `array` in place."""
+    grad = np.zeros_like(array)
+    flat, gflat = array.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + h
+        up = f()
+        flat[i] = old - h
+        down = f()
+        flat[i] = old
+        gflat[i] = (up - down) / (2 * h)
+    return grad
+
+
+def relative_error(a, b):
+    return np.linalg.norm(a - b) / max(np.linalg.norm(a), np.linalg.norm(b), 1e-300)
+
+
+def check_layer(forward, backward, inputs, n_outputs=1, seed=99):
+    """Compare a layer's backward with finite differences of sum(out * G) for random
+    upstream gradients G, for every input array in `inputs`."""
+    rng = np.random.default_rng(seed)
+    outputs = forward(*inputs)[:n_outputs]
+    upstream = [rng.standard_normal(o.shape) for o in outputs]
+    analytic = backward(*upstream, forward(*inputs)[n_outputs])
+
+    def scalar():
+        return sum(float((o * g).sum()) for o, g in zip(forward(*inputs)[:n_outputs], upstream))
+
+    for array, grad in zip(inputs, analytic):
+        if grad is None:
+            continue
+        assert relative_error(numeric_gradient(scalar, array), grad) < 1e-7
+
+
+def test_layer_backwards_match_finite_differences():
+    rng = np.random.default_rng(0)
+    T, B, d = 6, 3, 5
+    x = rng.standard_normal((T, B, d))
+    g, b = 1 + 0.1 * rng.standard_normal(d), rng.standard_normal(d)
+    check_layer(lambda x, g, b: mora.layernorm_forward(x, g, b),
+                lambda dy, cache: mora.layernorm_backward(dy, cache), [x, g, b])
+    check_layer(lambda x: mora.layernorm_forward(x),
+                lambda dy, cache: mora.layernorm_backward(dy, cache)[:1], [x.copy()])
+    W, bias = rng.standard_normal((d, 7)), rng.standard_normal(7)
+    check_layer(lambda x, W, bias: mora.linear_forward(x, W, bias),
+                lambda dy, cache: mora.linear_backward(dy, cache), [x.copy(), W, bias])
+    check_layer(lambda x: mora.gelu_forward(x), lambda dy, cache: [mora.gelu_backward(dy, cache)], [x.copy()])
+    check_layer(lambda x: mora.sigmoid_forward(x), lambda dy, cache: [mora.sigmoid_backward(dy, cache)], [x.copy()])
+    v, beta = rng.standard_normal((T, B, d)), rng.uniform(0.05, 0.95, (T, B, d))
+    c_init = rng.standard_normal((B, d))
+    check_layer(lambda v, beta: mora.memory_scan_forward(v, beta, c_init),
+                lambda dc, de, cache: mora.memory_scan_backward(dc, de, cache), [v, beta], n_outputs=2)
+    sum_init = rng.standard_normal((B, d))
+    check_layer(lambda v: (mora.cumulative_mean_forward(v, sum_init, 4)[0], mora.cumulative_mean_forward(v, sum_init, 4)[2]),
+                lambda da, counts: [mora.cumulative_mean_backward(da, counts)], [v.copy()])
+    mix, c, a, e = rng.standard_normal(3), *rng.standard_normal((3, T, B, d))
+    check_layer(lambda mix, c, a, e: mora.mix_forward(mix, c, a, e),
+                lambda dm, cache: mora.mix_backward(dm, cache), [mix, c, a, e])
+    logits, y = rng.standard_normal((10, mora.V)), rng.integers(0, mora.V, 10)
+    check_layer(lambda logits: (mora.cross_entropy_forward(logits, y)[0], mora.cross_entropy_forward(logits, y)[1]),
+                lambda dloss, cache: [float(dloss) * mora.cross_entropy_backward(cache)], [logits])
+    E, xi = rng.standard_normal((mora.V, d)), rng.integers(0, 4, (T, B))  # repeated bytes: gradients add up
+    check_layer(lambda E: mora.embedding_forward(E, xi), lambda dh, x: [mora.embedding_backward(dh, x)], [E])
+
+
+def perturbed_params(cfg, seed=0):
+    """A float64 model whose every path matters: random mix, gains and biases, not the init's zeros."""
+    params = mora.init_params(cfg, seed, dtype=np.float64)
+    rng = np.random.default_rng(seed + 1)
+    return {k: p + 0.3 * rng.standard_normal(p.shape) for k, p in params.items()}
+
+
+def test_every_parameter_gradient_matches_finite_differences():
+    cfg = mora.Config(d_model=4, n_layers=2, seq_len=16, batch_size=2)  # 16 steps: the memory matters
+    params = perturbed_params(cfg)
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (2, 16))
+    y = rng.integers(0, 256, (2, 16))
+    _, grads = mora.loss_and_grads(params, x, y)
+    assert set(grads) == set(params)
+    for name in params:
+        assert grads[name].shape == params[name].shape and grads[name].dtype == np.float64
+        numeric = numeric_gradient(lambda: mora.loss_and_grads(params, x, y)[0], params[name], h=1e-5)
+        assert relative_error(numeric, grads[name]) < 1e-6, name
+
+
+# ----------------------------------------------------------------------------
+# The model
+
+def test_parameter_counts():
+    assert mora.count_params(mora.Config()) == 284_184
+    assert mora.count_params(mora.Config(d_model=128)) == 1_092_632
+    params = mora.init_params(mora.Config(), 0)
+    assert sum(p.size for p in params.values()) == 284_184
+    assert all(p.dtype == np.float32 for p in params.values())
+    assert params["blocks.7.w_in"].shape == (64, 192) and params["blocks.7.mix"].tolist() == [0, 0, 1]
+
+
+def test_fresh_model_loss_is_near_uniform():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (4, 64))
+    loss, _ = mora.loss_and_grads(mora.init_params(mora.Config(), 0), x, np.roll(x, -1, axis=1))
+    assert abs(loss - math.log(256)) < 0.7
+
+
+def test_stepwise_generation_equals_full_forward():
+    cfg = mora.Config(d_model=8, n_layers=3)
+    params = perturbed_params(cfg, seed=3)
+    x = np.random.default_rng(4).integers(0, 256, (2, 20))
+    full = mora.forward(params, x)  # (B, T, V)
+    state, pieces = mora.initial_state(params, 2), []
+    for start, stop in [(0, 1), (1, 7), (7, 8), (8, 20)]:  # one byte at a time and in chunks
+        logits, _, state = mora.model_forward(params, x[:, start:stop].T, state)
+        pieces.append(logits.transpose(1, 0, 2))
+    assert np.abs(np.concatenate(pieces, axis=1) - full).max() < 1e-10
+
+
+def test_generate_is_reproducible_and_greedy_is_argmax():
+    params = mora.init_params(mora.Config(d_model=8, n_layers=2), 0)
+    a = list(mora.generate(params, b"Once", 30, 0.8, 5, seed=1))
+    assert a == list(mora.generate(params, b"Once", 30, 0.8, 5, seed=1)) and len(a) == 30
+    greedy = list(mora.generate(params, b"Once", 5, 0.0, 0, seed=1))
+    logits = mora.forward(params, np.frombuffer(b"Once", np.uint8).astype(np.int64)[None])
+    assert greedy[0] == int(np.argmax(logits[0, -1]))
+
+
+def test_pick_byte_respects_top_k():
+    logits = np.arange(256, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    assert {mora.pick_byte(logits, 5.0, 3, rng) for _ in range(200)} <= {253, 254, 255}
+    assert mora.pick_byte(logits, 0, 0, rng) == 255
+
+
+def test_adam_two_steps_match_the_formula():
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(5)
+    g1, g2 = rng.standard_normal(5), rng.standard_normal(5)
+    p, m, v = p0.copy(), np.zeros(5), np.zeros(5)
+    mora.adam_update(p, g1, m, v, 1, 0.1, 0.9, 0.999, 1e-8)
+    mora.adam_update(p, g2, m, v, 2, 0.1, 0.9, 0.999, 1e-8)
+    m1, v1 = 0.1 * g1, 0.001 * g1 ** 2
+    step1 = p0 - 0.1 * (m1 / 0.1) / (np.sqrt(v1 / 0.001) + 1e-8)
+    m2, v2 = 0.9 * m1 + 0.1 * g2, 0.999 * v1 + 0.001 * g2 ** 2
+    step2 = step1 - 0.1 * (m2 / (1 - 0.9 ** 2)) / (np.sqrt(v2 / (1 - 0.999 ** 2)) + 1e-8)
+    assert np.allclose(p, step2, rtol=1e-12, atol=1e-12)
+
+
+def test_clip_and_schedule():
+    g = np.array([3.0, 4.0])
+    assert float(mora.clip_by_global_norm(g, 1.0)) == 5.0 and np.allclose(g, [0.6, 0.8])
+    assert mora.learning_rate(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert mora.learning_rate(9, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert mora.learning_rate(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_tiny_model_learns_a_made_up_text():
+    cfg = mora.Config(d_model=16, n_layers=2)
+    text = np.frombuffer(made_up_text(8), dtype=np.uint8)[:8 * 65].reshape(8, 65).astype(np.int64)
+    x, y = text[:, :-1], text[:, 1:]
+    shapes = mora.param_shapes(cfg)
+    names = list(shapes)
+    flat = mora.flatten(mora.init_params(cfg, 0), names)
+    params = mora.unflatten(flat, shapes)
+    m, v = np.zeros_like(flat), np.zeros_like(flat)
+    losses = [float(mora.train_step(params, flat, names, m, v, x, y, s, 1e-2, 1.0)[0]) for s in range(60)]
+    assert losses[0] > 5.0 and losses[-1] < 2.0, losses[::10]
+
+
+# ----------------------------------------------------------------------------
+# prepare_data.py
+
+def test_prepare_converts_byte_for_byte(tmp_path, capsys):
+    a, b, val = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "v.txt"
+    a.write_bytes(made_up_text(5, seed=1))
+    b.write_bytes(made_up_text(3, seed=2) + b"<|endoftext|>\n")
+    val.write_bytes("Zoë’s “story”\n\nNo separators here.".encode())
+    out = tmp_path / "out"
+    args = ["--out-dir", str(out), "--input-train", str(a), str(b), "--input-val", str(val)]
+    assert prepare_data.main(args) == 0
+    assert (out / "train.bin").read_bytes() == a.read_bytes() + b.read_bytes()
+    assert (out / "val.bin").read_bytes() == val.read_bytes()
+    printed = capsys.readouterr().out
+    assert f"{len(a.read_bytes()) + len(b.read_bytes()):,} bytes, 8 stories" in printed
+    assert prepare_data.main(args) == 0  # a second run has nothing to do
+    assert printed.count("skipped") == 0 and capsys.readouterr().out.count("skipped") == 2
+
+
+def test_separator_across_chunks_is_counted(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prepare_data, "CHUNK", 7)  # every separator straddles chunk edges
+    src = tmp_path / "t.txt"
+    src.write_bytes(b"ab<|endoftext|>cde<|endoftext|>" * 5 + b"tail story")
+    prepare_data.convert([str(src)], str(tmp_path / "t.bin"))
+    assert (tmp_path / "t.bin").read_bytes() == src.read_bytes()
+    assert "11 stories" in capsys.readouterr().out
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves FILES from memory with HTTP Range support; records the ranges asked for."""
+    FILES, ranges, cut_after = {}, [], None
+
+    def do_GET(self):
+        body = self.FILES.get(self.path.rsplit("/", 1)[-1])
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        if "Range" in self.headers:
+            start = int(self.headers["Range"].split("=")[1].split("-")[0])
+            RangeHandler.ranges.append(start)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    RangeHandler.ranges.clear()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+def test_download_resumes_a_partial_file(tmp_path, http_server, capsys):
+    train, val = made_up_text(30, seed=5), made_up_text(10, seed=6)
+    RangeHandler.FILES = {prepare_data.TRAIN_FILE: train, prepare_data.VAL_FILE: val}
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / (prepare_data.TRAIN_FILE + ".part")).write_bytes(train[:1000])  # an interrupted download
+    assert prepare_data.main(["--out-dir", str(out), "--url-base", http_server]) == 0
+    assert RangeHandler.ranges == [1000]  # only the missing part was fetched
+    assert (out / "train.bin").read_bytes() == train and (out / "val.bin").read_bytes() == val
+    assert "30 stories" in capsys.readouterr().out
+    assert not (out / (prepare_data.TRAIN_FILE + ".part")).exists()
+
+
+def test_download_errors_are_one_line(tmp_path, http_server, capsys):
+    RangeHandler.FILES = {}
+    assert prepare_data.main(["--out-dir", str(tmp_path), "--url-base", http_server]) == 1
+    assert "HTTP 404" in capsys.readouterr().err
+    assert prepare_data.main(["--out-dir", str(tmp_path), "--url-base", "http://127.0.0.1:9/"]) == 1
+    err = capsys.readouterr().err
+    assert "--input-train" in err and "Traceback" not in err
+    assert prepare_data.main(["--out-dir", str(tmp_path), "--input-train", str(tmp_path / "nope.txt"),
+                              "--input-val", str(tmp_path / "nope.txt")]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# Training, checkpoints, resume
+
+def run_main(*args):
+    return mora.main([str(a) for a in args])
+
+
+def test_resume_is_bit_exact(data_dir, tmp_path):
+    common = ["train", "--data-dir", data_dir, *TINY, "--max-steps", 8, "--device", "cpu", "--eval-every", 0]
+    straight, split = tmp_path / "straight.npz", tmp_path / "split.npz"
+    assert run_main(*common, "--ckpt", straight) == 0
+    assert run_main(*common, "--ckpt", split, "--stop-after", 3) == 0
+    assert mora.load_checkpoint(str(split))[2]["step"] == 3
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", split, "--resume", "--device", "cpu", "--eval-every", 0) == 0
+    _, p_straight, meta, opt_straight = mora.load_checkpoint(str(straight))
+    _, p_split, _, opt_split = mora.load_checkpoint(str(split))
+    assert meta["step"] == 8
+    for name in p_straight:
+        assert np.array_equal(p_straight[name], p_split[name]), name
+    assert np.array_equal(opt_straight["adam.v"], opt_split["adam.v"])
+    with open(tmp_path / "straight.csv") as a, open(tmp_path / "split.csv") as b:
+        rows_a = [r.split(",")[:7] for r in a.read().splitlines()]
+        rows_b = [r.split(",")[:7] for r in b.read().splitlines()]
+    assert rows_a == rows_b and len(rows_a) == 10  # header, 8 steps, final validation
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = mora.Config(d_model=8, n_layers=2, seq_len=16, batch_size=4)
+    params = mora.init_params(cfg, 7)
+    m = np.arange(mora.count_params(cfg), dtype=np.float32)
+    path = str(tmp_path / "c.npz")
+    mora.save_checkpoint(path, params, {"config": mora.asdict(cfg), "step": 5}, m, 2 * m)
+    cfg2, params2, meta, opt = mora.load_checkpoint(path)
+    assert cfg2 == cfg and meta["step"] == 5 and np.array_equal(opt["adam.v"], 2 * m)
+    assert all(np.array_equal(params[k], params2[k]) for k in params)
+    with np.load(path) as f:  # plain NumPy reads the weights by name
+        assert np.array_equal(f["blocks.1.w_up"], params["blocks.1.w_up"])
+
+
+def test_commands_end_to_end(data_dir, tmp_path):
+    """prepare_data.py and the four commands of mora.py, as a user runs them."""
+    def run(*args):
+        result = subprocess.run([sys.executable, *map(str, args)], cwd=HERE, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    text = tmp_path / "story.txt"
+    text.write_bytes(made_up_text(40))
+    out = tmp_path / "data"
+    assert "stories" in run("prepare_data.py", "--out-dir", out, "--input-train", text, "--input-val", text)
+    ckpt = tmp_path / "ck" / "m.npz"
+    printed = run("mora.py", "train", "--data-dir", out, "--ckpt", ckpt, *TINY, "--max-steps", 6,
+                  "--eval-every", 3, "--device", "cpu")
+    assert "total" in printed and "bits/byte" in printed and ckpt.exists() and (tmp_path / "ck" / "m.csv").exists()
+    assert "Once upon" in run("mora.py", "sample", "--ckpt", ckpt, "--prompt", "Once upon", "--length", 40, "--device", "cpu")
+    assert "bits/byte" in run("mora.py", "eval", "--ckpt", ckpt, "--data-dir", out, "--device", "cpu")
+    assert "ms/step" in run("mora.py", "bench", *TINY, "--steps", 2, "--device", "cpu")
+
+
+def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path):
+    import signal
+    import time
+    ckpt = tmp_path / "c.npz"
+    proc = subprocess.Popen([sys.executable, "mora.py", "train", "--data-dir", data_dir, "--ckpt", str(ckpt),
+                             "--d-model", "32", "--n-layers", "4", "--seq-len", "64", "--batch-size", "8",
+                             "--max-steps", "100000", "--device", "cpu"],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not os.path.exists(str(ckpt).replace(".npz", ".csv")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "--resume" in out
+    assert 0 < mora.load_checkpoint(str(ckpt))[2]["step"] < 100000
+
+
+# ----------------------------------------------------------------------------
+# Bad input: one line that says what to do, non-zero exit, no traceback
+
+def test_bad_input_errors(data_dir, tmp_path, capsys):
+    def error_of(*args):
+        assert run_main(*args) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+        return err
+
+    ckpt = tmp_path / "m.npz"
+    train = ["train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--eval-every", 0]
+    assert "prepare_data.py" in error_of("train", "--data-dir", tmp_path / "none", "--ckpt", ckpt, "--device", "cpu")
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "train.bin").write_bytes(b"x" * 10)
+    (short / "val.bin").write_bytes(b"x" * 10)
+    assert "--seq-len" in error_of("train", "--data-dir", short, "--ckpt", ckpt, "--device", "cpu")
+    assert "--batch-size" in error_of(*train, "--batch-size", 100000)
+    assert "python mora.py train" in error_of("sample", "--ckpt", tmp_path / "none.npz", "--device", "cpu")
+    assert run_main(*train, "--max-steps", 2) == 0
+    capsys.readouterr()
+    assert "--resume" in error_of(*train, "--max-steps", 2)  # never silently overwrite a run
+    assert "drop the size flags" in error_of(*train, "--resume", "--d-model", 16)
+    assert "differ" in error_of(*train, "--resume", "--lr", 0.5)
+    assert "empty" in error_of("sample", "--ckpt", ckpt, "--prompt", "", "--device", "cpu")
+    data = ckpt.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[:len(data) // 2])
+    assert "corrupt" in error_of("eval", "--ckpt", tmp_path / "cut.npz", "--data-dir", data_dir, "--device", "cpu")
+    (tmp_path / "junk.npz").write_bytes(b"not a checkpoint")
+    assert "corrupt" in error_of("sample", "--ckpt", tmp_path / "junk.npz", "--device", "cpu")
+    if mora.select_backend("auto") is np:
+        assert "--device cpu" in error_of("bench", "--device", "gpu")
+    for flags in (["--batch-size", "0"], ["--lr", "-1"], ["--seq-len", "0"], ["--size", "huge"]):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(*train, *flags)
+        assert exit_info.value.code == 2 and "usage" in capsys.readouterr().err
+    assert run_main("sample", "--ckpt", ckpt, "--temperature", "-1") == 2
+
+
+# ----------------------------------------------------------------------------
+# GPU: CuPy against NumPy on the same weights
+
+def gpu_or_skip():
+    if mora.select_backend("auto") is np:
+        pytest.skip("no GPU: CuPy is not installed or finds no CUDA device")
+    return mora.cupy
+
+
+def test_gpu_matches_cpu():
+    cp = gpu_or_skip()
+    cfg = mora.Config(d_model=16, n_layers=2)
+    params = mora.init_params(cfg, 0)
+    gpu_params = {k: cp.asarray(p) for k, p in params.items()}
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (4, 64)), rng.integers(0, 256, (4, 64))
+    logits = mora.forward(params, x)
+    assert np.allclose(cp.asnumpy(mora.forward(gpu_params, cp.asarray(x))), logits, atol=2e-4)
+    loss, grads = mora.loss_and_grads(params, x, y)
+    gpu_loss, gpu_grads = mora.loss_and_grads(gpu_params, cp.asarray(x), cp.asarray(y))
+    assert abs(loss - gpu_loss) < 1e-4
+    for name in grads:
+        assert relative_error(cp.asnumpy(gpu_grads[name]).astype(np.float64), grads[name].astype(np.float64)) < 1e-3, name
