@@ -109,6 +109,18 @@ class Config:
     n_layers: int = 8  # blocks L
     seq_len: int = 256  # T: bytes of context per training record (records are T+1 bytes)
     batch_size: int = 256  # B
+    ablate: str = "none"  # a part of the block switched off in training, see ABLATIONS
+
+
+# Ablations hold a slice of the parameters at zero (their gradient is dropped in
+# training), so the model code stays the same:  name -> (parameter, index).
+ABLATIONS = {
+    "none": None,
+    "no-memory": ("mix", 0),  # the readout leaves out c, the delta-update memory
+    "no-mean": ("mix", 1),  # ... leaves out a, the cumulative mean
+    "no-delta": ("mix", 2),  # ... leaves out e, the delta
+    "fixed-rate": ("w_in", (slice(None), slice(1, 2))),  # beta = sigmoid(bias): a learned rate per channel, not per input
+}
 
 
 SIZES = {"small": dict(d_model=64, n_layers=8), "large": dict(d_model=128, n_layers=8)}
@@ -138,6 +150,19 @@ def param_shapes(cfg):
 
 def count_params(cfg):
     return sum(math.prod(s) for s in param_shapes(cfg).values())
+
+
+def trainable_mask(cfg):
+    """Name -> float32 array, 0 where cfg.ablate holds a parameter at zero, else 1."""
+    masks = {name: np.ones(shape, np.float32) for name, shape in param_shapes(cfg).items()}
+    if ABLATIONS[cfg.ablate] is not None:
+        kind, index = ABLATIONS[cfg.ablate]
+        for i in range(cfg.n_layers):
+            mask = masks[f"blocks.{i}.{kind}"]
+            if kind == "w_in":  # index picks the middle third of the columns: the b in [v, b, q]
+                mask = mask.reshape(cfg.d_model, 3, cfg.d_model)
+            mask[index] = 0.0
+    return masks
 
 
 # ----------------------------------------------------------------------------
@@ -383,7 +408,7 @@ def cross_entropy_backward(cache):
 # ----------------------------------------------------------------------------
 # The model
 
-def init_params(cfg, seed=0, dtype=np.float32, xp=np):
+def init_params(cfg, seed=0, dtype=np.float32, xp=np, mix=(0.0, 0.0, 1.0)):
     """Weights N(0, 1/fan_in); w_out and w_down scaled by a further 1/sqrt(2L) so the
     residual stream grows slowly with depth; embedding N(0, 1/d); biases 0, LayerNorm
     gains 1; the write-rate bias (middle third of b_in) spread from -4 to 2 so the
@@ -404,7 +429,7 @@ def init_params(cfg, seed=0, dtype=np.float32, xp=np):
         elif kind == "g":
             value = np.ones(shape)
         elif kind == "mix":
-            value = np.array([0.0, 0.0, 1.0])
+            value = np.array(mix, dtype=np.float64)
         elif kind == "b_in":
             value = np.zeros(shape)
             value[d:2 * d] = np.linspace(-4.0, 2.0, d)
@@ -728,11 +753,14 @@ def generate(params, prompt, length, temperature, top_k, seed):
 # ----------------------------------------------------------------------------
 # Training, evaluation and benchmark
 
-def train_step(params, flat_params, names, adam_m, adam_v, x, y, step, lr, clip):
-    """Forward, backward, clip, Adam (step counts from 0).  Returns loss, accuracy
-    and the gradient norm before clipping as 0-d arrays: no host sync here."""
+def train_step(params, flat_params, names, adam_m, adam_v, x, y, step, lr, clip, trainable=None):
+    """Forward, backward, clip, Adam (step counts from 0).  trainable: a flat 0/1
+    mask of the parameters that learn (None: all).  Returns loss, accuracy and the
+    gradient norm before clipping as 0-d arrays: no host sync here."""
     loss, accuracy, cache = forward_loss(params, x, y)
     grad = flatten(backward(params, cache), names)
+    if trainable is not None:
+        grad *= trainable
     grad_norm = clip_by_global_norm(grad, clip)
     adam_update(flat_params, grad, adam_m, adam_v, step + 1, lr)
     return loss, accuracy, grad_norm
@@ -772,7 +800,7 @@ def open_log(path, step):
 
 
 TRAIN_SETTINGS = dict(lr=2e-2, warmup=None, final_lr_fraction=0.1, clip=1.0, seed=0,
-                      max_steps=None, epochs=1)
+                      max_steps=None, epochs=1, mix_init=[0.0, 0.0, 1.0])
 
 
 def train(args):
@@ -795,7 +823,7 @@ def train(args):
             raise UserError(f"{args.ckpt} exists: pass --resume to continue it, --overwrite to start over, or another --ckpt")
         cfg = model_config(args)
         settings = dict(TRAIN_SETTINGS, **chosen)
-        params_np, adam_state, step = init_params(cfg, settings["seed"]), {}, 0
+        params_np, adam_state, step = init_params(cfg, settings["seed"], mix=settings["mix_init"]), {}, 0
 
     train_records = open_records(os.path.join(args.data_dir, "train.bin"), cfg.seq_len)
     val_records = open_records(os.path.join(args.data_dir, "val.bin"), cfg.seq_len)
@@ -817,8 +845,11 @@ def train(args):
           f"(warmup {settings['warmup']}, cosine to {settings['final_lr_fraction']:g}x), clip {settings['clip']:g}")
 
     names = list(param_shapes(cfg))
-    flat = xp.asarray(flatten(params_np, names))
+    trainable = xp.asarray(flatten(trainable_mask(cfg), names))
+    flat = xp.asarray(flatten(params_np, names)) * trainable  # ablated parameters start (and stay) at 0
     params = unflatten(flat, param_shapes(cfg))
+    if cfg.ablate != "none":
+        print(f"ablation {cfg.ablate}: {int(trainable.sum()):,} trainable parameters")
     adam_m = xp.asarray(adam_state.get("adam.m", np.zeros(flat.shape, np.float32)))
     adam_v = xp.asarray(adam_state.get("adam.v", np.zeros(flat.shape, np.float32)))
     log_path = os.path.splitext(args.ckpt)[0] + ".csv"
@@ -843,7 +874,8 @@ def train(args):
             started = time.perf_counter()
             x, y = make_batch(train_records, order[k * cfg.batch_size:(k + 1) * cfg.batch_size], xp)
             lr = learning_rate(step, total_steps, settings["lr"], settings["warmup"], settings["final_lr_fraction"])
-            loss, accuracy, grad_norm = train_step(params, flat, names, adam_m, adam_v, x, y, step, lr, settings["clip"])
+            loss, accuracy, grad_norm = train_step(params, flat, names, adam_m, adam_v, x, y, step, lr,
+                                                   settings["clip"], trainable)
             loss, accuracy, grad_norm = float(loss), float(accuracy), float(grad_norm)  # the one host sync
             seconds = time.perf_counter() - started
             if not math.isfinite(loss):
@@ -990,7 +1022,8 @@ def model_config(args, base=None):
     base = base or Config(**SIZES[args.size or "small"])
     if args.size:
         base = Config(**dict(asdict(base), **SIZES[args.size]))
-    given = {k: getattr(args, k) for k in ("d_model", "n_layers", "seq_len", "batch_size") if getattr(args, k) is not None}
+    given = {k: getattr(args, k, None) for k in ("d_model", "n_layers", "seq_len", "batch_size", "ablate")}
+    given = {k: v for k, v in given.items() if v is not None}
     return Config(**dict(asdict(base), **given))
 
 
@@ -1012,6 +1045,7 @@ def build_parser():
     p = commands.add_parser("train", help="train a model (defaults: the published run, one epoch)")
     add_model_flags(p)
     add_device_flag(p)
+    p.add_argument("--ablate", choices=list(ABLATIONS), help="switch off a part of the block (default none)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--ckpt", default="checkpoints/mora.npz", help="checkpoint; its log goes beside it as .csv")
     p.add_argument("--epochs", type=positive_int, help="default 1")
@@ -1021,6 +1055,8 @@ def build_parser():
     p.add_argument("--final-lr-fraction", type=fraction, help="cosine decay ends at this fraction of --lr (default 0.1)")
     p.add_argument("--clip", type=positive_float, help="global gradient-norm clip (default 1.0)")
     p.add_argument("--seed", type=nonnegative_int, help="initialisation and data order (default 0)")
+    p.add_argument("--mix-init", type=float, nargs=3, metavar=("C", "A", "E"),
+                   help="initial mix of memory, running mean and delta in every block (default 0 0 1)")
     p.add_argument("--resume", action="store_true", help="continue the run in --ckpt exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="start over even if --ckpt exists")
     p.add_argument("--stop-after", type=positive_int, help="stop (and save) after this many steps of this call, keeping the whole run's schedule")

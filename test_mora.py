@@ -443,3 +443,16 @@ def test_gpu_matches_cpu():
     assert abs(loss - gpu_loss) < 1e-4
     for name in grads:
         assert relative_error(cp.asnumpy(gpu_grads[name]).astype(np.float64), grads[name].astype(np.float64)) < 1e-3, name
+
+
+def test_ablations_hold_their_parameters_at_zero(data_dir, tmp_path):
+    for ablate, name, index in [("no-mean", "mix", 1), ("fixed-rate", "w_in", (slice(None), slice(8, 16)))]:
+        ckpt = tmp_path / f"{ablate}.npz"
+        assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--max-steps", 3,
+                        "--ablate", ablate, "--device", "cpu", "--eval-every", 0) == 0
+        cfg, params, _, _ = mora.load_checkpoint(str(ckpt))
+        assert cfg.ablate == ablate
+        for i in range(2):
+            p = params[f"blocks.{i}.{name}"]
+            assert np.all(p[index] == 0)
+            assert np.count_nonzero(p) == p.size - np.zeros(p.shape)[index].size
