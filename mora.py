@@ -254,6 +254,8 @@ GELU_A = 0.044715
 
 def gelu_forward(x):
     """gelu(x) = 0.5 x (1 + t),  t = tanh(k (x + a x^3)),  k = sqrt(2/pi), a = 0.044715."""
+    if uses_kernels(x):
+        return gelu_forward_fused(x)
     xp = array_module(x)
     t = x * x  # (..., n)
     t *= GELU_K * GELU_A
@@ -268,6 +270,8 @@ def gelu_forward(x):
 
 def gelu_backward(dy, cache):
     """d gelu/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 a x^2)."""
+    if uses_kernels(dy):
+        return gelu_backward_fused(dy, cache)
     x, t = cache
     slope = x * x  # (..., n)
     slope *= 3 * GELU_A * GELU_K
@@ -405,6 +409,193 @@ def cross_entropy_backward(cache):
     return dlogits  # (N, V)
 
 
+def mixer_forward(vbq, mix, state):
+    """The mixer between its two linear layers, composed of the layers above:
+        beta = sigmoid(b);  c, e = memory scan of v at rates beta;  a = running mean of v
+        gated = sigmoid(q) * (mix[0] c + mix[1] a + mix[2] e)
+    vbq: (T, B, 3d) = [v | b | q]; state: (c, running sum, count) before t = 0.
+    Returns gated (T, B, d), the cache, and the state after the last step."""
+    if uses_kernels(vbq):
+        return mixer_forward_fused(vbq, mix, state)
+    d = vbq.shape[-1] // 3
+    c_init, sum_init, count_init = state
+    v, b, q = vbq[..., :d], vbq[..., d:2 * d], vbq[..., 2 * d:]  # (T, B, d) each
+    beta, beta_cache = sigmoid_forward(b)  # (T, B, d) write rate
+    c, e, scan_cache = memory_scan_forward(v, beta, c_init)  # (T, B, d) memory, delta
+    a, sum_after, mean_cache = cumulative_mean_forward(v, sum_init, count_init)  # (T, B, d)
+    m, mix_cache = mix_forward(mix, c, a, e)  # (T, B, d)
+    gate, gate_cache = sigmoid_forward(q)  # (T, B, d)
+    cache = (beta_cache, scan_cache, mean_cache, mix_cache, m, gate_cache)
+    return gate * m, cache, (c[-1], sum_after, count_init + len(vbq))
+
+
+def mixer_backward(dgated, cache):
+    """dgated: (T, B, d) -> dvbq (T, B, 3d) = [dv | db | dq], dmix (3,)."""
+    if uses_kernels(dgated):
+        return mixer_backward_fused(dgated, cache)
+    xp = array_module(dgated)
+    beta_cache, scan_cache, mean_cache, mix_cache, m, gate_cache = cache
+    # gated = gate * m, gate = sigmoid(q)
+    dq = sigmoid_backward(dgated * m, gate_cache)
+    dm = dgated * gate_cache
+    # m = mix[0] c + mix[1] a + mix[2] e
+    dmix, dc, da, de = mix_backward(dm, mix_cache)
+    # a = running mean of v;  c, e = delta-update memory of v at rates beta
+    dv = cumulative_mean_backward(da, mean_cache)
+    dv_scan, dbeta = memory_scan_backward(dc, de, scan_cache)
+    dv += dv_scan
+    db = sigmoid_backward(dbeta, beta_cache)  # beta = sigmoid(b)
+    return xp.concatenate([dv, db, dq], -1), dmix
+
+
+# ----------------------------------------------------------------------------
+# Fused GPU kernels.  On the GPU every array operation above is a kernel launch,
+# and the mixer's loop over time alone would be ~16,000 launches a step.  These
+# CUDA kernels compute what the plain functions compute, in one pass: one thread
+# per (batch row, channel) walks the time axis.  test_mora.py checks each against
+# its plain twin: on the GPU when there is one, and everywhere by compiling this
+# same source as C++ on the CPU.  Used for float32 CuPy arrays when USE_KERNELS.
+
+USE_KERNELS = True
+
+CUDA_SOURCE = r"""
+__device__ float sigmoid(float x) { return 0.5f * tanhf(0.5f * x) + 0.5f; }
+
+// mixer_forward: thread i = b * d + j (batch row b, channel j) walks t = 0 .. T-1.
+// vbq: (T, B, 3d) rows [v | b | q].  Writes gated, c, a: (T, B, d); the state after: (B, d).
+extern "C" __global__ void mixer_forward(
+        const float* vbq, const float* mix, const float* c_init, const float* sum_init,
+        float count_init, int T, int B, int d,
+        float* gated, float* c, float* a, float* c_last, float* sum_last) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= B * d) return;
+    int b = i / d, j = i % d;
+    float mix_c = mix[0], mix_a = mix[1], mix_e = mix[2];
+    float memory = c_init[i], total = sum_init[i];
+    for (int t = 0; t < T; t++) {
+        const float* row = vbq + ((long)t * B + b) * 3 * d;
+        float v = row[j], beta = sigmoid(row[d + j]), gate = sigmoid(row[2 * d + j]);
+        float delta = v - memory;                  // e_t = v_t - c_{t-1}
+        memory += beta * delta;                    // c_t = c_{t-1} + beta_t e_t
+        total += v;
+        float mean = total / (count_init + t + 1);  // a_t
+        long o = (long)t * B * d + i;
+        c[o] = memory;
+        a[o] = mean;
+        gated[o] = gate * (mix_c * memory + mix_a * mean + mix_e * delta);
+    }
+    c_last[i] = memory;
+    sum_last[i] = total;
+}
+
+// mixer_backward: the same threads walk t = T-1 .. 0, carrying dL/dc from later
+// steps (carry) and the reversed running sum of da / (t + 1) (mean_carry).
+// Writes dvbq: (T, B, 3d) and each thread's share of dmix: (3, B * d).
+extern "C" __global__ void mixer_backward(
+        const float* dgated, const float* vbq, const float* mix, const float* c_init,
+        const float* c, const float* a, float count_init, int T, int B, int d,
+        float* dvbq, float* dmix_parts) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= B * d) return;
+    int b = i / d, j = i % d;
+    float mix_c = mix[0], mix_a = mix[1], mix_e = mix[2];
+    float carry = 0.0f, mean_carry = 0.0f, dmix_c = 0.0f, dmix_a = 0.0f, dmix_e = 0.0f;
+    for (int t = T - 1; t >= 0; t--) {
+        const float* row = vbq + ((long)t * B + b) * 3 * d;
+        float v = row[j], beta = sigmoid(row[d + j]), gate = sigmoid(row[2 * d + j]);
+        long o = (long)t * B * d + i;
+        float memory = c[o], mean = a[o];
+        float delta = v - (t > 0 ? c[o - (long)B * d] : c_init[i]);
+        float m = mix_c * memory + mix_a * mean + mix_e * delta;
+        float dm = dgated[o] * gate;
+        float dq = dgated[o] * m * gate * (1.0f - gate);
+        dmix_c += dm * memory;
+        dmix_a += dm * mean;
+        dmix_e += dm * delta;
+        float g = mix_c * dm + carry;              // total dL/dc_t
+        float de = mix_e * dm;
+        mean_carry += mix_a * dm / (count_init + t + 1);
+        float dbeta = g * delta;
+        carry = (1.0f - beta) * g - de;            // to c_{t-1}
+        float* out = dvbq + ((long)t * B + b) * 3 * d;
+        out[j] = beta * g + de + mean_carry;
+        out[d + j] = dbeta * beta * (1.0f - beta);
+        out[2 * d + j] = dq;
+    }
+    dmix_parts[i] = dmix_c;
+    dmix_parts[B * d + i] = dmix_a;
+    dmix_parts[2 * B * d + i] = dmix_e;
+}
+
+// gelu (tanh form), one thread per element; t is kept for the backward.
+extern "C" __global__ void gelu_forward(const float* x, long n, float* y, float* t) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float xi = x[i];
+    float ti = tanhf(0.7978845608f * (xi + 0.044715f * xi * xi * xi));
+    t[i] = ti;
+    y[i] = 0.5f * xi * (1.0f + ti);
+}
+
+extern "C" __global__ void gelu_backward(const float* dy, const float* x, const float* t, long n, float* dx) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float xi = x[i], ti = t[i];
+    float slope = 0.5f * (1.0f + ti)
+                + 0.5f * xi * (1.0f - ti * ti) * 0.7978845608f * (1.0f + 3.0f * 0.044715f * xi * xi);
+    dx[i] = dy[i] * slope;
+}
+"""
+
+
+def uses_kernels(a):
+    return USE_KERNELS and cupy is not None and isinstance(a, cupy.ndarray) and a.dtype == np.float32
+
+
+def launch(name, n_threads, args, block=256):
+    """Run kernel `name` of CUDA_SOURCE on n_threads threads (compiled once, on first use)."""
+    global _cuda_module
+    if "_cuda_module" not in globals():
+        _cuda_module = cupy.RawModule(code=CUDA_SOURCE)
+    _cuda_module.get_function(name)(((n_threads + block - 1) // block,), (block,), args)
+
+
+def mixer_forward_fused(vbq, mix, state):
+    T, B, d = vbq.shape[0], vbq.shape[1], vbq.shape[2] // 3
+    vbq = cupy.ascontiguousarray(vbq)
+    c_init, sum_init = (cupy.ascontiguousarray(s) for s in state[:2])
+    count_init = state[2]
+    gated, c, a = (cupy.empty((T, B, d), dtype=np.float32) for _ in range(3))
+    c_last, sum_last = cupy.empty((B, d), np.float32), cupy.empty((B, d), np.float32)
+    launch("mixer_forward", B * d, (vbq, mix, c_init, sum_init, np.float32(count_init), np.int32(T),
+                                    np.int32(B), np.int32(d), gated, c, a, c_last, sum_last))
+    return gated, (vbq, mix, c_init, c, a, count_init), (c_last, sum_last, count_init + T)
+
+
+def mixer_backward_fused(dgated, cache):
+    vbq, mix, c_init, c, a, count_init = cache
+    T, B, d = c.shape
+    dvbq = cupy.empty_like(vbq)
+    dmix_parts = cupy.empty((3, B * d), dtype=np.float32)
+    launch("mixer_backward", B * d, (cupy.ascontiguousarray(dgated), vbq, mix, c_init, c, a, np.float32(count_init),
+                                     np.int32(T), np.int32(B), np.int32(d), dvbq, dmix_parts))
+    return dvbq, dmix_parts.sum(1)
+
+
+def gelu_forward_fused(x):
+    x = cupy.ascontiguousarray(x)
+    y, t = cupy.empty_like(x), cupy.empty_like(x)
+    launch("gelu_forward", x.size, (x, np.int64(x.size), y, t))
+    return y, (x, t)
+
+
+def gelu_backward_fused(dy, cache):
+    x, t = cache
+    dx = cupy.empty_like(x)
+    launch("gelu_backward", x.size, (cupy.ascontiguousarray(dy), x, t, np.int64(x.size), dx))
+    return dx
+
+
 # ----------------------------------------------------------------------------
 # The model
 
@@ -459,18 +650,11 @@ def initial_state(params, batch):
 def block_forward(p, h, state):
     """One block on the residual stream h: (T, B, d).  p: the block's parameters,
     state: (c, running sum, count) before t = 0.  Returns h, cache, the state after."""
-    d = h.shape[-1]
-    c_init, sum_init, count_init = state
     # --- mixer: cumulative memory with delta updates ---
     u, ln1_cache = layernorm_forward(h, p["ln1.g"], p["ln1.b"])  # (T, B, d)
     vbq, in_cache = linear_forward(u, p["w_in"], p["b_in"])  # (T, B, 3d)
-    v, b, q = vbq[..., :d], vbq[..., d:2 * d], vbq[..., 2 * d:]  # (T, B, d) each
-    beta, beta_cache = sigmoid_forward(b)  # (T, B, d) write rate
-    c, e, scan_cache = memory_scan_forward(v, beta, c_init)  # (T, B, d) memory, delta
-    a, sum_after, mean_cache = cumulative_mean_forward(v, sum_init, count_init)  # (T, B, d)
-    m, mix_cache = mix_forward(p["mix"], c, a, e)  # (T, B, d)
-    gate, gate_cache = sigmoid_forward(q)  # (T, B, d)
-    mixed, out_cache = linear_forward(gate * m, p["w_out"], p["b_out"])  # (T, B, d)
+    gated, mixer_cache, state = mixer_forward(vbq, p["mix"], state)  # (T, B, d)
+    mixed, out_cache = linear_forward(gated, p["w_out"], p["b_out"])  # (T, B, d)
     h = h + mixed
     # --- channel MLP ---
     u2, ln2_cache = layernorm_forward(h, p["ln2.g"], p["ln2.b"])  # (T, B, d)
@@ -478,16 +662,13 @@ def block_forward(p, h, state):
     act, gelu_cache = gelu_forward(pre)  # (T, B, 2d)
     out, down_cache = linear_forward(act, p["w_down"], p["b_down"])  # (T, B, d)
     h = h + out
-    cache = (ln1_cache, in_cache, beta_cache, scan_cache, mean_cache, mix_cache, m,
-             gate_cache, out_cache, ln2_cache, up_cache, gelu_cache, down_cache)
-    return h, cache, (c[-1], sum_after, count_init + h.shape[0])
+    cache = (ln1_cache, in_cache, mixer_cache, out_cache, ln2_cache, up_cache, gelu_cache, down_cache)
+    return h, cache, state
 
 
 def block_backward(dh, cache):
     """The block's forward read in reverse.  dh: (T, B, d) -> dh, grads of p."""
-    (ln1_cache, in_cache, beta_cache, scan_cache, mean_cache, mix_cache, m,
-     gate_cache, out_cache, ln2_cache, up_cache, gelu_cache, down_cache) = cache
-    xp = array_module(dh)
+    ln1_cache, in_cache, mixer_cache, out_cache, ln2_cache, up_cache, gelu_cache, down_cache = cache
     grads = {}
     # h = h + gelu(u2 @ w_up + b_up) @ w_down + b_down
     dact, grads["w_down"], grads["b_down"] = linear_backward(dh, down_cache)
@@ -496,20 +677,12 @@ def block_backward(dh, cache):
     # u2 = LayerNorm(h): the residual branch adds to dh
     dh_norm, grads["ln2.g"], grads["ln2.b"] = layernorm_backward(du2, ln2_cache)
     dh = dh + dh_norm
-    # h = h + (gate * m) @ w_out + b_out
+    # h = h + gated @ w_out + b_out
     dgated, grads["w_out"], grads["b_out"] = linear_backward(dh, out_cache)
-    gate = gate_cache
-    dq = sigmoid_backward(dgated * m, gate_cache)  # gate = sigmoid(q)
-    dm = dgated * gate
-    # m = mix[0] c + mix[1] a + mix[2] e
-    grads["mix"], dc, da, de = mix_backward(dm, mix_cache)
-    # a = running mean of v;  c, e = delta-update memory of v at rates beta
-    dv = cumulative_mean_backward(da, mean_cache)
-    dv_scan, dbeta = memory_scan_backward(dc, de, scan_cache)
-    dv += dv_scan
-    db = sigmoid_backward(dbeta, beta_cache)  # beta = sigmoid(b)
+    # gated = sigmoid(q) * (mix[0] c + mix[1] a + mix[2] e)
+    dvbq, grads["mix"] = mixer_backward(dgated, mixer_cache)
     # [v, b, q] = u @ w_in + b_in
-    du, grads["w_in"], grads["b_in"] = linear_backward(xp.concatenate([dv, db, dq], -1), in_cache)
+    du, grads["w_in"], grads["b_in"] = linear_backward(dvbq, in_cache)
     # u = LayerNorm(h)
     dh_norm, grads["ln1.g"], grads["ln1.b"] = layernorm_backward(du, ln1_cache)
     return dh + dh_norm, grads
@@ -888,7 +1061,7 @@ def train(args):
             row = {"step": step, "bytes": step * bytes_per_step, "lr": f"{lr:.6g}", "loss": f"{loss:.5f}",
                    "bpb": f"{loss / math.log(2):.5f}", "accuracy": f"{accuracy:.5f}",
                    "grad_norm": f"{grad_norm:.4f}", "ms_per_step": f"{1000 * seconds:.2f}"}
-            if args.eval_every and step % args.eval_every == 0 and step < total_steps:
+            if args.eval_every and (step % args.eval_every == 0 or step == total_steps):
                 val = evaluate(params, eval_records, cfg.batch_size)
                 row.update(val_loss=f"{val['loss']:.5f}", val_bpb=f"{val['bpb']:.5f}", val_accuracy=f"{val['accuracy']:.5f}")
                 bar.write(f"step {step:,}: val bits/byte {val['bpb']:.4f} (first {len(eval_records) * (cfg.seq_len + 1):,} bytes), accuracy {val['accuracy']:.4f}")

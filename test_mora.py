@@ -456,3 +456,92 @@ def test_ablations_hold_their_parameters_at_zero(data_dir, tmp_path):
             p = params[f"blocks.{i}.{name}"]
             assert np.all(p[index] == 0)
             assert np.count_nonzero(p) == p.size - np.zeros(p.shape)[index].size
+
+
+# ----------------------------------------------------------------------------
+# Fused GPU kernels against their plain NumPy twins
+
+def test_kernels_compile_for_sm90(tmp_path):
+    if subprocess.run(["which", "nvcc"], capture_output=True).returncode != 0:
+        pytest.skip("nvcc not found: the CUDA source is not compiled here")
+    source = tmp_path / "mora_kernels.cu"
+    source.write_text(mora.CUDA_SOURCE)
+    result = subprocess.run(["nvcc", "-arch=sm_90", "--ptx", str(source), "-o", str(tmp_path / "k.ptx")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "k.ptx").read_text().count(".entry") == mora.CUDA_SOURCE.count("__global__")
+
+
+@pytest.fixture(scope="module")
+def kernels_on_cpu(tmp_path_factory):
+    """CUDA_SOURCE compiled as C++: each kernel becomes run_NAME(n_threads, args...),
+    which calls it once per thread index, one after another."""
+    import ctypes
+    import re
+    prelude = ("#include <math.h>\nstruct Index { long x; };\nstatic Index threadIdx, blockIdx, blockDim;\n"
+               "#define __global__\n#define __device__ static\n")
+    ctype = {"float*": ctypes.c_void_p, "int": ctypes.c_int, "long": ctypes.c_long, "float": ctypes.c_float}
+    wrappers, signatures = [], {}
+    for name, params in re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)', mora.CUDA_SOURCE):
+        params = [" ".join(p.split()) for p in params.split(",")]
+        names = [p.split()[-1] for p in params]
+        wrappers.append(f'extern "C" void run_{name}(long n_threads_, {", ".join(params)}) {{ blockDim.x = 1; threadIdx.x = 0;'
+                        f' for (blockIdx.x = 0; blockIdx.x < n_threads_; blockIdx.x++) {name}({", ".join(names)}); }}')
+        signatures[name] = [ctype[p.replace("const ", "").rsplit(" ", 1)[0].replace(" *", "*")] for p in params]
+    if subprocess.run(["which", "g++"], capture_output=True).returncode != 0:
+        pytest.skip("g++ not found: the kernels are not run on the CPU here")
+    path = tmp_path_factory.mktemp("kernels") / "kernels.so"
+    result = subprocess.run(["g++", "-O1", "-shared", "-fPIC", "-x", "c++", "-", "-o", str(path)],
+                            input=prelude + mora.CUDA_SOURCE + "\n".join(wrappers), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    library = ctypes.CDLL(str(path))
+
+    def run(name, n_threads, *args):
+        function = getattr(library, f"run_{name}")
+        function.argtypes = [ctypes.c_long] + signatures[name]
+        function(n_threads, *[a.ctypes.data if isinstance(a, np.ndarray) else a for a in args])
+    return run
+
+
+def test_mixer_kernels_match_plain_twin(kernels_on_cpu):
+    rng = np.random.default_rng(0)
+    T, B, d = 12, 3, 5
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    vbq, mix, c_init, sum_init = f32(T, B, 3 * d), f32(3), f32(B, d), f32(B, d)
+    state = (c_init, sum_init, 4)
+    gated, cache, (c_last, sum_last, count) = mora.mixer_forward(vbq, mix, state)
+    out = {k: np.zeros((T, B, d), np.float32) for k in ("gated", "c", "a")}
+    last = {k: np.zeros((B, d), np.float32) for k in ("c", "sum")}
+    kernels_on_cpu("mixer_forward", B * d, vbq, mix, c_init, sum_init, 4.0, T, B, d,
+                   out["gated"], out["c"], out["a"], last["c"], last["sum"])
+    assert np.allclose(out["gated"], gated, atol=1e-5) and np.allclose(last["c"], c_last, atol=1e-5)
+    assert np.allclose(last["sum"], sum_last, atol=1e-5) and count == 4 + T
+    dgated = f32(T, B, d)
+    dvbq, dmix = mora.mixer_backward(dgated, cache)
+    kernel_dvbq, parts = np.zeros_like(vbq), np.zeros((3, B * d), np.float32)
+    kernels_on_cpu("mixer_backward", B * d, dgated, vbq, mix, c_init, out["c"], out["a"], 4.0, T, B, d, kernel_dvbq, parts)
+    assert np.allclose(kernel_dvbq, dvbq, atol=1e-4) and np.allclose(parts.sum(1), dmix, atol=1e-4)
+
+
+def test_gelu_kernels_match_plain_twin(kernels_on_cpu):
+    x = np.linspace(-6, 6, 1001, dtype=np.float32)
+    dy = np.cos(x)
+    y, cache = mora.gelu_forward(x)
+    kernel_y, kernel_t, kernel_dx = np.zeros_like(x), np.zeros_like(x), np.zeros_like(x)
+    kernels_on_cpu("gelu_forward", x.size, x, x.size, kernel_y, kernel_t)
+    kernels_on_cpu("gelu_backward", x.size, dy, x, kernel_t, x.size, kernel_dx)
+    assert np.allclose(kernel_y, y, atol=1e-6) and np.allclose(kernel_dx, mora.gelu_backward(dy, cache), atol=1e-6)
+
+
+def test_gpu_kernels_match_plain_path(monkeypatch):
+    cp = gpu_or_skip()
+    cfg = mora.Config(d_model=16, n_layers=2)
+    params = {k: cp.asarray(p) for k, p in mora.init_params(cfg, 0, mix=(0.5, -0.7, 1.0)).items()}
+    rng = np.random.default_rng(0)
+    x, y = cp.asarray(rng.integers(0, 256, (4, 64))), cp.asarray(rng.integers(0, 256, (4, 64)))
+    fused_loss, fused = mora.loss_and_grads(params, x, y)
+    monkeypatch.setattr(mora, "USE_KERNELS", False)
+    plain_loss, plain = mora.loss_and_grads(params, x, y)
+    assert abs(fused_loss - plain_loss) < 1e-5
+    for name in plain:
+        assert relative_error(cp.asnumpy(fused[name]).astype(np.float64), cp.asnumpy(plain[name]).astype(np.float64)) < 1e-4, name
