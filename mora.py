@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+os.environ.setdefault("CUPY_TF32", "1")  # GPU matmuls in TensorFloat-32 (set CUPY_TF32=0 for full float32)
 try:  # CuPy is optional: the same code runs on the GPU when it is installed.
     import cupy
 except ImportError:
@@ -926,7 +927,7 @@ def generate(params, prompt, length, temperature, top_k, seed):
 # ----------------------------------------------------------------------------
 # Training, evaluation and benchmark
 
-def train_step(params, flat_params, names, adam_m, adam_v, x, y, step, lr, clip, trainable=None):
+def train_step(params, flat_params, names, adam_m, adam_v, x, y, step, lr, clip, trainable=None, beta2=0.999):
     """Forward, backward, clip, Adam (step counts from 0).  trainable: a flat 0/1
     mask of the parameters that learn (None: all).  Returns loss, accuracy and the
     gradient norm before clipping as 0-d arrays: no host sync here."""
@@ -935,7 +936,7 @@ def train_step(params, flat_params, names, adam_m, adam_v, x, y, step, lr, clip,
     if trainable is not None:
         grad *= trainable
     grad_norm = clip_by_global_norm(grad, clip)
-    adam_update(flat_params, grad, adam_m, adam_v, step + 1, lr)
+    adam_update(flat_params, grad, adam_m, adam_v, step + 1, lr, beta2=beta2)
     return loss, accuracy, grad_norm
 
 
@@ -973,7 +974,7 @@ def open_log(path, step):
 
 
 TRAIN_SETTINGS = dict(lr=2e-2, warmup=None, final_lr_fraction=0.1, clip=1.0, seed=0,
-                      max_steps=None, epochs=1, mix_init=[0.0, 0.0, 1.0])
+                      max_steps=None, epochs=1, mix_init=[0.0, 0.0, 1.0], beta2=0.999)
 
 
 def train(args):
@@ -1000,6 +1001,9 @@ def train(args):
 
     train_records = open_records(os.path.join(args.data_dir, "train.bin"), cfg.seq_len)
     val_records = open_records(os.path.join(args.data_dir, "val.bin"), cfg.seq_len)
+    if args.resume and meta["data"]["train_records"] != len(train_records):
+        raise UserError(f"--resume: {args.ckpt} was trained on {meta['data']['train_records']:,} records, "
+                        f"{args.data_dir}/train.bin now has {len(train_records):,}: point --data-dir at the data it was trained on")
     steps_per_epoch = len(train_records) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"train.bin has {len(train_records)} records of {cfg.seq_len + 1} bytes, fewer than one batch of {cfg.batch_size}: lower --batch-size or --seq-len")
@@ -1030,8 +1034,10 @@ def train(args):
     log_file, log = open_log(log_path, step)
 
     def checkpoint():
+        epoch, position = divmod(step, steps_per_epoch)
         meta = {"config": asdict(cfg), "step": step, "train": settings,
-                "data": {"train_records": len(train_records)}}
+                "data": {"train_records": len(train_records), "epoch": epoch, "batch_in_epoch": position,
+                         "order": f"numpy default_rng([seed, epoch]).permutation(train_records)"}}
         save_checkpoint(args.ckpt, params, meta, adam_m, adam_v)
 
     stop = []  # Ctrl-C finishes the step under way, then saves and exits
@@ -1048,7 +1054,7 @@ def train(args):
             x, y = make_batch(train_records, order[k * cfg.batch_size:(k + 1) * cfg.batch_size], xp)
             lr = learning_rate(step, total_steps, settings["lr"], settings["warmup"], settings["final_lr_fraction"])
             loss, accuracy, grad_norm = train_step(params, flat, names, adam_m, adam_v, x, y, step, lr,
-                                                   settings["clip"], trainable)
+                                                   settings["clip"], trainable, settings["beta2"])
             loss, accuracy, grad_norm = float(loss), float(accuracy), float(grad_norm)  # the one host sync
             seconds = time.perf_counter() - started
             if not math.isfinite(loss):
@@ -1126,6 +1132,18 @@ def sample(args):
     return 0
 
 
+def step_traffic_bytes(cfg):
+    """The memory traffic a training step cannot avoid in this design, counted in
+    bytes: per position and block, the 16 d floats the backward needs (LayerNorm
+    outputs xhat and u twice: 4 d; [v, b, q]: 3 d; c, a and the gated readout: 3 d;
+    the MLP's pre-activation, tanh and activation: 6 d) are each written once in the
+    forward and read once in the backward, and so are their gradients (4 passes);
+    the (N, V) logits take 6 passes (write, max, exp, normalise, backward read and
+    write).  Parameters and Adam's state are small beside these and left out."""
+    positions = cfg.batch_size * cfg.seq_len
+    return 4 * positions * (cfg.n_layers * 16 * cfg.d_model * 4 + 6 * V)
+
+
 def bench(args):
     """Time training steps (batch, forward, backward, clip, Adam) on random bytes."""
     xp = select_backend(args.device)
@@ -1150,6 +1168,9 @@ def bench(args):
     print(f"{args.steps} steps of {cfg.batch_size} x {cfg.seq_len}: median {ms:.1f} ms/step "
           f"(min {1000 * timed.min():.1f}, mean {1000 * timed.mean():.1f}), "
           f"{cfg.batch_size * cfg.seq_len / (ms / 1000):,.0f} bytes/s")
+    traffic = step_traffic_bytes(cfg)
+    print(f"memory traffic: at least {traffic / 1e9:.2f} GB a step (see step_traffic_bytes): "
+          f"{traffic / (ms / 1000) / 1e9:,.1f} GB/s achieved")
     if xp is np:
         import resource
         print(f"peak memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
@@ -1227,6 +1248,7 @@ def build_parser():
     p.add_argument("--warmup", type=nonnegative_int, help="warmup steps (default: 5%% of the run, at most 300)")
     p.add_argument("--final-lr-fraction", type=fraction, help="cosine decay ends at this fraction of --lr (default 0.1)")
     p.add_argument("--clip", type=positive_float, help="global gradient-norm clip (default 1.0)")
+    p.add_argument("--beta2", type=fraction, help="Adam's second-moment decay (default 0.999)")
     p.add_argument("--seed", type=nonnegative_int, help="initialisation and data order (default 0)")
     p.add_argument("--mix-init", type=float, nargs=3, metavar=("C", "A", "E"),
                    help="initial mix of memory, running mean and delta in every block (default 0 0 1)")

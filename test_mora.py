@@ -405,6 +405,8 @@ def test_bad_input_errors(data_dir, tmp_path, capsys):
     assert "--resume" in error_of(*train, "--max-steps", 2)  # never silently overwrite a run
     assert "drop the size flags" in error_of(*train, "--resume", "--d-model", 16)
     assert "differ" in error_of(*train, "--resume", "--lr", 0.5)
+    (short / "train.bin").write_bytes(made_up_text(200, seed=9))  # other data: the order would not continue
+    assert "trained on" in error_of("train", "--data-dir", short, "--ckpt", ckpt, "--resume", "--device", "cpu")
     assert "empty" in error_of("sample", "--ckpt", ckpt, "--prompt", "", "--device", "cpu")
     data = ckpt.read_bytes()
     (tmp_path / "cut.npz").write_bytes(data[:len(data) // 2])
@@ -437,12 +439,12 @@ def test_gpu_matches_cpu():
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (4, 64)), rng.integers(0, 256, (4, 64))
     logits = mora.forward(params, x)
-    assert np.allclose(cp.asnumpy(mora.forward(gpu_params, cp.asarray(x))), logits, atol=2e-4)
+    assert np.allclose(cp.asnumpy(mora.forward(gpu_params, cp.asarray(x))), logits, atol=2e-2)
     loss, grads = mora.loss_and_grads(params, x, y)
     gpu_loss, gpu_grads = mora.loss_and_grads(gpu_params, cp.asarray(x), cp.asarray(y))
-    assert abs(loss - gpu_loss) < 1e-4
+    assert abs(loss - gpu_loss) < 1e-2  # matmuls in TF32 on the GPU: ~1e-3 relative error per product
     for name in grads:
-        assert relative_error(cp.asnumpy(gpu_grads[name]).astype(np.float64), grads[name].astype(np.float64)) < 1e-3, name
+        assert relative_error(cp.asnumpy(gpu_grads[name]).astype(np.float64), grads[name].astype(np.float64)) < 2e-2, name
 
 
 def test_ablations_hold_their_parameters_at_zero(data_dir, tmp_path):
