@@ -405,7 +405,8 @@ def test_bad_input_errors(data_dir, tmp_path, capsys):
     assert "--resume" in error_of(*train, "--max-steps", 2)  # never silently overwrite a run
     assert "drop the size flags" in error_of(*train, "--resume", "--d-model", 16)
     assert "differ" in error_of(*train, "--resume", "--lr", 0.5)
-    (short / "train.bin").write_bytes(made_up_text(200, seed=9))  # other data: the order would not continue
+    for split in ("train.bin", "val.bin"):  # other data: the order would not continue
+        (short / split).write_bytes(made_up_text(200, seed=9))
     assert "trained on" in error_of("train", "--data-dir", short, "--ckpt", ckpt, "--resume", "--device", "cpu")
     assert "empty" in error_of("sample", "--ckpt", ckpt, "--prompt", "", "--device", "cpu")
     data = ckpt.read_bytes()
