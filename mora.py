@@ -703,7 +703,7 @@ def model_forward(params, x, state):
         block_caches.append(cache)
         new_state.append(block_state)
     n, final_cache = layernorm_forward(h)  # (T, B, d) the final norm has no parameters
-    logits = n @ E.T  # (T, B, V) output layer tied to the embedding
+    logits = (n.reshape(-1, d) @ E.T).reshape(*x.shape, V)  # (T, B, V) output layer tied to the embedding
     return logits, (x, block_caches, final_cache, n), new_state
 
 

@@ -1,0 +1,75 @@
+"""Learning curves from `mora.py train` logs, as an SVG picture (standard library only).
+
+    python plot_log.py checkpoints/mora.csv [more.csv ...] --out curve.svg
+
+Plots bits/byte against bytes seen: each log's training loss (a running mean over
+--smooth steps) as a line, its validation evaluations as dots.
+"""
+import argparse
+import csv
+import os
+
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+
+
+def read_log(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    train = [(int(r["bytes"]), float(r["bpb"])) for r in rows if r["bpb"]]
+    val = [(int(r["bytes"]), float(r["val_bpb"])) for r in rows if r["val_bpb"]]
+    return train, val
+
+
+def running_mean(points, window):
+    out, total = [], 0.0
+    for i, (x, y) in enumerate(points):
+        total += y - (points[i - window][1] if i >= window else 0.0)
+        out.append((x, total / min(i + 1, window)))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("logs", nargs="+")
+    parser.add_argument("--out", default="curve.svg")
+    parser.add_argument("--smooth", type=int, default=20)
+    parser.add_argument("--title", default="MORA learning curve")
+    parser.add_argument("--ymax", type=float, default=4.0)
+    parser.add_argument("--labels", nargs="+", help="one name per log (default: the file names)")
+    args = parser.parse_args()
+    labels = args.labels or [os.path.splitext(os.path.basename(p))[0] for p in args.logs]
+    curves = [(label, *read_log(p)) for label, p in zip(labels, args.logs)]
+    width, height, left, right, top, bottom = 720, 420, 60, 20, 40, 50
+    x_max = max(x for _, train, val in curves for x, _ in train + val)
+    y_min = min(y for _, train, val in curves for _, y in train + val)
+    y_min = max(0.0, int(y_min * 2 - 1) / 2)
+    sx = lambda x: left + (width - left - right) * x / x_max  # noqa: E731
+    sy = lambda y: top + (height - top - bottom) * (args.ymax - min(y, args.ymax)) / (args.ymax - y_min)  # noqa: E731
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="15">{args.title}</text>']
+    y = y_min
+    while y <= args.ymax + 1e-9:
+        svg.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#ddd"/>'
+                   f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.1f}</text>')
+        y += 0.5
+    for i in range(6):
+        x = x_max * i / 5
+        svg.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 18}" text-anchor="middle">{x / 1e6:.1f}M</text>')
+    svg.append(f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle">bytes seen</text>'
+               f'<text x="16" y="{height / 2}" transform="rotate(-90 16 {height / 2})" text-anchor="middle">bits/byte</text>')
+    for k, (name, train, val) in enumerate(curves):
+        colour = COLOURS[k % len(COLOURS)]
+        points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in running_mean(train, args.smooth))
+        svg.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{points}"/>')
+        svg += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{colour}"/>' for x, y in val]
+        label = f"{name}: train (mean of {args.smooth} steps), val dots" + (f", last val {val[-1][1]:.3f}" if val else "")
+        svg.append(f'<text x="{width - right - 8}" y="{top + 16 + 16 * k}" text-anchor="end" fill="{colour}">{label}</text>')
+    svg.append("</svg>")
+    with open(args.out, "w") as f:
+        f.write("\n".join(svg))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
