@@ -146,7 +146,7 @@ def lstm(args):
     steps_per_epoch = len(train_records) // B
     warmup = args.warmup if args.warmup is not None else max(1, min(300, args.max_steps // 20))
     model = LSTMPeer()
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, args.beta2))
     order_epoch, seconds = None, []
     for step in range(args.max_steps):
         epoch, k = divmod(step, steps_per_epoch)
@@ -170,7 +170,7 @@ def lstm(args):
             x, y = (torch.tensor(a, dtype=torch.long) for a in mora.make_batch(val_records, np.arange(start, min(len(val_records), start + B)), np))
             total += F.cross_entropy(model(x).reshape(-1, mora.V), y.reshape(-1)).item() * len(x)
     bpb = total / len(val_records) / math.log(2)
-    print(f"LSTM lr {args.lr:g}: val bits/byte {bpb:.4f} on {len(val_records) * (T + 1):,} bytes, "
+    print(f"LSTM lr {args.lr:g}, warmup {warmup}, beta2 {args.beta2:g}: val bits/byte {bpb:.4f} on {len(val_records) * (T + 1):,} bytes, "
           f"{1000 * np.median(seconds[1:]):.0f} ms/step")
     return 0
 
@@ -192,6 +192,7 @@ def main():
     p.add_argument("--warmup", type=int)
     p.add_argument("--final-lr-fraction", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--beta2", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-bytes", type=int, default=65536)
     args = parser.parse_args()

@@ -927,7 +927,7 @@ def generate(params, prompt, length, temperature, top_k, seed):
 # ----------------------------------------------------------------------------
 # Training, evaluation and benchmark
 
-def train_step(params, flat_params, names, adam_m, adam_v, x, y, step, lr, clip, trainable=None, beta2=0.999):
+def train_step(params, flat_params, names, adam_m, adam_v, x, y, step, lr, clip, trainable=None, beta2=0.95):
     """Forward, backward, clip, Adam (step counts from 0).  trainable: a flat 0/1
     mask of the parameters that learn (None: all).  Returns loss, accuracy and the
     gradient norm before clipping as 0-d arrays: no host sync here."""
@@ -974,7 +974,8 @@ def open_log(path, step):
 
 
 TRAIN_SETTINGS = dict(lr=2e-2, warmup=None, final_lr_fraction=0.1, clip=1.0, seed=0,
-                      max_steps=None, epochs=1, mix_init=[0.0, 0.0, 1.0], beta2=0.999)
+                      max_steps=None, epochs=1, mix_init=[0.0, 0.0, 1.0], beta2=0.95)
+WARMUP_CAP = 1000  # warmup: a third of the run, at most this many steps (see README: Recipe)
 
 
 def train(args):
@@ -1010,8 +1011,8 @@ def train(args):
     if settings["max_steps"] is None:
         settings["max_steps"] = settings["epochs"] * steps_per_epoch
     total_steps = settings["max_steps"]
-    if settings["warmup"] is None:  # short runs must not spend their budget warming up
-        settings["warmup"] = max(1, min(300, total_steps // 20))
+    if settings["warmup"] is None:
+        settings["warmup"] = max(1, min(WARMUP_CAP, total_steps // 3))
     end = total_steps if args.stop_after is None else min(total_steps, step + args.stop_after)
     eval_records = val_records[:max(1, args.eval_bytes // (cfg.seq_len + 1))]
 
@@ -1245,10 +1246,10 @@ def build_parser():
     p.add_argument("--epochs", type=positive_int, help="default 1")
     p.add_argument("--max-steps", type=positive_int, help="train this many steps instead of whole epochs")
     p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {TRAIN_SETTINGS['lr']:g})")
-    p.add_argument("--warmup", type=nonnegative_int, help="warmup steps (default: 5%% of the run, at most 300)")
+    p.add_argument("--warmup", type=nonnegative_int, help=f"warmup steps (default: a third of the run, at most {WARMUP_CAP})")
     p.add_argument("--final-lr-fraction", type=fraction, help="cosine decay ends at this fraction of --lr (default 0.1)")
     p.add_argument("--clip", type=positive_float, help="global gradient-norm clip (default 1.0)")
-    p.add_argument("--beta2", type=fraction, help="Adam's second-moment decay (default 0.999)")
+    p.add_argument("--beta2", type=fraction, help="Adam's second-moment decay (default 0.95)")
     p.add_argument("--seed", type=nonnegative_int, help="initialisation and data order (default 0)")
     p.add_argument("--mix-init", type=float, nargs=3, metavar=("C", "A", "E"),
                    help="initial mix of memory, running mean and delta in every block (default 0 0 1)")
