@@ -206,6 +206,8 @@ def embedding_backward(dh, x):
 
 def layernorm_forward(x, g=None, b=None):
     """y = g * (x - mean) / sqrt(var + eps) + b over the last axis; no g, b: plain normalisation."""
+    if uses_kernels(x):
+        return layernorm_forward_fused(x, g, b)
     xp = array_module(x)
     xhat = x - row_mean(x)  # (..., d) centred
     rstd = 1.0 / xp.sqrt(row_mean(xhat * xhat) + LN_EPS)  # (..., 1)
@@ -221,6 +223,8 @@ def layernorm_backward(dy, cache):
     """With dxhat = dy * g:  dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
     dg = sum dy * xhat, db = sum dy over all leading axes (None, None without g).
     The two means are row means of dy and dy * xhat weighted by g."""
+    if uses_kernels(dy):
+        return layernorm_backward_fused(dy, cache)
     xhat, rstd, g = cache
     dy_xhat = dy * xhat  # (..., d)
     dx = dy - row_mean(dy, g) if g is None else dy * g - row_mean(dy, g)  # (..., d)
@@ -452,8 +456,9 @@ def mixer_backward(dgated, cache):
 # ----------------------------------------------------------------------------
 # Fused GPU kernels.  On the GPU every array operation above is a kernel launch,
 # and the mixer's loop over time alone would be ~16,000 launches a step.  These
-# CUDA kernels compute what the plain functions compute, in one pass: one thread
-# per (batch row, channel) walks the time axis.  test_mora.py checks each against
+# CUDA kernels compute what the plain functions compute, in one pass: for the
+# mixer one thread per (batch row, channel) walks the time axis; LayerNorm takes a
+# thread per row, GELU a thread per element.  test_mora.py checks each against
 # its plain twin: on the GPU when there is one, and everywhere by compiling this
 # same source as C++ on the CPU.  Used for float32 CuPy arrays when USE_KERNELS.
 
@@ -528,6 +533,45 @@ extern "C" __global__ void mixer_backward(
     dmix_parts[2 * B * d + i] = dmix_e;
 }
 
+// layernorm_forward: one thread per row of d numbers (eps = LN_EPS = 1e-5).
+extern "C" __global__ void layernorm_forward(const float* x, const float* g, const float* b, long rows, int d,
+                                             float* y, float* xhat, float* rstd) {
+    long r = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const float* row = x + r * d;
+    float mean = 0.0f, var = 0.0f;
+    for (int j = 0; j < d; j++) mean += row[j];
+    mean /= d;
+    for (int j = 0; j < d; j++) var += (row[j] - mean) * (row[j] - mean);
+    float s = 1.0f / sqrtf(var / d + 1e-5f);
+    rstd[r] = s;
+    for (int j = 0; j < d; j++) {
+        float n = (row[j] - mean) * s;
+        xhat[r * d + j] = n;
+        y[r * d + j] = n * g[j] + b[j];
+    }
+}
+
+// layernorm_backward: dx = rstd (dy g - mean(dy g) - xhat mean(dy g xhat)), and dy * xhat
+// (summed over rows afterwards for dg).  One thread per row.
+extern "C" __global__ void layernorm_backward(const float* dy, const float* xhat, const float* rstd, const float* g,
+                                              long rows, int d, float* dx, float* dy_xhat) {
+    long r = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    long o = r * d;
+    float mean_dn = 0.0f, mean_dn_xhat = 0.0f;
+    for (int j = 0; j < d; j++) {
+        mean_dn += dy[o + j] * g[j];
+        mean_dn_xhat += dy[o + j] * g[j] * xhat[o + j];
+    }
+    mean_dn /= d;
+    mean_dn_xhat /= d;
+    for (int j = 0; j < d; j++) {
+        dx[o + j] = rstd[r] * (dy[o + j] * g[j] - mean_dn - xhat[o + j] * mean_dn_xhat);
+        dy_xhat[o + j] = dy[o + j] * xhat[o + j];
+    }
+}
+
 // gelu (tanh form), one thread per element; t is kept for the backward.
 extern "C" __global__ void gelu_forward(const float* x, long n, float* y, float* t) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -581,6 +625,31 @@ def mixer_backward_fused(dgated, cache):
     launch("mixer_backward", B * d, (cupy.ascontiguousarray(dgated), vbq, mix, c_init, c, a, np.float32(count_init),
                                      np.int32(T), np.int32(B), np.int32(d), dvbq, dmix_parts))
     return dvbq, dmix_parts.sum(1)
+
+
+def layernorm_forward_fused(x, g, b):
+    x = cupy.ascontiguousarray(x)
+    d = x.shape[-1]
+    rows = x.size // d
+    gains = g if g is not None else cupy.ones(d, np.float32)
+    biases = b if b is not None else cupy.zeros(d, np.float32)
+    y, xhat = cupy.empty_like(x), cupy.empty_like(x)
+    rstd = cupy.empty((*x.shape[:-1], 1), np.float32)
+    launch("layernorm_forward", rows, (x, gains, biases, np.int64(rows), np.int32(d), y, xhat, rstd))
+    return (xhat if g is None else y), (xhat, rstd, g)
+
+
+def layernorm_backward_fused(dy, cache):
+    xhat, rstd, g = cache
+    d = xhat.shape[-1]
+    rows = xhat.size // d
+    gains = g if g is not None else cupy.ones(d, np.float32)
+    dx, dy_xhat = cupy.empty_like(xhat), cupy.empty_like(xhat)
+    dy = cupy.ascontiguousarray(dy)
+    launch("layernorm_backward", rows, (dy, xhat, rstd, gains, np.int64(rows), np.int32(d), dx, dy_xhat))
+    if g is None:
+        return dx, None, None
+    return dx, column_sum(dy_xhat), column_sum(dy)
 
 
 def gelu_forward_fused(x):
@@ -1038,7 +1107,7 @@ def train(args):
         epoch, position = divmod(step, steps_per_epoch)
         meta = {"config": asdict(cfg), "step": step, "train": settings,
                 "data": {"train_records": len(train_records), "epoch": epoch, "batch_in_epoch": position,
-                         "order": f"numpy default_rng([seed, epoch]).permutation(train_records)"}}
+                         "order": "numpy default_rng([seed, epoch]).permutation(train_records)"}}
         save_checkpoint(args.ckpt, params, meta, adam_m, adam_v)
 
     stop = []  # Ctrl-C finishes the step under way, then saves and exits
@@ -1295,6 +1364,9 @@ def main(argv=None):
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # training handles Ctrl-C itself; elsewhere there is nothing to save
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -526,6 +526,22 @@ def test_mixer_kernels_match_plain_twin(kernels_on_cpu):
     assert np.allclose(kernel_dvbq, dvbq, atol=1e-4) and np.allclose(parts.sum(1), dmix, atol=1e-4)
 
 
+def test_layernorm_kernels_match_plain_twin(kernels_on_cpu):
+    rng = np.random.default_rng(1)
+    rows, d = 7, 6
+    x, dy = (rng.standard_normal((rows, d)).astype(np.float32) for _ in range(2))
+    for g, b in [(rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32)),
+                 (np.ones(d, np.float32), np.zeros(d, np.float32))]:
+        y, cache = mora.layernorm_forward(x, g, b)
+        dx, dg, db = mora.layernorm_backward(dy, cache)
+        out = {k: np.zeros((rows, d), np.float32) for k in ("y", "xhat", "dx", "dy_xhat")}
+        rstd = np.zeros((rows, 1), np.float32)
+        kernels_on_cpu("layernorm_forward", rows, x, g, b, rows, d, out["y"], out["xhat"], rstd)
+        kernels_on_cpu("layernorm_backward", rows, dy, out["xhat"], rstd, g, rows, d, out["dx"], out["dy_xhat"])
+        assert np.allclose(out["y"], y, atol=1e-5) and np.allclose(rstd, cache[1], rtol=1e-5)
+        assert np.allclose(out["dx"], dx, atol=1e-5) and np.allclose(out["dy_xhat"].sum(0), dg, atol=1e-5)
+
+
 def test_gelu_kernels_match_plain_twin(kernels_on_cpu):
     x = np.linspace(-6, 6, 1001, dtype=np.float32)
     dy = np.cos(x)
