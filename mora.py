@@ -22,6 +22,7 @@ import argparse
 import codecs
 import csv
 import ctypes
+import functools
 import json
 import math
 import os
@@ -597,12 +598,19 @@ def uses_kernels(a):
     return USE_KERNELS and cupy is not None and isinstance(a, cupy.ndarray) and a.dtype == np.float32
 
 
+@functools.lru_cache(maxsize=None)
+def cuda_module():
+    """CUDA_SOURCE compiled by NVRTC (through CuPy) on first use."""
+    return cupy.RawModule(code=CUDA_SOURCE)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_kernel(name):
+    return cuda_module().get_function(name)
+
+
 def launch(name, n_threads, args, block=256):
-    """Run kernel `name` of CUDA_SOURCE on n_threads threads (compiled once, on first use)."""
-    global _cuda_module
-    if "_cuda_module" not in globals():
-        _cuda_module = cupy.RawModule(code=CUDA_SOURCE)
-    _cuda_module.get_function(name)(((n_threads + block - 1) // block,), (block,), args)
+    cuda_kernel(name)(((n_threads + block - 1) // block,), (block,), args)
 
 
 def mixer_forward_fused(vbq, mix, state):
