@@ -3,7 +3,8 @@
     python plot_log.py checkpoints/mora.csv [more.csv ...] --out curve.svg
 
 Plots bits/byte against bytes seen: each log's training loss (a running mean over
---smooth steps) as a line, its validation evaluations as dots.
+--smooth steps) as a line, its periodic validation (on the start of val) as dots,
+and the final validation on all of val as a ring.
 """
 import argparse
 import csv
@@ -16,8 +17,9 @@ def read_log(path):
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     train = [(int(r["bytes"]), float(r["bpb"])) for r in rows if r["bpb"]]
-    val = [(int(r["bytes"]), float(r["val_bpb"])) for r in rows if r["val_bpb"]]
-    return train, val
+    val = [(int(r["bytes"]), float(r["val_bpb"])) for r in rows if r["val_bpb"] and r["bpb"]]
+    full_val = [(int(r["bytes"]), float(r["val_bpb"])) for r in rows if r["val_bpb"] and not r["bpb"]]
+    return train, val, full_val
 
 
 def running_mean(points, window):
@@ -40,8 +42,8 @@ def main():
     labels = args.labels or [os.path.splitext(os.path.basename(p))[0] for p in args.logs]
     curves = [(label, *read_log(p)) for label, p in zip(labels, args.logs)]
     width, height, left, right, top, bottom = 720, 420, 60, 20, 40, 50
-    x_max = max(x for _, train, val in curves for x, _ in train + val)
-    y_min = min(y for _, train, val in curves for _, y in train + val)
+    x_max = max(x for _, train, val, full in curves for x, _ in train + val + full)
+    y_min = min(y for _, train, val, full in curves for _, y in train + val + full)
     y_min = max(0.0, int(y_min * 2 - 1) / 2)
     sx = lambda x: left + (width - left - right) * x / x_max  # noqa: E731
     sy = lambda y: top + (height - top - bottom) * (args.ymax - min(y, args.ymax)) / (args.ymax - y_min)  # noqa: E731
@@ -58,12 +60,14 @@ def main():
         svg.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 18}" text-anchor="middle">{x / 1e6:.1f}M</text>')
     svg.append(f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle">bytes seen</text>'
                f'<text x="16" y="{height / 2}" transform="rotate(-90 16 {height / 2})" text-anchor="middle">bits/byte</text>')
-    for k, (name, train, val) in enumerate(curves):
+    for k, (name, train, val, full) in enumerate(curves):
         colour = COLOURS[k % len(COLOURS)]
         points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in running_mean(train, args.smooth))
         svg.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{points}"/>')
         svg += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{colour}"/>' for x, y in val]
-        label = f"{name}: train (mean of {args.smooth} steps), val dots" + (f", last val {val[-1][1]:.3f}" if val else "")
+        svg += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="none" stroke="{colour}" stroke-width="2"/>' for x, y in full]
+        label = f"{name}: train line" + (f", val dots (last {val[-1][1]:.3f})" if val else "")
+        label += f", all of val ring ({full[-1][1]:.3f})" if full else ""
         svg.append(f'<text x="{width - right - 8}" y="{top + 16 + 16 * k}" text-anchor="end" fill="{colour}">{label}</text>')
     svg.append("</svg>")
     with open(args.out, "w") as f:
