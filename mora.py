@@ -1195,7 +1195,7 @@ def evaluate_checkpoint(args):
 
 def sample(args):
     xp = select_backend(args.device)
-    prompt = args.prompt.encode("utf-8")
+    prompt = os.fsencode(args.prompt)  # the prompt's bytes as given, even if they are not valid UTF-8
     if not prompt:
         raise UserError('--prompt is empty: the model needs at least one byte to continue, e.g. --prompt "Once"')
     _, params_np, _, _ = load_checkpoint(args.ckpt)

@@ -409,6 +409,8 @@ def test_bad_input_errors(data_dir, tmp_path, capsys):
         (short / split).write_bytes(made_up_text(200, seed=9))
     assert "trained on" in error_of("train", "--data-dir", short, "--ckpt", ckpt, "--resume", "--device", "cpu")
     assert "empty" in error_of("sample", "--ckpt", ckpt, "--prompt", "", "--device", "cpu")
+    assert run_main("sample", "--ckpt", ckpt, "--prompt", "\udcffé", "--length", 5, "--device", "cpu") == 0  # any bytes
+    capsys.readouterr()
     data = ckpt.read_bytes()
     (tmp_path / "cut.npz").write_bytes(data[:len(data) // 2])
     assert "corrupt" in error_of("eval", "--ckpt", tmp_path / "cut.npz", "--data-dir", data_dir, "--device", "cpu")
