@@ -119,10 +119,8 @@ def speed(args):
         lstm_optimizer.step()
 
     mora.keep_freed_memory()
-    shapes = mora.param_shapes(cfg)
-    names = list(shapes)
-    flat = mora.flatten(mora.init_params(cfg, 0), names)
-    params = mora.unflatten(flat, shapes)
+    flat, params = mora.flat_parameters(mora.init_params(cfg, 0))
+    names = list(params)
     m, v = np.zeros_like(flat), np.zeros_like(flat)
 
     def mora_step():

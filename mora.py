@@ -75,22 +75,20 @@ def keep_freed_memory():
 
 def select_backend(device):
     """'cpu' -> numpy; 'gpu' -> cupy (error if it cannot run); 'auto' -> cupy when a GPU works."""
-    if device == "cpu":
-        keep_freed_memory()
-        return np
-    problem = None
-    if cupy is None:
-        problem = "CuPy is not installed (pip install cupy-cuda12x)"
-    else:
-        try:
-            if cupy.cuda.runtime.getDeviceCount() < 1:
-                problem = "CuPy finds no CUDA GPU"
-        except Exception as exc:  # CuPy raises driver-specific errors here
-            problem = f"CuPy cannot reach a GPU ({exc.__class__.__name__})"
-    if problem is None:
-        return cupy
-    if device == "gpu":
-        raise UserError(f"--device gpu: {problem}; run with --device cpu instead")
+    if device != "cpu":
+        problem = None
+        if cupy is None:
+            problem = "CuPy is not installed (pip install cupy-cuda12x)"
+        else:
+            try:
+                if cupy.cuda.runtime.getDeviceCount() < 1:
+                    problem = "CuPy finds no CUDA GPU"
+            except Exception as exc:  # CuPy raises driver-specific errors here
+                problem = f"CuPy cannot reach a GPU ({exc.__class__.__name__})"
+        if problem is None:
+            return cupy
+        if device == "gpu":
+            raise UserError(f"--device gpu: {problem}; run with --device cpu instead")
     keep_freed_memory()
     return np
 
@@ -840,15 +838,17 @@ def flatten(tensors, names):
     return xp.concatenate([tensors[name].reshape(-1) for name in names])
 
 
-def unflatten(flat, shapes):
-    """Name -> view into `flat` with the given shape: writing the flat vector
-    updates every view."""
+def flat_parameters(params, xp=np):
+    """The parameters copied into one flat vector on xp, and name -> view into it
+    with the parameter's shape: Adam updates the vector, the model reads the views."""
+    names = list(params)
+    flat = xp.asarray(flatten(params, names))
     views, offset = {}, 0
-    for name, shape in shapes.items():
-        size = math.prod(shape)
-        views[name] = flat[offset:offset + size].reshape(shape)
+    for name in names:
+        size = params[name].size
+        views[name] = flat[offset:offset + size].reshape(params[name].shape)
         offset += size
-    return views
+    return flat, views
 
 
 def clip_by_global_norm(grad, max_norm):
@@ -1101,8 +1101,8 @@ def train(args):
 
     names = list(param_shapes(cfg))
     trainable = xp.asarray(flatten(trainable_mask(cfg), names))
-    flat = xp.asarray(flatten(params_np, names)) * trainable  # ablated parameters start (and stay) at 0
-    params = unflatten(flat, param_shapes(cfg))
+    flat, params = flat_parameters(params_np, xp)
+    flat *= trainable  # ablated parameters start (and stay) at 0
     if cfg.ablate != "none":
         print(f"ablation {cfg.ablate}: {int(trainable.sum()):,} trainable parameters")
     adam_m = xp.asarray(adam_state.get("adam.m", np.zeros(flat.shape, np.float32)))
@@ -1227,10 +1227,8 @@ def bench(args):
     xp = select_backend(args.device)
     cfg = model_config(args)
     print_summary(cfg, xp)
-    shapes = param_shapes(cfg)
-    names = list(shapes)
-    flat = xp.asarray(flatten(init_params(cfg, 0), names))
-    params = unflatten(flat, shapes)
+    flat, params = flat_parameters(init_params(cfg, 0), xp)
+    names = list(params)
     adam_m, adam_v = xp.zeros_like(flat), xp.zeros_like(flat)
     records = np.random.default_rng(0).integers(0, V, (cfg.batch_size, cfg.seq_len + 1), dtype=np.uint8)
     rows = np.arange(cfg.batch_size)

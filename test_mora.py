@@ -207,10 +207,8 @@ def test_tiny_model_learns_a_made_up_text():
     cfg = mora.Config(d_model=16, n_layers=2)
     text = np.frombuffer(made_up_text(8), dtype=np.uint8)[:8 * 65].reshape(8, 65).astype(np.int64)
     x, y = text[:, :-1], text[:, 1:]
-    shapes = mora.param_shapes(cfg)
-    names = list(shapes)
-    flat = mora.flatten(mora.init_params(cfg, 0), names)
-    params = mora.unflatten(flat, shapes)
+    flat, params = mora.flat_parameters(mora.init_params(cfg, 0))
+    names = list(params)
     m, v = np.zeros_like(flat), np.zeros_like(flat)
     losses = [float(mora.train_step(params, flat, names, m, v, x, y, s, 1e-2, 1.0)[0]) for s in range(60)]
     assert losses[0] > 5.0 and losses[-1] < 2.0, losses[::10]
