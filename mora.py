@@ -874,6 +874,14 @@ def adam_update(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8):
     param -= lr * m_hat / (xp.sqrt(v_hat) + eps)
 
 
+WARMUP_CAP = 1000
+
+
+def default_warmup(total_steps):
+    """A third of the run, at most WARMUP_CAP steps (measured at 300 steps: README, Recipe)."""
+    return max(1, min(WARMUP_CAP, total_steps // 3))
+
+
 def learning_rate(step, total_steps, peak, warmup, final_fraction):
     """Linear warmup over `warmup` steps, then cosine decay to final_fraction * peak
     at total_steps.  step counts from 0."""
@@ -1052,7 +1060,6 @@ def open_log(path, step):
 
 TRAIN_SETTINGS = dict(lr=2e-2, warmup=None, final_lr_fraction=0.1, clip=1.0, seed=0,
                       max_steps=None, epochs=1, mix_init=[0.0, 0.0, 1.0], beta2=0.95)
-WARMUP_CAP = 1000  # warmup: a third of the run, at most this many steps (see README: Recipe)
 
 
 def train(args):
@@ -1089,7 +1096,7 @@ def train(args):
         settings["max_steps"] = settings["epochs"] * steps_per_epoch
     total_steps = settings["max_steps"]
     if settings["warmup"] is None:
-        settings["warmup"] = max(1, min(WARMUP_CAP, total_steps // 3))
+        settings["warmup"] = default_warmup(total_steps)
     end = total_steps if args.stop_after is None else min(total_steps, step + args.stop_after)
     eval_records = val_records[:max(1, args.eval_bytes // (cfg.seq_len + 1))]
 
