@@ -19,11 +19,13 @@ import math
 import os
 import time
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+import mora  # first: it gives NumPy one BLAS thread per worker, before NumPy is imported
 
-import mora
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+torch.set_num_threads(os.cpu_count())  # PyTorch on every core, whatever mora set for BLAS
 
 
 def twin_forward(P, x, n_layers):
@@ -32,7 +34,7 @@ def twin_forward(P, x, n_layers):
     d, T = E.shape[1], x.shape[1]
     h = E[x]
     for i in range(n_layers):
-        p = {k: P[f"blocks.{i}.{k}"] for k in mora.block_shapes(1)}
+        p = mora.block_params(P, i)
         u = F.layer_norm(h, (d,), p["ln1.g"], p["ln1.b"], mora.LN_EPS)
         v, b, q = (u @ p["w_in"] + p["b_in"]).split(d, dim=-1)
         beta = torch.sigmoid(b)
@@ -120,11 +122,11 @@ def speed(args):
 
     mora.keep_freed_memory()
     flat, params = mora.flat_parameters(mora.init_params(cfg, 0))
-    names = list(params)
     m, v = np.zeros_like(flat), np.zeros_like(flat)
+    workers = mora.make_workers(np, args.threads)
 
     def mora_step():
-        mora.train_step(params, flat, names, m, v, x.astype(np.int32), y.astype(np.int32), 0, 1e-3, 1.0)
+        mora.train_step(params, flat, m, v, x.astype(np.int32), y.astype(np.int32), 0, 1e-3, workers=workers)
 
     n_lstm = sum(p.numel() for p in lstm.parameters())
     for name, step, count in [("MORA, PyTorch eager twin", twin_step, mora.count_params(cfg)),
@@ -181,6 +183,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, help="mora.py's worker threads (default: every core)")
     p = commands.add_parser("lstm")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--batch-size", type=int, default=32)

@@ -8,7 +8,8 @@ with no context limit.  The model is 284,184 parameters at width 64 with 8 block
 
 This file is the whole model: forward and backward of every layer (no autograd),
 Adam, batches from a byte file, training, evaluation, sampling and checkpoints.
-It is not a framework and has no autograd; the backward pass is the point.
+It is not a framework and has no autograd; the backward pass is the point.  The
+CUDA kernels that make the GPU fast come last, after the maths they speed up.
 
     python prepare_data.py            # TinyStories -> data/train.bin, data/val.bin
     python mora.py train              # one epoch of the small model
@@ -18,26 +19,28 @@ Shapes used in the comments: B batch, T time, d width, L blocks, V = 256 bytes,
 N = T * B positions.  Inside the model arrays are time-major, (T, B, ...), so that
 each step of the memory scan reads one contiguous (B, d) slab.
 """
-import argparse
-import codecs
-import csv
-import ctypes
-import functools
-import json
-import math
 import os
-import signal
-import sys
-import time
-from dataclasses import asdict, dataclass
 
-import numpy as np
+# On the CPU, training runs its own worker threads over slices of the batch (see
+# `batch_gradient`), so each may use only one BLAS thread: BLAS's own threads would
+# fight them for the cores.  This must be set before NumPy is imported; a value the
+# user set in the environment is kept.
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
 
-os.environ.setdefault("CUPY_TF32", "1")  # GPU matmuls in TensorFloat-32 (set CUPY_TF32=0 for full float32)
-try:  # CuPy is optional: the same code runs on the GPU when it is installed.
-    import cupy
-except ImportError:
-    cupy = None
+import argparse  # noqa: E402  (after the BLAS settings above)
+import codecs  # noqa: E402
+import csv  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from dataclasses import asdict, dataclass, fields  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 V = 256  # the vocabulary: one token per byte value
 LN_EPS = 1e-5
@@ -51,6 +54,9 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------
 # Array backend: xp is numpy or cupy, chosen by the arrays themselves.
 
+cupy = None  # the CuPy module, once select_backend has found a GPU that works
+
+
 def array_module(a):
     """numpy or cupy, whichever holds `a`."""
     return cupy.get_array_module(a) if cupy is not None else np
@@ -60,48 +66,56 @@ def to_numpy(a):
     return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
-def keep_freed_memory():
-    """Ask glibc to keep freed memory instead of returning it to the OS.  A training
-    step allocates and frees hundreds of MB of activations; by default glibc gives
-    large blocks back (munmap) and the next step page-faults them in again, which
-    costs about a quarter of a CPU step here.  No effect outside glibc (Linux)."""
+def gpu_problem():
+    """None when CuPy can run here (then the global `cupy` is set), else why not.
+    Tries a small matmul and compiles the kernels, so that a driver without the CUDA
+    libraries fails here, in one line, rather than in the middle of a run.  Matmuls
+    run in TensorFloat-32 unless the user set CUPY_TF32=0."""
+    global cupy
+    os.environ.setdefault("CUPY_TF32", "1")
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+        import cupy as module
+    except ImportError:
+        return "CuPy is not installed (pip install 'cupy-cuda12x[ctk]', see README)"
+    try:
+        if module.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy finds no CUDA GPU"
+        cupy = module
+        ones = cupy.ones((4, 4), dtype=np.float32)
+        float((ones @ ones).sum())
+        cuda_module()
+    except Exception as exc:  # CuPy raises driver- and library-specific errors here
+        cupy = None
+        first_line = (str(exc).splitlines() or [""])[0][:160]
+        return f"CuPy cannot use the GPU ({exc.__class__.__name__}: {first_line})"
+    return None
 
 
 def select_backend(device):
-    """'cpu' -> numpy; 'gpu' -> cupy (error if it cannot run); 'auto' -> cupy when a GPU works."""
-    if device != "cpu":
-        problem = None
-        if cupy is None:
-            problem = "CuPy is not installed (pip install cupy-cuda12x)"
-        else:
-            try:
-                if cupy.cuda.runtime.getDeviceCount() < 1:
-                    problem = "CuPy finds no CUDA GPU"
-            except Exception as exc:  # CuPy raises driver-specific errors here
-                problem = f"CuPy cannot reach a GPU ({exc.__class__.__name__})"
-        if problem is None:
-            return cupy
-        if device == "gpu":
-            raise UserError(f"--device gpu: {problem}; run with --device cpu instead")
-    keep_freed_memory()
+    """'cpu' -> numpy; 'gpu' -> cupy (an error saying why if it cannot run);
+    'auto' -> cupy when a GPU works, else numpy."""
+    if device == "cpu":
+        return np
+    problem = gpu_problem()
+    if problem is None:
+        return cupy
+    if device == "gpu":
+        raise UserError(f"--device gpu: {problem}; run with --device cpu instead")
     return np
 
 
-def describe_backend(xp):
+def describe_backend(xp, workers=1):
     if xp is np:
-        return f"numpy {np.__version__} on the CPU ({os.cpu_count()} cores for BLAS)"
+        blas = os.environ.get("OPENBLAS_NUM_THREADS", "?")
+        return (f"numpy {np.__version__} on the CPU: {workers} worker thread{'s' * (workers > 1)} "
+                f"x {blas} BLAS thread (of {os.cpu_count()} cores)")
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-    return f"cupy {cupy.__version__} on {props['name'].decode()}"
+    return f"cupy {cupy.__version__} on {props['name'].decode()} (TF32 matmuls: CUPY_TF32={os.environ.get('CUPY_TF32')})"
 
 
 # ----------------------------------------------------------------------------
-# Configuration
+# Configuration: the model (Config) and the training run (TrainSettings).  Every
+# default lives here; the command line's help text is made from these.
 
 @dataclass
 class Config:
@@ -111,6 +125,8 @@ class Config:
     batch_size: int = 256  # B
     ablate: str = "none"  # a part of the block switched off in training, see ABLATIONS
 
+
+SIZES = {"small": dict(d_model=64, n_layers=8), "large": dict(d_model=128, n_layers=8)}
 
 # Ablations hold a slice of the parameters at zero (their gradient is dropped in
 # training), so the model code stays the same:  name -> (parameter, index).
@@ -123,14 +139,40 @@ ABLATIONS = {
 }
 
 
-SIZES = {"small": dict(d_model=64, n_layers=8), "large": dict(d_model=128, n_layers=8)}
+@dataclass
+class TrainSettings:
+    """How a run trains.  A checkpoint stores its run's settings and --resume goes on
+    with them.  Measured at the CPU budget (README, Recipe): lr 2e-2, beta2 0.95 and a
+    long warmup beat the reference recipe (lr 2e-2, beta2 0.999, 50 warmup steps)."""
+    lr: float = 2e-2  # peak learning rate
+    warmup: int = None  # warmup steps; None: a third of the run, at most WARMUP_CAP
+    final_lr_fraction: float = 0.1  # the cosine decay ends at this fraction of lr
+    clip: float = 1.0  # global gradient-norm clip
+    beta1: float = 0.9  # Adam's first-moment decay
+    beta2: float = 0.95  # Adam's second-moment decay
+    eps: float = 1e-8  # Adam's epsilon
+    seed: int = 0  # initialisation and data order
+    epochs: int = 1
+    max_steps: int = None  # None: whole epochs
+    mix_init: tuple = (0.0, 0.0, 1.0)  # initial mix of memory, running mean and delta in every block
+
+    def __post_init__(self):
+        self.mix_init = tuple(self.mix_init)  # a checkpoint's JSON gives a list
+
+
+WARMUP_CAP = 1000
+
+
+def default_warmup(total_steps):
+    """A third of the run, at most WARMUP_CAP steps (measured at 300 steps: README, Recipe)."""
+    return max(1, min(WARMUP_CAP, total_steps // 3))
 
 
 def block_shapes(d):
     """Name -> shape of one block's parameters (8 d^2 + 11 d + 3 numbers)."""
     return {
         "ln1.g": (d,), "ln1.b": (d,),
-        "w_in": (d, 3 * d), "b_in": (3 * d,),  # columns: v | b | q
+        "w_in": (d, 3 * d), "b_in": (3 * d,),  # columns: v | z | q (z: the write rate's pre-activation)
         "mix": (3,),
         "w_out": (d, d), "b_out": (d,),
         "ln2.g": (d,), "ln2.b": (d,),
@@ -159,7 +201,7 @@ def trainable_mask(cfg):
         kind, index = ABLATIONS[cfg.ablate]
         for i in range(cfg.n_layers):
             mask = masks[f"blocks.{i}.{kind}"]
-            if kind == "w_in":  # index picks the middle third of the columns: the b in [v, b, q]
+            if kind == "w_in":  # index picks the middle third of the columns: the z in [v, z, q]
                 mask = mask.reshape(cfg.d_model, 3, cfg.d_model)
             mask[index] = 0.0
     return masks
@@ -173,7 +215,9 @@ def trainable_mask(cfg):
 # On the CPU most of a step is elementwise passes over (T, B, d) arrays, so the
 # layers work in place where they can (`y *= ...`: one pass, no temporary array)
 # and sum over short rows with BLAS matrix-vector products, which on rows of 64
-# numbers are about ten times faster than NumPy's own row sums.
+# numbers are about ten times faster than NumPy's own row sums.  On the GPU a few
+# layers hand the work to one fused kernel (`on_gpu`, last section of the file);
+# the plain code here defines what each kernel computes.
 
 def row_mean(x, weights=None):
     """sum_j x_j w_j / n over the last axis (w = 1 by default): (..., n) -> (..., 1)."""
@@ -203,33 +247,34 @@ def embedding_backward(dh, x):
     return onehot.T @ dh.reshape(len(flat_x), -1)  # (V, d)
 
 
-def layernorm_forward(x, g=None, b=None):
-    """y = g * (x - mean) / sqrt(var + eps) + b over the last axis; no g, b: plain normalisation."""
-    if uses_kernels(x):
-        return layernorm_forward_fused(x, g, b)
+def layernorm_forward(x, gain=None, bias=None):
+    """y = gain * (x - mean) / sqrt(var + eps) + bias over the last axis; no gain, bias:
+    plain normalisation.  The cache: xhat (the normalised x), rstd = 1 / std, gain."""
+    if on_gpu(x):
+        return gpu_layernorm_forward(x, gain, bias)
     xp = array_module(x)
     xhat = x - row_mean(x)  # (..., d) centred
     rstd = 1.0 / xp.sqrt(row_mean(xhat * xhat) + LN_EPS)  # (..., 1)
     xhat *= rstd  # (..., d) normalised
-    if g is None:
+    if gain is None:
         return xhat, (xhat, rstd, None)
-    y = xhat * g  # (..., d)
-    y += b
-    return y, (xhat, rstd, g)
+    y = xhat * gain  # (..., d)
+    y += bias
+    return y, (xhat, rstd, gain)
 
 
 def layernorm_backward(dy, cache):
-    """With dxhat = dy * g:  dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
-    dg = sum dy * xhat, db = sum dy over all leading axes (None, None without g).
-    The two means are row means of dy and dy * xhat weighted by g."""
-    if uses_kernels(dy):
-        return layernorm_backward_fused(dy, cache)
-    xhat, rstd, g = cache
+    """With dxhat = dy * gain:  dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
+    dgain = sum dy * xhat, dbias = sum dy over all leading axes (None, None without a gain).
+    The two means are row means of dy and dy * xhat weighted by the gain."""
+    if on_gpu(dy):
+        return gpu_layernorm_backward(dy, cache)
+    xhat, rstd, gain = cache
     dy_xhat = dy * xhat  # (..., d)
-    dx = dy - row_mean(dy, g) if g is None else dy * g - row_mean(dy, g)  # (..., d)
-    dx -= xhat * row_mean(dy_xhat, g)
+    dx = dy - row_mean(dy) if gain is None else dy * gain - row_mean(dy, gain)  # (..., d)
+    dx -= xhat * row_mean(dy_xhat, gain)
     dx *= rstd
-    if g is None:
+    if gain is None:
         return dx, None, None
     return dx, column_sum(dy_xhat), column_sum(dy)
 
@@ -258,8 +303,8 @@ GELU_A = 0.044715
 
 def gelu_forward(x):
     """gelu(x) = 0.5 x (1 + t),  t = tanh(k (x + a x^3)),  k = sqrt(2/pi), a = 0.044715."""
-    if uses_kernels(x):
-        return gelu_forward_fused(x)
+    if on_gpu(x):
+        return gpu_gelu_forward(x)
     xp = array_module(x)
     t = x * x  # (..., n)
     t *= GELU_K * GELU_A
@@ -274,8 +319,8 @@ def gelu_forward(x):
 
 def gelu_backward(dy, cache):
     """d gelu/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 a x^2)."""
-    if uses_kernels(dy):
-        return gelu_backward_fused(dy, cache)
+    if on_gpu(dy):
+        return gpu_gelu_backward(dy, cache)
     x, t = cache
     slope = x * x  # (..., n)
     slope *= 3 * GELU_A * GELU_K
@@ -309,42 +354,41 @@ def sigmoid_backward(ds, s):
 
 
 def memory_scan_forward(v, beta, c_init):
-    """The delta-update memory, per channel:  c_t = c_{t-1} + beta_t (v_t - c_{t-1}).
-
+    """The delta-update memory, per channel, step by step:
+        e_t = v_t - c_{t-1}           the delta: what the memory did not expect
+        c_t = c_{t-1} + beta_t e_t    the memory moves towards v_t at rate beta_t
     v, beta: (T, B, d); c_init: (B, d), the memory before t = 0 (zeros in training,
-    the carried state in generation).  Returns c (T, B, d), the memory after each
-    step, e (T, B, d) with e_t = v_t - c_{t-1}, the delta, and the cache (beta, e).
-    Written as c_t = (1 - beta_t) c_{t-1} + beta_t v_t, only two operations per step
-    stay inside the Python loop over time."""
+    the carried state in generation).  Returns c and e, (T, B, d) each, and the
+    cache (beta, e).  (Measured: this form is faster on the CPU than the rewriting
+    c_t = (1 - beta_t) c_{t-1} + beta_t v_t with e computed afterwards.)"""
     xp = array_module(v)
-    keep = 1.0 - beta  # (T, B, d) how much of the old memory survives a step
-    c = beta * v  # (T, B, d) first the written part; the loop adds the kept part
-    previous = c_init  # (B, d)
-    for t in range(v.shape[0]):
-        c[t] += keep[t] * previous
-        previous = c[t]
-    e = xp.empty_like(c)  # (T, B, d)
-    xp.subtract(v[0], c_init, out=e[0])
-    xp.subtract(v[1:], c[:-1], out=e[1:])
+    c, e = xp.empty_like(v), xp.empty_like(v)  # (T, B, d) each
+    c_prev = c_init  # (B, d)
+    for t in range(len(v)):
+        xp.subtract(v[t], c_prev, out=e[t])
+        xp.multiply(beta[t], e[t], out=c[t])
+        c[t] += c_prev
+        c_prev = c[t]
     return c, e, (beta, e)
 
 
 def memory_scan_backward(dc, de, cache):
     """Reverse-time loop carrying the gradient that reaches c_t from later steps
-    (like min-char-rnn's dhnext).  With g_t the total dL/dc_t:
-        g_{t-1}   = dc_{t-1} + keep_t g_t - de_t   (dc_t/dc_{t-1} = keep_t = 1 - beta_t, de_t/dc_{t-1} = -1)
-        dL/dv_t    = beta_t g_t + de_t            (c_t = keep_t c_{t-1} + beta_t v_t;  e_t = v_t - c_{t-1})
-        dL/dbeta_t = g_t e_t                      (dc_t/dbeta_t = v_t - c_{t-1} = e_t)
+    (like min-char-rnn's dhnext).  With dc_total_t the whole dL/dc_t:
+        dc_total_{t-1} = dc_{t-1} + (1 - beta_t) dc_total_t - de_t   (dc_t/dc_{t-1} = 1 - beta_t, de_t/dc_{t-1} = -1)
+        dL/dv_t        = beta_t dc_total_t + de_t                   (dc_t/dv_t = beta_t, de_t/dv_t = 1)
+        dL/dbeta_t     = dc_total_t e_t                             (dc_t/dbeta_t = e_t)
     dc, de: (T, B, d).  Returns dv, dbeta (T, B, d)."""
     beta, e = cache
-    keep = 1.0 - beta  # (T, B, d)
-    g = dc.copy()  # (T, B, d) becomes the total gradient of each c_t
-    for t in range(dc.shape[0] - 1, 0, -1):
-        g[t - 1] += keep[t] * g[t] - de[t]
-    dbeta = g * e
-    g *= beta
-    g += de
-    return g, dbeta
+    keep = 1.0 - beta  # (T, B, d) how much of c_{t-1} survives in c_t
+    dc_total = dc.copy()  # (T, B, d)
+    for t in range(len(dc) - 1, 0, -1):
+        dc_total[t - 1] += keep[t] * dc_total[t] - de[t]
+    dbeta = dc_total * e
+    dv = dc_total
+    dv *= beta
+    dv += de
+    return dv, dbeta
 
 
 def cumulative_mean_forward(v, sum_init, count_init):
@@ -355,12 +399,12 @@ def cumulative_mean_forward(v, sum_init, count_init):
     (B, d), and the cache: the divisors (T, 1, 1).  The running sum is a loop over
     time, one addition per step: faster than np.cumsum along the first axis."""
     xp = array_module(v)
-    total = xp.empty(v.shape, dtype=v.dtype)  # (T, B, d) running sums
+    total = xp.empty_like(v)  # (T, B, d) running sums
     previous = sum_init
-    for t in range(v.shape[0]):
+    for t in range(len(v)):
         xp.add(previous, v[t], out=total[t])
         previous = total[t]
-    counts = (count_init + xp.arange(1, v.shape[0] + 1, dtype=v.dtype))[:, None, None]  # (T, 1, 1)
+    counts = (count_init + xp.arange(1, len(v) + 1, dtype=v.dtype))[:, None, None]  # (T, 1, 1)
     return total / counts, total[-1], counts
 
 
@@ -388,300 +432,82 @@ def mix_backward(dm, cache):
     return dmix, mix[0] * dm, mix[1] * dm, mix[2] * dm
 
 
-def cross_entropy_forward(logits, y):
-    """Mean of -log softmax(logits)[y] over N positions.  logits: (N, V), y: (N,).
-
-    Returns the loss (a 0-d array, nats per byte), and the cache (probs, y)."""
-    xp = array_module(logits)
-    probs = logits - logits.max(-1, keepdims=True)  # (N, V) max subtracted: exp cannot overflow
-    picked = probs[xp.arange(len(y)), y]  # (N,) the target's shifted logit
-    xp.exp(probs, out=probs)
-    sum_exp = probs.sum(-1)  # (N,)
-    probs /= sum_exp[:, None]
-    return (xp.log(sum_exp) - picked).mean(), (probs, y)
-
-
-def cross_entropy_backward(cache):
-    """The fused softmax + cross-entropy backward of the mean loss:
-        dlogits = (softmax - onehot(y)) / N
-    It reuses (overwrites) the cached probabilities."""
-    probs, y = cache
-    xp = array_module(probs)
-    dlogits = probs
-    dlogits[xp.arange(len(y)), y] -= 1.0
-    dlogits /= len(y)
-    return dlogits  # (N, V)
-
-
-def mixer_forward(vbq, mix, state):
+def mixer_forward(vzq, mix, state):
     """The mixer between its two linear layers, composed of the layers above:
-        beta = sigmoid(b);  c, e = memory scan of v at rates beta;  a = running mean of v
+        beta = sigmoid(z);  c, e = memory scan of v at rates beta;  a = running mean of v
         gated = sigmoid(q) * (mix[0] c + mix[1] a + mix[2] e)
-    vbq: (T, B, 3d) = [v | b | q]; state: (c, running sum, count) before t = 0.
+    vzq: (T, B, 3d) = [v | z | q]; state: (c, running sum, count) before t = 0.
     Returns gated (T, B, d), the cache, and the state after the last step."""
-    if uses_kernels(vbq):
-        return mixer_forward_fused(vbq, mix, state)
-    d = vbq.shape[-1] // 3
+    if on_gpu(vzq):
+        return gpu_mixer_forward(vzq, mix, state)
+    d = vzq.shape[-1] // 3
     c_init, sum_init, count_init = state
-    v, b, q = vbq[..., :d], vbq[..., d:2 * d], vbq[..., 2 * d:]  # (T, B, d) each
-    beta, beta_cache = sigmoid_forward(b)  # (T, B, d) write rate
+    v, z, q = vzq[..., :d], vzq[..., d:2 * d], vzq[..., 2 * d:]  # (T, B, d) each
+    beta, beta_cache = sigmoid_forward(z)  # (T, B, d) write rate
     c, e, scan_cache = memory_scan_forward(v, beta, c_init)  # (T, B, d) memory, delta
     a, sum_after, mean_cache = cumulative_mean_forward(v, sum_init, count_init)  # (T, B, d)
     m, mix_cache = mix_forward(mix, c, a, e)  # (T, B, d)
     gate, gate_cache = sigmoid_forward(q)  # (T, B, d)
     cache = (beta_cache, scan_cache, mean_cache, mix_cache, m, gate_cache)
-    return gate * m, cache, (c[-1], sum_after, count_init + len(vbq))
+    return gate * m, cache, (c[-1], sum_after, count_init + len(vzq))
 
 
 def mixer_backward(dgated, cache):
-    """dgated: (T, B, d) -> dvbq (T, B, 3d) = [dv | db | dq], dmix (3,)."""
-    if uses_kernels(dgated):
-        return mixer_backward_fused(dgated, cache)
+    """dgated: (T, B, d) -> dvzq (T, B, 3d) = [dv | dz | dq], dmix (3,)."""
+    if on_gpu(dgated):
+        return gpu_mixer_backward(dgated, cache)
     xp = array_module(dgated)
     beta_cache, scan_cache, mean_cache, mix_cache, m, gate_cache = cache
+    T, B, d = dgated.shape
+    dvzq = xp.empty((T, B, 3 * d), dtype=dgated.dtype)
+    dv, dz, dq = dvzq[..., :d], dvzq[..., d:2 * d], dvzq[..., 2 * d:]  # views: written in place
     # gated = gate * m, gate = sigmoid(q)
-    dq = sigmoid_backward(dgated * m, gate_cache)
+    dq[...] = sigmoid_backward(dgated * m, gate_cache)
     dm = dgated * gate_cache
     # m = mix[0] c + mix[1] a + mix[2] e
     dmix, dc, da, de = mix_backward(dm, mix_cache)
     # a = running mean of v;  c, e = delta-update memory of v at rates beta
-    dv = cumulative_mean_backward(da, mean_cache)
     dv_scan, dbeta = memory_scan_backward(dc, de, scan_cache)
+    dv[...] = cumulative_mean_backward(da, mean_cache)
     dv += dv_scan
-    db = sigmoid_backward(dbeta, beta_cache)  # beta = sigmoid(b)
-    return xp.concatenate([dv, db, dq], -1), dmix
+    dz[...] = sigmoid_backward(dbeta, beta_cache)  # beta = sigmoid(z)
+    return dvzq, dmix
 
 
-# ----------------------------------------------------------------------------
-# Fused GPU kernels.  On the GPU every array operation above is a kernel launch,
-# and the mixer's loop over time alone would be ~16,000 launches a step.  These
-# CUDA kernels compute what the plain functions compute, in one pass: for the
-# mixer one thread per (batch row, channel) walks the time axis; LayerNorm takes a
-# thread per row, GELU a thread per element.  test_mora.py checks each against
-# its plain twin: on the GPU when there is one, and everywhere by compiling this
-# same source as C++ on the CPU.  Used for float32 CuPy arrays when USE_KERNELS.
-
-USE_KERNELS = True
-
-CUDA_SOURCE = r"""
-__device__ float sigmoid(float x) { return 0.5f * tanhf(0.5f * x) + 0.5f; }
-
-// mixer_forward: thread i = b * d + j (batch row b, channel j) walks t = 0 .. T-1.
-// vbq: (T, B, 3d) rows [v | b | q].  Writes gated, c, a: (T, B, d); the state after: (B, d).
-extern "C" __global__ void mixer_forward(
-        const float* vbq, const float* mix, const float* c_init, const float* sum_init,
-        float count_init, int T, int B, int d,
-        float* gated, float* c, float* a, float* c_last, float* sum_last) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= B * d) return;
-    int b = i / d, j = i % d;
-    float mix_c = mix[0], mix_a = mix[1], mix_e = mix[2];
-    float memory = c_init[i], total = sum_init[i];
-    for (int t = 0; t < T; t++) {
-        const float* row = vbq + ((long)t * B + b) * 3 * d;
-        float v = row[j], beta = sigmoid(row[d + j]), gate = sigmoid(row[2 * d + j]);
-        float delta = v - memory;                  // e_t = v_t - c_{t-1}
-        memory += beta * delta;                    // c_t = c_{t-1} + beta_t e_t
-        total += v;
-        float mean = total / (count_init + t + 1);  // a_t
-        long o = (long)t * B * d + i;
-        c[o] = memory;
-        a[o] = mean;
-        gated[o] = gate * (mix_c * memory + mix_a * mean + mix_e * delta);
-    }
-    c_last[i] = memory;
-    sum_last[i] = total;
-}
-
-// mixer_backward: the same threads walk t = T-1 .. 0, carrying dL/dc from later
-// steps (carry) and the reversed running sum of da / (t + 1) (mean_carry).
-// Writes dvbq: (T, B, 3d) and each thread's share of dmix: (3, B * d).
-extern "C" __global__ void mixer_backward(
-        const float* dgated, const float* vbq, const float* mix, const float* c_init,
-        const float* c, const float* a, float count_init, int T, int B, int d,
-        float* dvbq, float* dmix_parts) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= B * d) return;
-    int b = i / d, j = i % d;
-    float mix_c = mix[0], mix_a = mix[1], mix_e = mix[2];
-    float carry = 0.0f, mean_carry = 0.0f, dmix_c = 0.0f, dmix_a = 0.0f, dmix_e = 0.0f;
-    for (int t = T - 1; t >= 0; t--) {
-        const float* row = vbq + ((long)t * B + b) * 3 * d;
-        float v = row[j], beta = sigmoid(row[d + j]), gate = sigmoid(row[2 * d + j]);
-        long o = (long)t * B * d + i;
-        float memory = c[o], mean = a[o];
-        float delta = v - (t > 0 ? c[o - (long)B * d] : c_init[i]);
-        float m = mix_c * memory + mix_a * mean + mix_e * delta;
-        float dm = dgated[o] * gate;
-        float dq = dgated[o] * m * gate * (1.0f - gate);
-        dmix_c += dm * memory;
-        dmix_a += dm * mean;
-        dmix_e += dm * delta;
-        float g = mix_c * dm + carry;              // total dL/dc_t
-        float de = mix_e * dm;
-        mean_carry += mix_a * dm / (count_init + t + 1);
-        float dbeta = g * delta;
-        carry = (1.0f - beta) * g - de;            // to c_{t-1}
-        float* out = dvbq + ((long)t * B + b) * 3 * d;
-        out[j] = beta * g + de + mean_carry;
-        out[d + j] = dbeta * beta * (1.0f - beta);
-        out[2 * d + j] = dq;
-    }
-    dmix_parts[i] = dmix_c;
-    dmix_parts[B * d + i] = dmix_a;
-    dmix_parts[2 * B * d + i] = dmix_e;
-}
-
-// layernorm_forward: one thread per row of d numbers (eps = LN_EPS = 1e-5).
-extern "C" __global__ void layernorm_forward(const float* x, const float* g, const float* b, long rows, int d,
-                                             float* y, float* xhat, float* rstd) {
-    long r = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= rows) return;
-    const float* row = x + r * d;
-    float mean = 0.0f, var = 0.0f;
-    for (int j = 0; j < d; j++) mean += row[j];
-    mean /= d;
-    for (int j = 0; j < d; j++) var += (row[j] - mean) * (row[j] - mean);
-    float s = 1.0f / sqrtf(var / d + 1e-5f);
-    rstd[r] = s;
-    for (int j = 0; j < d; j++) {
-        float n = (row[j] - mean) * s;
-        xhat[r * d + j] = n;
-        y[r * d + j] = n * g[j] + b[j];
-    }
-}
-
-// layernorm_backward: dx = rstd (dy g - mean(dy g) - xhat mean(dy g xhat)), and dy * xhat
-// (summed over rows afterwards for dg).  One thread per row.
-extern "C" __global__ void layernorm_backward(const float* dy, const float* xhat, const float* rstd, const float* g,
-                                              long rows, int d, float* dx, float* dy_xhat) {
-    long r = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= rows) return;
-    long o = r * d;
-    float mean_dn = 0.0f, mean_dn_xhat = 0.0f;
-    for (int j = 0; j < d; j++) {
-        mean_dn += dy[o + j] * g[j];
-        mean_dn_xhat += dy[o + j] * g[j] * xhat[o + j];
-    }
-    mean_dn /= d;
-    mean_dn_xhat /= d;
-    for (int j = 0; j < d; j++) {
-        dx[o + j] = rstd[r] * (dy[o + j] * g[j] - mean_dn - xhat[o + j] * mean_dn_xhat);
-        dy_xhat[o + j] = dy[o + j] * xhat[o + j];
-    }
-}
-
-// gelu (tanh form), one thread per element; t is kept for the backward.
-extern "C" __global__ void gelu_forward(const float* x, long n, float* y, float* t) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float xi = x[i];
-    float ti = tanhf(0.7978845608f * (xi + 0.044715f * xi * xi * xi));
-    t[i] = ti;
-    y[i] = 0.5f * xi * (1.0f + ti);
-}
-
-extern "C" __global__ void gelu_backward(const float* dy, const float* x, const float* t, long n, float* dx) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float xi = x[i], ti = t[i];
-    float slope = 0.5f * (1.0f + ti)
-                + 0.5f * xi * (1.0f - ti * ti) * 0.7978845608f * (1.0f + 3.0f * 0.044715f * xi * xi);
-    dx[i] = dy[i] * slope;
-}
-"""
+def cross_entropy_forward(logits, y):
+    """Per position, -log softmax(logits)[y] in nats.  logits: (N, V), y: (N,) -> (N,).
+    Also returns whether y was the most likely byte (N,) (ties count as right), and
+    the cache for the backward: (probs, y)."""
+    xp = array_module(logits)
+    probs = logits - logits.max(-1, keepdims=True)  # (N, V) max subtracted: exp cannot overflow
+    picked = probs[xp.arange(len(y)), y]  # (N,) the target's logit minus the max: 0 when it is the max
+    xp.exp(probs, out=probs)
+    sum_exp = probs.sum(-1)  # (N,)
+    probs /= sum_exp[:, None]
+    return xp.log(sum_exp) - picked, picked == 0, (probs, y)
 
 
-def uses_kernels(a):
-    return USE_KERNELS and cupy is not None and isinstance(a, cupy.ndarray) and a.dtype == np.float32
-
-
-@functools.lru_cache(maxsize=None)
-def cuda_module():
-    """CUDA_SOURCE compiled by NVRTC (through CuPy) on first use."""
-    return cupy.RawModule(code=CUDA_SOURCE)
-
-
-@functools.lru_cache(maxsize=None)
-def cuda_kernel(name):
-    return cuda_module().get_function(name)
-
-
-def launch(name, n_threads, args, block=256):
-    cuda_kernel(name)(((n_threads + block - 1) // block,), (block,), args)
-
-
-def mixer_forward_fused(vbq, mix, state):
-    T, B, d = vbq.shape[0], vbq.shape[1], vbq.shape[2] // 3
-    vbq = cupy.ascontiguousarray(vbq)
-    c_init, sum_init = (cupy.ascontiguousarray(s) for s in state[:2])
-    count_init = state[2]
-    gated, c, a = (cupy.empty((T, B, d), dtype=np.float32) for _ in range(3))
-    c_last, sum_last = cupy.empty((B, d), np.float32), cupy.empty((B, d), np.float32)
-    launch("mixer_forward", B * d, (vbq, mix, c_init, sum_init, np.float32(count_init), np.int32(T),
-                                    np.int32(B), np.int32(d), gated, c, a, c_last, sum_last))
-    return gated, (vbq, mix, c_init, c, a, count_init), (c_last, sum_last, count_init + T)
-
-
-def mixer_backward_fused(dgated, cache):
-    vbq, mix, c_init, c, a, count_init = cache
-    T, B, d = c.shape
-    dvbq = cupy.empty_like(vbq)
-    dmix_parts = cupy.empty((3, B * d), dtype=np.float32)
-    launch("mixer_backward", B * d, (cupy.ascontiguousarray(dgated), vbq, mix, c_init, c, a, np.float32(count_init),
-                                     np.int32(T), np.int32(B), np.int32(d), dvbq, dmix_parts))
-    return dvbq, dmix_parts.sum(1)
-
-
-def layernorm_forward_fused(x, g, b):
-    x = cupy.ascontiguousarray(x)
-    d = x.shape[-1]
-    rows = x.size // d
-    gains = g if g is not None else cupy.ones(d, np.float32)
-    biases = b if b is not None else cupy.zeros(d, np.float32)
-    y, xhat = cupy.empty_like(x), cupy.empty_like(x)
-    rstd = cupy.empty((*x.shape[:-1], 1), np.float32)
-    launch("layernorm_forward", rows, (x, gains, biases, np.int64(rows), np.int32(d), y, xhat, rstd))
-    return (xhat if g is None else y), (xhat, rstd, g)
-
-
-def layernorm_backward_fused(dy, cache):
-    xhat, rstd, g = cache
-    d = xhat.shape[-1]
-    rows = xhat.size // d
-    gains = g if g is not None else cupy.ones(d, np.float32)
-    dx, dy_xhat = cupy.empty_like(xhat), cupy.empty_like(xhat)
-    dy = cupy.ascontiguousarray(dy)
-    launch("layernorm_backward", rows, (dy, xhat, rstd, gains, np.int64(rows), np.int32(d), dx, dy_xhat))
-    if g is None:
-        return dx, None, None
-    return dx, column_sum(dy_xhat), column_sum(dy)
-
-
-def gelu_forward_fused(x):
-    x = cupy.ascontiguousarray(x)
-    y, t = cupy.empty_like(x), cupy.empty_like(x)
-    launch("gelu_forward", x.size, (x, np.int64(x.size), y, t))
-    return y, (x, t)
-
-
-def gelu_backward_fused(dy, cache):
-    x, t = cache
-    dx = cupy.empty_like(x)
-    launch("gelu_backward", x.size, (cupy.ascontiguousarray(dy), x, t, np.int64(x.size), dx))
-    return dx
+def cross_entropy_backward(dlosses, cache):
+    """The fused softmax + cross-entropy backward:  dlogits = dlosses * (softmax - onehot(y)).
+    For the mean loss over N positions dlosses = 1 / N.  dlosses: scalar or (N,)."""
+    probs, y = cache
+    xp = array_module(probs)
+    dlogits = probs.copy()  # (N, V)
+    dlogits[xp.arange(len(y)), y] -= 1.0
+    dlogits *= dlosses if np.ndim(dlosses) == 0 else dlosses[:, None]
+    return dlogits
 
 
 # ----------------------------------------------------------------------------
 # The model
 
-def init_params(cfg, seed=0, dtype=np.float32, xp=np, mix=(0.0, 0.0, 1.0)):
+def init_params(cfg, seed=0, dtype=np.float32, xp=np, mix=TrainSettings.mix_init):
     """Weights N(0, 1/fan_in); w_out and w_down scaled by a further 1/sqrt(2L) so the
     residual stream grows slowly with depth; embedding N(0, 1/d); biases 0, LayerNorm
-    gains 1; the write-rate bias (middle third of b_in) spread from -4 to 2 so the
-    channels' rates sigmoid(b) cover time scales from ~1.1 to ~55 bytes; mix = (0, 0, 1):
-    each block starts by reading out only the delta.  Drawn with NumPy, so a seed gives
-    the same weights on either backend."""
+    gains 1; the write-rate pre-activation bias (middle third of b_in) spread from -4
+    to 2 so the channels' rates sigmoid(z) cover time scales from ~1.1 to ~55 bytes;
+    mix = (0, 0, 1): each block starts by reading out only the delta.  Drawn with
+    NumPy, so a seed gives the same weights on either backend."""
     rng = np.random.default_rng(seed)
     d, L = cfg.d_model, cfg.n_layers
     params = {}
@@ -706,19 +532,21 @@ def init_params(cfg, seed=0, dtype=np.float32, xp=np, mix=(0.0, 0.0, 1.0)):
     return params
 
 
-def config_of(params):
-    """Width and depth read off the parameters themselves."""
+def width_and_depth(params):
+    """(d, L) read off the parameters themselves."""
     return params["embed"].shape[1], sum(1 for k in params if k.endswith(".mix"))
 
 
 def block_params(params, i):
-    return {name: params[f"blocks.{i}.{name}"] for name in block_shapes(1)}
+    """Block i's parameters under their short names ("w_in", "ln1.g", ...)."""
+    prefix = f"blocks.{i}."
+    return {k[len(prefix):]: p for k, p in params.items() if k.startswith(prefix)}
 
 
 def initial_state(params, batch):
     """Per block: memory c (B, d), running sum (B, d), bytes seen (int); all zero."""
     xp = array_module(params["embed"])
-    d, L = config_of(params)
+    d, L = width_and_depth(params)
     zeros = lambda: xp.zeros((batch, d), dtype=params["embed"].dtype)  # noqa: E731
     return [(zeros(), zeros(), 0) for _ in range(L)]
 
@@ -728,8 +556,8 @@ def block_forward(p, h, state):
     state: (c, running sum, count) before t = 0.  Returns h, cache, the state after."""
     # --- mixer: cumulative memory with delta updates ---
     u, ln1_cache = layernorm_forward(h, p["ln1.g"], p["ln1.b"])  # (T, B, d)
-    vbq, in_cache = linear_forward(u, p["w_in"], p["b_in"])  # (T, B, 3d)
-    gated, mixer_cache, state = mixer_forward(vbq, p["mix"], state)  # (T, B, d)
+    vzq, in_cache = linear_forward(u, p["w_in"], p["b_in"])  # (T, B, 3d)
+    gated, mixer_cache, state = mixer_forward(vzq, p["mix"], state)  # (T, B, d)
     mixed, out_cache = linear_forward(gated, p["w_out"], p["b_out"])  # (T, B, d)
     h = h + mixed
     # --- channel MLP ---
@@ -756,46 +584,49 @@ def block_backward(dh, cache):
     # h = h + gated @ w_out + b_out
     dgated, grads["w_out"], grads["b_out"] = linear_backward(dh, out_cache)
     # gated = sigmoid(q) * (mix[0] c + mix[1] a + mix[2] e)
-    dvbq, grads["mix"] = mixer_backward(dgated, mixer_cache)
-    # [v, b, q] = u @ w_in + b_in
-    du, grads["w_in"], grads["b_in"] = linear_backward(dvbq, in_cache)
+    dvzq, grads["mix"] = mixer_backward(dgated, mixer_cache)
+    # [v, z, q] = u @ w_in + b_in
+    du, grads["w_in"], grads["b_in"] = linear_backward(dvzq, in_cache)
     # u = LayerNorm(h)
     dh_norm, grads["ln1.g"], grads["ln1.b"] = layernorm_backward(du, ln1_cache)
     return dh + dh_norm, grads
 
 
-def model_forward(params, x, state):
+def model_forward(params, x, state, keep_cache=True):
     """x: (T, B) bytes, time-major; state: per block, from `initial_state` or an
-    earlier call.  Returns logits (T, B, V), the cache for `backward`, the new state.
-    Running it on a text in pieces, carrying the state, gives the same logits as on
-    the whole text at once: this is how sampling steps one byte at a time."""
+    earlier call.  Returns logits (T, B, V), the cache for `backward` (None when
+    keep_cache is False: evaluation and sampling free each block's cache at once),
+    and the new state.  Running it on a text in pieces, carrying the state, gives
+    the same logits as on the whole text at once: this is how sampling steps one
+    byte at a time."""
     E = params["embed"]
-    d, L = config_of(params)
+    d, L = width_and_depth(params)
     h, _ = embedding_forward(E, x)  # (T, B, d)
     block_caches, new_state = [], []
     for i in range(L):
         h, cache, block_state = block_forward(block_params(params, i), h, state[i])
-        block_caches.append(cache)
+        block_caches.append(cache if keep_cache else None)
         new_state.append(block_state)
     n, final_cache = layernorm_forward(h)  # (T, B, d) the final norm has no parameters
     logits = (n.reshape(-1, d) @ E.T).reshape(*x.shape, V)  # (T, B, V) output layer tied to the embedding
-    return logits, (x, block_caches, final_cache, n), new_state
+    cache = (x, block_caches, final_cache, n) if keep_cache else None
+    return logits, cache, new_state
 
 
 def forward(params, x):
     """x: (B, T) bytes -> logits (B, T, V)."""
-    logits, _, _ = model_forward(params, x.T, initial_state(params, x.shape[0]))
+    logits, _, _ = model_forward(params, x.T, initial_state(params, x.shape[0]), keep_cache=False)
     return logits.transpose(1, 0, 2)
 
 
-def forward_loss(params, x, y):
-    """Mean cross-entropy (nats per byte) and accuracy of predicting y (B, T) from
-    x (B, T), as 0-d arrays (no host sync), and the cache for `backward`."""
-    logits, cache, _ = model_forward(params, x.T, initial_state(params, x.shape[0]))
-    targets = y.T  # (T, B)
-    loss, ce_cache = cross_entropy_forward(logits.reshape(-1, V), targets.reshape(-1))
-    accuracy = (logits.argmax(-1) == targets).mean()
-    return loss, accuracy, (cache, ce_cache)
+def forward_loss(params, x, y, keep_cache=True):
+    """Cross-entropy in nats (T, B) and whether each prediction was right (T, B) for
+    predicting y (B, T) from x (B, T), on the device (no host sync), and the cache for
+    `backward` (None without keep_cache)."""
+    logits, cache, _ = model_forward(params, x.T, initial_state(params, x.shape[0]), keep_cache)
+    T, B = y.T.shape
+    losses, correct, ce_cache = cross_entropy_forward(logits.reshape(-1, V), y.T.reshape(-1))
+    return losses.reshape(T, B), correct.reshape(T, B), (cache, ce_cache) if keep_cache else None
 
 
 def backward(params, cache):
@@ -804,8 +635,8 @@ def backward(params, cache):
     E = params["embed"]
     T, B, d = n.shape
     grads = {}
-    # loss = mean cross-entropy(logits, y): dlogits = (softmax - onehot) / (B*T)
-    dlogits = cross_entropy_backward(ce_cache)  # (N, V)
+    # loss = mean over the N = T * B positions of cross-entropy(logits, y)
+    dlogits = cross_entropy_backward(1.0 / (T * B), ce_cache)  # (N, V) = (softmax - onehot) / N
     # logits = n @ E^T
     dn = (dlogits @ E).reshape(T, B, d)
     dE = dlogits.T @ n.reshape(T * B, d)  # (V, d)
@@ -813,8 +644,8 @@ def backward(params, cache):
     dh, _, _ = layernorm_backward(dn, final_cache)
     for i in reversed(range(len(block_caches))):
         dh, block_grads = block_backward(dh, block_caches[i])
-        for name, g in block_grads.items():
-            grads[f"blocks.{i}.{name}"] = g
+        for name, grad in block_grads.items():
+            grads[f"blocks.{i}.{name}"] = grad
     # h = E[x]: the tied embedding collects its second gradient
     dE += embedding_backward(dh, x)
     grads["embed"] = dE
@@ -822,9 +653,9 @@ def backward(params, cache):
 
 
 def loss_and_grads(params, x, y):
-    """(loss in nats per byte as a float, grads keyed like params) for x, y: (B, T)."""
-    loss, _, cache = forward_loss(params, x, y)
-    return float(loss), backward(params, cache)
+    """(mean loss in nats per byte as a float, grads keyed like params) for x, y: (B, T)."""
+    losses, _, cache = forward_loss(params, x, y)
+    return float(losses.mean()), backward(params, cache)
 
 
 # ----------------------------------------------------------------------------
@@ -860,7 +691,8 @@ def clip_by_global_norm(grad, max_norm):
     return norm
 
 
-def adam_update(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8):
+def adam_update(param, grad, m, v, step, lr, beta1=TrainSettings.beta1, beta2=TrainSettings.beta2,
+                eps=TrainSettings.eps):
     """One Adam step, in place.  step counts from 1.
         m = beta1 m + (1 - beta1) g;   v = beta2 v + (1 - beta2) g^2
         param -= lr * (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps)"""
@@ -872,14 +704,6 @@ def adam_update(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8):
     m_hat = m / (1.0 - beta1 ** step)
     v_hat = v / (1.0 - beta2 ** step)
     param -= lr * m_hat / (xp.sqrt(v_hat) + eps)
-
-
-WARMUP_CAP = 1000
-
-
-def default_warmup(total_steps):
-    """A third of the run, at most WARMUP_CAP steps (measured at 300 steps: README, Recipe)."""
-    return max(1, min(WARMUP_CAP, total_steps // 3))
 
 
 def learning_rate(step, total_steps, peak, warmup, final_fraction):
@@ -917,26 +741,6 @@ def make_batch(records, rows, xp):
     """Records (B, T+1) -> inputs x and targets y, (B, T) int32 arrays on xp."""
     batch = xp.asarray(records[np.sort(rows)].astype(np.int32))  # sorted: memmap reads go forward
     return batch[:, :-1], batch[:, 1:]
-
-
-def evaluate(params, records, batch_size, progress=False):
-    """Loss, accuracy and bits/byte over every record, in order, in batches of
-    batch_size (the last one may be smaller).  Note: this builds the backward's
-    cache too (forward_loss serves training); evaluation does not need it."""
-    xp = array_module(params["embed"])
-    total_loss = total_correct = 0.0
-    n = len(records)
-    starts = range(0, n, batch_size)
-    if progress:
-        from tqdm import tqdm
-        starts = tqdm(starts, desc="eval", unit="batch", leave=False)
-    for start in starts:
-        x, y = make_batch(records, np.arange(start, min(n, start + batch_size)), xp)
-        loss, accuracy, _ = forward_loss(params, x, y)
-        total_loss += float(loss) * len(x)
-        total_correct += float(accuracy) * len(x)
-    loss = total_loss / n
-    return {"loss": loss, "accuracy": total_correct / n, "bpb": loss / math.log(2)}
 
 
 # ----------------------------------------------------------------------------
@@ -1003,29 +807,161 @@ def generate(params, prompt, length, temperature, top_k, seed):
     state = initial_state(params, 1)
     x = xp.asarray(np.frombuffer(prompt, dtype=np.uint8).astype(np.int32))[:, None]  # (T, 1)
     for _ in range(length):
-        logits, _, state = model_forward(params, x, state)  # (T, 1, V)
+        logits, _, state = model_forward(params, x, state, keep_cache=False)  # (T, 1, V)
         byte = pick_byte(to_numpy(logits[-1, 0]), temperature, top_k, rng)
         yield byte
         x = xp.asarray([[byte]], dtype=np.int32)  # (1, 1): only the new byte goes in
 
 
 # ----------------------------------------------------------------------------
-# Training, evaluation and benchmark
+# Training step, evaluation and benchmark
 
-def train_step(params, flat_params, names, adam_m, adam_v, x, y, step, lr, clip, trainable=None, beta2=0.95):
-    """Forward, backward, clip, Adam (step counts from 0).  trainable: a flat 0/1
-    mask of the parameters that learn (None: all).  Returns loss, accuracy and the
-    gradient norm before clipping as 0-d arrays: no host sync here."""
-    loss, accuracy, cache = forward_loss(params, x, y)
-    grad = flatten(backward(params, cache), names)
+def row_slices(n, workers):
+    """The rows 0..n-1 cut into one contiguous slice per worker thread (at most n)."""
+    edges = np.linspace(0, n, min(n, workers.slices) + 1).astype(int)
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def batch_gradient(params, x, y, workers=None):
+    """Mean loss, accuracy (0-d arrays) and the flat gradient of the mean loss over
+    the batch x, y: (B, T).  With a thread pool (the CPU), the batch is cut into
+    slices of rows, each slice's forward and backward runs in a worker thread (NumPy
+    and BLAS release the GIL), and the slices' results are summed weighted by their
+    share of the batch, which is the whole batch's mean to float rounding."""
+    names = list(params)
+    if workers is None:
+        losses, correct, cache = forward_loss(params, x, y)
+        return losses.mean(), correct.mean(), flatten(backward(params, cache), names)
+
+    def slice_gradient(rows):
+        losses, correct, cache = forward_loss(params, x[rows], y[rows])
+        share = (rows.stop - rows.start) / len(x)
+        grad = flatten(backward(params, cache), names)
+        grad *= share
+        return float(losses.mean()) * share, float(correct.mean()) * share, grad
+
+    parts = list(workers.map(slice_gradient, row_slices(len(x), workers)))
+    grad = parts[0][2]
+    for _, _, more in parts[1:]:
+        grad += more
+    return np.float64(sum(p[0] for p in parts)), np.float64(sum(p[1] for p in parts)), grad
+
+
+def train_step(params, flat, adam_m, adam_v, x, y, step, lr, settings=TrainSettings(), trainable=None, workers=None):
+    """Forward, backward, clip, Adam (step counts from 0).  flat: the vector that
+    `params` are views of; trainable: a flat 0/1 mask of the parameters that learn
+    (None: all); workers: a thread pool for the CPU (see `make_workers`).  Returns
+    loss, accuracy and the gradient norm before clipping as 0-d arrays: on the GPU
+    there is no host sync here."""
+    loss, accuracy, grad = batch_gradient(params, x, y, workers)
     if trainable is not None:
         grad *= trainable
-    grad_norm = clip_by_global_norm(grad, clip)
-    adam_update(flat_params, grad, adam_m, adam_v, step + 1, lr, beta2=beta2)
+    grad_norm = clip_by_global_norm(grad, settings.clip)
+    adam_update(flat, grad, adam_m, adam_v, step + 1, lr, settings.beta1, settings.beta2, settings.eps)
     return loss, accuracy, grad_norm
 
 
-def print_summary(cfg, xp):
+def make_workers(xp, threads):
+    """A thread pool for the CPU path (None on the GPU), by default a thread per core.
+    Its `slices` is how many slices a batch is cut into: one per thread (measured
+    against two and four per thread: README, Speed)."""
+    if xp is not np:
+        return None
+    if not threads:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    pool = ThreadPoolExecutor(max_workers=threads)
+    pool.threads, pool.slices = threads, threads
+    return pool
+
+
+def evaluate(params, records, batch_size, workers=None, progress=False):
+    """Loss, accuracy and bits/byte over every record, in order, in batches of
+    batch_size (the last one may be smaller); the recurrent state starts at zero in
+    every record (the published protocol).  Forward only: no backward cache.  With a
+    thread pool each batch's rows are shared out as in `batch_gradient`."""
+    xp = array_module(params["embed"])
+    n = len(records)
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc="eval", unit="batch", leave=False)
+
+    def sums(x, y):  # summed loss and right predictions over the rows of x, y
+        losses, correct, _ = forward_loss(params, x, y, keep_cache=False)
+        return float(losses.sum()), float(correct.sum())
+
+    total_loss = total_correct = 0.0
+    for start in starts:
+        x, y = make_batch(records, np.arange(start, min(n, start + batch_size)), xp)
+        parts = [sums(x, y)] if workers is None else workers.map(lambda rows: sums(x[rows], y[rows]), row_slices(len(x), workers))
+        for loss, correct in parts:
+            total_loss, total_correct = total_loss + loss, total_correct + correct
+    positions = n * (records.shape[1] - 1)
+    loss = total_loss / positions
+    return {"loss": loss, "accuracy": total_correct / positions, "bpb": loss / math.log(2)}
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory instead of returning it to the OS.  A training
+    step allocates and frees hundreds of MB of activations; by default glibc gives
+    large blocks back (munmap) and the next step page-faults them in again, which
+    costs about a quarter of a CPU step here.  No effect outside glibc (Linux)."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+
+
+def step_traffic_bytes(cfg):
+    """A floor on a training step's memory traffic in bytes: per position and block,
+    the 16 d floats the backward needs are written once, read once, and so are their
+    gradients (4 passes); the (N, V) logits take 6 passes.  Parameters are left out."""
+    positions = cfg.batch_size * cfg.seq_len
+    return 4 * positions * (cfg.n_layers * 16 * cfg.d_model * 4 + 6 * V)
+
+
+def bench(args):
+    """Time training steps (batch, forward, backward, clip, Adam) on random bytes."""
+    xp = select_backend(args.device)
+    cfg = model_config(args)
+    workers = make_workers(xp, args.threads)
+    if xp is np:
+        keep_freed_memory()
+    print_summary(cfg, xp, workers)
+    flat, params = flat_parameters(init_params(cfg, 0), xp)
+    adam_m, adam_v = xp.zeros_like(flat), xp.zeros_like(flat)
+    records = np.random.default_rng(0).integers(0, V, (cfg.batch_size, cfg.seq_len + 1), dtype=np.uint8)
+    rows = np.arange(cfg.batch_size)
+    seconds = []
+    for step in range(args.steps + 1):  # step 0 warms up (CuPy compiles its kernels there)
+        started = time.perf_counter()
+        x, y = make_batch(records, rows, xp)
+        loss, _, _ = train_step(params, flat, adam_m, adam_v, x, y, step, 1e-3, workers=workers)
+        float(loss)  # waits for the device
+        seconds.append(time.perf_counter() - started)
+    timed = np.array(seconds[1:])
+    ms = 1000 * float(np.median(timed))
+    print(f"{args.steps} steps of {cfg.batch_size} x {cfg.seq_len}: median {ms:.1f} ms/step "
+          f"(min {1000 * timed.min():.1f}, mean {1000 * timed.mean():.1f}), "
+          f"{cfg.batch_size * cfg.seq_len / (ms / 1000):,.0f} bytes/s")
+    traffic = step_traffic_bytes(cfg)
+    print(f"memory traffic: at least {traffic / 1e9:.2f} GB a step (step_traffic_bytes): "
+          f"{traffic / (ms / 1000) / 1e9:,.1f} GB/s achieved")
+    if xp is np:
+        import resource
+        print(f"peak memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+    else:
+        print(f"GPU memory held by CuPy's pool: {cupy.get_default_memory_pool().total_bytes() / 2**20:,.0f} MiB")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# Training: start or resume a run, then the loop; the log and the progress line.
+
+def print_summary(cfg, xp, workers=None):
     d = cfg.d_model
     block = sum(math.prod(s) for s in block_shapes(d).values())
     rows = [("embed (tied with the output layer)", f"({V}, {d})", V * d)]
@@ -1033,7 +969,7 @@ def print_summary(cfg, xp):
     rows += [(f"blocks.{i}  (as blocks.0)", "", block) for i in range(1, cfg.n_layers)]
     rows += [("final LayerNorm (no parameters)", "", 0)]
     print(f"MORA  d_model={d}  n_layers={cfg.n_layers}  seq_len={cfg.seq_len}  batch_size={cfg.batch_size}")
-    print(f"backend: {describe_backend(xp)}")
+    print(f"backend: {describe_backend(xp, workers.threads if workers else 1)}")
     print(f"{'parameter':<38}{'shape':>12}{'count':>12}")
     for name, shape, count in rows:
         print(f"{name:<38}{shape:>12}{count:>12,}")
@@ -1058,107 +994,144 @@ def open_log(path, step):
     return f, writer
 
 
-TRAIN_SETTINGS = dict(lr=2e-2, warmup=None, final_lr_fraction=0.1, clip=1.0, seed=0,
-                      max_steps=None, epochs=1, mix_init=[0.0, 0.0, 1.0], beta2=0.95)
+@dataclass
+class Run:
+    """What a training run is: its model, settings and data, and where it stands."""
+    cfg: Config
+    settings: TrainSettings
+    params_np: dict  # NumPy float32 parameters to start from
+    adam_state: dict  # {"adam.m", "adam.v"} from a checkpoint, or {}
+    step: int
+    train_records: np.ndarray
+    val_records: np.ndarray
 
 
-def train(args):
-    from tqdm import tqdm
-    xp = select_backend(args.device)
-    chosen = {k: getattr(args, k) for k in TRAIN_SETTINGS if getattr(args, k) is not None}
+def start_or_resume(args):
+    """A new run from the flags, or the run in --ckpt with its own settings (--resume)."""
+    chosen = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None}
     if args.resume:
         cfg, params_np, meta, adam_state = load_checkpoint(args.ckpt)
         asked = model_config(args, base=cfg)
         if asked != cfg:
             raise UserError(f"--resume: {args.ckpt} is a {asdict(cfg)} model, the flags ask for {asdict(asked)}: drop the size flags or use another --ckpt")
-        settings, step = meta["train"], meta["step"]
-        changed = {k: v for k, v in chosen.items() if settings.get(k) != v}
+        settings, step = TrainSettings(**meta["train"]), meta["step"]
+        changed = {k: v for k, v in chosen.items() if getattr(settings, k) != (tuple(v) if k == "mix_init" else v)}
         if changed:
-            raise UserError(f"--resume continues the run with its own settings {settings}; these flags differ: {changed}")
+            raise UserError(f"--resume continues the run with its own settings {asdict(settings)}; these flags differ: {changed}")
         if not adam_state:
             raise UserError(f"{args.ckpt} holds weights only (no optimizer state): it cannot be resumed")
     else:
         if os.path.exists(args.ckpt) and not args.overwrite:
             raise UserError(f"{args.ckpt} exists: pass --resume to continue it, --overwrite to start over, or another --ckpt")
-        cfg = model_config(args)
-        settings = dict(TRAIN_SETTINGS, **chosen)
-        params_np, adam_state, step = init_params(cfg, settings["seed"], mix=settings["mix_init"]), {}, 0
-
+        cfg, settings, step, meta = model_config(args), TrainSettings(**chosen), 0, None
+        params_np, adam_state = init_params(cfg, settings.seed, mix=settings.mix_init), {}
     train_records = open_records(os.path.join(args.data_dir, "train.bin"), cfg.seq_len)
     val_records = open_records(os.path.join(args.data_dir, "val.bin"), cfg.seq_len)
-    if args.resume and meta["data"]["train_records"] != len(train_records):
+    if meta and meta["data"]["train_records"] != len(train_records):
         raise UserError(f"--resume: {args.ckpt} was trained on {meta['data']['train_records']:,} records, "
                         f"{args.data_dir}/train.bin now has {len(train_records):,}: point --data-dir at the data it was trained on")
     steps_per_epoch = len(train_records) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"train.bin has {len(train_records)} records of {cfg.seq_len + 1} bytes, fewer than one batch of {cfg.batch_size}: lower --batch-size or --seq-len")
-    if settings["max_steps"] is None:
-        settings["max_steps"] = settings["epochs"] * steps_per_epoch
-    total_steps = settings["max_steps"]
-    if settings["warmup"] is None:
-        settings["warmup"] = default_warmup(total_steps)
-    end = total_steps if args.stop_after is None else min(total_steps, step + args.stop_after)
-    eval_records = val_records[:max(1, args.eval_bytes // (cfg.seq_len + 1))]
+    if settings.max_steps is None:
+        settings.max_steps = settings.epochs * steps_per_epoch
+    if settings.warmup is None:
+        settings.warmup = default_warmup(settings.max_steps)
+    return Run(cfg, settings, params_np, adam_state, step, train_records, val_records)
 
-    print_summary(cfg, xp)
-    print(f"data: {len(train_records):,} train records of {cfg.seq_len + 1} bytes, {steps_per_epoch:,} steps per epoch; "
-          f"{len(val_records):,} val records")
-    print(f"training: steps {step:,} -> {end:,} of {total_steps:,}, lr {settings['lr']:g} "
-          f"(warmup {settings['warmup']}, cosine to {settings['final_lr_fraction']:g}x), clip {settings['clip']:g}")
 
-    names = list(param_shapes(cfg))
-    trainable = xp.asarray(flatten(trainable_mask(cfg), names))
-    flat, params = flat_parameters(params_np, xp)
+def checkpoint_meta(run, step):
+    epoch, position = divmod(step, len(run.train_records) // run.cfg.batch_size)
+    return {"config": asdict(run.cfg), "step": step, "train": asdict(run.settings),
+            "data": {"train_records": len(run.train_records), "epoch": epoch, "batch_in_epoch": position,
+                     "order": "numpy default_rng([seed, epoch]).permutation(train_records)"}}
+
+
+def log_row(step, bytes_seen, lr, loss, accuracy, grad_norm, seconds):
+    return {"step": step, "bytes": bytes_seen, "lr": f"{lr:.6g}", "loss": f"{loss:.5f}",
+            "bpb": f"{loss / math.log(2):.5f}", "accuracy": f"{accuracy:.5f}",
+            "grad_norm": f"{grad_norm:.4f}", "ms_per_step": f"{1000 * seconds:.2f}"}
+
+
+def val_columns(val):
+    return {"val_loss": f"{val['loss']:.5f}", "val_bpb": f"{val['bpb']:.5f}", "val_accuracy": f"{val['accuracy']:.5f}"}
+
+
+class Speed:
+    """ms/step and bytes/s over this call's steps, leaving out its first (it warms
+    caches, and compiles on the GPU)."""
+
+    def __init__(self, bytes_per_step):
+        self.bytes_per_step, self.steps, self.seconds, self.first = bytes_per_step, 0, 0.0, True
+
+    def add(self, seconds):
+        if not self.first:
+            self.steps, self.seconds = self.steps + 1, self.seconds + seconds
+        self.first = False
+
+    def __str__(self):
+        if not self.steps:
+            return ""
+        return f"{1000 * self.seconds / self.steps:.1f} ms/step, {self.bytes_per_step * self.steps / self.seconds:,.0f} bytes/s"
+
+
+def train(args):
+    from tqdm import tqdm
+    xp = select_backend(args.device)
+    run = start_or_resume(args)
+    cfg, settings, step = run.cfg, run.settings, run.step
+    workers = make_workers(xp, args.threads)
+    if xp is np:
+        keep_freed_memory()
+    steps_per_epoch = len(run.train_records) // cfg.batch_size
+    end = settings.max_steps if args.stop_after is None else min(settings.max_steps, step + args.stop_after)
+    eval_records = run.val_records[:max(1, args.eval_bytes // (cfg.seq_len + 1))]
+    print_summary(cfg, xp, workers)
+    print(f"data: {len(run.train_records):,} train records of {cfg.seq_len + 1} bytes, {steps_per_epoch:,} steps per epoch; "
+          f"{len(run.val_records):,} val records")
+    print(f"training: steps {step:,} -> {end:,} of {settings.max_steps:,}, lr {settings.lr:g} "
+          f"(warmup {settings.warmup}, cosine to {settings.final_lr_fraction:g}x), clip {settings.clip:g}")
+
+    trainable = xp.asarray(flatten(trainable_mask(cfg), list(param_shapes(cfg))))
+    flat, params = flat_parameters(run.params_np, xp)
     flat *= trainable  # ablated parameters start (and stay) at 0
     if cfg.ablate != "none":
         print(f"ablation {cfg.ablate}: {int(trainable.sum()):,} trainable parameters")
-    adam_m = xp.asarray(adam_state.get("adam.m", np.zeros(flat.shape, np.float32)))
-    adam_v = xp.asarray(adam_state.get("adam.v", np.zeros(flat.shape, np.float32)))
+    adam_m = xp.asarray(run.adam_state.get("adam.m", np.zeros(flat.shape, np.float32)))
+    adam_v = xp.asarray(run.adam_state.get("adam.v", np.zeros(flat.shape, np.float32)))
     log_path = os.path.splitext(args.ckpt)[0] + ".csv"
     os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
     log_file, log = open_log(log_path, step)
 
-    def checkpoint():
-        epoch, position = divmod(step, steps_per_epoch)
-        meta = {"config": asdict(cfg), "step": step, "train": settings,
-                "data": {"train_records": len(train_records), "epoch": epoch, "batch_in_epoch": position,
-                         "order": "numpy default_rng([seed, epoch]).permutation(train_records)"}}
-        save_checkpoint(args.ckpt, params, meta, adam_m, adam_v)
-
     stop = []  # Ctrl-C finishes the step under way, then saves and exits
     previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     bytes_per_step = cfg.batch_size * cfg.seq_len
+    speed = Speed(bytes_per_step)
     bar = tqdm(total=end, initial=step, unit="step", dynamic_ncols=True)
-    order_epoch, order, timed_steps, timed_seconds, first_step = None, None, 0, 0.0, step
+    order_epoch, order = None, None
     try:
         while step < end and not stop:
             epoch, k = divmod(step, steps_per_epoch)
             if epoch != order_epoch:
-                order, order_epoch = epoch_order(len(train_records), settings["seed"], epoch), epoch
+                order, order_epoch = epoch_order(len(run.train_records), settings.seed, epoch), epoch
             started = time.perf_counter()
-            x, y = make_batch(train_records, order[k * cfg.batch_size:(k + 1) * cfg.batch_size], xp)
-            lr = learning_rate(step, total_steps, settings["lr"], settings["warmup"], settings["final_lr_fraction"])
-            loss, accuracy, grad_norm = train_step(params, flat, names, adam_m, adam_v, x, y, step, lr,
-                                                   settings["clip"], trainable, settings["beta2"])
+            x, y = make_batch(run.train_records, order[k * cfg.batch_size:(k + 1) * cfg.batch_size], xp)
+            lr = learning_rate(step, settings.max_steps, settings.lr, settings.warmup, settings.final_lr_fraction)
+            loss, accuracy, grad_norm = train_step(params, flat, adam_m, adam_v, x, y, step, lr, settings, trainable, workers)
             loss, accuracy, grad_norm = float(loss), float(accuracy), float(grad_norm)  # the one host sync
             seconds = time.perf_counter() - started
             if not math.isfinite(loss):
                 raise UserError(f"the loss became {loss} at step {step}: lower --lr (the checkpoint at {args.ckpt} is from before)")
             step += 1
-            if step > first_step + 1:  # this call's first step warms caches (and compiles, on the GPU): not timed
-                timed_steps, timed_seconds = timed_steps + 1, timed_seconds + seconds
-            speed = (f"{1000 * timed_seconds / timed_steps:.0f} ms/step {bytes_per_step * timed_steps / timed_seconds:,.0f} bytes/s"
-                     if timed_steps else "")
-            row = {"step": step, "bytes": step * bytes_per_step, "lr": f"{lr:.6g}", "loss": f"{loss:.5f}",
-                   "bpb": f"{loss / math.log(2):.5f}", "accuracy": f"{accuracy:.5f}",
-                   "grad_norm": f"{grad_norm:.4f}", "ms_per_step": f"{1000 * seconds:.2f}"}
-            if args.eval_every and (step % args.eval_every == 0 or step == total_steps):
-                val = evaluate(params, eval_records, cfg.batch_size)
-                row.update(val_loss=f"{val['loss']:.5f}", val_bpb=f"{val['bpb']:.5f}", val_accuracy=f"{val['accuracy']:.5f}")
+            speed.add(seconds)
+            row = log_row(step, step * bytes_per_step, lr, loss, accuracy, grad_norm, seconds)
+            if args.eval_every and (step % args.eval_every == 0 or step == settings.max_steps):
+                val = evaluate(params, eval_records, cfg.batch_size, workers)
+                row.update(val_columns(val))
                 bar.write(f"step {step:,}: val bits/byte {val['bpb']:.4f} (first {len(eval_records) * (cfg.seq_len + 1):,} bytes), accuracy {val['accuracy']:.4f}")
             log.writerow(row)
             if step % args.ckpt_every == 0:
-                checkpoint()
+                save_checkpoint(args.ckpt, params, checkpoint_meta(run, step), adam_m, adam_v)
                 log_file.flush()
             bar.set_postfix_str(f"loss {loss:.4f} acc {accuracy:.3f} bpb {loss / math.log(2):.4f} lr {lr:.2e} "
                                 f"gnorm {grad_norm:.2f} {speed}")
@@ -1166,19 +1139,18 @@ def train(args):
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous_handler)
-    checkpoint()
+    save_checkpoint(args.ckpt, params, checkpoint_meta(run, step), adam_m, adam_v)
     print(f"checkpoint: {args.ckpt} (step {step:,}); log: {log_path}")
     if stop:
         log_file.close()
         print(f"interrupted: continue with `python mora.py train --resume --ckpt {args.ckpt}`")
         return 130
-    if timed_steps:
-        print(f"speed: {1000 * timed_seconds / timed_steps:.1f} ms/step, {bytes_per_step * timed_steps / timed_seconds:,.0f} bytes/s")
-    if step == total_steps:
-        val = evaluate(params, val_records, cfg.batch_size, progress=True)
-        log.writerow({"step": step, "bytes": step * bytes_per_step, "val_loss": f"{val['loss']:.5f}",
-                      "val_bpb": f"{val['bpb']:.5f}", "val_accuracy": f"{val['accuracy']:.5f}"})
-        print(f"val ({len(val_records):,} records): loss {val['loss']:.4f} nats/byte, accuracy {val['accuracy']:.4f}, "
+    if speed.steps:
+        print(f"speed: {speed}")
+    if step == settings.max_steps:
+        val = evaluate(params, run.val_records, cfg.batch_size, workers, progress=True)
+        log.writerow({"step": step, "bytes": step * bytes_per_step, **val_columns(val)})
+        print(f"val ({len(run.val_records):,} records): loss {val['loss']:.4f} nats/byte, accuracy {val['accuracy']:.4f}, "
               f"{val['bpb']:.4f} bits/byte")
     log_file.close()
     return 0
@@ -1191,8 +1163,9 @@ def evaluate_checkpoint(args):
     if args.max_bytes:
         records = records[:max(1, args.max_bytes // (cfg.seq_len + 1))]
     params = {k: xp.asarray(p) for k, p in params_np.items()}
+    workers = make_workers(xp, args.threads)
     started = time.perf_counter()
-    result = evaluate(params, records, args.batch_size or cfg.batch_size, progress=True)
+    result = evaluate(params, records, args.batch_size or cfg.batch_size, workers, progress=True)
     seconds = time.perf_counter() - started
     print(f"{args.ckpt} (step {meta['step']:,}) on {args.split}: {len(records):,} records, "
           f"{records.size:,} bytes, {records.size / seconds:,.0f} bytes/s")
@@ -1214,51 +1187,6 @@ def sample(args):
         sys.stdout.write(decoder.decode(bytes([byte])))
         sys.stdout.flush()
     sys.stdout.write(decoder.decode(b"", final=True) + "\n")
-    return 0
-
-
-def step_traffic_bytes(cfg):
-    """The memory traffic a training step cannot avoid in this design, counted in
-    bytes: per position and block, the 16 d floats the backward needs (LayerNorm
-    outputs xhat and u twice: 4 d; [v, b, q]: 3 d; c, a and the gated readout: 3 d;
-    the MLP's pre-activation, tanh and activation: 6 d) are each written once in the
-    forward and read once in the backward, and so are their gradients (4 passes);
-    the (N, V) logits take 6 passes (write, max, exp, normalise, backward read and
-    write).  Parameters and Adam's state are small beside these and left out."""
-    positions = cfg.batch_size * cfg.seq_len
-    return 4 * positions * (cfg.n_layers * 16 * cfg.d_model * 4 + 6 * V)
-
-
-def bench(args):
-    """Time training steps (batch, forward, backward, clip, Adam) on random bytes."""
-    xp = select_backend(args.device)
-    cfg = model_config(args)
-    print_summary(cfg, xp)
-    flat, params = flat_parameters(init_params(cfg, 0), xp)
-    names = list(params)
-    adam_m, adam_v = xp.zeros_like(flat), xp.zeros_like(flat)
-    records = np.random.default_rng(0).integers(0, V, (cfg.batch_size, cfg.seq_len + 1), dtype=np.uint8)
-    rows = np.arange(cfg.batch_size)
-    seconds = []
-    for step in range(args.steps + 1):  # step 0 warms up (CuPy compiles its kernels there)
-        started = time.perf_counter()
-        x, y = make_batch(records, rows, xp)
-        loss, _, _ = train_step(params, flat, names, adam_m, adam_v, x, y, step, 1e-3, 1.0)
-        float(loss)  # waits for the device
-        seconds.append(time.perf_counter() - started)
-    timed = np.array(seconds[1:])
-    ms = 1000 * float(np.median(timed))
-    print(f"{args.steps} steps of {cfg.batch_size} x {cfg.seq_len}: median {ms:.1f} ms/step "
-          f"(min {1000 * timed.min():.1f}, mean {1000 * timed.mean():.1f}), "
-          f"{cfg.batch_size * cfg.seq_len / (ms / 1000):,.0f} bytes/s")
-    traffic = step_traffic_bytes(cfg)
-    print(f"memory traffic: at least {traffic / 1e9:.2f} GB a step (see step_traffic_bytes): "
-          f"{traffic / (ms / 1000) / 1e9:,.1f} GB/s achieved")
-    if xp is np:
-        import resource
-        print(f"peak memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
-    else:
-        print(f"GPU memory held by CuPy's pool: {cupy.get_default_memory_pool().total_bytes() / 2**20:,.0f} MiB")
     return 0
 
 
@@ -1304,37 +1232,49 @@ def model_config(args, base=None):
     return Config(**dict(asdict(base), **given))
 
 
+# The TrainSettings a flag may set: name -> (type, help); the help's default is read
+# off TrainSettings itself, so it cannot disagree with the code.
+SETTING_FLAGS = {
+    "lr": (positive_float, "peak learning rate"),
+    "warmup": (nonnegative_int, f"warmup steps (None: a third of the run, at most {WARMUP_CAP})"),
+    "final_lr_fraction": (fraction, "the cosine decay ends at this fraction of --lr"),
+    "clip": (positive_float, "global gradient-norm clip"),
+    "beta2": (fraction, "Adam's second-moment decay"),
+    "seed": (nonnegative_int, "initialisation and data order"),
+    "epochs": (positive_int, "whole passes over train.bin"),
+    "max_steps": (positive_int, "train this many steps instead of whole epochs"),
+    "mix_init": (float, "initial mix of memory, running mean and delta in every block"),
+}
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="mora.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    defaults = {f.name: f.default for f in fields(TrainSettings)}
 
-    def add_model_flags(p):
-        p.add_argument("--size", choices=sorted(SIZES), help="small: d=64 (284,184 params); large: d=128 (1,092,632)")
-        p.add_argument("--d-model", type=positive_int)
-        p.add_argument("--n-layers", type=positive_int)
-        p.add_argument("--batch-size", type=positive_int, help="default 256")
-        p.add_argument("--seq-len", type=positive_int, help="default 256")
-
-    def add_device_flag(p):
+    def common(name, text, model=False, data=False, threads=False):
+        p = commands.add_parser(name, help=text, description=text)
         p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
-                       help="auto: the GPU when CuPy finds one, else the CPU")
+                       help="auto: the GPU when CuPy can use one, else the CPU")
+        if model:
+            p.add_argument("--size", choices=sorted(SIZES), help="small: d=64 (284,184 params); large: d=128 (1,092,632)")
+            p.add_argument("--d-model", type=positive_int, help=f"default {Config.d_model}")
+            p.add_argument("--n-layers", type=positive_int, help=f"default {Config.n_layers}")
+            p.add_argument("--seq-len", type=positive_int, help=f"default {Config.seq_len}")
+        if model or data:
+            p.add_argument("--batch-size", type=positive_int, help=f"default {Config.batch_size}" + (" or the checkpoint's" if data else ""))
+        if data:
+            p.add_argument("--data-dir", default="data", help="the folder holding train.bin and val.bin")
+        if threads:
+            p.add_argument("--threads", type=positive_int, help="CPU worker threads (default: every core)")
+        return p
 
-    p = commands.add_parser("train", help="train a model (defaults: the published run, one epoch)")
-    add_model_flags(p)
-    add_device_flag(p)
-    p.add_argument("--ablate", choices=list(ABLATIONS), help="switch off a part of the block (default none)")
-    p.add_argument("--data-dir", default="data")
+    p = common("train", "train a model (defaults: the published run, one epoch)", model=True, data=True, threads=True)
     p.add_argument("--ckpt", default="checkpoints/mora.npz", help="checkpoint; its log goes beside it as .csv")
-    p.add_argument("--epochs", type=positive_int, help="default 1")
-    p.add_argument("--max-steps", type=positive_int, help="train this many steps instead of whole epochs")
-    p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {TRAIN_SETTINGS['lr']:g})")
-    p.add_argument("--warmup", type=nonnegative_int, help=f"warmup steps (default: a third of the run, at most {WARMUP_CAP})")
-    p.add_argument("--final-lr-fraction", type=fraction, help="cosine decay ends at this fraction of --lr (default 0.1)")
-    p.add_argument("--clip", type=positive_float, help="global gradient-norm clip (default 1.0)")
-    p.add_argument("--beta2", type=fraction, help="Adam's second-moment decay (default 0.95)")
-    p.add_argument("--seed", type=nonnegative_int, help="initialisation and data order (default 0)")
-    p.add_argument("--mix-init", type=float, nargs=3, metavar=("C", "A", "E"),
-                   help="initial mix of memory, running mean and delta in every block (default 0 0 1)")
+    p.add_argument("--ablate", choices=list(ABLATIONS), help="switch off a part of the block (default none)")
+    for name, (kind, text) in SETTING_FLAGS.items():
+        extra = dict(nargs=3, metavar=("C", "A", "E")) if name == "mix_init" else {}
+        p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"{text} (default {defaults[name]})", **extra)
     p.add_argument("--resume", action="store_true", help="continue the run in --ckpt exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="start over even if --ckpt exists")
     p.add_argument("--stop-after", type=positive_int, help="stop (and save) after this many steps of this call, keeping the whole run's schedule")
@@ -1342,8 +1282,7 @@ def build_parser():
     p.add_argument("--eval-bytes", type=positive_int, default=1 << 20, help="bytes of val used by the periodic evaluation")
     p.add_argument("--ckpt-every", type=positive_int, default=500, help="steps between checkpoints")
 
-    p = commands.add_parser("sample", help="generate text from a checkpoint")
-    add_device_flag(p)
+    p = common("sample", "generate text from a checkpoint")
     p.add_argument("--ckpt", default="checkpoints/mora.npz")
     p.add_argument("--prompt", default="Once upon a time")
     p.add_argument("--length", type=nonnegative_int, default=500, help="bytes to generate")
@@ -1351,17 +1290,12 @@ def build_parser():
     p.add_argument("--top-k", type=nonnegative_int, default=0, help="sample among the k likeliest bytes (0: all)")
     p.add_argument("--seed", type=nonnegative_int, default=0)
 
-    p = commands.add_parser("eval", help="loss, accuracy and bits/byte of a checkpoint on every record of a split")
-    add_device_flag(p)
+    p = common("eval", "loss, accuracy and bits/byte of a checkpoint on every record of a split", data=True, threads=True)
     p.add_argument("--ckpt", default="checkpoints/mora.npz")
-    p.add_argument("--data-dir", default="data")
     p.add_argument("--split", choices=["val", "train"], default="val")
-    p.add_argument("--batch-size", type=positive_int, help="default: the checkpoint's")
     p.add_argument("--max-bytes", type=nonnegative_int, default=0, help="only the first N bytes of the split (0: all)")
 
-    p = commands.add_parser("bench", help="time training steps on random bytes: ms/step and bytes/s")
-    add_model_flags(p)
-    add_device_flag(p)
+    p = common("bench", "time training steps on random bytes: ms/step and bytes/s", model=True, threads=True)
     p.add_argument("--steps", type=positive_int, default=10)
     return parser
 
@@ -1380,6 +1314,230 @@ def main(argv=None):
     except KeyboardInterrupt:  # training handles Ctrl-C itself; elsewhere there is nothing to save
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+# ----------------------------------------------------------------------------
+# Appendix: fused GPU kernels.  On the GPU every array operation above is a kernel
+# launch, and the mixer's loop over time alone would be ~16,000 launches a step.
+# These CUDA kernels compute exactly what the plain functions above compute (those
+# define them; test_mora.py checks each kernel against its plain twin, on the GPU
+# when there is one and everywhere by compiling this same source as C++), in one
+# pass: for the mixer one thread per (batch row, channel) walks the time axis;
+# LayerNorm takes a thread per row, GELU a thread per element.  Constants come
+# from Python as -D options.  Used for float32 CuPy arrays while USE_KERNELS.
+
+USE_KERNELS = True
+
+CUDA_SOURCE = r"""
+__device__ float sigmoid(float x) { return 0.5f * tanhf(0.5f * x) + 0.5f; }
+
+// mixer_forward: thread i = b * d + j (batch row b, channel j) walks t = 0 .. T-1.
+// vzq: (T, B, 3d) rows [v | z | q].  Writes gated, c, a: (T, B, d); the state after: (B, d).
+extern "C" __global__ void mixer_forward(
+        const float* __restrict__ vzq, const float* __restrict__ mix, const float* __restrict__ c_init,
+        const float* __restrict__ sum_init, float count_init, int T, int B, int d,
+        float* __restrict__ gated, float* __restrict__ c, float* __restrict__ a,
+        float* __restrict__ c_last, float* __restrict__ sum_last) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= B * d) return;
+    int b = i / d, j = i % d;
+    float mix_c = mix[0], mix_a = mix[1], mix_e = mix[2];
+    float memory = c_init[i], total = sum_init[i];
+    for (int t = 0; t < T; t++) {
+        const float* row = vzq + ((long long)t * B + b) * 3 * d;
+        float v = row[j], beta = sigmoid(row[d + j]), gate = sigmoid(row[2 * d + j]);
+        float delta = v - memory;                  // e_t = v_t - c_{t-1}
+        memory += beta * delta;                    // c_t = c_{t-1} + beta_t e_t
+        total += v;
+        float mean = total / (count_init + t + 1);  // a_t
+        long long o = (long long)t * B * d + i;
+        c[o] = memory;
+        a[o] = mean;
+        gated[o] = gate * (mix_c * memory + mix_a * mean + mix_e * delta);
+    }
+    c_last[i] = memory;
+    sum_last[i] = total;
+}
+
+// mixer_backward: the same threads walk t = T-1 .. 0, carrying dL/dc from later
+// steps (carry) and the reversed running sum of da / (t + 1) (mean_carry).
+// Writes dvzq: (T, B, 3d) and each thread's share of dmix: (3, B * d).
+extern "C" __global__ void mixer_backward(
+        const float* __restrict__ dgated, const float* __restrict__ vzq, const float* __restrict__ mix,
+        const float* __restrict__ c_init, const float* __restrict__ c, const float* __restrict__ a,
+        float count_init, int T, int B, int d, float* __restrict__ dvzq, float* __restrict__ dmix_parts) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= B * d) return;
+    int b = i / d, j = i % d;
+    float mix_c = mix[0], mix_a = mix[1], mix_e = mix[2];
+    float carry = 0.0f, mean_carry = 0.0f, dmix_c = 0.0f, dmix_a = 0.0f, dmix_e = 0.0f;
+    for (int t = T - 1; t >= 0; t--) {
+        const float* row = vzq + ((long long)t * B + b) * 3 * d;
+        float v = row[j], beta = sigmoid(row[d + j]), gate = sigmoid(row[2 * d + j]);
+        long long o = (long long)t * B * d + i;
+        float memory = c[o], mean = a[o];
+        float delta = v - (t > 0 ? c[o - (long long)B * d] : c_init[i]);
+        float m = mix_c * memory + mix_a * mean + mix_e * delta;
+        float dm = dgated[o] * gate;
+        float dq = dgated[o] * m * gate * (1.0f - gate);
+        dmix_c += dm * memory;
+        dmix_a += dm * mean;
+        dmix_e += dm * delta;
+        float dc_total = mix_c * dm + carry;       // the whole dL/dc_t
+        float de = mix_e * dm;
+        mean_carry += mix_a * dm / (count_init + t + 1);
+        float dbeta = dc_total * delta;
+        carry = (1.0f - beta) * dc_total - de;     // to c_{t-1}
+        float* out = dvzq + ((long long)t * B + b) * 3 * d;
+        out[j] = beta * dc_total + de + mean_carry;
+        out[d + j] = dbeta * beta * (1.0f - beta);
+        out[2 * d + j] = dq;
+    }
+    dmix_parts[i] = dmix_c;
+    dmix_parts[B * d + i] = dmix_a;
+    dmix_parts[2 * B * d + i] = dmix_e;
+}
+
+// layernorm_forward: one thread per row of d numbers.
+extern "C" __global__ void layernorm_forward(
+        const float* __restrict__ x, const float* __restrict__ gain, const float* __restrict__ bias,
+        long long rows, int d, float* __restrict__ y, float* __restrict__ xhat, float* __restrict__ rstd) {
+    long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const float* row = x + r * d;
+    float mean = 0.0f, var = 0.0f;
+    for (int j = 0; j < d; j++) mean += row[j];
+    mean /= d;
+    for (int j = 0; j < d; j++) var += (row[j] - mean) * (row[j] - mean);
+    float s = 1.0f / sqrtf(var / d + LN_EPS);
+    rstd[r] = s;
+    for (int j = 0; j < d; j++) {
+        float n = (row[j] - mean) * s;
+        xhat[r * d + j] = n;
+        y[r * d + j] = n * gain[j] + bias[j];
+    }
+}
+
+// layernorm_backward: dx = rstd (dy gain - mean(dy gain) - xhat mean(dy gain xhat)), and
+// dy * xhat (summed over rows afterwards for dgain).  One thread per row.
+extern "C" __global__ void layernorm_backward(
+        const float* __restrict__ dy, const float* __restrict__ xhat, const float* __restrict__ rstd,
+        const float* __restrict__ gain, long long rows, int d, float* __restrict__ dx, float* __restrict__ dy_xhat) {
+    long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    long long o = r * d;
+    float mean_dn = 0.0f, mean_dn_xhat = 0.0f;
+    for (int j = 0; j < d; j++) {
+        mean_dn += dy[o + j] * gain[j];
+        mean_dn_xhat += dy[o + j] * gain[j] * xhat[o + j];
+    }
+    mean_dn /= d;
+    mean_dn_xhat /= d;
+    for (int j = 0; j < d; j++) {
+        dx[o + j] = rstd[r] * (dy[o + j] * gain[j] - mean_dn - xhat[o + j] * mean_dn_xhat);
+        dy_xhat[o + j] = dy[o + j] * xhat[o + j];
+    }
+}
+
+// gelu (tanh form), one thread per element; t is kept for the backward.
+extern "C" __global__ void gelu_forward(const float* __restrict__ x, long long n, float* __restrict__ y,
+                                        float* __restrict__ t) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float xi = x[i];
+    float ti = tanhf(GELU_K * (xi + GELU_A * xi * xi * xi));
+    t[i] = ti;
+    y[i] = 0.5f * xi * (1.0f + ti);
+}
+
+extern "C" __global__ void gelu_backward(const float* __restrict__ dy, const float* __restrict__ x,
+                                         const float* __restrict__ t, long long n, float* __restrict__ dx) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float xi = x[i], ti = t[i];
+    float slope = 0.5f * (1.0f + ti) + 0.5f * xi * (1.0f - ti * ti) * GELU_K * (1.0f + 3.0f * GELU_A * xi * xi);
+    dx[i] = dy[i] * slope;
+}
+"""
+
+# The constants the kernels share with the Python above, as compiler options.
+KERNEL_DEFINES = (f"-DLN_EPS={LN_EPS!r}f", f"-DGELU_K={GELU_K!r}f", f"-DGELU_A={GELU_A!r}f")
+
+
+def on_gpu(a):
+    """Whether a layer hands `a` to its fused kernel: float32 CuPy arrays, while USE_KERNELS."""
+    return USE_KERNELS and cupy is not None and isinstance(a, cupy.ndarray) and a.dtype == np.float32
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_module():
+    """CUDA_SOURCE compiled by NVRTC (through CuPy) on first use."""
+    return cupy.RawModule(code=CUDA_SOURCE, options=KERNEL_DEFINES)
+
+
+def launch(name, n_threads, args, block=256):
+    cuda_module().get_function(name)(((n_threads + block - 1) // block,), (block,), args)
+
+
+def gpu_mixer_forward(vzq, mix, state):
+    T, B, d = vzq.shape[0], vzq.shape[1], vzq.shape[2] // 3
+    vzq = cupy.ascontiguousarray(vzq)
+    c_init, sum_init = (cupy.ascontiguousarray(s) for s in state[:2])
+    count_init = state[2]
+    gated, c, a = (cupy.empty((T, B, d), dtype=np.float32) for _ in range(3))
+    c_last, sum_last = cupy.empty((B, d), np.float32), cupy.empty((B, d), np.float32)
+    launch("mixer_forward", B * d, (vzq, mix, c_init, sum_init, np.float32(count_init), np.int32(T),
+                                    np.int32(B), np.int32(d), gated, c, a, c_last, sum_last))
+    return gated, (vzq, mix, c_init, c, a, count_init), (c_last, sum_last, count_init + T)
+
+
+def gpu_mixer_backward(dgated, cache):
+    vzq, mix, c_init, c, a, count_init = cache
+    T, B, d = c.shape
+    dvzq = cupy.empty_like(vzq)
+    dmix_parts = cupy.empty((3, B * d), dtype=np.float32)
+    launch("mixer_backward", B * d, (cupy.ascontiguousarray(dgated), vzq, mix, c_init, c, a, np.float32(count_init),
+                                     np.int32(T), np.int32(B), np.int32(d), dvzq, dmix_parts))
+    return dvzq, dmix_parts.sum(1)
+
+
+def gpu_layernorm_forward(x, gain, bias):
+    x = cupy.ascontiguousarray(x)
+    d = x.shape[-1]
+    rows = x.size // d
+    gains = gain if gain is not None else cupy.ones(d, np.float32)
+    biases = bias if bias is not None else cupy.zeros(d, np.float32)
+    y, xhat = cupy.empty_like(x), cupy.empty_like(x)
+    rstd = cupy.empty((*x.shape[:-1], 1), np.float32)
+    launch("layernorm_forward", rows, (x, gains, biases, np.int64(rows), np.int32(d), y, xhat, rstd))
+    return (xhat if gain is None else y), (xhat, rstd, gain)
+
+
+def gpu_layernorm_backward(dy, cache):
+    xhat, rstd, gain = cache
+    d = xhat.shape[-1]
+    rows = xhat.size // d
+    gains = gain if gain is not None else cupy.ones(d, np.float32)
+    dx, dy_xhat = cupy.empty_like(xhat), cupy.empty_like(xhat)
+    dy = cupy.ascontiguousarray(dy)
+    launch("layernorm_backward", rows, (dy, xhat, rstd, gains, np.int64(rows), np.int32(d), dx, dy_xhat))
+    if gain is None:
+        return dx, None, None
+    return dx, column_sum(dy_xhat), column_sum(dy)
+
+
+def gpu_gelu_forward(x):
+    x = cupy.ascontiguousarray(x)
+    y, t = cupy.empty_like(x), cupy.empty_like(x)
+    launch("gelu_forward", x.size, (x, np.int64(x.size), y, t))
+    return y, (x, t)
+
+
+def gpu_gelu_backward(dy, cache):
+    x, t = cache
+    dx = cupy.empty_like(x)
+    launch("gelu_backward", x.size, (cupy.ascontiguousarray(dy), x, t, np.int64(x.size), dx))
+    return dx
 
 
 if __name__ == "__main__":

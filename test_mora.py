@@ -107,8 +107,8 @@ def test_layer_backwards_match_finite_differences():
     check_layer(lambda mix, c, a, e: mora.mix_forward(mix, c, a, e),
                 lambda dm, cache: mora.mix_backward(dm, cache), [mix, c, a, e])
     logits, y = rng.standard_normal((10, mora.V)), rng.integers(0, mora.V, 10)
-    check_layer(lambda logits: (mora.cross_entropy_forward(logits, y)[0], mora.cross_entropy_forward(logits, y)[1]),
-                lambda dloss, cache: [float(dloss) * mora.cross_entropy_backward(cache)], [logits])
+    check_layer(lambda logits: (mora.cross_entropy_forward(logits, y)[0], mora.cross_entropy_forward(logits, y)[2]),
+                lambda dlosses, cache: [mora.cross_entropy_backward(dlosses, cache)], [logits])
     E, xi = rng.standard_normal((mora.V, d)), rng.integers(0, 4, (T, B))  # repeated bytes: gradients add up
     check_layer(lambda E: mora.embedding_forward(E, xi), lambda dh, x: [mora.embedding_backward(dh, x)], [E])
 
@@ -208,10 +208,28 @@ def test_tiny_model_learns_a_made_up_text():
     text = np.frombuffer(made_up_text(8), dtype=np.uint8)[:8 * 65].reshape(8, 65).astype(np.int64)
     x, y = text[:, :-1], text[:, 1:]
     flat, params = mora.flat_parameters(mora.init_params(cfg, 0))
-    names = list(params)
     m, v = np.zeros_like(flat), np.zeros_like(flat)
-    losses = [float(mora.train_step(params, flat, names, m, v, x, y, s, 1e-2, 1.0)[0]) for s in range(60)]
+    losses = [float(mora.train_step(params, flat, m, v, x, y, s, 1e-2)[0]) for s in range(60)]
     assert losses[0] > 5.0 and losses[-1] < 2.0, losses[::10]
+
+
+def test_batch_sliced_over_threads_equals_the_whole_batch():
+    """The CPU's worker threads: the same loss, accuracy and gradient as one pass over
+    the whole batch, to float32 rounding, also when the slices are of unequal size."""
+    params = mora.init_params(mora.Config(d_model=8, n_layers=2), 0, mix=(0.5, -0.7, 1.0))
+    rng = np.random.default_rng(0)
+    records = rng.integers(0, 256, (5, 33)).astype(np.uint8)
+    x, y = mora.make_batch(records, np.arange(5), np)
+    loss, accuracy, grad = mora.batch_gradient(params, x, y)
+    for threads in (2, 3):
+        workers = mora.make_workers(np, threads)
+        assert len(mora.row_slices(5, workers)) == threads
+        sliced_loss, sliced_accuracy, sliced_grad = mora.batch_gradient(params, x, y, workers)
+        assert abs(float(sliced_loss) - float(loss)) < 1e-6 and float(sliced_accuracy) == pytest.approx(float(accuracy))
+        assert relative_error(sliced_grad.astype(np.float64), grad.astype(np.float64)) < 1e-5
+        assert np.abs(sliced_grad - grad).max() < 1e-6
+        assert mora.evaluate(params, records, 5, workers)["loss"] == pytest.approx(float(loss), abs=1e-6)
+        workers.shutdown()
 
 
 # ----------------------------------------------------------------------------
@@ -469,7 +487,7 @@ def test_kernels_compile_for_sm90(tmp_path):
         pytest.skip("nvcc not found: the CUDA source is not compiled here")
     source = tmp_path / "mora_kernels.cu"
     source.write_text(mora.CUDA_SOURCE)
-    result = subprocess.run(["nvcc", "-arch=sm_90", "--ptx", str(source), "-o", str(tmp_path / "k.ptx")],
+    result = subprocess.run(["nvcc", "-arch=sm_90", "--ptx", *mora.KERNEL_DEFINES, str(source), "-o", str(tmp_path / "k.ptx")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "k.ptx").read_text().count(".entry") == mora.CUDA_SOURCE.count("__global__")
@@ -483,18 +501,19 @@ def kernels_on_cpu(tmp_path_factory):
     import re
     prelude = ("#include <math.h>\nstruct Index { long x; };\nstatic Index threadIdx, blockIdx, blockDim;\n"
                "#define __global__\n#define __device__ static\n")
-    ctype = {"float*": ctypes.c_void_p, "int": ctypes.c_int, "long": ctypes.c_long, "float": ctypes.c_float}
+    ctype = {"float*": ctypes.c_void_p, "int": ctypes.c_int, "long long": ctypes.c_longlong, "float": ctypes.c_float}
     wrappers, signatures = [], {}
     for name, params in re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)', mora.CUDA_SOURCE):
         params = [" ".join(p.split()) for p in params.split(",")]
         names = [p.split()[-1] for p in params]
         wrappers.append(f'extern "C" void run_{name}(long n_threads_, {", ".join(params)}) {{ blockDim.x = 1; threadIdx.x = 0;'
                         f' for (blockIdx.x = 0; blockIdx.x < n_threads_; blockIdx.x++) {name}({", ".join(names)}); }}')
-        signatures[name] = [ctype[p.replace("const ", "").rsplit(" ", 1)[0].replace(" *", "*")] for p in params]
+        signatures[name] = [ctype[p.replace("const ", "").replace(" __restrict__", "").rsplit(" ", 1)[0].replace(" *", "*")]
+                           for p in params]
     if subprocess.run(["which", "g++"], capture_output=True).returncode != 0:
         pytest.skip("g++ not found: the kernels are not run on the CPU here")
     path = tmp_path_factory.mktemp("kernels") / "kernels.so"
-    result = subprocess.run(["g++", "-O1", "-shared", "-fPIC", "-x", "c++", "-", "-o", str(path)],
+    result = subprocess.run(["g++", "-O1", "-shared", "-fPIC", *mora.KERNEL_DEFINES, "-x", "c++", "-", "-o", str(path)],
                             input=prelude + mora.CUDA_SOURCE + "\n".join(wrappers), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     library = ctypes.CDLL(str(path))
