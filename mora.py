@@ -155,6 +155,11 @@ class TrainSettings:
     epochs: int = 1
     max_steps: int = None  # None: whole epochs
     mix_init: tuple = (0.0, 0.0, 1.0)  # initial mix of memory, running mean and delta in every block
+    # How the run reports and saves itself (--resume may change these):
+    eval_every: int = 500  # steps between evaluations on the start of val (0: never)
+    eval_bytes: int = 1 << 20  # bytes of val those evaluations read
+    ckpt_every: int = 500  # steps between checkpoints
+    final_eval: bool = True  # evaluate on all of val when the run ends
 
     def __post_init__(self):
         self.mix_init = tuple(self.mix_init)  # a checkpoint's JSON gives a list
@@ -721,19 +726,28 @@ def learning_rate(step, total_steps, peak, warmup, final_fraction):
 # pass over the records in batches, the last partial batch dropped; the order
 # of epoch k is a function of (seed, k) alone, so the step number is the cursor.
 
-def open_records(path, seq_len):
-    """A read-only (n_records, seq_len + 1) uint8 view of a .bin file."""
+def open_bytes(path):
+    """A read-only uint8 view of a .bin file (memory-mapped: only what is read is loaded)."""
     if not os.path.exists(path):
         raise UserError(f"{path} not found: run `python prepare_data.py` first, or point --data-dir at the folder holding train.bin and val.bin")
-    size = os.path.getsize(path)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise UserError(f"{path} is {'empty' if os.path.isfile(path) else 'not a file'}: run `python prepare_data.py` again")
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def open_records(path, seq_len, fix="use more text or a smaller --seq-len"):
+    """A read-only (n_records, seq_len + 1) uint8 view of a .bin file."""
+    data = open_bytes(path)
     record = seq_len + 1
-    if size < record:
-        raise UserError(f"{path} holds {size} bytes, fewer than one record of seq_len + 1 = {record}: use more text or a smaller --seq-len")
-    n_records = size // record
-    return np.memmap(path, dtype=np.uint8, mode="r", shape=(n_records * record,)).reshape(n_records, record)
+    if len(data) < record:
+        raise UserError(f"{path} holds {len(data)} bytes, fewer than one record of seq_len + 1 = {record}: {fix}")
+    n_records = len(data) // record
+    return data[:n_records * record].reshape(n_records, record)
 
 
+@functools.lru_cache(maxsize=2)
 def epoch_order(n_records, seed, epoch):
+    """The order of the records in epoch `epoch`: a function of (seed, epoch) alone."""
     return np.random.default_rng([seed, epoch]).permutation(n_records)
 
 
@@ -751,20 +765,25 @@ def make_batch(records, rows, xp):
 # mid-write never leaves a broken checkpoint.
 
 def save_checkpoint(path, params, meta, adam_m=None, adam_v=None):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     arrays = {name: to_numpy(p) for name, p in params.items()}
     if adam_m is not None:
         arrays["adam.m"], arrays["adam.v"] = to_numpy(adam_m), to_numpy(adam_v)
     arrays["meta"] = np.array(json.dumps(dict(meta, format=CHECKPOINT_FORMAT)))
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError as exc:  # disk full, say: the half-written file must not keep the disk full
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write the checkpoint {path} ({exc.strerror or exc}): the previous one is kept; "
+                        f"free some disk space, then continue with --resume")
 
 
 def load_checkpoint(path):
     """-> (Config, params as NumPy float32 arrays, meta dict, {"adam.m", "adam.v"} or {})."""
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: train one with `python mora.py train`, or pass --ckpt PATH")
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -774,13 +793,21 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a readable MORA checkpoint (truncated or corrupt? {exc.__class__.__name__}): retrain, or resume from another copy")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} has checkpoint format {meta.get('format')!r}, this mora.py reads {CHECKPOINT_FORMAT!r}: use the mora.py that wrote it")
-    cfg = Config(**meta["config"])
+    try:
+        cfg = Config(**meta["config"])
+        TrainSettings(**meta.get("train", {}))
+    except (TypeError, KeyError) as exc:
+        raise UserError(f"{path} has settings this mora.py does not know ({exc}): use the mora.py that wrote it")
     params = {}
     for name, shape in param_shapes(cfg).items():
         if name not in arrays or arrays[name].shape != shape:
             raise UserError(f"{path} does not match its own config (parameter {name}): the file is damaged")
         params[name] = arrays[name].astype(np.float32)
+        if not np.isfinite(params[name]).all():
+            raise UserError(f"{path} holds non-finite weights (NaN or inf in {name}): that run diverged; use an earlier checkpoint or retrain")
     optimizer = {k: arrays[k] for k in ("adam.m", "adam.v") if k in arrays}
+    if any(m.shape != (count_params(cfg),) for m in optimizer.values()):
+        raise UserError(f"{path} has an Adam state of the wrong size for its model: the file is damaged")
     return cfg, params, meta, optimizer
 
 
@@ -790,13 +817,14 @@ def load_checkpoint(path):
 
 def pick_byte(logits, temperature, top_k, rng):
     """A byte from logits (V,) NumPy: greedy at temperature 0, else softmax(logits /
-    temperature) restricted to the top_k most likely bytes (0 = all)."""
+    temperature) restricted to the top_k most likely bytes (0 = all).  The max is
+    subtracted before dividing, so a tiny temperature gives 0 and -inf, never NaN."""
     if temperature == 0:
         return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
+    scaled = (logits.astype(np.float64) - logits.max()) / temperature
     if 0 < top_k < V:
         scaled[scaled < np.sort(scaled)[-top_k]] = -np.inf
-    probs = np.exp(scaled - scaled.max())
+    probs = np.exp(scaled)
     return int(rng.choice(V, p=probs / probs.sum()))
 
 
@@ -874,31 +902,72 @@ def make_workers(xp, threads):
     return pool
 
 
+# Loss by position within a record (or chunk): how fast the model uses its context.
+POSITION_GROUPS = [(0, 1), (1, 4), (4, 16), (16, 64), (64, None)]
+
+
+def position_report(position_loss, positions_each):
+    """'bits/byte by position: 0: 3.71  1-3: ...' from per-position summed losses (T,)."""
+    parts = []
+    for start, stop in POSITION_GROUPS:
+        stop = len(position_loss) if stop is None else min(stop, len(position_loss))
+        if start < stop:
+            bpb = position_loss[start:stop].sum() / (positions_each[start:stop].sum() * math.log(2))
+            parts.append(f"{start}{'' if stop == start + 1 else f'-{stop - 1}'}: {bpb:.3f}")
+    return "bits/byte by position: " + "  ".join(parts)
+
+
+def evaluation_result(total_loss, total_correct, position_loss, positions_each):
+    n = positions_each.sum()
+    return {"loss": total_loss / n, "accuracy": total_correct / n, "bpb": total_loss / n / math.log(2),
+            "bytes": int(n), "by_position": position_report(position_loss, positions_each)}
+
+
 def evaluate(params, records, batch_size, workers=None, progress=False):
     """Loss, accuracy and bits/byte over every record, in order, in batches of
     batch_size (the last one may be smaller); the recurrent state starts at zero in
     every record (the published protocol).  Forward only: no backward cache.  With a
     thread pool each batch's rows are shared out as in `batch_gradient`."""
     xp = array_module(params["embed"])
-    n = len(records)
-    starts = range(0, n, batch_size)
-    if progress:
-        from tqdm import tqdm
-        starts = tqdm(starts, desc="eval", unit="batch", leave=False)
+    n, T = len(records), records.shape[1] - 1
+    starts = progress_bar(range(0, n, batch_size), progress, desc="eval (records)", unit="batch")
 
-    def sums(x, y):  # summed loss and right predictions over the rows of x, y
+    def sums(x, y):  # per position (T,): summed loss and right predictions over the rows of x, y
         losses, correct, _ = forward_loss(params, x, y, keep_cache=False)
-        return float(losses.sum()), float(correct.sum())
+        return to_numpy(losses.sum(1)).astype(np.float64), float(correct.sum())
 
-    total_loss = total_correct = 0.0
+    position_loss, total_correct = np.zeros(T), 0.0
     for start in starts:
         x, y = make_batch(records, np.arange(start, min(n, start + batch_size)), xp)
         parts = [sums(x, y)] if workers is None else workers.map(lambda rows: sums(x[rows], y[rows]), row_slices(len(x), workers))
         for loss, correct in parts:
-            total_loss, total_correct = total_loss + loss, total_correct + correct
-    positions = n * (records.shape[1] - 1)
-    loss = total_loss / positions
-    return {"loss": loss, "accuracy": total_correct / positions, "bpb": loss / math.log(2)}
+            position_loss, total_correct = position_loss + loss, total_correct + correct
+    return evaluation_result(position_loss.sum(), total_correct, position_loss, np.full(T, n))
+
+
+def evaluate_stream(params, data, seq_len, progress=False):
+    """The bytes `data` read as one text: chunks of seq_len, the recurrent state
+    carried from chunk to chunk, every byte but the first predicted once.  This is
+    how the model reads a long text; the per-record protocol instead charges every
+    record a cold start.  Positions are counted within each chunk."""
+    xp = array_module(params["embed"])
+    state = initial_state(params, 1)
+    position_loss, positions_each, total_correct = np.zeros(seq_len), np.zeros(seq_len), 0.0
+    for start in progress_bar(range(0, len(data) - 1, seq_len), progress, desc="eval (stream)", unit="chunk"):
+        chunk = xp.asarray(np.asarray(data[start:start + seq_len + 1], dtype=np.int32))  # one byte more: the last target
+        logits, _, state = model_forward(params, chunk[:-1, None], state, keep_cache=False)  # (t, 1, V)
+        losses, correct, _ = cross_entropy_forward(logits.reshape(-1, V), chunk[1:])
+        position_loss[:len(losses)] += to_numpy(losses)
+        positions_each[:len(losses)] += 1
+        total_correct += float(correct.sum())
+    return evaluation_result(position_loss.sum(), total_correct, position_loss, positions_each)
+
+
+def progress_bar(items, show, **kwargs):
+    if not show:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, leave=False, dynamic_ncols=True, **kwargs)
 
 
 def keep_freed_memory():
@@ -915,6 +984,30 @@ def keep_freed_memory():
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
 
 
+def step_memory_bytes(cfg):
+    """About what a training step holds: per position ~20 d floats a block kept for
+    the backward, and the logits twice; then parameters, gradient and Adam's two
+    moments.  (Measured peaks: README, Speed.)"""
+    positions = cfg.batch_size * cfg.seq_len
+    return 4 * positions * (20 * cfg.n_layers * cfg.d_model + 2 * V) + 16 * count_params(cfg)
+
+
+def check_memory(cfg, xp):
+    """Refuse a model that cannot fit, before it is built, rather than be killed by the OS."""
+    if xp is np:
+        try:
+            with open("/proc/meminfo") as f:
+                available = int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+        except (OSError, StopIteration):
+            return
+    else:
+        available = cupy.cuda.runtime.memGetInfo()[0]
+    need = step_memory_bytes(cfg)
+    if need > available:
+        raise UserError(f"a training step of this model needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB is free: "
+                        f"lower --batch-size, --seq-len or --d-model")
+
+
 def step_traffic_bytes(cfg):
     """A floor on a training step's memory traffic in bytes: per position and block,
     the 16 d floats the backward needs are written once, read once, and so are their
@@ -927,6 +1020,7 @@ def bench(args):
     """Time training steps (batch, forward, backward, clip, Adam) on random bytes."""
     xp = select_backend(args.device)
     cfg = model_config(args)
+    check_memory(cfg, xp)
     workers = make_workers(xp, args.threads)
     if xp is np:
         keep_freed_memory()
@@ -959,7 +1053,7 @@ def bench(args):
 
 
 # ----------------------------------------------------------------------------
-# Training: start or resume a run, then the loop; the log and the progress line.
+# Training: start or resume a run, then the loop; the log, the lock, the signals.
 
 def print_summary(cfg, xp, workers=None):
     d = cfg.d_model
@@ -976,55 +1070,68 @@ def print_summary(cfg, xp, workers=None):
     print(f"{'total':<38}{'':>12}{count_params(cfg):>12,}   (one block: {block:,})")
 
 
-LOG_FIELDS = ["step", "bytes", "lr", "loss", "bpb", "accuracy", "grad_norm", "ms_per_step",
-              "val_loss", "val_bpb", "val_accuracy"]
-
-
-def open_log(path, step):
-    """The CSV log beside the checkpoint, kept up to `step` (rows a crashed run wrote
-    after its last checkpoint are dropped), opened for appending."""
-    rows = []
-    if step > 0 and os.path.exists(path):
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    f = open(path, "w", newline="")
-    writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    return f, writer
-
-
 @dataclass
 class Run:
-    """What a training run is: its model, settings and data, and where it stands."""
+    """A training run: its model, settings and data, its parameters, gradient mask
+    and Adam moments on the device, and the step it stands at (also the data cursor)."""
     cfg: Config
     settings: TrainSettings
-    params_np: dict  # NumPy float32 parameters to start from
-    adam_state: dict  # {"adam.m", "adam.v"} from a checkpoint, or {}
     step: int
     train_records: np.ndarray
     val_records: np.ndarray
+    flat: object  # every parameter in one vector (xp array)
+    params: dict  # name -> view into flat
+    trainable: object  # flat 0/1 mask: 0 where an ablation holds a parameter at zero
+    adam_m: object
+    adam_v: object
+
+    def meta(self):
+        epoch, position = divmod(self.step, len(self.train_records) // self.cfg.batch_size)
+        return {"config": asdict(self.cfg), "step": self.step, "train": asdict(self.settings),
+                "data": {"train_records": len(self.train_records), "epoch": epoch, "batch_in_epoch": position,
+                         "order": "numpy default_rng([seed, epoch]).permutation(train_records)"}}
+
+    def save(self, path):
+        save_checkpoint(path, self.params, self.meta(), self.adam_m, self.adam_v)
 
 
-def start_or_resume(args):
+def resumed_settings(args, meta, chosen):
+    """The run's own settings, with what a resume may change: how it logs, and a
+    longer run (--max-steps), which stretches the cosine decay (said in one line)."""
+    settings = TrainSettings(**meta["train"])
+    changed = {k: v for k, v in chosen.items() if getattr(settings, k) != (tuple(v) if k == "mix_init" else v)}
+    refused = {k: v for k, v in changed.items() if k not in ADJUSTABLE_ON_RESUME}
+    if refused:
+        raise UserError(f"--resume continues the run with its own settings {asdict(settings)}; these flags differ: {refused}")
+    if "max_steps" in changed:
+        if changed["max_steps"] <= meta["step"]:
+            raise UserError(f"--max-steps {changed['max_steps']}: the run is already at step {meta['step']}")
+        print(f"schedule: the run now ends at step {changed['max_steps']:,} instead of {settings.max_steps:,}; warmup stays "
+              f"{settings.warmup}, the cosine decay is stretched to the new end")
+    for k, v in changed.items():
+        setattr(settings, k, v)
+    return settings
+
+
+def start_or_resume(args, xp):
     """A new run from the flags, or the run in --ckpt with its own settings (--resume)."""
     chosen = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None}
     if args.resume:
+        if args.overwrite:
+            raise UserError("--resume and --overwrite contradict each other: --resume continues --ckpt, --overwrite starts it over")
         cfg, params_np, meta, adam_state = load_checkpoint(args.ckpt)
         asked = model_config(args, base=cfg)
         if asked != cfg:
             raise UserError(f"--resume: {args.ckpt} is a {asdict(cfg)} model, the flags ask for {asdict(asked)}: drop the size flags or use another --ckpt")
-        settings, step = TrainSettings(**meta["train"]), meta["step"]
-        changed = {k: v for k, v in chosen.items() if getattr(settings, k) != (tuple(v) if k == "mix_init" else v)}
-        if changed:
-            raise UserError(f"--resume continues the run with its own settings {asdict(settings)}; these flags differ: {changed}")
         if not adam_state:
             raise UserError(f"{args.ckpt} holds weights only (no optimizer state): it cannot be resumed")
+        settings, step = resumed_settings(args, meta, chosen), meta["step"]
     else:
         if os.path.exists(args.ckpt) and not args.overwrite:
             raise UserError(f"{args.ckpt} exists: pass --resume to continue it, --overwrite to start over, or another --ckpt")
         cfg, settings, step, meta = model_config(args), TrainSettings(**chosen), 0, None
         params_np, adam_state = init_params(cfg, settings.seed, mix=settings.mix_init), {}
+    check_memory(cfg, xp)
     train_records = open_records(os.path.join(args.data_dir, "train.bin"), cfg.seq_len)
     val_records = open_records(os.path.join(args.data_dir, "val.bin"), cfg.seq_len)
     if meta and meta["data"]["train_records"] != len(train_records):
@@ -1037,14 +1144,113 @@ def start_or_resume(args):
         settings.max_steps = settings.epochs * steps_per_epoch
     if settings.warmup is None:
         settings.warmup = default_warmup(settings.max_steps)
-    return Run(cfg, settings, params_np, adam_state, step, train_records, val_records)
+    trainable = xp.asarray(flatten(trainable_mask(cfg), list(param_shapes(cfg))))
+    flat, params = flat_parameters(params_np, xp)
+    flat *= trainable  # ablated parameters start (and stay) at 0
+    adam_m = xp.asarray(adam_state.get("adam.m", np.zeros(flat.shape, np.float32)))
+    adam_v = xp.asarray(adam_state.get("adam.v", np.zeros(flat.shape, np.float32)))
+    return Run(cfg, settings, step, train_records, val_records, flat, params, trainable, adam_m, adam_v)
 
 
-def checkpoint_meta(run, step):
-    epoch, position = divmod(step, len(run.train_records) // run.cfg.batch_size)
-    return {"config": asdict(run.cfg), "step": step, "train": asdict(run.settings),
-            "data": {"train_records": len(run.train_records), "epoch": epoch, "batch_in_epoch": position,
-                     "order": "numpy default_rng([seed, epoch]).permutation(train_records)"}}
+def prepare_output(ckpt):
+    """Check, before step 1, that the checkpoint and its log can be written; returns
+    the log's path.  A run that trains for hours must not fail at its first save."""
+    log_path = os.path.splitext(ckpt)[0] + ".csv"
+    if log_path == ckpt:
+        raise UserError(f"--ckpt {ckpt} would be overwritten by its own log: name the checkpoint .npz")
+    folder = os.path.dirname(os.path.abspath(ckpt))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the folder {folder} for --ckpt ({exc.strerror}): choose another --ckpt")
+    for path in (ckpt, log_path):
+        if os.path.isdir(path):
+            raise UserError(f"{path} is a folder: --ckpt must name a file, e.g. {os.path.join(ckpt, 'mora.npz')}")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write to {folder}: choose another --ckpt")
+    return log_path
+
+
+def lock_checkpoint(ckpt):
+    """Hold an exclusive lock on CKPT.lock for as long as this process trains, so that
+    a second run on the same checkpoint stops at once, in one line.  The operating
+    system drops the lock when the process ends, however it ends: a stale lock never
+    blocks.  (No lock where fcntl is missing, on Windows.)"""
+    lock = open(ckpt + ".lock", "a+")
+    try:
+        import fcntl
+    except ImportError:
+        return lock
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise UserError(f"{ckpt} is being trained by process {holder}: wait for it to end (or stop it), or use another --ckpt")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+LOG_FIELDS = ["step", "bytes", "lr", "loss", "bpb", "accuracy", "grad_norm", "ms_per_step",
+              "val_loss", "val_bpb", "val_accuracy", "val_stream_bpb"]
+
+
+class TrainingLog:
+    """The CSV log beside the checkpoint: a row per step, flushed as it is written, so
+    the log never lags the checkpoint.  On --resume the rows after the checkpoint's
+    step (from a run that crashed after its last save) are dropped: the rows kept go
+    to a new file that replaces the old one in one rename, so no crash can leave the
+    log empty.  A log that cannot be read is set aside as .bad: never a reason not to
+    resume the weights."""
+
+    def __init__(self, path, step):
+        rows = []
+        if step > 0 and os.path.exists(path):
+            try:
+                with open(path, newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+            except (ValueError, KeyError, TypeError, csv.Error, UnicodeDecodeError) as exc:
+                os.replace(path, path + ".bad")
+                print(f"warning: {path} could not be read ({exc.__class__.__name__}); it is kept as {path}.bad "
+                      f"and a new log starts at step {step}", file=sys.stderr)
+                rows = []
+        with open(path + ".tmp", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(path + ".tmp", path)
+        self.file = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=LOG_FIELDS, extrasaction="ignore")
+
+    def write(self, row):
+        self.writer.writerow(row)
+        self.file.flush()
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (`kill`, job schedulers) while training: the first
+    asks the loop to stop after the step under way, and says so at once; a second
+    stops at once (KeyboardInterrupt), leaving the last checkpoint as it was."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step, then saving "
+              f"(send it again to stop at once, without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def log_row(step, bytes_seen, lr, loss, accuracy, grad_norm, seconds):
@@ -1075,101 +1281,141 @@ class Speed:
         return f"{1000 * self.seconds / self.steps:.1f} ms/step, {self.bytes_per_step * self.steps / self.seconds:,.0f} bytes/s"
 
 
+# Core-seconds a CPU spends per parameter and byte of a training step (the small
+# model at 32 x 256 on the development VM: README, Speed), to warn before long runs.
+CPU_SECONDS_PER_PARAM_BYTE = 2.1e-10
+
+
+def warn_if_long(run, end, xp, workers):
+    """On the CPU, say before step 1 when the run will take hours, and what is quicker."""
+    if xp is not np:
+        return
+    seconds = ((end - run.step) * run.cfg.batch_size * run.cfg.seq_len * count_params(run.cfg)
+               * CPU_SECONDS_PER_PARAM_BYTE / workers.threads)
+    if seconds > 3600:
+        print(f"note: on this CPU ({workers.threads} threads) this run will take about {seconds / 3600:.0f} hours. "
+              f"A good small model in minutes: --batch-size 32 --max-steps 3000 (README: the reference CPU run)")
+
+
+def check_finite(run, loss, grad_norm, ckpt):
+    for name, value in (("loss", loss), ("gradient norm", grad_norm)):
+        if not math.isfinite(value):
+            s = run.settings
+            raise UserError(f"the {name} became {value} at step {run.step}; likely causes: a learning rate too high "
+                            f"(--lr {s.lr:g}), an Adam beta2 too close to 1 ({s.beta2:g}), or a damaged train.bin. "
+                            f"{ckpt} holds the last good checkpoint")
+
+
 def train(args):
-    from tqdm import tqdm
     xp = select_backend(args.device)
-    run = start_or_resume(args)
-    cfg, settings, step = run.cfg, run.settings, run.step
+    log_path = prepare_output(args.ckpt)
+    run = start_or_resume(args, xp)
     workers = make_workers(xp, args.threads)
     if xp is np:
         keep_freed_memory()
-    steps_per_epoch = len(run.train_records) // cfg.batch_size
-    end = settings.max_steps if args.stop_after is None else min(settings.max_steps, step + args.stop_after)
-    eval_records = run.val_records[:max(1, args.eval_bytes // (cfg.seq_len + 1))]
-    print_summary(cfg, xp, workers)
-    print(f"data: {len(run.train_records):,} train records of {cfg.seq_len + 1} bytes, {steps_per_epoch:,} steps per epoch; "
-          f"{len(run.val_records):,} val records")
-    print(f"training: steps {step:,} -> {end:,} of {settings.max_steps:,}, lr {settings.lr:g} "
-          f"(warmup {settings.warmup}, cosine to {settings.final_lr_fraction:g}x), clip {settings.clip:g}")
+    s = run.settings
+    end = s.max_steps if args.stop_after is None else min(s.max_steps, run.step + args.stop_after)
+    print_summary(run.cfg, xp, workers)
+    print(f"data: {len(run.train_records):,} train records of {run.cfg.seq_len + 1} bytes, "
+          f"{len(run.train_records) // run.cfg.batch_size:,} steps per epoch; {len(run.val_records):,} val records")
+    print(f"training: steps {run.step:,} -> {end:,} of {s.max_steps:,}, lr {s.lr:g} (warmup {s.warmup}, "
+          f"cosine to {s.final_lr_fraction:g}x), clip {s.clip:g}, Adam beta2 {s.beta2:g}")
+    if run.cfg.ablate != "none":
+        print(f"ablation {run.cfg.ablate}: {int(run.trainable.sum()):,} trainable parameters")
+    warn_if_long(run, end, xp, workers)
+    lock = lock_checkpoint(args.ckpt)
+    log = TrainingLog(log_path, run.step)
+    with StopSignals() as stop:
+        speed = train_loop(run, end, args.ckpt, log, stop, workers)
+        run.save(args.ckpt)
+    print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {log_path}")
+    if speed.steps:
+        print(f"speed: {speed}")
+    if stop.requested:
+        print(f"stopped: continue with `python mora.py train --resume --ckpt {args.ckpt}`")
+        return 130
+    if run.step == s.max_steps and s.final_eval:
+        final_evaluation(run, workers, log)
+    lock.close()
+    return 0
 
-    trainable = xp.asarray(flatten(trainable_mask(cfg), list(param_shapes(cfg))))
-    flat, params = flat_parameters(run.params_np, xp)
-    flat *= trainable  # ablated parameters start (and stay) at 0
-    if cfg.ablate != "none":
-        print(f"ablation {cfg.ablate}: {int(trainable.sum()):,} trainable parameters")
-    adam_m = xp.asarray(run.adam_state.get("adam.m", np.zeros(flat.shape, np.float32)))
-    adam_v = xp.asarray(run.adam_state.get("adam.v", np.zeros(flat.shape, np.float32)))
-    log_path = os.path.splitext(args.ckpt)[0] + ".csv"
-    os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
-    log_file, log = open_log(log_path, step)
 
-    stop = []  # Ctrl-C finishes the step under way, then saves and exits
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
-    bytes_per_step = cfg.batch_size * cfg.seq_len
+def train_loop(run, end, ckpt, log, stop, workers):
+    """Steps from run.step to end: batch, learning rate, step, log, evaluation, checkpoint."""
+    from tqdm import tqdm
+    cfg, s, xp = run.cfg, run.settings, array_module(run.flat)
+    steps_per_epoch, bytes_per_step = len(run.train_records) // cfg.batch_size, cfg.batch_size * cfg.seq_len
     speed = Speed(bytes_per_step)
-    bar = tqdm(total=end, initial=step, unit="step", dynamic_ncols=True)
-    order_epoch, order = None, None
-    try:
-        while step < end and not stop:
-            epoch, k = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = epoch_order(len(run.train_records), settings.seed, epoch), epoch
+    with tqdm(total=end, initial=run.step, unit="step", dynamic_ncols=True) as bar:
+        while run.step < end and not stop.requested:
+            epoch, k = divmod(run.step, steps_per_epoch)
+            rows = epoch_order(len(run.train_records), s.seed, epoch)[k * cfg.batch_size:(k + 1) * cfg.batch_size]
             started = time.perf_counter()
-            x, y = make_batch(run.train_records, order[k * cfg.batch_size:(k + 1) * cfg.batch_size], xp)
-            lr = learning_rate(step, settings.max_steps, settings.lr, settings.warmup, settings.final_lr_fraction)
-            loss, accuracy, grad_norm = train_step(params, flat, adam_m, adam_v, x, y, step, lr, settings, trainable, workers)
-            loss, accuracy, grad_norm = float(loss), float(accuracy), float(grad_norm)  # the one host sync
-            seconds = time.perf_counter() - started
-            if not math.isfinite(loss):
-                raise UserError(f"the loss became {loss} at step {step}: lower --lr (the checkpoint at {args.ckpt} is from before)")
-            step += 1
-            speed.add(seconds)
-            row = log_row(step, step * bytes_per_step, lr, loss, accuracy, grad_norm, seconds)
-            if args.eval_every and (step % args.eval_every == 0 or step == settings.max_steps):
-                val = evaluate(params, eval_records, cfg.batch_size, workers)
+            x, y = make_batch(run.train_records, rows, xp)
+            lr = learning_rate(run.step, s.max_steps, s.lr, s.warmup, s.final_lr_fraction)
+            step_result = train_step(run.params, run.flat, run.adam_m, run.adam_v, x, y, run.step, lr, s, run.trainable, workers)
+            loss, accuracy, grad_norm = (float(a) for a in step_result)  # the one host sync
+            check_finite(run, loss, grad_norm, ckpt)
+            run.step += 1
+            speed.add(time.perf_counter() - started)
+            row = log_row(run.step, run.step * bytes_per_step, lr, loss, accuracy, grad_norm, time.perf_counter() - started)
+            final_step = run.step == s.max_steps and s.final_eval  # all of val is evaluated then: not twice
+            if s.eval_every and run.step % s.eval_every == 0 and not final_step:
+                records = run.val_records[:max(1, s.eval_bytes // (cfg.seq_len + 1))]
+                val = evaluate(run.params, records, cfg.batch_size, workers, progress=True)
                 row.update(val_columns(val))
-                bar.write(f"step {step:,}: val bits/byte {val['bpb']:.4f} (first {len(eval_records) * (cfg.seq_len + 1):,} bytes), accuracy {val['accuracy']:.4f}")
-            log.writerow(row)
-            if step % args.ckpt_every == 0:
-                save_checkpoint(args.ckpt, params, checkpoint_meta(run, step), adam_m, adam_v)
-                log_file.flush()
+                bar.write(f"step {run.step:,}: val bits/byte {val['bpb']:.4f} (first {val['bytes']:,} bytes), accuracy {val['accuracy']:.4f}")
+            log.write(row)
+            if run.step % s.ckpt_every == 0:
+                run.save(ckpt)
             bar.set_postfix_str(f"loss {loss:.4f} acc {accuracy:.3f} bpb {loss / math.log(2):.4f} lr {lr:.2e} "
                                 f"gnorm {grad_norm:.2f} {speed}")
             bar.update(1)
-    finally:
-        bar.close()
-        signal.signal(signal.SIGINT, previous_handler)
-    save_checkpoint(args.ckpt, params, checkpoint_meta(run, step), adam_m, adam_v)
-    print(f"checkpoint: {args.ckpt} (step {step:,}); log: {log_path}")
-    if stop:
-        log_file.close()
-        print(f"interrupted: continue with `python mora.py train --resume --ckpt {args.ckpt}`")
-        return 130
-    if speed.steps:
-        print(f"speed: {speed}")
-    if step == settings.max_steps:
-        val = evaluate(params, run.val_records, cfg.batch_size, workers, progress=True)
-        log.writerow({"step": step, "bytes": step * bytes_per_step, **val_columns(val)})
-        print(f"val ({len(run.val_records):,} records): loss {val['loss']:.4f} nats/byte, accuracy {val['accuracy']:.4f}, "
-              f"{val['bpb']:.4f} bits/byte")
-    log_file.close()
-    return 0
+    return speed
+
+
+def final_evaluation(run, workers, log):
+    """The end of a run: all of val by the published protocol (the state reset every
+    record), and the start of val read as one text (the state carried)."""
+    cfg = run.cfg
+    full = evaluate(run.params, run.val_records, cfg.batch_size, workers, progress=True)
+    stream = evaluate_stream(run.params, run.val_records.reshape(-1)[:run.settings.eval_bytes], cfg.seq_len, progress=True)
+    log.write({"step": run.step, "bytes": run.step * cfg.batch_size * cfg.seq_len, **val_columns(full),
+               "val_stream_bpb": f"{stream['bpb']:.5f}"})
+    print_evaluation(f"val, per record (all {len(run.val_records):,} records, the state reset every {cfg.seq_len + 1} bytes)", full)
+    print_evaluation(f"val, streamed (the first {stream['bytes'] + 1:,} bytes as one text, the state carried)", stream)
+
+
+def print_evaluation(name, result):
+    print(f"{name}: loss {result['loss']:.4f} nats/byte, accuracy {result['accuracy']:.4f}, {result['bpb']:.4f} bits/byte")
+    print(f"    {result['by_position']}")
 
 
 def evaluate_checkpoint(args):
     xp = select_backend(args.device)
     cfg, params_np, meta, _ = load_checkpoint(args.ckpt)
-    records = open_records(os.path.join(args.data_dir, f"{args.split}.bin"), cfg.seq_len)
-    if args.max_bytes:
-        records = records[:max(1, args.max_bytes // (cfg.seq_len + 1))]
+    path = os.path.join(args.data_dir, f"{args.split}.bin")
     params = {k: xp.asarray(p) for k, p in params_np.items()}
-    workers = make_workers(xp, args.threads)
     started = time.perf_counter()
-    result = evaluate(params, records, args.batch_size or cfg.batch_size, workers, progress=True)
+    if args.stream:
+        data = open_bytes(path)
+        data = data[:args.max_bytes or len(data)]
+        if len(data) < 2:
+            raise UserError(f"--max-bytes {args.max_bytes}: at least 2 bytes are needed, one to read and one to predict")
+        result = evaluate_stream(params, data, cfg.seq_len, progress=True)
+        protocol = f"read as one text in chunks of {cfg.seq_len}, the state carried"
+    else:
+        fix = f"this checkpoint reads records of seq_len + 1 = {cfg.seq_len + 1} bytes: evaluate on more text"
+        records = open_records(path, cfg.seq_len, fix)
+        if args.max_bytes:
+            records = records[:max(1, args.max_bytes // (cfg.seq_len + 1))]
+        result = evaluate(params, records, args.batch_size or cfg.batch_size, make_workers(xp, args.threads), progress=True)
+        protocol = f"{len(records):,} records, the state reset every record"
     seconds = time.perf_counter() - started
-    print(f"{args.ckpt} (step {meta['step']:,}) on {args.split}: {len(records):,} records, "
-          f"{records.size:,} bytes, {records.size / seconds:,.0f} bytes/s")
+    print(f"{args.ckpt} (step {meta['step']:,}) on {args.split}: {result['bytes']:,} bytes predicted, {protocol}, "
+          f"{result['bytes'] / seconds:,.0f} bytes/s")
     print(f"loss {result['loss']:.4f} nats/byte  accuracy {result['accuracy']:.4f}  bits/byte {result['bpb']:.4f}")
+    print(result["by_position"])
     return 0
 
 
@@ -1193,32 +1439,27 @@ def sample(args):
 # ----------------------------------------------------------------------------
 # Command line
 
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def number_parser(kind, check, rule):
+    """An argparse type: kind(text), accepted when check(value), else 'must be {rule}'."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not check(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    parse.__name__ = rule  # argparse names the type by it in some messages
+    return parse
 
 
-def nonnegative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def fraction(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+positive_int = number_parser(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = number_parser(int, lambda v: v >= 0, "0 or more")
+positive_float = number_parser(float, lambda v: 0 < v < math.inf, "a positive number")
+nonnegative_float = number_parser(float, lambda v: 0 <= v < math.inf, "0 or a positive number")
+fraction = number_parser(float, lambda v: 0 <= v <= 1, "between 0 and 1")
+decay = number_parser(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
+finite_float = number_parser(float, math.isfinite, "a finite number")
 
 
 def model_config(args, base=None):
@@ -1239,12 +1480,18 @@ SETTING_FLAGS = {
     "warmup": (nonnegative_int, f"warmup steps (None: a third of the run, at most {WARMUP_CAP})"),
     "final_lr_fraction": (fraction, "the cosine decay ends at this fraction of --lr"),
     "clip": (positive_float, "global gradient-norm clip"),
-    "beta2": (fraction, "Adam's second-moment decay"),
+    "beta2": (decay, "Adam's second-moment decay"),
     "seed": (nonnegative_int, "initialisation and data order"),
     "epochs": (positive_int, "whole passes over train.bin"),
-    "max_steps": (positive_int, "train this many steps instead of whole epochs"),
-    "mix_init": (float, "initial mix of memory, running mean and delta in every block"),
+    "max_steps": (positive_int, "train this many steps instead of whole epochs (on --resume: a longer run)"),
+    "mix_init": (finite_float, "initial mix of memory, running mean and delta in every block"),
+    "eval_every": (nonnegative_int, "steps between evaluations on the start of val (0: never)"),
+    "eval_bytes": (positive_int, "bytes of val those evaluations read (and the final streamed one)"),
+    "ckpt_every": (positive_int, "steps between checkpoints"),
+    "final_eval": (None, "evaluate on all of val when the run ends"),
 }
+# What --resume may change: how the run reports, and how long it runs.
+ADJUSTABLE_ON_RESUME = ("max_steps", "eval_every", "eval_bytes", "ckpt_every", "final_eval")
 
 
 def build_parser():
@@ -1252,7 +1499,7 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = {f.name: f.default for f in fields(TrainSettings)}
 
-    def common(name, text, model=False, data=False, threads=False):
+    def command(name, text, model=False, data=False):
         p = commands.add_parser(name, help=text, description=text)
         p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                        help="auto: the GPU when CuPy can use one, else the CPU")
@@ -1265,53 +1512,57 @@ def build_parser():
             p.add_argument("--batch-size", type=positive_int, help=f"default {Config.batch_size}" + (" or the checkpoint's" if data else ""))
         if data:
             p.add_argument("--data-dir", default="data", help="the folder holding train.bin and val.bin")
-        if threads:
+        if name != "sample":
             p.add_argument("--threads", type=positive_int, help="CPU worker threads (default: every core)")
+        p.add_argument("--ckpt", default="checkpoints/mora.npz", help="checkpoint (training's log goes beside it as .csv)")
         return p
 
-    p = common("train", "train a model (defaults: the published run, one epoch)", model=True, data=True, threads=True)
-    p.add_argument("--ckpt", default="checkpoints/mora.npz", help="checkpoint; its log goes beside it as .csv")
+    p = command("train", "train a model (defaults: the published run, one epoch)", model=True, data=True)
     p.add_argument("--ablate", choices=list(ABLATIONS), help="switch off a part of the block (default none)")
     for name, (kind, text) in SETTING_FLAGS.items():
-        extra = dict(nargs=3, metavar=("C", "A", "E")) if name == "mix_init" else {}
-        p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"{text} (default {defaults[name]})", **extra)
+        flag = "--" + name.replace("_", "-")
+        if kind is None:  # a yes/no setting: --final-eval / --no-final-eval
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{text} (default: yes)")
+        else:
+            extra = dict(nargs=3, metavar=("C", "A", "E")) if name == "mix_init" else {}
+            p.add_argument(flag, type=kind, help=f"{text} (default {defaults[name]})", **extra)
     p.add_argument("--resume", action="store_true", help="continue the run in --ckpt exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="start over even if --ckpt exists")
     p.add_argument("--stop-after", type=positive_int, help="stop (and save) after this many steps of this call, keeping the whole run's schedule")
-    p.add_argument("--eval-every", type=nonnegative_int, default=500, help="steps between evaluations on the start of val (0: never)")
-    p.add_argument("--eval-bytes", type=positive_int, default=1 << 20, help="bytes of val used by the periodic evaluation")
-    p.add_argument("--ckpt-every", type=positive_int, default=500, help="steps between checkpoints")
 
-    p = common("sample", "generate text from a checkpoint")
-    p.add_argument("--ckpt", default="checkpoints/mora.npz")
+    p = command("sample", "generate text from a checkpoint")
     p.add_argument("--prompt", default="Once upon a time")
     p.add_argument("--length", type=nonnegative_int, default=500, help="bytes to generate")
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--temperature", type=nonnegative_float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=nonnegative_int, default=0, help="sample among the k likeliest bytes (0: all)")
     p.add_argument("--seed", type=nonnegative_int, default=0)
 
-    p = common("eval", "loss, accuracy and bits/byte of a checkpoint on every record of a split", data=True, threads=True)
-    p.add_argument("--ckpt", default="checkpoints/mora.npz")
-    p.add_argument("--split", choices=["val", "train"], default="val")
+    p = command("eval", "loss, accuracy and bits/byte of a checkpoint on a split", data=True)
+    p.add_argument("--split", choices=["val", "train", "test"], default="val")
     p.add_argument("--max-bytes", type=nonnegative_int, default=0, help="only the first N bytes of the split (0: all)")
+    p.add_argument("--stream", action="store_true", help="read the split as one text, the state carried across chunks "
+                                                         "(default: every record on its own, the published protocol)")
 
-    p = common("bench", "time training steps on random bytes: ms/step and bytes/s", model=True, threads=True)
+    p = command("bench", "time training steps on random bytes: ms/step and bytes/s", model=True)
     p.add_argument("--steps", type=positive_int, default=10)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if getattr(args, "temperature", 0) < 0:
-        print("error: --temperature must be 0 (greedy) or more", file=sys.stderr)
-        return 2
     command = {"train": train, "sample": sample, "eval": evaluate_checkpoint, "bench": bench}[args.command]
     try:
         return command(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # training handles Ctrl-C itself; elsewhere there is nothing to save
+    except BrokenPipeError:  # `mora.py sample | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
+    except OSError as exc:  # the file system said no: say what and where, in one line
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one elsewhere: nothing more to save
         print("\ninterrupted", file=sys.stderr)
         return 130
 

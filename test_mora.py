@@ -434,11 +434,15 @@ def test_bad_input_errors(data_dir, tmp_path, capsys):
     assert "corrupt" in error_of("sample", "--ckpt", tmp_path / "junk.npz", "--device", "cpu")
     if mora.select_backend("auto") is np:
         assert "--device cpu" in error_of("bench", "--device", "gpu")
-    for flags in (["--batch-size", "0"], ["--lr", "-1"], ["--seq-len", "0"], ["--size", "huge"]):
+    for flags in (["--batch-size", "0"], ["--lr", "-1"], ["--seq-len", "0"], ["--size", "huge"], ["--beta2", "1"],
+                  ["--lr", "nan"], ["--mix-init", "0", "inf", "1"]):
         with pytest.raises(SystemExit) as exit_info:
             run_main(*train, *flags)
         assert exit_info.value.code == 2 and "usage" in capsys.readouterr().err
-    assert run_main("sample", "--ckpt", ckpt, "--temperature", "-1") == 2
+    for temperature in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main("sample", "--ckpt", ckpt, "--temperature", temperature)
+        assert exit_info.value.code == 2 and "usage" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------
