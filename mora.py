@@ -821,7 +821,8 @@ def pick_byte(logits, temperature, top_k, rng):
     subtracted before dividing, so a tiny temperature gives 0 and -inf, never NaN."""
     if temperature == 0:
         return int(np.argmax(logits))
-    scaled = (logits.astype(np.float64) - logits.max()) / temperature
+    with np.errstate(over="ignore"):  # -inf is the right answer for a tiny temperature
+        scaled = (logits.astype(np.float64) - logits.max()) / temperature
     if 0 < top_k < V:
         scaled[scaled < np.sort(scaled)[-top_k]] = -np.inf
     probs = np.exp(scaled)
@@ -1130,8 +1131,8 @@ def start_or_resume(args, xp):
         if os.path.exists(args.ckpt) and not args.overwrite:
             raise UserError(f"{args.ckpt} exists: pass --resume to continue it, --overwrite to start over, or another --ckpt")
         cfg, settings, step, meta = model_config(args), TrainSettings(**chosen), 0, None
+        check_memory(cfg, xp)
         params_np, adam_state = init_params(cfg, settings.seed, mix=settings.mix_init), {}
-    check_memory(cfg, xp)
     train_records = open_records(os.path.join(args.data_dir, "train.bin"), cfg.seq_len)
     val_records = open_records(os.path.join(args.data_dir, "val.bin"), cfg.seq_len)
     if meta and meta["data"]["train_records"] != len(train_records):
@@ -1286,11 +1287,11 @@ class Speed:
 CPU_SECONDS_PER_PARAM_BYTE = 2.1e-10
 
 
-def warn_if_long(run, end, xp, workers):
+def warn_if_long(run, xp, workers):
     """On the CPU, say before step 1 when the run will take hours, and what is quicker."""
     if xp is not np:
         return
-    seconds = ((end - run.step) * run.cfg.batch_size * run.cfg.seq_len * count_params(run.cfg)
+    seconds = ((run.settings.max_steps - run.step) * run.cfg.batch_size * run.cfg.seq_len * count_params(run.cfg)
                * CPU_SECONDS_PER_PARAM_BYTE / workers.threads)
     if seconds > 3600:
         print(f"note: on this CPU ({workers.threads} threads) this run will take about {seconds / 3600:.0f} hours. "
@@ -1322,7 +1323,7 @@ def train(args):
           f"cosine to {s.final_lr_fraction:g}x), clip {s.clip:g}, Adam beta2 {s.beta2:g}")
     if run.cfg.ablate != "none":
         print(f"ablation {run.cfg.ablate}: {int(run.trainable.sum()):,} trainable parameters")
-    warn_if_long(run, end, xp, workers)
+    warn_if_long(run, xp, workers)
     lock = lock_checkpoint(args.ckpt)
     log = TrainingLog(log_path, run.step)
     with StopSignals() as stop:

@@ -9,16 +9,26 @@ and the final validation on all of val as a ring.
 import argparse
 import csv
 import os
+import sys
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 
 def read_log(path):
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    train = [(int(r["bytes"]), float(r["bpb"])) for r in rows if r["bpb"]]
-    val = [(int(r["bytes"]), float(r["val_bpb"])) for r in rows if r["val_bpb"] and r["bpb"]]
-    full_val = [(int(r["bytes"]), float(r["val_bpb"])) for r in rows if r["val_bpb"] and not r["bpb"]]
+    """(train, val, full_val) points (bytes seen, bits/byte) of one log; SystemExit with
+    one line when the log is missing, empty or not a training log."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        train = [(int(r["bytes"]), float(r["bpb"])) for r in rows if r["bpb"]]
+        val = [(int(r["bytes"]), float(r["val_bpb"])) for r in rows if r["val_bpb"] and r["bpb"]]
+        full_val = [(int(r["bytes"]), float(r["val_bpb"])) for r in rows if r["val_bpb"] and not r["bpb"]]
+    except OSError as exc:
+        sys.exit(f"error: {path}: {exc.strerror}")
+    except (KeyError, TypeError, ValueError, csv.Error, UnicodeDecodeError) as exc:
+        sys.exit(f"error: {path} is not a mora.py training log ({exc.__class__.__name__}: {exc})")
+    if not train:
+        sys.exit(f"error: {path} has no training rows yet: plot it after a step has been logged")
     return train, val, full_val
 
 
@@ -30,7 +40,7 @@ def running_mean(points, window):
     return out
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("logs", nargs="+")
     parser.add_argument("--out", default="curve.svg")
@@ -38,13 +48,13 @@ def main():
     parser.add_argument("--title", default="MORA learning curve")
     parser.add_argument("--ymax", type=float, default=4.0)
     parser.add_argument("--labels", nargs="+", help="one name per log (default: the file names)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     labels = args.labels or [os.path.splitext(os.path.basename(p))[0] for p in args.logs]
     curves = [(label, *read_log(p)) for label, p in zip(labels, args.logs)]
     width, height, left, right, top, bottom = 720, 420, 60, 20, 40, 50
     x_max = max(x for _, train, val, full in curves for x, _ in train + val + full)
     y_min = min(y for _, train, val, full in curves for _, y in train + val + full)
-    y_min = max(0.0, int(y_min * 2 - 1) / 2)
+    y_min = min(max(0.0, int(y_min * 2 - 1) / 2), args.ymax - 0.5)  # values all above --ymax: still a range
     sx = lambda x: left + (width - left - right) * x / x_max  # noqa: E731
     sy = lambda y: top + (height - top - bottom) * (args.ymax - min(y, args.ymax)) / (args.ymax - y_min)  # noqa: E731
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',

@@ -1,32 +1,45 @@
-"""Prepare TinyStories for MORA: text in, raw bytes out (data/train.bin, data/val.bin).
+"""Prepare text for MORA: text in, raw bytes out (data/train.bin, data/val.bin).
 
 The model reads bytes, so "preparing" is copying the text byte for byte into one
 file per split; nothing is tokenised, filtered or re-encoded.
 
     python prepare_data.py                      # download TinyStoriesV2-GPT4 (2.2 GB), then convert
+    python prepare_data.py --train-bytes 50000000   # only the first 50 MB of its train text (a CPU needs no more)
     python prepare_data.py --input-train a.txt b.txt --input-val v.txt   # local text files instead
+    python prepare_data.py --dataset enwik8     # enwik8: train.bin, val.bin, test.bin (90M / 5M / 5M bytes)
 
-By default the two text files are downloaded from the dataset's home on Hugging Face
-(roneneldan/TinyStories, licence CDLA-Sharing-1.0) into --out-dir, with a progress
-bar; an interrupted download resumes where it stopped when run again.  Expected
-output of the default run (after the download bars):
+By default the two TinyStories text files are downloaded from the dataset's home on
+Hugging Face (roneneldan/TinyStories, licence CDLA-Sharing-1.0) into --out-dir, with
+a progress bar; an interrupted download resumes where it stopped when run again, and
+--train-bytes N asks the server for the first N bytes alone (an HTTP Range request).
+Expected output of the default run (after the download bars):
 
     data/train.bin: 2,227,753,162 bytes, 2,717,495 stories (<|endoftext|> separators)
     data/val.bin: 22,502,601 bytes, 27,629 stories (<|endoftext|> separators)
 
-Work already done is skipped: a finished download, a .bin newer than its text and
-of the same size.  Needs about 4.5 GB of disk for the full data (text + bins).
+enwik8 is the first 10^8 bytes of an English Wikipedia XML dump (the Hutter Prize
+text, http://mattmahoney.net/dc/textdata.html); the standard split is its first
+90,000,000 bytes for training, the next 5,000,000 for validation, the last 5,000,000
+for testing.
+
+Work already done is skipped: a finished download, and a .bin whose record of its
+sources (the .bin.json beside it: which files, which bytes, their sizes and times)
+still matches.  Needs about 4.5 GB of disk for the full TinyStories (text + bins).
 """
 import argparse
+import json
 import os
 import sys
 import urllib.error
 import urllib.request
+import zipfile
 
 from tqdm import tqdm
 
 URL_BASE = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 TRAIN_FILE, VAL_FILE = "TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"
+ENWIK8_URL_BASE, ENWIK8_ZIP = "http://mattmahoney.net/dc/", "enwik8.zip"
+ENWIK8_SPLIT = {"train": 90_000_000, "val": 5_000_000, "test": 5_000_000}  # bytes, in this order
 SEPARATOR = b"<|endoftext|>"
 CHUNK = 1 << 22  # 4 MiB: files are streamed, never held in memory
 
@@ -35,15 +48,17 @@ class PrepareError(Exception):
     """Printed as one line; exit code 1."""
 
 
-def download(url, dest):
-    """Fetch url into dest through dest.part, resuming a partial .part with an HTTP
-    Range request, and check the size against what the server announced."""
+def download(url, dest, limit=None):
+    """Fetch url (its first `limit` bytes, if given) into dest through dest.part,
+    resuming a partial .part with an HTTP Range request, and check the size against
+    what the server announced."""
     if os.path.exists(dest):
         print(f"{dest}: already downloaded, skipped")
         return
     part = dest + ".part"
     have = os.path.getsize(part) if os.path.exists(part) else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    ranges = f"bytes={have}-{'' if limit is None else limit - 1}"
+    request = urllib.request.Request(url, headers={"Range": ranges} if have or limit else {})
     try:
         response = urllib.request.urlopen(request, timeout=60)
     except urllib.error.HTTPError as exc:
@@ -56,10 +71,12 @@ def download(url, dest):
             have = 0
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
+        if limit is not None:
+            total = limit if total is None else min(total, limit)
         with open(part, "ab" if have else "wb") as f, \
                 tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
             try:
-                while chunk := response.read(CHUNK):
+                while (want := CHUNK if total is None else min(CHUNK, total - f.tell())) > 0 and (chunk := response.read(want)):
                     f.write(chunk)
                     bar.update(len(chunk))
             except OSError as exc:
@@ -70,11 +87,11 @@ def download(url, dest):
     os.replace(part, dest)
 
 
-def count_stories(f, out, bar):
-    """Copy the open file f to out in chunks; return its story count: the number of
+def copy_counting_stories(chunks, out, bar):
+    """Write the byte chunks to out; return the story count: the number of
     <|endoftext|> separators, plus one if text follows the last separator."""
     separators, tail, text_after_last = 0, b"", False
-    while chunk := f.read(CHUNK):
+    for chunk in chunks:
         out.write(chunk)
         bar.update(len(chunk))
         window = tail + chunk  # a separator may straddle two chunks
@@ -88,49 +105,129 @@ def count_stories(f, out, bar):
     return separators + text_after_last if separators else 0
 
 
-def convert(sources, dest):
-    """Concatenate the source files byte for byte into dest (written as dest.tmp, then
-    renamed), counting bytes and stories on the way."""
+def source_ranges(sources, start, length):
+    """For each source file in order, its chunks of the bytes start .. start+length of
+    the sources read one after another (stories are counted per file)."""
+    for path in sources:
+        size = os.path.getsize(path)
+        if start >= size:
+            start -= size
+            continue
+        take = min(length, size - start)
+        yield read_chunks(path, start, take)
+        start, length = 0, length - take
+        if length <= 0:
+            return
+
+
+def read_chunks(path, start, length):
+    with open(path, "rb") as f:
+        f.seek(start)
+        while length > 0 and (chunk := f.read(min(CHUNK, length))):
+            length -= len(chunk)
+            yield chunk
+
+
+def convert(sources, dest, start=0, length=None):
+    """Copy the bytes start .. start+length (all, without length) of the source files,
+    read one after another, into dest (written as dest.tmp, then renamed), counting
+    bytes and stories on the way.  dest.json records what dest was made from."""
     for path in sources:
         if not os.path.isfile(path):
             raise PrepareError(f"{path}: no such file")
-    expected = sum(os.path.getsize(p) for p in sources)
-    if (os.path.exists(dest) and os.path.getsize(dest) == expected
-            and os.path.getmtime(dest) >= max(os.path.getmtime(p) for p in sources)):
-        print(f"{dest}: up to date ({expected:,} bytes), skipped")
-        return
-    stories = 0
-    with open(dest + ".tmp", "wb") as out, tqdm(total=expected, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
-        for path in sources:
-            with open(path, "rb") as f:
-                stories += count_stories(f, out, bar)
+    total = sum(os.path.getsize(p) for p in sources)
+    length = total - start if length is None else min(length, total - start)
+    made_from = {"sources": [[os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)] for p in sources],
+                 "start": start, "length": length}
+    record = dest + ".json"
+    if os.path.exists(dest) and os.path.getsize(dest) == length and os.path.exists(record):
+        with open(record) as f:
+            if json.load(f) == made_from:
+                print(f"{dest}: up to date ({length:,} bytes), skipped")
+                return
+    with open(dest + ".tmp", "wb") as out, tqdm(total=length, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
+        stories = sum(copy_counting_stories(chunks, out, bar) for chunks in source_ranges(sources, start, length))
     os.replace(dest + ".tmp", dest)
+    with open(record, "w") as f:
+        json.dump(made_from, f)
     counted = f"{stories:,} stories (<|endoftext|> separators)" if stories else "no <|endoftext|> separators, stories not counted"
-    print(f"{dest}: {expected:,} bytes, {counted}")
+    print(f"{dest}: {length:,} bytes, {counted}")
+
+
+def prepare_enwik8(args):
+    """enwik8.zip -> the enwik8 text (checked: ENWIK8_SPLIT's total) -> train/val/test.bin."""
+    text = os.path.join(args.out_dir, "enwik8")
+    size = sum(ENWIK8_SPLIT.values())
+    if not os.path.exists(text) or os.path.getsize(text) != size:
+        archive = os.path.join(args.out_dir, ENWIK8_ZIP)
+        download((args.url_base or ENWIK8_URL_BASE).rstrip("/") + "/" + ENWIK8_ZIP, archive)
+        try:
+            with zipfile.ZipFile(archive) as z, z.open("enwik8") as member, open(text + ".tmp", "wb") as out:
+                while chunk := member.read(CHUNK):
+                    out.write(chunk)
+        except (zipfile.BadZipFile, KeyError) as exc:
+            os.remove(archive)
+            raise PrepareError(f"{archive} is not the enwik8 archive ({exc}): it was removed; run the same command to download it again")
+        os.replace(text + ".tmp", text)
+    if os.path.getsize(text) != size:
+        raise PrepareError(f"{text} holds {os.path.getsize(text):,} bytes, enwik8 has {size:,}: delete it and {ENWIK8_ZIP}, then run again")
+    start = 0
+    for split, length in ENWIK8_SPLIT.items():
+        keep = min(length, args.train_bytes) if split == "train" and args.train_bytes else length
+        convert([text], os.path.join(args.out_dir, f"{split}.bin"), start, keep)
+        start += length
+
+
+def prepare_tinystories(args):
+    if args.input_train:
+        train_sources, val_sources = args.input_train, [args.input_val]
+    else:
+        url_base = (args.url_base or URL_BASE).rstrip("/") + "/"
+        val_sources = [os.path.join(args.out_dir, VAL_FILE)]
+        download(url_base + VAL_FILE, val_sources[0])
+        full_train = os.path.join(args.out_dir, TRAIN_FILE)
+        if args.train_bytes and not os.path.exists(full_train):  # only the first N bytes, asked for by range
+            train_sources = [f"{full_train}.first{args.train_bytes}"]
+            download(url_base + TRAIN_FILE, train_sources[0], limit=args.train_bytes)
+        else:
+            train_sources = [full_train]
+            download(url_base + TRAIN_FILE, full_train)
+    convert(train_sources, os.path.join(args.out_dir, "train.bin"), length=args.train_bytes)
+    convert(val_sources, os.path.join(args.out_dir, "val.bin"))
+
+
+def positive_int(text):
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return int(text)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", default="data", help="where train.bin and val.bin go (and downloads)")
+    parser.add_argument("--dataset", choices=["tinystories", "enwik8"], default="tinystories")
+    parser.add_argument("--out-dir", default="data", help="where the .bin files go (and downloads)")
     parser.add_argument("--input-train", nargs="+", metavar="FILE", help="local train text file(s), concatenated in order")
     parser.add_argument("--input-val", metavar="FILE", help="local validation text file")
-    parser.add_argument("--url-base", default=URL_BASE, help="where to download the two TinyStoriesV2-GPT4 files from")
+    parser.add_argument("--url-base", help=f"where to download from (default {URL_BASE} for tinystories, "
+                                           f"{ENWIK8_URL_BASE} for enwik8)")
+    parser.add_argument("--train-bytes", type=positive_int, help="only the first N bytes of the train text (downloads only those)")
     args = parser.parse_args(argv)
     try:
         if bool(args.input_train) != bool(args.input_val):
             raise PrepareError("give both --input-train and --input-val (or neither, to download TinyStories)")
+        if args.input_train and args.dataset != "tinystories":
+            raise PrepareError("--input-train/--input-val convert local text; --dataset enwik8 downloads: choose one")
+        if args.url_base and not args.url_base.startswith(("http://", "https://", "file:")):
+            raise PrepareError(f"--url-base {args.url_base} is not a URL: it must start with http:// or https://")
+        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            raise PrepareError(f"--out-dir {args.out_dir} is a file: name a folder")
         os.makedirs(args.out_dir, exist_ok=True)
-        if args.input_train:
-            train_sources, val_sources = args.input_train, [args.input_val]
-        else:
-            train_sources = [os.path.join(args.out_dir, TRAIN_FILE)]
-            val_sources = [os.path.join(args.out_dir, VAL_FILE)]
-            for dest in val_sources + train_sources:
-                download(args.url_base.rstrip("/") + "/" + os.path.basename(dest), dest)
-        convert(train_sources, os.path.join(args.out_dir, "train.bin"))
-        convert(val_sources, os.path.join(args.out_dir, "val.bin"))
+        (prepare_enwik8 if args.dataset == "enwik8" else prepare_tinystories)(args)
     except PrepareError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # unreadable input, unwritable folder, disk full: one line
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
         return 1
     return 0
 

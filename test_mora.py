@@ -261,25 +261,27 @@ def test_separator_across_chunks_is_counted(tmp_path, monkeypatch, capsys):
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves FILES from memory with HTTP Range support; records the ranges asked for."""
-    FILES, ranges, cut_after = {}, [], None
+    """Serves FILES from memory with HTTP Range support (bytes=start- and bytes=start-end);
+    records the ranges asked for as (start, end or None)."""
+    FILES, ranges = {}, []
 
     def do_GET(self):
         body = self.FILES.get(self.path.rsplit("/", 1)[-1])
         if body is None:
             self.send_error(404)
             return
-        start = 0
+        start, end = 0, len(body) - 1
         if "Range" in self.headers:
-            start = int(self.headers["Range"].split("=")[1].split("-")[0])
-            RangeHandler.ranges.append(start)
+            first, last = self.headers["Range"].split("=")[1].split("-")
+            start, end = int(first), int(last) if last else len(body) - 1
+            RangeHandler.ranges.append((start, int(last) if last else None))
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
         else:
             self.send_response(200)
-        self.send_header("Content-Length", str(len(body) - start))
+        self.send_header("Content-Length", str(end + 1 - start))
         self.end_headers()
-        self.wfile.write(body[start:])
+        self.wfile.write(body[start:end + 1])
 
     def log_message(self, *args):
         pass
@@ -301,10 +303,69 @@ def test_download_resumes_a_partial_file(tmp_path, http_server, capsys):
     out.mkdir()
     (out / (prepare_data.TRAIN_FILE + ".part")).write_bytes(train[:1000])  # an interrupted download
     assert prepare_data.main(["--out-dir", str(out), "--url-base", http_server]) == 0
-    assert RangeHandler.ranges == [1000]  # only the missing part was fetched
+    assert RangeHandler.ranges == [(1000, None)]  # only the missing part was fetched
     assert (out / "train.bin").read_bytes() == train and (out / "val.bin").read_bytes() == val
     assert "30 stories" in capsys.readouterr().out
     assert not (out / (prepare_data.TRAIN_FILE + ".part")).exists()
+
+
+def test_train_bytes_downloads_only_the_start(tmp_path, http_server, capsys):
+    train, val = made_up_text(30, seed=5), made_up_text(10, seed=6)
+    RangeHandler.FILES = {prepare_data.TRAIN_FILE: train, prepare_data.VAL_FILE: val}
+    out = tmp_path / "data"
+    assert prepare_data.main(["--out-dir", str(out), "--url-base", http_server, "--train-bytes", "3000"]) == 0
+    assert RangeHandler.ranges == [(0, 2999)]  # one request, for the first 3,000 bytes
+    assert (out / "train.bin").read_bytes() == train[:3000] and (out / "val.bin").read_bytes() == val
+    local = tmp_path / "local"
+    text = tmp_path / "t.txt"
+    text.write_bytes(train)
+    assert prepare_data.main(["--out-dir", str(local), "--input-train", str(text), "--input-val", str(text),
+                              "--train-bytes", "1234"]) == 0
+    assert (local / "train.bin").read_bytes() == train[:1234] and (local / "val.bin").read_bytes() == train
+
+
+def test_enwik8_split_from_a_zip(tmp_path, http_server, monkeypatch, capsys):
+    import io
+    import zipfile
+    monkeypatch.setattr(prepare_data, "ENWIK8_SPLIT", {"train": 900, "val": 50, "test": 50})  # enwik8 in small
+    text = bytes(np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8))
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("enwik8", text)
+    RangeHandler.FILES = {"enwik8.zip": archive.getvalue()}
+    out = tmp_path / "data"
+    assert prepare_data.main(["--dataset", "enwik8", "--out-dir", str(out), "--url-base", http_server]) == 0
+    assert (out / "train.bin").read_bytes() == text[:900] and (out / "val.bin").read_bytes() == text[900:950]
+    assert (out / "test.bin").read_bytes() == text[950:]
+    RangeHandler.FILES = {"enwik8.zip": archive.getvalue()[:-100]}  # a damaged archive: one line
+    (out / "enwik8").unlink()
+    (out / "enwik8.zip").write_bytes(archive.getvalue()[:-100])
+    assert prepare_data.main(["--dataset", "enwik8", "--out-dir", str(out), "--url-base", http_server]) == 1
+    assert "not the enwik8 archive" in capsys.readouterr().err
+
+
+def test_reordered_inputs_rebuild_the_bin(tmp_path, capsys):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_bytes(b"first " * 50)
+    b.write_bytes(b"second " * 50)
+    out = tmp_path / "out"
+    assert prepare_data.main(["--out-dir", str(out), "--input-train", str(a), str(b), "--input-val", str(a)]) == 0
+    assert prepare_data.main(["--out-dir", str(out), "--input-train", str(b), str(a), "--input-val", str(a)]) == 0
+    assert (out / "train.bin").read_bytes() == b.read_bytes() + a.read_bytes()  # not the stale a + b
+
+
+def test_prepare_input_faults_are_one_line(tmp_path, capsys):
+    def error_of(*args):
+        assert prepare_data.main([str(a) for a in args]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        return err
+
+    text = tmp_path / "t.txt"
+    text.write_bytes(made_up_text(3))
+    assert "not a URL" in error_of("--out-dir", tmp_path / "o", "--url-base", "huggingface.co/x")
+    assert "is a file" in error_of("--out-dir", text, "--input-train", text, "--input-val", text)
+    assert "no such file" in error_of("--out-dir", tmp_path / "o", "--input-train", tmp_path, "--input-val", text)
 
 
 def test_download_errors_are_one_line(tmp_path, http_server, capsys):
@@ -587,3 +648,248 @@ def test_gpu_kernels_match_plain_path(monkeypatch):
     assert abs(fused_loss - plain_loss) < 1e-5
     for name in plain:
         assert relative_error(cp.asnumpy(fused[name]).astype(np.float64), cp.asnumpy(plain[name]).astype(np.float64)) < 1e-4, name
+
+
+# ----------------------------------------------------------------------------
+# Faults: nothing lost, every failure one line
+
+def start_training(data_dir, ckpt, *flags):
+    """A training run of the tiny model in its own process, as a user starts it."""
+    return subprocess.Popen([sys.executable, "mora.py", "train", "--data-dir", data_dir, "--ckpt", str(ckpt), *TINY,
+                             "--device", "cpu", "--eval-every", "0", *map(str, flags)],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_rows(log, n, timeout=60):
+    """Wait until the CSV log holds at least n data rows."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(log) and len(open(log).read().splitlines()) > n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{log} did not reach {n} rows")
+
+
+def logged_steps(log):
+    import csv
+    with open(log, newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r["loss"]]
+
+
+def test_log_survives_a_kill_after_resume(data_dir, tmp_path):
+    ckpt, log = tmp_path / "m.npz", tmp_path / "m.csv"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--eval-every", 0,
+                    "--max-steps", 100000, "--stop-after", 5) == 0
+    assert logged_steps(log) == [1, 2, 3, 4, 5]
+    proc = start_training(data_dir, ckpt, "--resume", "--ckpt-every", 100000)
+    wait_for_rows(log, 8)  # rows are on disk as they happen, long before the next checkpoint
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    steps = logged_steps(log)
+    assert steps[:5] == [1, 2, 3, 4, 5] and steps == list(range(1, len(steps) + 1)) and len(steps) >= 8
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, "--resume", "--device", "cpu", "--stop-after", 1) == 0
+    assert logged_steps(log) == [1, 2, 3, 4, 5, 6]  # the rows after the checkpoint (step 5) were dropped
+
+
+def test_junk_log_does_not_block_resume(data_dir, tmp_path, capsys):
+    ckpt, log = tmp_path / "m.npz", tmp_path / "m.csv"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--eval-every", 0,
+                    "--max-steps", 6, "--stop-after", 2) == 0
+    log.write_bytes(b"step,loss\nnot a number,\x00\xff\n")
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, "--resume", "--device", "cpu") == 0
+    assert "kept as" in capsys.readouterr().err and (tmp_path / "m.csv.bad").exists()
+    assert logged_steps(log) == [3, 4, 5, 6]
+
+
+def test_sigterm_saves_and_a_second_signal_stops_at_once(data_dir, tmp_path):
+    import signal
+    import time
+    ckpt, log = tmp_path / "m.npz", tmp_path / "m.csv"
+    proc = start_training(data_dir, ckpt, "--max-steps", 100000, "--ckpt-every", 100000)
+    wait_for_rows(log, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "stopping after this step" in err and "Traceback" not in err and "--resume" in out
+    saved = mora.load_checkpoint(str(ckpt))[2]["step"]
+    assert saved >= 3 and logged_steps(log)[-1] == saved
+    # twice: the first asks to stop after the step, the second stops at once, without saving.
+    # Steps of a larger model (about half a second here), so that the second signal comes mid-step.
+    slow_ckpt, slow_log = tmp_path / "slow.npz", tmp_path / "slow.csv"
+    proc = subprocess.Popen([sys.executable, "mora.py", "train", "--data-dir", data_dir, "--ckpt", str(slow_ckpt),
+                             "--seq-len", "128", "--batch-size", "64", "--ckpt-every", "1", "--eval-every", "0",
+                             "--device", "cpu", "--max-steps", "100000"], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_rows(slow_log, 2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-500:]
+    assert mora.load_checkpoint(str(slow_ckpt))[2]["step"] >= 2  # the last save is intact
+
+
+def test_second_writer_is_refused_and_stale_locks_do_not_block(data_dir, tmp_path, capsys):
+    ckpt = tmp_path / "m.npz"
+    lock = mora.lock_checkpoint(str(ckpt))  # this process trains it
+    proc = start_training(data_dir, ckpt, "--max-steps", 2)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and f"process {os.getpid()}" in err and err.count("\n") == 1
+    lock.close()  # as when that process dies: the lock file stays, with its dead holder's pid
+    assert (tmp_path / "m.npz.lock").exists()
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 2) == 0
+
+
+def test_resume_keeps_the_run_settings_and_can_run_longer(data_dir, tmp_path, capsys):
+    ckpt = tmp_path / "m.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 6,
+                    "--eval-every", 2, "--ckpt-every", 3, "--eval-bytes", 200, "--stop-after", 2) == 0
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, "--resume", "--device", "cpu") == 0
+    settings = mora.load_checkpoint(str(ckpt))[2]["train"]
+    assert (settings["eval_every"], settings["ckpt_every"], settings["eval_bytes"]) == (2, 3, 200)
+    import csv
+    with open(tmp_path / "m.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows if r["val_bpb"] and r["loss"]] == ["2", "4"]  # every 2 steps, and not at the end:
+    assert [r["step"] for r in rows if r["val_bpb"] and not r["loss"]] == ["6"]  # the final evaluation covers it
+    capsys.readouterr()
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, "--resume", "--device", "cpu", "--max-steps", 8,
+                    "--no-final-eval") == 0
+    out = capsys.readouterr().out
+    assert "now ends at step 8 instead of 6" in out and "val, per record" not in out
+    assert mora.load_checkpoint(str(ckpt))[2]["step"] == 8
+
+
+def test_each_epoch_is_reshuffled_by_seed_and_epoch_alone(data_dir, tmp_path, monkeypatch):
+    n = 50
+    assert np.array_equal(mora.epoch_order(n, 3, 1), np.random.default_rng([3, 1]).permutation(n))
+    assert not np.array_equal(mora.epoch_order(n, 3, 0), mora.epoch_order(n, 3, 1))
+    assert not np.array_equal(mora.epoch_order(n, 3, 0), mora.epoch_order(n, 4, 0))
+    seen, make_batch = [], mora.make_batch
+    monkeypatch.setattr(mora, "make_batch", lambda records, rows, xp: seen.append(np.sort(rows)) or make_batch(records, rows, xp))
+    n_train = len(mora.open_records(os.path.join(data_dir, "train.bin"), 16))
+    per_epoch = n_train // 4
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", tmp_path / "m.npz", *TINY, "--device", "cpu",
+                    "--eval-every", 0, "--no-final-eval", "--epochs", 2) == 0
+    first, second = np.concatenate(seen[:per_epoch]), np.concatenate(seen[per_epoch:2 * per_epoch])
+    assert len(set(first)) == len(first) == len(set(second)) == per_epoch * 4  # no record twice in an epoch
+    assert not all(np.array_equal(a, b) for a, b in zip(seen[:per_epoch], seen[per_epoch:]))  # a new order
+
+
+def test_file_system_faults_are_one_line(data_dir, tmp_path, capsys, monkeypatch):
+    def error_of(*args):
+        assert run_main(*args) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+
+    train = ["train", "--data-dir", data_dir, *TINY, "--device", "cpu", "--max-steps", 2]
+    (tmp_path / "file").write_text("x")
+    assert "cannot create the folder" in error_of(*train, "--ckpt", tmp_path / "file" / "m.npz")
+    (tmp_path / "folder.npz").mkdir()
+    assert "is a folder" in error_of(*train, "--ckpt", tmp_path / "folder.npz", "--overwrite")
+    assert "own log" in error_of(*train, "--ckpt", tmp_path / "m.csv")
+    bad_data = tmp_path / "bad"
+    (bad_data / "train.bin").mkdir(parents=True)
+    assert "not a file" in error_of("train", "--data-dir", bad_data, "--ckpt", tmp_path / "x.npz", "--device", "cpu")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "savez", disk_full)
+    assert run_main(*train, "--ckpt", tmp_path / "full.npz") == 1
+    err = capsys.readouterr().err.split("\r")[-1].split("\n", 1)[-1]  # after the progress bar
+    assert err.startswith("error: ") and err.count("\n") == 1 and "No space left" in err and "--resume" in err and not (tmp_path / "full.npz.tmp").exists()
+
+
+def test_sample_into_a_closed_pipe_is_quiet(data_dir, tmp_path):
+    ckpt = tmp_path / "m.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1) == 0
+    proc = subprocess.Popen([sys.executable, "mora.py", "sample", "--ckpt", str(ckpt), "--length", "100000", "--device", "cpu"],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()  # like `| head -c 10`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and err == ""
+
+
+def test_damaged_checkpoints_and_contradictions_are_one_line(data_dir, tmp_path, capsys):
+    def error_of(*args):
+        assert run_main(*args) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+
+    ckpt = tmp_path / "m.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1) == 0
+    capsys.readouterr()
+    cfg, params, meta, adam = mora.load_checkpoint(str(ckpt))
+    assert "contradict" in error_of("train", "--data-dir", data_dir, "--ckpt", ckpt, "--resume", "--overwrite")
+    broken = dict(params, embed=np.full_like(params["embed"], np.nan))
+    mora.save_checkpoint(str(tmp_path / "nan.npz"), broken, meta, adam["adam.m"], adam["adam.v"])
+    assert "non-finite" in error_of("eval", "--ckpt", tmp_path / "nan.npz", "--data-dir", data_dir, "--device", "cpu")
+    assert "non-finite" in error_of("sample", "--ckpt", tmp_path / "nan.npz", "--device", "cpu")
+    mora.save_checkpoint(str(tmp_path / "key.npz"), params, dict(meta, config=dict(meta["config"], colour="red")))
+    assert "does not know" in error_of("sample", "--ckpt", tmp_path / "key.npz", "--device", "cpu")
+    mora.save_checkpoint(str(tmp_path / "adam.npz"), params, meta, adam["adam.m"][:-1], adam["adam.v"])
+    assert "wrong size" in error_of("train", "--data-dir", data_dir, "--ckpt", tmp_path / "adam.npz", "--resume", "--device", "cpu")
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "val.bin").write_bytes(b"x" * 10)
+    err = error_of("eval", "--ckpt", ckpt, "--data-dir", short, "--device", "cpu")
+    assert "evaluate on more text" in err and "--seq-len" not in err  # eval has no --seq-len to suggest
+    assert "--d-model" in error_of("train", "--data-dir", data_dir, "--ckpt", tmp_path / "huge.npz", "--device", "cpu",
+                                   "--d-model", 100000)
+
+
+def test_tiny_and_huge_temperatures_sample(tmp_path):
+    logits = np.arange(256, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    assert mora.pick_byte(logits, 1e-310, 0, rng) == 255  # no NaN: as greedy
+    assert 0 <= mora.pick_byte(logits, 1e300, 0, rng) < 256
+
+
+def test_a_long_cpu_run_is_announced(data_dir, tmp_path, capsys):
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", tmp_path / "m.npz", "--seq-len", 16, "--batch-size", 4,
+                    "--device", "cpu", "--max-steps", 10 ** 7, "--stop-after", 1, "--eval-every", 0) == 0
+    out = capsys.readouterr().out
+    assert "hours" in out and "--batch-size 32 --max-steps 3000" in out
+
+
+def test_readme_install_line_installs_the_test_runner():
+    readme, requirements = (open(os.path.join(HERE, f)).read() for f in ("README.md", "requirements.txt"))
+    assert "pip install -r requirements.txt" in readme and "python -m pytest" in readme
+    assert any(line.startswith("pytest") for line in requirements.splitlines())
+
+
+# ----------------------------------------------------------------------------
+# Evaluation protocols
+
+def test_streamed_evaluation_reads_the_text_as_one_sequence(tmp_path):
+    """Chunks with the state carried give the loss of one forward pass over the whole text."""
+    cfg = mora.Config(d_model=8, n_layers=2)
+    params = perturbed_params(cfg, seed=5)
+    data = np.frombuffer(made_up_text(2), dtype=np.uint8)[:70]
+    result = mora.evaluate_stream(params, data, seq_len=16)
+    logits = mora.forward(params, data[None, :-1].astype(np.int64))[0]  # (69, V)
+    losses, correct, _ = mora.cross_entropy_forward(logits, data[1:].astype(np.int64))
+    assert result["bytes"] == 69 and abs(result["loss"] - losses.mean()) < 1e-10
+    assert result["accuracy"] == pytest.approx(correct.mean())
+    records = data[:68].reshape(4, 17)  # the per-record protocol: every record from a cold start
+    per_record = mora.evaluate(params, records, 3)
+    x, y = mora.make_batch(records, np.arange(4), np)
+    assert abs(per_record["loss"] - mora.forward_loss(params, x, y)[0].mean()) < 1e-10
+    assert per_record["by_position"].startswith("bits/byte by position: 0: ")
+
+
+def test_plot_log_draws_and_refuses_bad_logs(tmp_path):
+    import plot_log
+    log = tmp_path / "m.csv"
+    log.write_text("step,bytes,lr,loss,bpb,accuracy,grad_norm,ms_per_step,val_loss,val_bpb,val_accuracy\n"
+                   "1,100,0.1,5,7.2,0,1,1,,,\n2,200,0.1,5,7.1,0,1,1,5,7.0,0\n")  # every value above --ymax 4
+    plot_log.main([str(log), "--out", str(tmp_path / "c.svg")])
+    assert (tmp_path / "c.svg").read_text().startswith("<svg")
+    (tmp_path / "empty.csv").write_text("step,bytes,lr,loss,bpb\n")
+    for bad in (tmp_path / "none.csv", tmp_path / "empty.csv"):
+        with pytest.raises(SystemExit) as exit_info:
+            plot_log.main([str(bad), "--out", str(tmp_path / "x.svg")])
+        assert str(exit_info.value.code).startswith("error: ")
