@@ -541,7 +541,8 @@ def compiled_kernels(tmp_path_factory):
     return ctypes.CDLL(str(path)), signatures
 
 
-C_TYPES = {"float*": "c_void_p", "int": "c_int", "long long": "c_longlong", "float": "c_float"}
+C_TYPES = {"float*": "c_void_p", "int*": "c_void_p", "int": "c_int", "long long": "c_longlong", "float": "c_float"}
+POINTER_TYPES = {"float*": np.float32, "int*": np.int32}
 NUMPY_TYPES = {"int": np.int32, "long long": np.int64, "float": np.float32}
 
 
@@ -642,8 +643,8 @@ class StandInKernel:
         if len(args) != len(self.params):
             raise TypeError(f"{self.name}: {len(args)} arguments for {len(self.params)} parameters")
         for position, (kind, arg) in enumerate(zip(self.params, args)):
-            if kind == "float*":
-                ok = isinstance(arg, DeviceArray) and arg.dtype == np.float32 and arg.flags.c_contiguous
+            if kind in POINTER_TYPES:
+                ok = isinstance(arg, DeviceArray) and arg.dtype == POINTER_TYPES[kind] and arg.flags.c_contiguous
             else:
                 ok = type(arg) is NUMPY_TYPES[kind]
             if not ok:
@@ -689,8 +690,11 @@ class StandInCupy:
             return a
         return np.array(to_host(a) if isinstance(a, DeviceArray) else a, dtype=dtype).view(DeviceArray)  # a copy to the device
 
-    def ascontiguousarray(self, a):
-        return a if a.flags.c_contiguous else a.copy()
+    def ascontiguousarray(self, a, dtype=None):
+        if a.flags.c_contiguous and (dtype is None or a.dtype == dtype):
+            return a
+        self.launches += 1
+        return np.ascontiguousarray(to_host(a), dtype=dtype).view(DeviceArray)
 
     def asnumpy(self, a):
         return a.get() if isinstance(a, DeviceArray) else np.asarray(a)
@@ -749,6 +753,32 @@ def test_gpu_matches_cpu(gpu):
     assert abs(loss - gpu_loss) < 1e-2  # matmuls in TF32 on the GPU: ~1e-3 relative error per product
     for name in grads:
         assert relative_error(gpu.asnumpy(gpu_grads[name]).astype(np.float64), grads[name].astype(np.float64)) < 2e-2, name
+
+
+def test_cross_entropy_kernels_match_plain_twin(kernels_on_cpu):
+    rng = np.random.default_rng(4)
+    rows = 9
+    logits, y = (3 * rng.standard_normal((rows, mora.V))).astype(np.float32), rng.integers(0, mora.V, rows).astype(np.int32)
+    logits[0, y[0]] = logits[0].max() + 1  # one right prediction
+    losses, correct, cache = mora.cross_entropy_forward(logits, y)
+    dlogits = mora.cross_entropy_backward(0.25, cache)
+    out = {k: np.zeros(shape, np.float32) for k, shape in [("probs", logits.shape), ("losses", rows), ("correct", rows),
+                                                            ("dlogits", logits.shape)]}
+    kernels_on_cpu("cross_entropy_forward", rows, logits, y, rows, mora.V, out["probs"], out["losses"], out["correct"])
+    kernels_on_cpu("cross_entropy_backward", logits.size, out["probs"], y, logits.size, mora.V, 0.25, out["dlogits"])
+    assert np.allclose(out["losses"], losses, atol=1e-5) and np.array_equal(out["correct"], correct.astype(np.float32))
+    assert np.allclose(out["dlogits"], dlogits, atol=1e-6) and out["correct"][0] == 1
+
+
+def test_adam_kernel_matches_plain_twin(kernels_on_cpu):
+    rng = np.random.default_rng(3)
+    p, g, m, v = (rng.standard_normal(100).astype(np.float32) for _ in range(4))
+    v = np.abs(v)
+    plain = [a.copy() for a in (p, g, m, v)]
+    mora.adam_update(plain[0], plain[1], plain[2], plain[3], 7, 0.01, 0.9, 0.95, 1e-8)
+    kernels_on_cpu("adam_update", 100, p, g, m, v, 100, 0.01, 0.9, 0.95, 1e-8, 1 - 0.9 ** 7, 1 - 0.95 ** 7)
+    for kernel, twin in zip((p, m, v), (plain[0], plain[2], plain[3])):
+        assert np.allclose(kernel, twin, rtol=1e-5, atol=1e-7)
 
 
 def test_gpu_kernels_match_plain_path(gpu, monkeypatch):
@@ -1144,3 +1174,11 @@ def test_plot_log_draws_and_refuses_bad_logs(tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             plot_log.main([str(bad), "--out", str(tmp_path / "x.svg")])
         assert str(exit_info.value.code).startswith("error: ")
+
+
+def test_bench_counts_kernel_launches_on_the_stand_in(stand_in, capsys):
+    """bench prints the launches of one training step; the small model's count may only go down."""
+    assert run_main("bench", "--batch-size", 2, "--seq-len", 8, "--steps", 1, "--device", "gpu") == 0
+    out = capsys.readouterr().out
+    launches = int(out.split("kernel launches per training step: ")[1].split()[0])
+    assert 0 < launches <= 325, launches
