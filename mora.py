@@ -1025,43 +1025,62 @@ def step_traffic_bytes(cfg):
     return 4 * positions * (cfg.n_layers * 16 * cfg.d_model * 4 + 6 * V)
 
 
-def bench(args):
-    """Time training steps (batch, forward, backward, clip, Adam) on random bytes."""
-    xp = select_backend(args.device)
-    cfg = model_config(args)
-    check_memory(cfg, xp)
-    workers = make_workers(xp, args.threads)
-    if xp is np:
-        keep_freed_memory()
-    print_summary(cfg, xp, workers)
+def time_training_steps(cfg, xp, workers, steps):
+    """Median time of `steps` training steps (batch, forward, backward, clip, Adam) on
+    random bytes, after one untimed step (CuPy compiles its kernels there), and what
+    goes with it: bytes/s, the traffic floor's GB/s, launches (where counted), memory."""
     flat, params = flat_parameters(init_params(cfg, 0), xp)
     adam_m, adam_v = xp.zeros_like(flat), xp.zeros_like(flat)
     records = np.random.default_rng(0).integers(0, V, (cfg.batch_size, cfg.seq_len + 1), dtype=np.uint8)
-    rows = np.arange(cfg.batch_size)
     seconds = []
-    for step in range(args.steps + 1):  # step 0 warms up (CuPy compiles its kernels there)
+    for step in range(steps + 1):
         started = time.perf_counter()
-        x, y = make_batch(records, rows, xp)
-        loss, _, _ = train_step(params, flat, adam_m, adam_v, x, y, step, 1e-3, workers=workers)
-        float(loss)  # waits for the device
+        x, y = make_batch(records, np.arange(cfg.batch_size), xp)
+        float(train_step(params, flat, adam_m, adam_v, x, y, step, 1e-3, workers=workers)[0])  # waits for the device
         seconds.append(time.perf_counter() - started)
-    timed = np.array(seconds[1:])
-    ms = 1000 * float(np.median(timed))
-    print(f"{args.steps} steps of {cfg.batch_size} x {cfg.seq_len}: median {ms:.1f} ms/step "
-          f"(min {1000 * timed.min():.1f}, mean {1000 * timed.mean():.1f}), "
-          f"{cfg.batch_size * cfg.seq_len / (ms / 1000):,.0f} bytes/s")
+    ms = 1000 * float(np.median(seconds[1:]))
+    result = {"ms": ms, "min_ms": 1000 * min(seconds[1:]), "bytes_per_s": cfg.batch_size * cfg.seq_len / (ms / 1000),
+              "traffic_gb": step_traffic_bytes(cfg) / 1e9, "gb_per_s": step_traffic_bytes(cfg) / 1e6 / ms, "launches": None}
     if hasattr(xp, "launches"):  # the tests' CPU stand-in for CuPy counts launches; CuPy itself does not
         before = xp.launches
-        train_step(params, flat, adam_m, adam_v, x, y, args.steps + 1, 1e-3, workers=workers)
-        print(f"kernel launches per training step: {xp.launches - before} (counted by the CuPy stand-in)")
-    traffic = step_traffic_bytes(cfg)
-    print(f"memory traffic: at least {traffic / 1e9:.2f} GB a step (step_traffic_bytes): "
-          f"{traffic / (ms / 1000) / 1e9:,.1f} GB/s achieved")
+        train_step(params, flat, adam_m, adam_v, x, y, steps + 1, 1e-3, workers=workers)
+        result["launches"] = xp.launches - before
     if xp is np:
         import resource
-        print(f"peak memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+        result["memory"] = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB peak (process)"
     else:
-        print(f"GPU memory held by CuPy's pool: {cupy.get_default_memory_pool().total_bytes() / 2**20:,.0f} MiB")
+        result["memory"] = f"{cupy.get_default_memory_pool().total_bytes() / 2**20:,.0f} MiB (CuPy's pool)"
+    return result
+
+
+def bench(args):
+    """Time training steps; with --report, the small and the large model at the chosen
+    batch and sequence length, as a table (README: GPU)."""
+    xp = select_backend(args.device)
+    workers = make_workers(xp, args.threads)
+    if xp is np:
+        keep_freed_memory()
+    configs = [model_config(args)]
+    if args.report:
+        configs = [Config(**dict(asdict(configs[0]), **SIZES[size])) for size in ("small", "large")]
+        print(f"backend: {describe_backend(xp, workers.threads if workers else 1)}")
+        print("| model | batch x seq | ms/step | bytes/s | traffic floor | achieved | launches/step | memory |")
+        print("|---|---|---|---|---|---|---|---|")
+    for cfg in configs:
+        check_memory(cfg, xp)
+        if not args.report:
+            print_summary(cfg, xp, workers)
+        r = time_training_steps(cfg, xp, workers, args.steps)
+        launches = "not counted" if r["launches"] is None else r["launches"]
+        if args.report:
+            print(f"| d={cfg.d_model}, L={cfg.n_layers} | {cfg.batch_size} x {cfg.seq_len} | {r['ms']:.2f} | {r['bytes_per_s']:,.0f} "
+                  f"| {r['traffic_gb']:.2f} GB | {r['gb_per_s']:,.0f} GB/s | {launches} | {r['memory']} |")
+            continue
+        print(f"{args.steps} steps of {cfg.batch_size} x {cfg.seq_len}: median {r['ms']:.1f} ms/step "
+              f"(min {r['min_ms']:.1f}), {r['bytes_per_s']:,.0f} bytes/s")
+        print(f"kernel launches per training step: {launches}")
+        print(f"memory traffic: at least {r['traffic_gb']:.2f} GB a step (step_traffic_bytes): {r['gb_per_s']:,.1f} GB/s achieved")
+        print(f"memory: {r['memory']}")
     return 0
 
 
@@ -1558,6 +1577,7 @@ def build_parser():
 
     p = command("bench", "time training steps on random bytes: ms/step and bytes/s", model=True)
     p.add_argument("--steps", type=positive_int, default=10)
+    p.add_argument("--report", action="store_true", help="the small and the large model, as a table (README: GPU)")
     return parser
 
 

@@ -856,6 +856,9 @@ def test_every_command_runs_on_the_gpu_path(gpu, data_dir, tmp_path, capsys):
     assert run_main("sample", "--ckpt", ckpt, "--length", 20, "--device", "gpu") == 0
     assert run_main("bench", *TINY, "--steps", 2, "--device", "gpu") == 0
     assert "ms/step" in capsys.readouterr().out
+    assert run_main("bench", "--batch-size", 2, "--seq-len", 8, "--steps", 1, "--device", "gpu", "--report") == 0
+    table = capsys.readouterr().out
+    assert "| d=64, L=8 | 2 x 8 |" in table and "| d=128, L=8 | 2 x 8 |" in table
 
 
 def test_ablations_hold_their_parameters_at_zero(data_dir, tmp_path):
