@@ -1078,7 +1078,8 @@ def bench(args):
             continue
         print(f"{args.steps} steps of {cfg.batch_size} x {cfg.seq_len}: median {r['ms']:.1f} ms/step "
               f"(min {r['min_ms']:.1f}), {r['bytes_per_s']:,.0f} bytes/s")
-        print(f"kernel launches per training step: {launches}")
+        if xp is not np:
+            print(f"kernel launches per training step: {launches}")
         print(f"memory traffic: at least {r['traffic_gb']:.2f} GB a step (step_traffic_bytes): {r['gb_per_s']:,.1f} GB/s achieved")
         print(f"memory: {r['memory']}")
     return 0
@@ -1509,13 +1510,13 @@ def model_config(args, base=None):
 # off TrainSettings itself, so it cannot disagree with the code.
 SETTING_FLAGS = {
     "lr": (positive_float, "peak learning rate"),
-    "warmup": (nonnegative_int, f"warmup steps (None: a third of the run, at most {WARMUP_CAP})"),
+    "warmup": (nonnegative_int, "warmup steps"),
     "final_lr_fraction": (fraction, "the cosine decay ends at this fraction of --lr"),
     "clip": (positive_float, "global gradient-norm clip"),
     "beta2": (decay, "Adam's second-moment decay"),
     "seed": (nonnegative_int, "initialisation and data order"),
     "epochs": (positive_int, "whole passes over train.bin"),
-    "max_steps": (positive_int, "train this many steps instead of whole epochs (on --resume: a longer run)"),
+    "max_steps": (positive_int, "train this many steps instead of whole epochs (with --resume: a longer run)"),
     "mix_init": (finite_float, "initial mix of memory, running mean and delta in every block"),
     "eval_every": (nonnegative_int, "steps between evaluations on the start of val (0: never)"),
     "eval_bytes": (positive_int, "bytes of val those evaluations read (and the final streamed one)"),
@@ -1530,6 +1531,8 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="mora.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = {f.name: f.default for f in fields(TrainSettings)}
+    defaults.update(warmup=f"a third of the run, at most {WARMUP_CAP}", max_steps="whole epochs",
+                    mix_init=" ".join(f"{v:g}" for v in TrainSettings.mix_init))  # the None and tuple defaults, in words
 
     def command(name, text, model=False, data=False):
         p = commands.add_parser(name, help=text, description=text)
