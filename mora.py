@@ -855,7 +855,7 @@ def generate(params, prompt, length, temperature, top_k, seed):
 
 def row_slices(n, workers):
     """The rows 0..n-1 cut into one contiguous slice per worker thread (at most n)."""
-    edges = np.linspace(0, n, min(n, workers.slices) + 1).astype(int)
+    edges = np.linspace(0, n, min(n, workers.threads) + 1).astype(int)
     return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
 
@@ -900,14 +900,14 @@ def train_step(params, flat, adam_m, adam_v, x, y, step, lr, settings=TrainSetti
 
 def make_workers(xp, threads):
     """A thread pool for the CPU path (None on the GPU), by default a thread per core.
-    Its `slices` is how many slices a batch is cut into: one per thread (measured
-    against two and four per thread: README, Speed)."""
+    A batch is cut into one slice per thread (measured against two, four and eight
+    slices per thread: README, Speed)."""
     if xp is not np:
         return None
     if not threads:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     pool = ThreadPoolExecutor(max_workers=threads)
-    pool.threads, pool.slices = threads, threads
+    pool.threads = threads
     return pool
 
 
@@ -926,9 +926,10 @@ def position_report(position_loss, positions_each):
     return "bits/byte by position: " + "  ".join(parts)
 
 
-def evaluation_result(total_loss, total_correct, position_loss, positions_each):
-    n = positions_each.sum()
-    return {"loss": total_loss / n, "accuracy": total_correct / n, "bpb": total_loss / n / math.log(2),
+def evaluation_result(position_loss, positions_each, total_correct):
+    """The report of `evaluate` and `evaluate_stream` from their per-position sums (T,)."""
+    n, loss = positions_each.sum(), position_loss.sum() / positions_each.sum()
+    return {"loss": loss, "accuracy": total_correct / n, "bpb": loss / math.log(2),
             "bytes": int(n), "by_position": position_report(position_loss, positions_each)}
 
 
@@ -951,7 +952,7 @@ def evaluate(params, records, batch_size, workers=None, progress=False):
         parts = [sums(x, y)] if workers is None else workers.map(lambda rows: sums(x[rows], y[rows]), row_slices(len(x), workers))
         for loss, correct in parts:
             position_loss, total_correct = position_loss + loss, total_correct + correct
-    return evaluation_result(position_loss.sum(), total_correct, position_loss, np.full(T, n))
+    return evaluation_result(position_loss, np.full(T, n), total_correct)
 
 
 def evaluate_stream(params, data, seq_len, progress=False):
@@ -969,7 +970,7 @@ def evaluate_stream(params, data, seq_len, progress=False):
         position_loss[:len(losses)] += to_numpy(losses)
         positions_each[:len(losses)] += 1
         total_correct += float(correct.sum())
-    return evaluation_result(position_loss.sum(), total_correct, position_loss, positions_each)
+    return evaluation_result(position_loss, positions_each, total_correct)
 
 
 def progress_bar(items, show, **kwargs):
