@@ -1264,6 +1264,12 @@ class TrainingLog:
         self.writer.writerow(row)
         self.file.flush()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
 
 class StopSignals:
     """Ctrl-C (SIGINT) and SIGTERM (`kill`, job schedulers) while training: the first
@@ -1357,20 +1363,18 @@ def train(args):
     if run.cfg.ablate != "none":
         print(f"ablation {run.cfg.ablate}: {int(run.trainable.sum()):,} trainable parameters")
     warn_if_long(run, xp, workers)
-    lock = lock_checkpoint(args.ckpt)
-    log = TrainingLog(log_path, run.step)
-    with StopSignals() as stop:
-        speed = train_loop(run, end, args.ckpt, log, stop, workers)
-        run.save(args.ckpt)
-    print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {log_path}")
-    if speed.steps:
-        print(f"speed: {speed}")
-    if stop.requested:
-        print(f"stopped: continue with `python mora.py train --resume --ckpt {args.ckpt}`")
-        return 130
-    if run.step == s.max_steps and s.final_eval:
-        final_evaluation(run, workers, log)
-    lock.close()
+    with lock_checkpoint(args.ckpt), TrainingLog(log_path, run.step) as log:
+        with StopSignals() as stop:
+            speed = train_loop(run, end, args.ckpt, log, stop, workers)
+            run.save(args.ckpt)
+        print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {log_path}")
+        if speed.steps:
+            print(f"speed: {speed}")
+        if stop.requested:
+            print(f"stopped: continue with `python mora.py train --resume --ckpt {args.ckpt}`")
+            return 130
+        if run.step == s.max_steps and s.final_eval:
+            final_evaluation(run, workers, log)
     return 0
 
 
