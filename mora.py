@@ -19,7 +19,18 @@ Shapes used in the comments: B batch, T time, d width, L blocks, V = 256 bytes,
 N = T * B positions.  Inside the model arrays are time-major, (T, B, ...), so that
 each step of the memory scan reads one contiguous (B, d) slab.
 """
+import argparse
+import codecs
+import csv
+import functools
+import json
+import math
 import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
 
 # On the CPU, training runs its own worker threads over slices of the batch (see
 # `batch_gradient`), so each may use only one BLAS thread: BLAS's own threads would
@@ -28,19 +39,7 @@ import os
 for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
 
-import argparse  # noqa: E402  (after the BLAS settings above)
-import codecs  # noqa: E402
-import csv  # noqa: E402
-import functools  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from dataclasses import asdict, dataclass, fields  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402  (after the BLAS settings above)
 
 V = 256  # the vocabulary: one token per byte value
 LN_EPS = 1e-5
