@@ -853,9 +853,18 @@ def generate(params, prompt, length, temperature, top_k, seed):
 # Training step, evaluation and benchmark
 
 def row_slices(n, workers):
-    """The rows 0..n-1 cut into one contiguous slice per worker thread (at most n)."""
+    """The rows 0..n-1 cut into one contiguous slice per thread (at most n)."""
     edges = np.linspace(0, n, min(n, workers.threads) + 1).astype(int)
     return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def map_slices(function, n, workers):
+    """[function(rows) for each slice of the rows 0..n-1]: the first slice in this, the
+    main, thread (which so keeps running Python and answers Ctrl-C at once), the
+    others in the pool's threads."""
+    slices = row_slices(n, workers)
+    others = [workers.submit(function, rows) for rows in slices[1:]]
+    return [function(slices[0])] + [other.result() for other in others]
 
 
 def batch_gradient(params, x, y, workers=None):
@@ -876,7 +885,7 @@ def batch_gradient(params, x, y, workers=None):
         grad *= share
         return float(losses.mean()) * share, float(correct.mean()) * share, grad
 
-    parts = list(workers.map(slice_gradient, row_slices(len(x), workers)))
+    parts = map_slices(slice_gradient, len(x), workers)
     grad = parts[0][2]
     for _, _, more in parts[1:]:
         grad += more
@@ -898,14 +907,14 @@ def train_step(params, flat, adam_m, adam_v, x, y, step, lr, settings=TrainSetti
 
 
 def make_workers(xp, threads):
-    """A thread pool for the CPU path (None on the GPU), by default a thread per core.
-    A batch is cut into one slice per thread (measured against two, four and eight
-    slices per thread: README, Speed)."""
+    """A thread pool for the CPU path (None on the GPU): with the main thread, by
+    default a thread per core.  A batch is cut into one slice per thread (measured
+    against two, four and eight slices per thread: README, Speed)."""
     if xp is not np:
         return None
     if not threads:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    pool = ThreadPoolExecutor(max_workers=threads)
+    pool = ThreadPoolExecutor(max_workers=max(1, threads - 1))
     pool.threads = threads
     return pool
 
@@ -948,7 +957,7 @@ def evaluate(params, records, batch_size, workers=None, progress=False):
     position_loss, total_correct = np.zeros(T), 0.0
     for start in starts:
         x, y = make_batch(records, np.arange(start, min(n, start + batch_size)), xp)
-        parts = [sums(x, y)] if workers is None else workers.map(lambda rows: sums(x[rows], y[rows]), row_slices(len(x), workers))
+        parts = [sums(x, y)] if workers is None else map_slices(lambda rows: sums(x[rows], y[rows]), len(x), workers)
         for loss, correct in parts:
             position_loss, total_correct = position_loss + loss, total_correct + correct
     return evaluation_result(position_loss, np.full(T, n), total_correct)

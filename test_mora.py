@@ -984,9 +984,8 @@ def test_junk_log_does_not_block_resume(data_dir, tmp_path, capsys):
     assert logged_steps(log) == [3, 4, 5, 6]
 
 
-def test_sigterm_saves_and_a_second_signal_stops_at_once(data_dir, tmp_path):
+def test_sigterm_saves_like_ctrl_c(data_dir, tmp_path):
     import signal
-    import time
     ckpt, log = tmp_path / "m.npz", tmp_path / "m.csv"
     proc = start_training(data_dir, ckpt, "--max-steps", 100000, "--ckpt-every", 100000)
     wait_for_rows(log, 3)
@@ -995,20 +994,29 @@ def test_sigterm_saves_and_a_second_signal_stops_at_once(data_dir, tmp_path):
     assert proc.returncode == 130 and "stopping after this step" in err and "Traceback" not in err and "--resume" in out
     saved = mora.load_checkpoint(str(ckpt))[2]["step"]
     assert saved >= 3 and logged_steps(log)[-1] == saved
-    # twice: the first asks to stop after the step, the second stops at once, without saving.
-    # Steps of a larger model (about half a second here), so that the second signal comes mid-step.
-    slow_ckpt, slow_log = tmp_path / "slow.npz", tmp_path / "slow.csv"
-    proc = subprocess.Popen([sys.executable, "mora.py", "train", "--data-dir", data_dir, "--ckpt", str(slow_ckpt),
-                             "--seq-len", "128", "--batch-size", "64", "--ckpt-every", "1", "--eval-every", "0",
-                             "--device", "cpu", "--max-steps", "100000"], cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    wait_for_rows(slow_log, 2)
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-500:]
-    assert mora.load_checkpoint(str(slow_ckpt))[2]["step"] >= 2  # the last save is intact
+
+
+def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    import signal
+    with mora.StopSignals() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested  # the first: stop after the step under way
+        with pytest.raises(KeyboardInterrupt):  # the second: at once
+            signal.raise_signal(signal.SIGINT)
+    assert "stopping after this step" in capsys.readouterr().err
+    train_step = mora.train_step
+
+    def interrupted_twice_at_step_5(*args, **kwargs):
+        if args[6] == 5:  # the step number
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(mora, "train_step", interrupted_twice_at_step_5)
+    ckpt = tmp_path / "m.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 100,
+                    "--ckpt-every", 2, "--eval-every", 0) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert mora.load_checkpoint(str(ckpt))[2]["step"] == 4  # the last save, untouched
 
 
 def test_second_writer_is_refused_and_stale_locks_do_not_block(data_dir, tmp_path, capsys):
