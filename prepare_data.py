@@ -145,8 +145,12 @@ def convert(sources, dest, start=0, length=None):
             if json.load(f) == made_from:
                 print(f"{dest}: up to date ({length:,} bytes), skipped")
                 return
-    with open(dest + ".tmp", "wb") as out, tqdm(total=length, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
-        stories = sum(copy_counting_stories(chunks, out, bar) for chunks in source_ranges(sources, start, length))
+    try:
+        with open(dest + ".tmp", "wb") as out, tqdm(total=length, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
+            stories = sum(copy_counting_stories(chunks, out, bar) for chunks in source_ranges(sources, start, length))
+    except OSError:  # a full disk, say: the partial file must not keep it full
+        os.remove(dest + ".tmp")
+        raise
     os.replace(dest + ".tmp", dest)
     with open(record, "w") as f:
         json.dump(made_from, f)

@@ -1131,6 +1131,26 @@ def test_damaged_checkpoints_and_contradictions_are_one_line(data_dir, tmp_path,
                                    "--d-model", 100000)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow on the way to NaN
+def test_divergence_names_the_value_and_the_likely_causes(data_dir, tmp_path, capsys):
+    ckpt = tmp_path / "m.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 50,
+                    "--lr", 1e30, "--warmup", 0, "--clip", 1e30, "--eval-every", 0) == 1
+    err = capsys.readouterr().err.split("\r")[-1]
+    assert "became" in err and "likely causes" in err and "--lr 1e+30" in err and "Traceback" not in err
+
+
+def test_a_full_disk_leaves_no_partial_bin(tmp_path, monkeypatch, capsys):
+    text = tmp_path / "t.txt"
+    text.write_bytes(made_up_text(5))
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(prepare_data, "copy_counting_stories", disk_full)
+    assert prepare_data.main(["--out-dir", str(tmp_path / "o"), "--input-train", str(text), "--input-val", str(text)]) == 1
+    assert "No space left" in capsys.readouterr().err and not (tmp_path / "o" / "train.bin.tmp").exists()
+
+
 def test_tiny_and_huge_temperatures_sample(tmp_path):
     logits = np.arange(256, dtype=np.float32)
     rng = np.random.default_rng(0)
