@@ -1403,8 +1403,9 @@ def train_loop(run, end, ckpt, log, stop, workers):
             loss, accuracy, grad_norm = (float(a) for a in step_result)  # the one host sync
             check_finite(run, loss, grad_norm, ckpt)
             run.step += 1
-            speed.add(time.perf_counter() - started)
-            row = log_row(run.step, run.step * bytes_per_step, lr, loss, accuracy, grad_norm, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            speed.add(seconds)
+            row = log_row(run.step, run.step * bytes_per_step, lr, loss, accuracy, grad_norm, seconds)
             final_step = run.step == s.max_steps and s.final_eval  # all of val is evaluated then: not twice
             if s.eval_every and run.step % s.eval_every == 0 and not final_step:
                 records = run.val_records[:max(1, s.eval_bytes // (cfg.seq_len + 1))]
