@@ -130,7 +130,7 @@ def speed(args):
 
     n_lstm = sum(p.numel() for p in lstm.parameters())
     for name, step, count in [("MORA, PyTorch eager twin", twin_step, mora.count_params(cfg)),
-                              (f"LSTM 2 x 128, PyTorch fused", lstm_step, n_lstm),
+                              ("LSTM 2 x 128, PyTorch fused", lstm_step, n_lstm),
                               ("MORA, mora.py (NumPy)", mora_step, mora.count_params(cfg))]:
         ms = time_steps(step, args.steps)
         print(f"{name:<28} {count:>9,} params  {ms:8.1f} ms/step  {B * T / ms * 1000:>10,.0f} bytes/s")
