@@ -65,6 +65,9 @@ def to_numpy(a):
     return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
+NO_CUPY = "CuPy is not installed (pip install 'cupy-cuda12x[ctk]', see README)"
+
+
 def gpu_problem():
     """None when CuPy can run here (then the global `cupy` is set), else why not.
     Tries a small matmul and compiles the kernels, so that a driver without the CUDA
@@ -75,7 +78,7 @@ def gpu_problem():
     try:
         import cupy as module
     except ImportError:
-        return "CuPy is not installed (pip install 'cupy-cuda12x[ctk]', see README)"
+        return NO_CUPY
     try:
         if module.cuda.runtime.getDeviceCount() < 1:
             return "CuPy finds no CUDA GPU"
@@ -100,6 +103,8 @@ def select_backend(device):
         return cupy
     if device == "gpu":
         raise UserError(f"--device gpu: {problem}; run with --device cpu instead")
+    if problem != NO_CUPY:  # CuPy is there but cannot work: say why the CPU it is
+        print(f"note: --device auto uses the CPU: {problem}", file=sys.stderr)
     return np
 
 

@@ -842,6 +842,24 @@ def test_mutated_launcher_is_caught(stand_in, monkeypatch):
         mora.loss_and_grads(params, x, x)
 
 
+def test_auto_falls_back_to_the_cpu_in_one_line_when_cupy_cannot_work(stand_in, monkeypatch, capsys):
+    monkeypatch.setattr(stand_in.cuda.runtime, "getDeviceCount", lambda: 0)
+    monkeypatch.setattr(mora, "cupy", None)
+    assert mora.select_backend("auto") is np
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "uses the CPU: CuPy finds no CUDA GPU" in err
+    with pytest.raises(mora.UserError, match="--device cpu"):
+        mora.select_backend("gpu")
+
+    def broken_matmul(*args, **kwargs):
+        raise RuntimeError("libcublas.so.12: cannot open shared object file\nmore detail")
+    monkeypatch.setattr(stand_in.cuda.runtime, "getDeviceCount", lambda: 1)
+    monkeypatch.setattr(DeviceArray, "__matmul__", broken_matmul)
+    assert mora.select_backend("auto") is np and mora.cupy is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(RuntimeError: libcublas.so.12: cannot open shared object file)" in err
+
+
 def test_every_command_runs_on_the_gpu_path(gpu, data_dir, tmp_path, capsys):
     ckpt = tmp_path / "g.npz"
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--max-steps", 4, "--eval-every", 2,
