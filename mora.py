@@ -1464,10 +1464,8 @@ def evaluate_checkpoint(args):
         result = evaluate(params, records, args.batch_size or cfg.batch_size, make_workers(xp, args.threads), progress=True)
         protocol = f"{len(records):,} records, the state reset every record"
     seconds = time.perf_counter() - started
-    print(f"{args.ckpt} (step {meta['step']:,}) on {args.split}: {result['bytes']:,} bytes predicted, {protocol}, "
-          f"{result['bytes'] / seconds:,.0f} bytes/s")
-    print(f"loss {result['loss']:.4f} nats/byte  accuracy {result['accuracy']:.4f}  bits/byte {result['bpb']:.4f}")
-    print(result["by_position"])
+    print_evaluation(f"{args.ckpt} (step {meta['step']:,}) on {args.split}, {result['bytes']:,} bytes predicted, "
+                     f"{protocol}, {result['bytes'] / seconds:,.0f} bytes/s", result)
     return 0
 
 

@@ -57,6 +57,9 @@ def download(url, dest, limit=None):
         return
     part = dest + ".part"
     have = os.path.getsize(part) if os.path.exists(part) else 0
+    if limit is not None and have >= limit:  # all asked for is there: a run stopped before the rename
+        os.replace(part, dest)
+        return
     ranges = f"bytes={have}-{'' if limit is None else limit - 1}"
     request = urllib.request.Request(url, headers={"Range": ranges} if have or limit else {})
     try:

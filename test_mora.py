@@ -316,6 +316,11 @@ def test_train_bytes_downloads_only_the_start(tmp_path, http_server, capsys):
     assert prepare_data.main(["--out-dir", str(out), "--url-base", http_server, "--train-bytes", "3000"]) == 0
     assert RangeHandler.ranges == [(0, 2999)]  # one request, for the first 3,000 bytes
     assert (out / "train.bin").read_bytes() == train[:3000] and (out / "val.bin").read_bytes() == val
+    first = out / f"{prepare_data.TRAIN_FILE}.first3000"  # stopped after the download, before the rename:
+    first.rename(str(first) + ".part")
+    RangeHandler.ranges.clear()
+    assert prepare_data.main(["--out-dir", str(out), "--url-base", http_server, "--train-bytes", "3000"]) == 0
+    assert RangeHandler.ranges == [] and first.read_bytes() == train[:3000]  # nothing asked again
     local = tmp_path / "local"
     text = tmp_path / "t.txt"
     text.write_bytes(train)
@@ -356,10 +361,7 @@ def test_reordered_inputs_rebuild_the_bin(tmp_path, capsys):
 
 def test_prepare_input_faults_are_one_line(tmp_path, capsys):
     def error_of(*args):
-        assert prepare_data.main([str(a) for a in args]) == 1
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-        return err
+        return one_error_line(capsys, prepare_data.main([str(a) for a in args]))
 
     text = tmp_path / "t.txt"
     text.write_bytes(made_up_text(3))
@@ -385,6 +387,14 @@ def test_download_errors_are_one_line(tmp_path, http_server, capsys):
 
 def run_main(*args):
     return mora.main([str(a) for a in args])
+
+
+def one_error_line(capsys, exit_code):
+    """What a failed command printed: exit code 1 and one line 'error: ...', no traceback."""
+    assert exit_code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
 
 
 def test_resume_is_bit_exact(data_dir, tmp_path):
@@ -462,10 +472,7 @@ def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path):
 
 def test_bad_input_errors(data_dir, tmp_path, capsys):
     def error_of(*args):
-        assert run_main(*args) == 1
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1
-        return err
+        return one_error_line(capsys, run_main(*args))
 
     ckpt = tmp_path / "m.npz"
     train = ["train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--eval-every", 0]
@@ -1086,10 +1093,7 @@ def test_each_epoch_is_reshuffled_by_seed_and_epoch_alone(data_dir, tmp_path, mo
 
 def test_file_system_faults_are_one_line(data_dir, tmp_path, capsys, monkeypatch):
     def error_of(*args):
-        assert run_main(*args) == 1
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1, err
-        return err
+        return one_error_line(capsys, run_main(*args))
 
     train = ["train", "--data-dir", data_dir, *TINY, "--device", "cpu", "--max-steps", 2]
     (tmp_path / "file").write_text("x")
@@ -1122,10 +1126,7 @@ def test_sample_into_a_closed_pipe_is_quiet(data_dir, tmp_path):
 
 def test_damaged_checkpoints_and_contradictions_are_one_line(data_dir, tmp_path, capsys):
     def error_of(*args):
-        assert run_main(*args) == 1
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1, err
-        return err
+        return one_error_line(capsys, run_main(*args))
 
     ckpt = tmp_path / "m.npz"
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1) == 0
