@@ -260,8 +260,8 @@ def embedding_backward(dh, x):
 def layernorm_forward(x, gain=None, bias=None):
     """y = gain * (x - mean) / sqrt(var + eps) + bias over the last axis; no gain, bias:
     plain normalisation.  The cache: xhat (the normalised x), rstd = 1 / std, gain."""
-    if on_gpu(x):
-        return gpu_layernorm_forward(x, gain, bias)
+    if gain is None and on_gpu(x):
+        return gpu_layernorm_forward(x)
     xp = array_module(x)
     xhat = x - row_mean(x)  # (..., d) centred
     rstd = 1.0 / xp.sqrt(row_mean(xhat * xhat) + LN_EPS)  # (..., 1)
@@ -277,9 +277,9 @@ def layernorm_backward(dy, cache):
     """With dxhat = dy * gain:  dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
     dgain = sum dy * xhat, dbias = sum dy over all leading axes (None, None without a gain).
     The two means are row means of dy and dy * xhat weighted by the gain."""
-    if on_gpu(dy):
-        return gpu_layernorm_backward(dy, cache)
     xhat, rstd, gain = cache
+    if gain is None and on_gpu(dy):
+        return gpu_layernorm_backward(dy, cache)
     dy_xhat = dy * xhat  # (..., d)
     dx = dy - row_mean(dy) if gain is None else dy * gain - row_mean(dy, gain)  # (..., d)
     dx -= xhat * row_mean(dy_xhat, gain)
@@ -313,8 +313,6 @@ GELU_A = 0.044715
 
 def gelu_forward(x):
     """gelu(x) = 0.5 x (1 + t),  t = tanh(k (x + a x^3)),  k = sqrt(2/pi), a = 0.044715."""
-    if on_gpu(x):
-        return gpu_gelu_forward(x)
     xp = array_module(x)
     t = x * x  # (..., n)
     t *= GELU_K * GELU_A
@@ -329,8 +327,6 @@ def gelu_forward(x):
 
 def gelu_backward(dy, cache):
     """d gelu/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 a x^2)."""
-    if on_gpu(dy):
-        return gpu_gelu_backward(dy, cache)
     x, t = cache
     slope = x * x  # (..., n)
     slope *= 3 * GELU_A * GELU_K
@@ -566,28 +562,54 @@ def initial_state(params, batch):
     return [(zeros, zeros, 0)] * L
 
 
-def block_forward(p, h, state):
-    """One block on the residual stream h: (T, B, d).  p: the block's parameters,
-    state: (c, running sum, count) before t = 0.  Returns h, cache, the state after."""
-    # --- mixer: cumulative memory with delta updates ---
+# A block has three parts, and only the middle one looks across time:
+#   block input:   u = LayerNorm1(h);  [v | z | q] = u @ w_in + b_in                 (each position alone)
+#   mixer:         the memory scan and the running mean over t                      (across time)
+#   block output:  h = h + gated @ w_out + b_out;  h = h + MLP(LayerNorm2(h))       (each position alone)
+# So on the GPU each per-position part is one kernel, a thread per position (last
+# section), and a block is three launches forward.
+
+def block_input_forward(p, h):
+    """h: (T, B, d) -> vzq (T, B, 3d) = LayerNorm1(h) @ w_in + b_in, cache."""
+    if on_gpu(h):
+        return gpu_block_input_forward(p, h)
     u, ln1_cache = layernorm_forward(h, p["ln1.g"], p["ln1.b"])  # (T, B, d)
     vzq, in_cache = linear_forward(u, p["w_in"], p["b_in"])  # (T, B, 3d)
-    gated, mixer_cache, state = mixer_forward(vzq, p["mix"], state)  # (T, B, d)
+    return vzq, (ln1_cache, in_cache)
+
+
+def block_input_backward(dvzq, cache):
+    """dvzq: (T, B, 3d) -> the gradient reaching h through LayerNorm1 (T, B, d), and
+    the grads of w_in, b_in, ln1.g, ln1.b."""
+    if on_gpu(dvzq):
+        return gpu_block_input_backward(dvzq, cache)
+    ln1_cache, in_cache = cache
+    grads = {}
+    du, grads["w_in"], grads["b_in"] = linear_backward(dvzq, in_cache)
+    dh, grads["ln1.g"], grads["ln1.b"] = layernorm_backward(du, ln1_cache)
+    return dh, grads
+
+
+def block_output_forward(p, h, gated):
+    """The mixer's output projected onto the residual stream, then the channel MLP
+    added: h, gated: (T, B, d) -> h (T, B, d), cache."""
+    if on_gpu(h):
+        return gpu_block_output_forward(p, h, gated)
     mixed, out_cache = linear_forward(gated, p["w_out"], p["b_out"])  # (T, B, d)
     h = h + mixed
-    # --- channel MLP ---
     u2, ln2_cache = layernorm_forward(h, p["ln2.g"], p["ln2.b"])  # (T, B, d)
     pre, up_cache = linear_forward(u2, p["w_up"], p["b_up"])  # (T, B, 2d)
     act, gelu_cache = gelu_forward(pre)  # (T, B, 2d)
     out, down_cache = linear_forward(act, p["w_down"], p["b_down"])  # (T, B, d)
-    h = h + out
-    cache = (ln1_cache, in_cache, mixer_cache, out_cache, ln2_cache, up_cache, gelu_cache, down_cache)
-    return h, cache, state
+    return h + out, (out_cache, ln2_cache, up_cache, gelu_cache, down_cache)
 
 
-def block_backward(dh, cache):
-    """The block's forward read in reverse.  dh: (T, B, d) -> dh, grads of p."""
-    ln1_cache, in_cache, mixer_cache, out_cache, ln2_cache, up_cache, gelu_cache, down_cache = cache
+def block_output_backward(dh, cache):
+    """dh: (T, B, d) at the block's output -> dgated (T, B, d), dh at the input h of
+    block_output_forward (T, B, d), and the grads of w_out ... b_down."""
+    if on_gpu(dh):
+        return gpu_block_output_backward(dh, cache)
+    out_cache, ln2_cache, up_cache, gelu_cache, down_cache = cache
     grads = {}
     # h = h + gelu(u2 @ w_up + b_up) @ w_down + b_down
     dact, grads["w_down"], grads["b_down"] = linear_backward(dh, down_cache)
@@ -598,13 +620,27 @@ def block_backward(dh, cache):
     dh = dh + dh_norm
     # h = h + gated @ w_out + b_out
     dgated, grads["w_out"], grads["b_out"] = linear_backward(dh, out_cache)
+    return dgated, dh, grads
+
+
+def block_forward(p, h, state):
+    """One block on the residual stream h: (T, B, d).  p: the block's parameters,
+    state: (c, running sum, count) before t = 0.  Returns h, cache, the state after."""
+    vzq, in_cache = block_input_forward(p, h)  # (T, B, 3d)
+    gated, mixer_cache, state = mixer_forward(vzq, p["mix"], state)  # (T, B, d)
+    h, out_cache = block_output_forward(p, h, gated)  # (T, B, d)
+    return h, (in_cache, mixer_cache, out_cache), state
+
+
+def block_backward(dh, cache):
+    """The block's forward read in reverse.  dh: (T, B, d) -> dh, grads of p."""
+    in_cache, mixer_cache, out_cache = cache
+    dgated, dh, grads = block_output_backward(dh, out_cache)
     # gated = sigmoid(q) * (mix[0] c + mix[1] a + mix[2] e)
     dvzq, grads["mix"] = mixer_backward(dgated, mixer_cache)
-    # [v, z, q] = u @ w_in + b_in
-    du, grads["w_in"], grads["b_in"] = linear_backward(dvzq, in_cache)
-    # u = LayerNorm(h)
-    dh_norm, grads["ln1.g"], grads["ln1.b"] = layernorm_backward(du, ln1_cache)
-    return dh + dh_norm, grads
+    dh_norm, input_grads = block_input_backward(dvzq, in_cache)
+    grads.update(input_grads)
+    return dh + dh_norm, grads  # h reaches the output both through LayerNorm1 and past it
 
 
 def model_forward(params, x, state, keep_cache=True):
@@ -1626,9 +1662,13 @@ def main(argv=None):
 # These CUDA kernels compute exactly what the plain functions above compute (those
 # define them; test_mora.py checks each kernel against its plain twin, on the GPU
 # when there is one and everywhere by compiling this same source as C++), in one
-# pass: for the mixer one thread per (batch row, channel) walks the time axis;
-# LayerNorm takes a thread per row, GELU a thread per element.  Constants come
-# from Python as -D options.  Used for float32 CuPy arrays while USE_KERNELS.
+# pass: for the mixer one thread per (batch row, channel) walks the time axis; the
+# block's per-position parts (BLOCK_SOURCE) take a thread per position, which holds
+# its row of d numbers in registers and does the small matmuls itself, reading the
+# weights that every thread reads at once (so one load serves the whole warp), as
+# fully fused MLPs do for narrow layers (tiny-cuda-nn).  The weight gradients, sums
+# over all positions, stay with cuBLAS.  Constants come from Python as -D options.
+# Used for float32 CuPy arrays while USE_KERNELS.
 
 USE_KERNELS = True
 
@@ -1702,10 +1742,10 @@ extern "C" __global__ void mixer_backward(
     dmix_parts[2 * B * d + i] = dmix_e;
 }
 
-// layernorm_forward: one thread per row of d numbers.
+// layernorm_forward without gain and bias (the final norm; the blocks' LayerNorms
+// are in BLOCK_SOURCE): xhat = (x - mean) rstd, rstd = 1 / sqrt(var + eps).  A thread per row.
 extern "C" __global__ void layernorm_forward(
-        const float* __restrict__ x, const float* __restrict__ gain, const float* __restrict__ bias,
-        long long rows, int d, float* __restrict__ y, float* __restrict__ xhat, float* __restrict__ rstd) {
+        const float* __restrict__ x, long long rows, int d, float* __restrict__ xhat, float* __restrict__ rstd) {
     long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= rows) return;
     const float* row = x + r * d;
@@ -1715,52 +1755,24 @@ extern "C" __global__ void layernorm_forward(
     for (int j = 0; j < d; j++) var += (row[j] - mean) * (row[j] - mean);
     float s = 1.0f / sqrtf(var / d + LN_EPS);
     rstd[r] = s;
-    for (int j = 0; j < d; j++) {
-        float n = (row[j] - mean) * s;
-        xhat[r * d + j] = n;
-        y[r * d + j] = n * gain[j] + bias[j];
-    }
+    for (int j = 0; j < d; j++) xhat[r * d + j] = (row[j] - mean) * s;
 }
 
-// layernorm_backward: dx = rstd (dy gain - mean(dy gain) - xhat mean(dy gain xhat)), and
-// dy * xhat (summed over rows afterwards for dgain).  One thread per row.
+// layernorm_backward without gain: dx = rstd (dy - mean(dy) - xhat mean(dy xhat)).  A thread per row.
 extern "C" __global__ void layernorm_backward(
         const float* __restrict__ dy, const float* __restrict__ xhat, const float* __restrict__ rstd,
-        const float* __restrict__ gain, long long rows, int d, float* __restrict__ dx, float* __restrict__ dy_xhat) {
+        long long rows, int d, float* __restrict__ dx) {
     long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= rows) return;
     long long o = r * d;
-    float mean_dn = 0.0f, mean_dn_xhat = 0.0f;
+    float mean_dy = 0.0f, mean_dy_xhat = 0.0f;
     for (int j = 0; j < d; j++) {
-        mean_dn += dy[o + j] * gain[j];
-        mean_dn_xhat += dy[o + j] * gain[j] * xhat[o + j];
+        mean_dy += dy[o + j];
+        mean_dy_xhat += dy[o + j] * xhat[o + j];
     }
-    mean_dn /= d;
-    mean_dn_xhat /= d;
-    for (int j = 0; j < d; j++) {
-        dx[o + j] = rstd[r] * (dy[o + j] * gain[j] - mean_dn - xhat[o + j] * mean_dn_xhat);
-        dy_xhat[o + j] = dy[o + j] * xhat[o + j];
-    }
-}
-
-// gelu (tanh form), one thread per element; t is kept for the backward.
-extern "C" __global__ void gelu_forward(const float* __restrict__ x, long long n, float* __restrict__ y,
-                                        float* __restrict__ t) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float xi = x[i];
-    float ti = tanhf(GELU_K * (xi + GELU_A * xi * xi * xi));
-    t[i] = ti;
-    y[i] = 0.5f * xi * (1.0f + ti);
-}
-
-extern "C" __global__ void gelu_backward(const float* __restrict__ dy, const float* __restrict__ x,
-                                         const float* __restrict__ t, long long n, float* __restrict__ dx) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float xi = x[i], ti = t[i];
-    float slope = 0.5f * (1.0f + ti) + 0.5f * xi * (1.0f - ti * ti) * GELU_K * (1.0f + 3.0f * GELU_A * xi * xi);
-    dx[i] = dy[i] * slope;
+    mean_dy /= d;
+    mean_dy_xhat /= d;
+    for (int j = 0; j < d; j++) dx[o + j] = rstd[r] * (dy[o + j] - mean_dy - xhat[o + j] * mean_dy_xhat);
 }
 
 // cross_entropy_forward: one thread per row of V logits.  probs = softmax (kept for the
@@ -1805,6 +1817,186 @@ extern "C" __global__ void adam_update(
 }
 """
 
+# The block's per-position parts for one width D (a -D option: the rows live in
+# registers, which need sizes known when compiling).  Row r of a (T, B, k) array is
+# position r = t B + b.  Loops over a register row are unrolled (the only way it
+# stays in registers); the other loops read memory.
+BLOCK_SOURCE = r"""
+__device__ __forceinline__ float gelu_tanh(float x) { return tanhf(GELU_K * (x + GELU_A * x * x * x)); }
+
+// x := LayerNorm(x) gain + bias in place, for a row x in registers; writes xhat and rstd.
+__device__ __forceinline__ void layernorm_row(float (&x)[D], const float* __restrict__ gain,
+                                              const float* __restrict__ bias, float* __restrict__ xhat,
+                                              float* __restrict__ rstd) {
+    float mean = 0.0f, var = 0.0f;
+    #pragma unroll
+    for (int k = 0; k < D; k++) mean += x[k];
+    mean /= D;
+    #pragma unroll
+    for (int k = 0; k < D; k++) var += (x[k] - mean) * (x[k] - mean);
+    float s = 1.0f / sqrtf(var / D + LN_EPS);
+    *rstd = s;
+    #pragma unroll
+    for (int k = 0; k < D; k++) {
+        float n = (x[k] - mean) * s;
+        xhat[k] = n;
+        x[k] = n * gain[k] + bias[k];
+    }
+}
+
+// dx := LayerNorm's backward of dy (registers, overwritten) with the gain; partial
+// receives dy * xhat (its column sums are dgain) and dy (dbias).
+__device__ __forceinline__ void layernorm_row_backward(float (&dy)[D], const float* __restrict__ xhat,
+                                                       float rstd, const float* __restrict__ gain,
+                                                       float* __restrict__ partial) {
+    float mean_dn = 0.0f, mean_dn_xhat = 0.0f;
+    #pragma unroll
+    for (int k = 0; k < D; k++) {
+        mean_dn += dy[k] * gain[k];
+        mean_dn_xhat += dy[k] * gain[k] * xhat[k];
+        partial[k] = dy[k] * xhat[k];
+        partial[D + k] = dy[k];
+    }
+    mean_dn /= D;
+    mean_dn_xhat /= D;
+    #pragma unroll
+    for (int k = 0; k < D; k++) dy[k] = rstd * (dy[k] * gain[k] - mean_dn - xhat[k] * mean_dn_xhat);
+}
+
+// block_input_forward: u = LayerNorm1(h) (kept, with xhat and rstd), vzq = u @ w_in + b_in.
+extern "C" __global__ void block_input_forward(
+        const float* __restrict__ h, const float* __restrict__ ln_gain, const float* __restrict__ ln_bias,
+        const float* __restrict__ w_in, const float* __restrict__ b_in, long long rows,
+        float* __restrict__ u, float* __restrict__ xhat, float* __restrict__ rstd, float* __restrict__ vzq) {
+    long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    float x[D];
+    #pragma unroll
+    for (int k = 0; k < D; k++) x[k] = h[r * D + k];
+    layernorm_row(x, ln_gain, ln_bias, xhat + r * D, rstd + r);
+    #pragma unroll
+    for (int k = 0; k < D; k++) u[r * D + k] = x[k];
+    for (int j = 0; j < 3 * D; j++) {
+        float sum = b_in[j];
+        #pragma unroll
+        for (int k = 0; k < D; k++) sum += x[k] * w_in[k * 3 * D + j];
+        vzq[r * 3 * D + j] = sum;
+    }
+}
+
+// block_input_backward: du = dvzq @ w_in^T, dh = LayerNorm1's backward of du.
+// partial (rows, 5D): [du xhat | du | dvzq], whose column sums are dgain, dbias, db_in.
+extern "C" __global__ void block_input_backward(
+        const float* __restrict__ dvzq, const float* __restrict__ xhat, const float* __restrict__ rstd,
+        const float* __restrict__ ln_gain, const float* __restrict__ w_in, long long rows,
+        float* __restrict__ dh, float* __restrict__ partial) {
+    long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    float* part = partial + r * 5 * D;
+    float du[D];
+    #pragma unroll
+    for (int k = 0; k < D; k++) du[k] = 0.0f;
+    for (int j = 0; j < 3 * D; j++) {
+        float g = dvzq[r * 3 * D + j];
+        part[2 * D + j] = g;
+        #pragma unroll
+        for (int k = 0; k < D; k++) du[k] += g * w_in[k * 3 * D + j];
+    }
+    layernorm_row_backward(du, xhat + r * D, rstd[r], ln_gain, part);
+    #pragma unroll
+    for (int k = 0; k < D; k++) dh[r * D + k] = du[k];
+}
+
+// block_output_forward: h += gated @ w_out + b_out;  u2 = LayerNorm2(h);
+// pre = u2 @ w_up + b_up;  act = gelu(pre) (t = its tanh, kept);  h += act @ w_down + b_down.
+extern "C" __global__ void block_output_forward(
+        const float* __restrict__ h, const float* __restrict__ gated, const float* __restrict__ w_out,
+        const float* __restrict__ b_out, const float* __restrict__ ln_gain, const float* __restrict__ ln_bias,
+        const float* __restrict__ w_up, const float* __restrict__ b_up, const float* __restrict__ w_down,
+        const float* __restrict__ b_down, long long rows, float* __restrict__ h_out, float* __restrict__ xhat,
+        float* __restrict__ rstd, float* __restrict__ u2, float* __restrict__ pre, float* __restrict__ t,
+        float* __restrict__ act) {
+    long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    float stream[D], x[D];  // the residual stream's row; the LayerNorm's output row
+    #pragma unroll
+    for (int j = 0; j < D; j++) stream[j] = h[r * D + j] + b_out[j];
+    for (int k = 0; k < D; k++) {
+        float g = gated[r * D + k];
+        #pragma unroll
+        for (int j = 0; j < D; j++) stream[j] += g * w_out[k * D + j];
+    }
+    #pragma unroll
+    for (int k = 0; k < D; k++) x[k] = stream[k];
+    layernorm_row(x, ln_gain, ln_bias, xhat + r * D, rstd + r);
+    #pragma unroll
+    for (int k = 0; k < D; k++) {
+        u2[r * D + k] = x[k];
+        stream[k] += b_down[k];
+    }
+    for (int j = 0; j < 2 * D; j++) {
+        float p = b_up[j];
+        #pragma unroll
+        for (int k = 0; k < D; k++) p += x[k] * w_up[k * 2 * D + j];
+        float tj = gelu_tanh(p), a = 0.5f * p * (1.0f + tj);
+        pre[r * 2 * D + j] = p;
+        t[r * 2 * D + j] = tj;
+        act[r * 2 * D + j] = a;
+        #pragma unroll
+        for (int i = 0; i < D; i++) stream[i] += a * w_down[j * D + i];
+    }
+    #pragma unroll
+    for (int k = 0; k < D; k++) h_out[r * D + k] = stream[k];
+}
+
+// block_output_backward, from dh at the block's output: dpre = (dh @ w_down^T) gelu'(pre);
+// du2 = dpre @ w_up^T;  dh_mid = dh + LayerNorm2's backward of du2;  dgated = dh_mid @ w_out^T.
+// partial (rows, 6D): [du2 xhat | du2 | dpre | dh_mid | dh], column sums dgain, dbias,
+// db_up, db_out, db_down.
+extern "C" __global__ void block_output_backward(
+        const float* __restrict__ dh, const float* __restrict__ pre, const float* __restrict__ t,
+        const float* __restrict__ xhat, const float* __restrict__ rstd, const float* __restrict__ ln_gain,
+        const float* __restrict__ w_up, const float* __restrict__ w_down, const float* __restrict__ w_out,
+        long long rows, float* __restrict__ dgated, float* __restrict__ dh_mid, float* __restrict__ dpre,
+        float* __restrict__ partial) {
+    long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    float* part = partial + r * 6 * D;
+    float grad[D], du2[D];  // dh, then dh_mid; dL/du2
+    #pragma unroll
+    for (int k = 0; k < D; k++) {
+        grad[k] = dh[r * D + k];
+        part[5 * D + k] = grad[k];
+        du2[k] = 0.0f;
+    }
+    for (int j = 0; j < 2 * D; j++) {
+        float dact = 0.0f;
+        #pragma unroll
+        for (int i = 0; i < D; i++) dact += grad[i] * w_down[j * D + i];
+        float x = pre[r * 2 * D + j], tj = t[r * 2 * D + j];
+        float slope = 0.5f * (1.0f + tj) + 0.5f * x * (1.0f - tj * tj) * GELU_K * (1.0f + 3.0f * GELU_A * x * x);
+        float dp = dact * slope;
+        dpre[r * 2 * D + j] = dp;
+        part[2 * D + j] = dp;
+        #pragma unroll
+        for (int k = 0; k < D; k++) du2[k] += dp * w_up[k * 2 * D + j];
+    }
+    layernorm_row_backward(du2, xhat + r * D, rstd[r], ln_gain, part);
+    #pragma unroll
+    for (int k = 0; k < D; k++) {
+        grad[k] += du2[k];
+        dh_mid[r * D + k] = grad[k];
+        part[4 * D + k] = grad[k];
+    }
+    for (int k = 0; k < D; k++) {
+        float sum = 0.0f;
+        #pragma unroll
+        for (int i = 0; i < D; i++) sum += grad[i] * w_out[k * D + i];
+        dgated[r * D + k] = sum;
+    }
+}
+"""
+
 # The constants the kernels share with the Python above, as compiler options.
 KERNEL_DEFINES = (f"-DLN_EPS={LN_EPS!r}f", f"-DGELU_K={GELU_K!r}f", f"-DGELU_A={GELU_A!r}f")
 
@@ -1814,14 +2006,20 @@ def on_gpu(a):
     return USE_KERNELS and cupy is not None and isinstance(a, cupy.ndarray) and a.dtype == np.float32
 
 
+def kernel_options(width=None):
+    """The -D options: the shared constants, and for BLOCK_SOURCE the model width."""
+    return KERNEL_DEFINES if width is None else KERNEL_DEFINES + (f"-DD={width}",)
+
+
 @functools.lru_cache(maxsize=None)
-def cuda_module():
-    """CUDA_SOURCE compiled by NVRTC (through CuPy) on first use."""
-    return cupy.RawModule(code=CUDA_SOURCE, options=KERNEL_DEFINES)
+def cuda_module(width=None):
+    """CUDA_SOURCE (width None) or BLOCK_SOURCE for a model width, compiled by NVRTC
+    (through CuPy) on first use."""
+    return cupy.RawModule(code=CUDA_SOURCE if width is None else BLOCK_SOURCE, options=kernel_options(width))
 
 
-def launch(name, n_threads, args, block=256):
-    cuda_module().get_function(name)(((n_threads + block - 1) // block,), (block,), args)
+def launch(name, n_threads, args, width=None, block=256):
+    cuda_module(width).get_function(name)(((n_threads + block - 1) // block,), (block,), args)
 
 
 def gpu_mixer_forward(vzq, mix, state):
@@ -1846,44 +2044,82 @@ def gpu_mixer_backward(dgated, cache):
     return dvzq, dmix_parts.sum(1)
 
 
-def gpu_layernorm_forward(x, gain, bias):
+def gpu_layernorm_forward(x):
     x = cupy.ascontiguousarray(x)
     d = x.shape[-1]
     rows = x.size // d
-    gains = gain if gain is not None else cupy.ones(d, np.float32)
-    biases = bias if bias is not None else cupy.zeros(d, np.float32)
-    y, xhat = cupy.empty_like(x), cupy.empty_like(x)
-    rstd = cupy.empty((*x.shape[:-1], 1), np.float32)
-    launch("layernorm_forward", rows, (x, gains, biases, np.int64(rows), np.int32(d), y, xhat, rstd))
-    return (xhat if gain is None else y), (xhat, rstd, gain)
+    xhat, rstd = cupy.empty_like(x), cupy.empty((*x.shape[:-1], 1), np.float32)
+    launch("layernorm_forward", rows, (x, np.int64(rows), np.int32(d), xhat, rstd))
+    return xhat, (xhat, rstd, None)
 
 
 def gpu_layernorm_backward(dy, cache):
-    xhat, rstd, gain = cache
+    xhat, rstd, _ = cache
     d = xhat.shape[-1]
     rows = xhat.size // d
-    gains = gain if gain is not None else cupy.ones(d, np.float32)
-    dx, dy_xhat = cupy.empty_like(xhat), cupy.empty_like(xhat)
-    dy = cupy.ascontiguousarray(dy)
-    launch("layernorm_backward", rows, (dy, xhat, rstd, gains, np.int64(rows), np.int32(d), dx, dy_xhat))
-    if gain is None:
-        return dx, None, None
-    return dx, column_sum(dy_xhat), column_sum(dy)
+    dx = cupy.empty_like(xhat)
+    launch("layernorm_backward", rows, (cupy.ascontiguousarray(dy), xhat, rstd, np.int64(rows), np.int32(d), dx))
+    return dx, None, None
 
 
-def gpu_gelu_forward(x):
-    x = cupy.ascontiguousarray(x)
-    y, t = cupy.empty_like(x), cupy.empty_like(x)
-    launch("gelu_forward", x.size, (x, np.int64(x.size), y, t))
-    return y, (x, t)
+BLOCK_THREADS = 128  # threads per CUDA block for the block kernels: each holds two rows of d floats in registers
 
 
-def gpu_gelu_backward(dy, cache):
-    x, t = cache
-    dx = cupy.empty_like(x)
-    launch("gelu_backward", x.size, (cupy.ascontiguousarray(dy), x, t, np.int64(x.size), dx))
-    return dx
+def gpu_block_input_forward(p, h):
+    h = cupy.ascontiguousarray(h)
+    d = h.shape[-1]
+    rows = h.size // d
+    u, xhat = cupy.empty_like(h), cupy.empty_like(h)
+    rstd, vzq = cupy.empty((*h.shape[:-1], 1), np.float32), cupy.empty((*h.shape[:-1], 3 * d), np.float32)
+    launch("block_input_forward", rows, (h, p["ln1.g"], p["ln1.b"], p["w_in"], p["b_in"], np.int64(rows),
+                                         u, xhat, rstd, vzq), width=d, block=BLOCK_THREADS)
+    return vzq, (u, xhat, rstd, p)
 
+
+def gpu_block_input_backward(dvzq, cache):
+    u, xhat, rstd, p = cache
+    d = u.shape[-1]
+    rows = u.size // d
+    dvzq = cupy.ascontiguousarray(dvzq)
+    dh, partial = cupy.empty_like(u), cupy.empty((rows, 5 * d), np.float32)
+    launch("block_input_backward", rows, (dvzq, xhat, rstd, p["ln1.g"], p["w_in"], np.int64(rows), dh, partial),
+           width=d, block=BLOCK_THREADS)
+    sums = partial.sum(0)  # (5d,) one reduction for three gradients
+    grads = {"w_in": u.reshape(rows, d).T @ dvzq.reshape(rows, 3 * d),
+             "ln1.g": sums[:d], "ln1.b": sums[d:2 * d], "b_in": sums[2 * d:]}
+    return dh, grads
+
+
+def gpu_block_output_forward(p, h, gated):
+    h, gated = cupy.ascontiguousarray(h), cupy.ascontiguousarray(gated)
+    d = h.shape[-1]
+    rows = h.size // d
+    h_out, xhat, u2 = (cupy.empty_like(h) for _ in range(3))
+    rstd = cupy.empty((*h.shape[:-1], 1), np.float32)
+    pre, t, act = (cupy.empty((*h.shape[:-1], 2 * d), np.float32) for _ in range(3))
+    launch("block_output_forward", rows, (h, gated, p["w_out"], p["b_out"], p["ln2.g"], p["ln2.b"], p["w_up"], p["b_up"],
+                                          p["w_down"], p["b_down"], np.int64(rows), h_out, xhat, rstd, u2, pre, t, act),
+           width=d, block=BLOCK_THREADS)
+    return h_out, (gated, xhat, rstd, u2, pre, t, act, p)
+
+
+def gpu_block_output_backward(dh, cache):
+    gated, xhat, rstd, u2, pre, t, act, p = cache
+    d = gated.shape[-1]
+    rows = gated.size // d
+    dh = cupy.ascontiguousarray(dh)
+    dgated, dh_mid, dpre = cupy.empty_like(gated), cupy.empty_like(gated), cupy.empty_like(pre)
+    partial = cupy.empty((rows, 6 * d), np.float32)
+    launch("block_output_backward", rows, (dh, pre, t, xhat, rstd, p["ln2.g"], p["w_up"], p["w_down"], p["w_out"],
+                                           np.int64(rows), dgated, dh_mid, dpre, partial), width=d, block=BLOCK_THREADS)
+    sums = partial.sum(0)  # (6d,) one reduction for five gradients
+
+    def by_rows(a):
+        return a.reshape(rows, -1)
+    grads = {"w_down": by_rows(act).T @ by_rows(dh), "w_up": by_rows(u2).T @ by_rows(dpre),
+             "w_out": by_rows(gated).T @ by_rows(dh_mid), "ln2.g": sums[:d], "ln2.b": sums[d:2 * d],
+             "b_up": sums[2 * d:4 * d], "b_out": sums[4 * d:5 * d], "b_down": sums[5 * d:]}
+    return dgated, dh_mid, grads
 
 
 def gpu_cross_entropy_forward(logits, y):
