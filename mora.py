@@ -85,7 +85,8 @@ def gpu_problem():
         cupy = module
         ones = cupy.ones((4, 4), dtype=np.float32)
         float((ones @ ones).sum())
-        cuda_module()
+        cuda_module().get_function("adam_update")  # CuPy compiles a module when first asked for a kernel
+        cuda_module(Config.d_model).get_function("block_input_forward")
     except Exception as exc:  # CuPy raises driver- and library-specific errors here
         cupy = None
         first_line = (str(exc).splitlines() or [""])[0][:160]

@@ -878,10 +878,22 @@ def test_auto_falls_back_to_the_cpu_in_one_line_when_cupy_cannot_work(stand_in, 
     def broken_matmul(*args, **kwargs):
         raise RuntimeError("libcublas.so.12: cannot open shared object file\nmore detail")
     monkeypatch.setattr(stand_in.cuda.runtime, "getDeviceCount", lambda: 1)
-    monkeypatch.setattr(DeviceArray, "__matmul__", broken_matmul)
-    assert mora.select_backend("auto") is np and mora.cupy is None
+    with monkeypatch.context() as patch:
+        patch.setattr(DeviceArray, "__matmul__", broken_matmul)
+        assert mora.select_backend("auto") is np and mora.cupy is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "(RuntimeError: libcublas.so.12: cannot open shared object file)" in err
+
+    def module_without_compiler(code, options=()):  # as CuPy, compiling at the first get_function
+        import types
+
+        def get_function(name):
+            raise RuntimeError("libnvrtc.so.12: cannot open shared object file")
+        return types.SimpleNamespace(get_function=get_function)
+    mora.cuda_module.cache_clear()
+    monkeypatch.setattr(stand_in, "RawModule", module_without_compiler)
+    assert mora.select_backend("auto") is np and mora.cupy is None
+    assert "(RuntimeError: libnvrtc.so.12: cannot open shared object file)" in capsys.readouterr().err
 
 
 def test_every_command_runs_on_the_gpu_path(gpu, data_dir, tmp_path, capsys):
