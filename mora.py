@@ -225,9 +225,10 @@ def trainable_mask(cfg):
 # On the CPU most of a step is elementwise passes over (T, B, d) arrays, so the
 # layers work in place where they can (`y *= ...`: one pass, no temporary array)
 # and sum over short rows with BLAS matrix-vector products, which on rows of 64
-# numbers are about ten times faster than NumPy's own row sums.  On the GPU a few
-# layers hand the work to one fused kernel (`on_gpu`, last section of the file);
-# the plain code here defines what each kernel computes.
+# numbers are about ten times faster than NumPy's own row sums.  On the GPU a
+# function may hand its work to one fused kernel (`on_gpu`, last section of the
+# file): here the mixer, the final LayerNorm and cross-entropy, in the model section
+# the block's per-position parts.  The plain code defines what each kernel computes.
 
 def row_mean(x, weights=None):
     """sum_j x_j w_j / n over the last axis (w = 1 by default): (..., n) -> (..., 1)."""
