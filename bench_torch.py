@@ -123,10 +123,10 @@ def speed(args):
     mora.keep_freed_memory()
     flat, params = mora.flat_parameters(mora.init_params(cfg, 0))
     m, v = np.zeros_like(flat), np.zeros_like(flat)
-    workers = mora.make_workers(np, args.threads)
+    slices = mora.cpu_slices(np, args.threads)
 
     def mora_step():
-        mora.train_step(params, flat, m, v, x.astype(np.int32), y.astype(np.int32), 0, 1e-3, workers=workers)
+        mora.train_step(params, flat, m, v, x.astype(np.int32), y.astype(np.int32), 0, 1e-3, gradient=slices.gradient)
 
     n_lstm = sum(p.numel() for p in lstm.parameters())
     for name, step, count in [("MORA, PyTorch eager twin", twin_step, mora.count_params(cfg)),

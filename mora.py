@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 
 # On the CPU, training runs its own worker threads over slices of the batch (see
-# `batch_gradient`), so each may use only one BLAS thread: BLAS's own threads would
+# "CPU threads"), so each may use only one BLAS thread: BLAS's own threads would
 # fight them for the cores.  This must be set before NumPy is imported; a value the
 # user set in the environment is kept.
 for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -52,6 +52,7 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------
 # Array backend: xp is numpy or cupy, chosen by the arrays themselves.
+
 
 cupy = None  # the CuPy module, once select_backend has found a GPU that works
 
@@ -109,11 +110,12 @@ def select_backend(device):
     return np
 
 
-def describe_backend(xp, workers=1):
+def describe_backend(xp, slices=None):
     if xp is np:
         blas = os.environ.get("OPENBLAS_NUM_THREADS", "?")
-        return (f"numpy {np.__version__} on the CPU: {workers} worker thread{'s' * (workers > 1)} "
-                f"x {blas} BLAS thread (of {os.cpu_count()} cores)")
+        threads, count = (slices.threads, slices.count) if slices else (1, 1)
+        return (f"numpy {np.__version__} on the CPU: the batch in {count} slice{'s' * (count > 1)} over {threads} "
+                f"thread{'s' * (threads > 1)} x {blas} BLAS thread (of {os.cpu_count()} cores)")
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     return f"cupy {cupy.__version__} on {props['name'].decode()} (TF32 matmuls: CUPY_TF32={os.environ.get('CUPY_TF32')})"
 
@@ -121,6 +123,7 @@ def describe_backend(xp, workers=1):
 # ----------------------------------------------------------------------------
 # Configuration: the model (Config) and the training run (TrainSettings).  Every
 # default lives here; the command line's help text is made from these.
+
 
 @dataclass
 class Config:
@@ -132,6 +135,7 @@ class Config:
 
 
 SIZES = {"small": dict(d_model=64, n_layers=8), "large": dict(d_model=128, n_layers=8)}
+
 
 # Ablations hold a slice of the parameters at zero (their gradient is dropped in
 # training), so the model code stays the same:  name -> (parameter, index).
@@ -147,7 +151,7 @@ ABLATIONS = {
 @dataclass
 class TrainSettings:
     """How a run trains.  A checkpoint stores its run's settings and --resume goes on
-    with them.  Measured at the CPU budget (README, Recipe): lr 2e-2, beta2 0.95 and a
+    with them.  Measured at the CPU budget (docs/results.md, Recipe): lr 2e-2, beta2 0.95 and a
     long warmup beat the reference recipe (lr 2e-2, beta2 0.999, 50 warmup steps)."""
     lr: float = 2e-2  # peak learning rate
     warmup: int = None  # warmup steps; None: a third of the run, at most WARMUP_CAP
@@ -160,6 +164,7 @@ class TrainSettings:
     epochs: int = 1
     max_steps: int = None  # None: whole epochs
     mix_init: tuple = (0.0, 0.0, 1.0)  # initial mix of memory, running mean and delta in every block
+    slices: int = None  # the CPU's batch slices (see "CPU threads"); None: one per thread when the run starts
     # How the run reports and saves itself (--resume may change these):
     eval_every: int = 500  # steps between evaluations on the start of val (0: never)
     eval_bytes: int = 1 << 20  # bytes of val those evaluations read
@@ -174,7 +179,7 @@ WARMUP_CAP = 1000
 
 
 def default_warmup(total_steps):
-    """A third of the run, at most WARMUP_CAP steps (measured at 300 steps: README, Recipe)."""
+    """A third of the run, at most WARMUP_CAP steps (measured at 300 steps: docs/results.md, Recipe)."""
     return max(1, min(WARMUP_CAP, total_steps // 3))
 
 
@@ -220,31 +225,12 @@ def trainable_mask(cfg):
 # ----------------------------------------------------------------------------
 # Layers: each forward returns (out, cache); its backward, right below, takes
 # (dout, cache) and returns the gradients.  The cache holds only what the
-# backward needs.  Shapes: any leading axes (...), last axis as stated.
+# backward needs.  Shapes: any leading axes (...), last axis as stated; the
+# leading axes are the positions (T, B) of the model, N = T * B of them.
 #
-# On the CPU most of a step is elementwise passes over (T, B, d) arrays, so the
-# layers work in place where they can (`y *= ...`: one pass, no temporary array)
-# and sum over short rows with BLAS matrix-vector products, which on rows of 64
-# numbers are about ten times faster than NumPy's own row sums.  On the GPU a
-# function may hand its work to one fused kernel (`on_gpu`, last section of the
-# file): here the mixer, the final LayerNorm and cross-entropy, in the model section
-# the block's per-position parts.  The plain code defines what each kernel computes.
-
-def row_mean(x, weights=None):
-    """sum_j x_j w_j / n over the last axis (w = 1 by default): (..., n) -> (..., 1)."""
-    xp = array_module(x)
-    n = x.shape[-1]
-    w = xp.full(n, 1.0 / n, dtype=x.dtype) if weights is None else weights / n
-    return (x.reshape(-1, n) @ w).reshape(*x.shape[:-1], 1)
-
-
-def column_sum(x):
-    """Sum over all leading axes: (..., n) -> (n,), as a BLAS product with a vector of
-    ones (on the CPU faster than NumPy's sum here)."""
-    xp = array_module(x)
-    rows = x.reshape(-1, x.shape[-1])
-    return xp.ones(len(rows), dtype=x.dtype) @ rows
-
+# Every body is written as its equation.  On the GPU the fused kernels of the
+# last section take the place of some of these functions; these stay the
+# definition of what those kernels compute.
 
 def embedding_forward(E, x):
     """h = E[x].  E: (V, d), x: (...) ints -> (..., d)."""
@@ -252,7 +238,8 @@ def embedding_forward(E, x):
 
 
 def embedding_backward(dh, x):
-    """dE[v] = sum of dh over positions where x == v, as a (V, N) one-hot times (N, d)."""
+    """dE[v] = sum of dh over the positions where x == v, as onehot(x)^T @ dh:
+    (V, N) @ (N, d), one matmul instead of a scatter-add."""
     xp = array_module(dh)
     flat_x = x.reshape(-1)  # (N,)
     onehot = (flat_x[:, None] == xp.arange(V)[None, :]).astype(dh.dtype)  # (N, V)
@@ -260,53 +247,48 @@ def embedding_backward(dh, x):
 
 
 def layernorm_forward(x, gain=None, bias=None):
-    """y = gain * (x - mean) / sqrt(var + eps) + bias over the last axis; no gain, bias:
-    plain normalisation.  The cache: xhat (the normalised x), rstd = 1 / std, gain."""
-    if gain is None and on_gpu(x):
-        return gpu_layernorm_forward(x)
+    """y = gain * (x - mean) / sqrt(var + eps) + bias over the last axis; without gain
+    and bias, plain normalisation.  The cache: xhat (the normalised x), rstd = 1 / std
+    (..., 1), gain."""
     xp = array_module(x)
-    xhat = x - row_mean(x)  # (..., d) centred
-    rstd = 1.0 / xp.sqrt(row_mean(xhat * xhat) + LN_EPS)  # (..., 1)
-    xhat *= rstd  # (..., d) normalised
+    centred = x - x.mean(-1, keepdims=True)  # (..., d)
+    rstd = 1.0 / xp.sqrt((centred * centred).mean(-1, keepdims=True) + LN_EPS)  # (..., 1)
+    xhat = centred * rstd  # (..., d)
     if gain is None:
         return xhat, (xhat, rstd, None)
-    y = xhat * gain  # (..., d)
-    y += bias
-    return y, (xhat, rstd, gain)
+    return xhat * gain + bias, (xhat, rstd, gain)
 
 
 def layernorm_backward(dy, cache):
-    """With dxhat = dy * gain:  dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
-    dgain = sum dy * xhat, dbias = sum dy over all leading axes (None, None without a gain).
-    The two means are row means of dy and dy * xhat weighted by the gain."""
+    """With dxhat = dy * gain (the gradient reaching the normalised x):
+        dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))    (means over the last axis)
+        dgain = sum of dy * xhat,  dbias = sum of dy                     (sums over the positions)
+    The two means are the gradient flowing back through the mean and the variance
+    (llm.c's doc/layernorm derives it).  Without a gain: dx only, and None, None."""
     xhat, rstd, gain = cache
-    if gain is None and on_gpu(dy):
-        return gpu_layernorm_backward(dy, cache)
-    dy_xhat = dy * xhat  # (..., d)
-    dx = dy - row_mean(dy) if gain is None else dy * gain - row_mean(dy, gain)  # (..., d)
-    dx -= xhat * row_mean(dy_xhat, gain)
-    dx *= rstd
+    dxhat = dy if gain is None else dy * gain  # (..., d)
+    dx = rstd * (dxhat - dxhat.mean(-1, keepdims=True) - xhat * (dxhat * xhat).mean(-1, keepdims=True))
     if gain is None:
         return dx, None, None
-    return dx, column_sum(dy_xhat), column_sum(dy)
+    d = dy.shape[-1]
+    return dx, (dy * xhat).reshape(-1, d).sum(0), dy.reshape(-1, d).sum(0)
 
 
 def linear_forward(x, W, b):
     """y = x @ W + b.  x: (..., n_in), W: (n_in, n_out) -> (..., n_out).
     The leading axes are flattened so that BLAS sees one (N, n_in) @ (n_in, n_out)."""
-    y = x.reshape(-1, W.shape[0]) @ W  # (N, n_out)
-    y += b
+    y = x.reshape(-1, W.shape[0]) @ W + b  # (N, n_out)
     return y.reshape(*x.shape[:-1], W.shape[1]), (x, W)
 
 
 def linear_backward(dy, cache):
-    """dx = dy @ W^T, dW = x^T dy, db = sum dy (sums over all leading axes)."""
+    """dx = dy @ W^T,  dW = x^T @ dy,  db = sum of dy (sums over the positions)."""
     x, W = cache
     n_in, n_out = W.shape
     dy2 = dy.reshape(-1, n_out)  # (N, n_out)
     dx = (dy2 @ W.T).reshape(*dy.shape[:-1], n_in)  # (..., n_in)
     dW = x.reshape(-1, n_in).T @ dy2  # (n_in, n_out)
-    return dx, dW, column_sum(dy2)
+    return dx, dW, dy2.sum(0)
 
 
 GELU_K = math.sqrt(2.0 / math.pi)
@@ -314,51 +296,30 @@ GELU_A = 0.044715
 
 
 def gelu_forward(x):
-    """gelu(x) = 0.5 x (1 + t),  t = tanh(k (x + a x^3)),  k = sqrt(2/pi), a = 0.044715."""
+    """gelu(x) = 0.5 x (1 + t),  t = tanh(k (x + a x^3)),  k = sqrt(2/pi), a = 0.044715
+    (Hendrycks & Gimpel, 2016, arXiv:1606.08415, the tanh form).  The cache: x and t."""
     xp = array_module(x)
-    t = x * x  # (..., n)
-    t *= GELU_K * GELU_A
-    t += GELU_K
-    t *= x  # k (x + a x^3)
-    xp.tanh(t, out=t)
-    y = t + 1.0  # (..., n)
-    y *= x
-    y *= 0.5
-    return y, (x, t)
+    t = xp.tanh(GELU_K * (x + GELU_A * x * x * x))  # (..., n); x * x * x, not x ** 3: NumPy's general power is slow
+    return 0.5 * x * (1.0 + t), (x, t)
 
 
 def gelu_backward(dy, cache):
-    """d gelu/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 a x^2)."""
+    """d gelu/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 a x^2)   (tanh' = 1 - tanh^2)."""
     x, t = cache
-    slope = x * x  # (..., n)
-    slope *= 3 * GELU_A * GELU_K
-    slope += GELU_K
-    slope *= x
-    slope *= 1.0 - t * t  # x (1 - t^2) k (1 + 3 a x^2)
-    slope += t
-    slope += 1.0
-    slope *= 0.5
-    slope *= dy
-    return slope
+    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_A * x * x))
 
 
 def sigmoid_forward(x):
-    """s = 1 / (1 + exp(-x)), computed as 0.5 tanh(x / 2) + 0.5, which cannot overflow.
-    The cache is s itself."""
+    """s = 1 / (1 + exp(-x)), written as (1 + tanh(x / 2)) / 2, the same function,
+    which cannot overflow for large negative x.  The cache is s itself."""
     xp = array_module(x)
-    s = x * 0.5  # (..., n)
-    xp.tanh(s, out=s)
-    s *= 0.5
-    s += 0.5
+    s = 0.5 + 0.5 * xp.tanh(0.5 * x)  # (..., n)
     return s, s
 
 
 def sigmoid_backward(ds, s):
     """ds/dx = s (1 - s)."""
-    dx = 1.0 - s
-    dx *= s
-    dx *= ds
-    return dx
+    return ds * s * (1.0 - s)
 
 
 def memory_scan_forward(v, beta, c_init):
@@ -367,15 +328,13 @@ def memory_scan_forward(v, beta, c_init):
         c_t = c_{t-1} + beta_t e_t    the memory moves towards v_t at rate beta_t
     v, beta: (T, B, d); c_init: (B, d), the memory before t = 0 (zeros in training,
     the carried state in generation).  Returns c and e, (T, B, d) each, and the
-    cache (beta, e).  (Measured: this form is faster on the CPU than the rewriting
-    c_t = (1 - beta_t) c_{t-1} + beta_t v_t with e computed afterwards.)"""
+    cache (beta, e).  Each step is O(B d): the loop over time is the recurrence."""
     xp = array_module(v)
     c, e = xp.empty_like(v), xp.empty_like(v)  # (T, B, d) each
     c_prev = c_init  # (B, d)
     for t in range(len(v)):
-        xp.subtract(v[t], c_prev, out=e[t])
-        xp.multiply(beta[t], e[t], out=c[t])
-        c[t] += c_prev
+        e[t] = v[t] - c_prev
+        c[t] = c_prev + beta[t] * e[t]
         c_prev = c[t]
     return c, e, (beta, e)
 
@@ -386,38 +345,30 @@ def memory_scan_backward(dc, de, cache):
         dc_total_{t-1} = dc_{t-1} + (1 - beta_t) dc_total_t - de_t   (dc_t/dc_{t-1} = 1 - beta_t, de_t/dc_{t-1} = -1)
         dL/dv_t        = beta_t dc_total_t + de_t                   (dc_t/dv_t = beta_t, de_t/dv_t = 1)
         dL/dbeta_t     = dc_total_t e_t                             (dc_t/dbeta_t = e_t)
-    dc, de: (T, B, d).  Returns dv, dbeta (T, B, d)."""
+    dc, de: (T, B, d).  Returns dv, dbeta (T, B, d).  docs/memory_backward.md derives it."""
     beta, e = cache
-    keep = 1.0 - beta  # (T, B, d) how much of c_{t-1} survives in c_t
     dc_total = dc.copy()  # (T, B, d)
     for t in range(len(dc) - 1, 0, -1):
-        dc_total[t - 1] += keep[t] * dc_total[t] - de[t]
-    dbeta = dc_total * e
-    dv = dc_total
-    dv *= beta
-    dv += de
-    return dv, dbeta
+        dc_total[t - 1] += (1.0 - beta[t]) * dc_total[t] - de[t]
+    return beta * dc_total + de, dc_total * e
 
 
 def cumulative_mean_forward(v, sum_init, count_init):
     """a_t = (v_0 + ... + v_t) / (t + 1): a running mean with no forgetting.
-
     v: (T, B, d); sum_init (B, d) and count_init (an int) carry earlier bytes
     (zeros in training).  Returns a (T, B, d), the running sum after the last step
-    (B, d), and the cache: the divisors (T, 1, 1).  The running sum is a loop over
-    time, one addition per step: faster than np.cumsum along the first axis."""
+    (B, d), and the cache: the divisors (T, 1, 1)."""
     xp = array_module(v)
     total = xp.empty_like(v)  # (T, B, d) running sums
-    previous = sum_init
-    for t in range(len(v)):
-        xp.add(previous, v[t], out=total[t])
-        previous = total[t]
+    running = sum_init  # (B, d)
+    for t in range(len(v)):  # a loop over time: NumPy's cumsum along the first axis is several times slower
+        total[t] = running = running + v[t]
     counts = (count_init + xp.arange(1, len(v) + 1, dtype=v.dtype))[:, None, None]  # (T, 1, 1)
     return total / counts, total[-1], counts
 
 
 def cumulative_mean_backward(da, counts):
-    """dL/dv_s = sum over t >= s of da_t / (t + 1): a reversed running sum."""
+    """dL/dv_s = sum over t >= s of da_t / (t + 1): a running sum taken backwards in time."""
     dv = da / counts  # (T, B, d)
     for t in range(len(dv) - 2, -1, -1):
         dv[t] += dv[t + 1]
@@ -426,14 +377,11 @@ def cumulative_mean_backward(da, counts):
 
 def mix_forward(mix, c, a, e):
     """m = mix[0] c + mix[1] a + mix[2] e.  mix: (3,); c, a, e: (T, B, d)."""
-    m = mix[0] * c  # (T, B, d)
-    m += mix[1] * a
-    m += mix[2] * e
-    return m, (mix, c, a, e)
+    return mix[0] * c + mix[1] * a + mix[2] * e, (mix, c, a, e)
 
 
 def mix_backward(dm, cache):
-    """dmix[k] = sum dm * (c, a, e)[k] (dot products);  dc = mix[0] dm, da = mix[1] dm, de = mix[2] dm."""
+    """dmix[k] = sum of dm * (c, a, e)[k] (dot products);  dc = mix[0] dm, da = mix[1] dm, de = mix[2] dm."""
     xp = array_module(dm)
     mix, c, a, e = cache
     dmix = xp.stack([xp.vdot(dm, c), xp.vdot(dm, a), xp.vdot(dm, e)])  # (3,)
@@ -446,8 +394,6 @@ def mixer_forward(vzq, mix, state):
         gated = sigmoid(q) * (mix[0] c + mix[1] a + mix[2] e)
     vzq: (T, B, 3d) = [v | z | q]; state: (c, running sum, count) before t = 0.
     Returns gated (T, B, d), the cache, and the state after the last step."""
-    if on_gpu(vzq):
-        return gpu_mixer_forward(vzq, mix, state)
     d = vzq.shape[-1] // 3
     c_init, sum_init, count_init = state
     v, z, q = vzq[..., :d], vzq[..., d:2 * d], vzq[..., 2 * d:]  # (T, B, d) each
@@ -461,53 +407,43 @@ def mixer_forward(vzq, mix, state):
 
 
 def mixer_backward(dgated, cache):
-    """dgated: (T, B, d) -> dvzq (T, B, 3d) = [dv | dz | dq], dmix (3,)."""
-    if on_gpu(dgated):
-        return gpu_mixer_backward(dgated, cache)
+    """The mixer's forward read in reverse.  dgated: (T, B, d) -> dvzq (T, B, 3d) =
+    [dv | dz | dq], dmix (3,)."""
     xp = array_module(dgated)
-    beta_cache, scan_cache, mean_cache, mix_cache, m, gate_cache = cache
-    T, B, d = dgated.shape
-    dvzq = xp.empty((T, B, 3 * d), dtype=dgated.dtype)
-    dv, dz, dq = dvzq[..., :d], dvzq[..., d:2 * d], dvzq[..., 2 * d:]  # views: written in place
-    # gated = gate * m, gate = sigmoid(q)
-    dq[...] = sigmoid_backward(dgated * m, gate_cache)
-    dm = dgated * gate_cache
+    beta_cache, scan_cache, mean_cache, mix_cache, m, gate = cache
+    # gated = gate * m,  gate = sigmoid(q)
+    dq = sigmoid_backward(dgated * m, gate)
+    dm = dgated * gate
     # m = mix[0] c + mix[1] a + mix[2] e
     dmix, dc, da, de = mix_backward(dm, mix_cache)
-    # a = running mean of v;  c, e = delta-update memory of v at rates beta
+    # c, e = delta-update memory of v at rates beta;  a = running mean of v: v reaches both
     dv_scan, dbeta = memory_scan_backward(dc, de, scan_cache)
-    dv[...] = cumulative_mean_backward(da, mean_cache)
-    dv += dv_scan
-    dz[...] = sigmoid_backward(dbeta, beta_cache)  # beta = sigmoid(z)
-    return dvzq, dmix
+    dv = dv_scan + cumulative_mean_backward(da, mean_cache)
+    # beta = sigmoid(z)
+    dz = sigmoid_backward(dbeta, beta_cache)
+    return xp.concatenate([dv, dz, dq], axis=-1), dmix
 
 
 def cross_entropy_forward(logits, y):
     """Per position, -log softmax(logits)[y] in nats.  logits: (N, V), y: (N,) -> (N,).
     Also returns whether y was the most likely byte (N,) (ties count as right), and
     the cache for the backward: (probs, y)."""
-    if on_gpu(logits):
-        return gpu_cross_entropy_forward(logits, y)
     xp = array_module(logits)
-    probs = logits - logits.max(-1, keepdims=True)  # (N, V) max subtracted: exp cannot overflow
-    picked = probs[xp.arange(len(y)), y]  # (N,) the target's logit minus the max: 0 when it is the max
-    xp.exp(probs, out=probs)
-    sum_exp = probs.sum(-1)  # (N,)
-    probs /= sum_exp[:, None]
-    return xp.log(sum_exp) - picked, picked == 0, (probs, y)
+    shifted = logits - logits.max(-1, keepdims=True)  # (N, V) the max subtracted: exp cannot overflow
+    exp = xp.exp(shifted)  # (N, V)
+    sum_exp = exp.sum(-1)  # (N,)
+    picked = shifted[xp.arange(len(y)), y]  # (N,) the target's logit minus the max: 0 when it is the max
+    return xp.log(sum_exp) - picked, picked == 0, (exp / sum_exp[:, None], y)
 
 
 def cross_entropy_backward(dlosses, cache):
     """The fused softmax + cross-entropy backward:  dlogits = dlosses * (softmax - onehot(y)).
     For the mean loss over N positions dlosses = 1 / N.  dlosses: scalar or (N,)."""
     probs, y = cache
-    if on_gpu(probs) and np.ndim(dlosses) == 0:
-        return gpu_cross_entropy_backward(dlosses, cache)
     xp = array_module(probs)
     dlogits = probs.copy()  # (N, V)
-    dlogits[xp.arange(len(y)), y] -= 1.0
-    dlogits *= dlosses if np.ndim(dlosses) == 0 else dlosses[:, None]
-    return dlogits
+    dlogits[xp.arange(len(y)), y] -= 1.0  # softmax - onehot(y)
+    return dlogits * (dlosses if np.ndim(dlosses) == 0 else dlosses[:, None])
 
 
 # ----------------------------------------------------------------------------
@@ -573,8 +509,6 @@ def initial_state(params, batch):
 
 def block_input_forward(p, h):
     """h: (T, B, d) -> vzq (T, B, 3d) = LayerNorm1(h) @ w_in + b_in, cache."""
-    if on_gpu(h):
-        return gpu_block_input_forward(p, h)
     u, ln1_cache = layernorm_forward(h, p["ln1.g"], p["ln1.b"])  # (T, B, d)
     vzq, in_cache = linear_forward(u, p["w_in"], p["b_in"])  # (T, B, 3d)
     return vzq, (ln1_cache, in_cache)
@@ -583,8 +517,6 @@ def block_input_forward(p, h):
 def block_input_backward(dvzq, cache):
     """dvzq: (T, B, 3d) -> the gradient reaching h through LayerNorm1 (T, B, d), and
     the grads of w_in, b_in, ln1.g, ln1.b."""
-    if on_gpu(dvzq):
-        return gpu_block_input_backward(dvzq, cache)
     ln1_cache, in_cache = cache
     grads = {}
     du, grads["w_in"], grads["b_in"] = linear_backward(dvzq, in_cache)
@@ -595,8 +527,6 @@ def block_input_backward(dvzq, cache):
 def block_output_forward(p, h, gated):
     """The mixer's output projected onto the residual stream, then the channel MLP
     added: h, gated: (T, B, d) -> h (T, B, d), cache."""
-    if on_gpu(h):
-        return gpu_block_output_forward(p, h, gated)
     mixed, out_cache = linear_forward(gated, p["w_out"], p["b_out"])  # (T, B, d)
     h = h + mixed
     u2, ln2_cache = layernorm_forward(h, p["ln2.g"], p["ln2.b"])  # (T, B, d)
@@ -609,8 +539,6 @@ def block_output_forward(p, h, gated):
 def block_output_backward(dh, cache):
     """dh: (T, B, d) at the block's output -> dgated (T, B, d), dh at the input h of
     block_output_forward (T, B, d), and the grads of w_out ... b_down."""
-    if on_gpu(dh):
-        return gpu_block_output_backward(dh, cache)
     out_cache, ln2_cache, up_cache, gelu_cache, down_cache = cache
     grads = {}
     # h = h + gelu(u2 @ w_up + b_up) @ w_down + b_down
@@ -749,8 +677,6 @@ def adam_update(param, grad, m, v, step, lr, beta1=TrainSettings.beta1, beta2=Tr
     """One Adam step, in place.  step counts from 1.
         m = beta1 m + (1 - beta1) g;   v = beta2 v + (1 - beta2) g^2
         param -= lr * (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps)"""
-    if on_gpu(param):
-        return gpu_adam_update(param, grad, m, v, step, lr, beta1, beta2, eps)
     xp = array_module(param)
     m *= beta1
     m += (1.0 - beta1) * grad
@@ -801,10 +727,204 @@ def epoch_order(n_records, seed, epoch):
     return np.random.default_rng([seed, epoch]).permutation(n_records)
 
 
+def batch_rows(n_records, batch_size, seed, step):
+    """The records of the batch at `step` (from 0): the shuffled order of its epoch, in
+    batches of batch_size, the last partial batch dropped."""
+    epoch, k = divmod(step, n_records // batch_size)
+    return epoch_order(n_records, seed, epoch)[k * batch_size:(k + 1) * batch_size]
+
+
 def make_batch(records, rows, xp):
     """Records (B, T+1) -> inputs x and targets y, (B, T) int32 arrays on xp."""
     batch = xp.asarray(records[np.sort(rows)].astype(np.int32))  # sorted: memmap reads go forward
     return batch[:, :-1], batch[:, 1:]
+
+
+# ----------------------------------------------------------------------------
+# Training: a step is the gradient of one batch, clipped, and an Adam update; the
+# loop takes the batches of each epoch in their shuffled order.
+
+def batch_gradient(params, x, y):
+    """Mean loss and accuracy (0-d arrays) and the flat gradient of the mean loss over
+    the batch x, y: (B, T), in the order of the parameters."""
+    losses, correct, cache = forward_loss(params, x, y)
+    return losses.mean(), correct.mean(), flatten(backward(params, cache), list(params))
+
+
+def train_step(params, flat, adam_m, adam_v, x, y, step, lr, settings=TrainSettings(), trainable=None,
+               gradient=batch_gradient):
+    """One step (step counts from 0): the batch's gradient, clipped, then Adam.  flat:
+    the vector that `params` are views of; trainable: a flat 0/1 mask of the
+    parameters that learn (None: all); gradient: batch_gradient, or the same computed
+    over CPU threads (`Slices.gradient`).  Returns loss, accuracy and the gradient norm
+    before clipping as 0-d arrays: on the GPU there is no host sync here."""
+    loss, accuracy, grad = gradient(params, x, y)
+    if trainable is not None:
+        grad *= trainable  # an ablation holds these parameters at zero
+    grad_norm = clip_by_global_norm(grad, settings.clip)
+    adam_update(flat, grad, adam_m, adam_v, step + 1, lr, settings.beta1, settings.beta2, settings.eps)
+    return loss, accuracy, grad_norm
+
+
+@dataclass
+class Run:
+    """A training run: its model, settings and data, its parameters, gradient mask
+    and Adam moments on the device, and the step it stands at (also the data cursor)."""
+    cfg: Config
+    settings: TrainSettings
+    step: int
+    train_records: np.ndarray
+    val_records: np.ndarray
+    flat: object  # every parameter in one vector (xp array)
+    params: dict  # name -> view into flat
+    trainable: object  # flat 0/1 mask: 0 where an ablation holds a parameter at zero
+    adam_m: object
+    adam_v: object
+
+    def meta(self):
+        epoch, position = divmod(self.step, len(self.train_records) // self.cfg.batch_size)
+        return {"config": asdict(self.cfg), "step": self.step, "train": asdict(self.settings),
+                "data": {"train_records": len(self.train_records), "epoch": epoch, "batch_in_epoch": position,
+                         "order": "numpy default_rng([seed, epoch]).permutation(train_records)"}}
+
+    def save(self, path):
+        save_checkpoint(path, self.params, self.meta(), self.adam_m, self.adam_v)
+
+
+def train_loop(run, end, ckpt, log, stop, slices=None):
+    """The training loop, from run.step to step `end`: a batch, the learning rate, a
+    step, a row of the log; every eval_every steps an evaluation on the start of val,
+    every ckpt_every steps a checkpoint.  What it calls beyond the maths (the log, the
+    stop signals, the progress bar, the checks) is in "Running it for real" below."""
+    cfg, s, xp = run.cfg, run.settings, array_module(run.flat)
+    gradient = batch_gradient if slices is None else slices.gradient
+    with Progress(run.step, end, cfg.batch_size * cfg.seq_len) as progress:
+        while run.step < end and not stop.requested:
+            started = time.perf_counter()
+            x, y = make_batch(run.train_records, batch_rows(len(run.train_records), cfg.batch_size, s.seed, run.step), xp)
+            lr = learning_rate(run.step, s.max_steps, s.lr, s.warmup, s.final_lr_fraction)
+            result = train_step(run.params, run.flat, run.adam_m, run.adam_v, x, y, run.step, lr, s, run.trainable, gradient)
+            loss, accuracy, grad_norm = (float(a) for a in result)  # the one host sync
+            check_finite(run, loss, grad_norm, ckpt)
+            run.step += 1
+            seconds = time.perf_counter() - started
+            row = log_row(run.step, run.step * cfg.batch_size * cfg.seq_len, lr, loss, accuracy, grad_norm, seconds)
+            final_step = run.step == s.max_steps and s.final_eval  # all of val is evaluated then: not twice
+            if s.eval_every and run.step % s.eval_every == 0 and not final_step:
+                val = evaluate(run.params, run.val_records[:max(1, s.eval_bytes // (cfg.seq_len + 1))], cfg.batch_size, slices,
+                               progress=True)
+                row.update(val_columns(val))
+                progress.write(f"step {run.step:,}: val bits/byte {val['bpb']:.4f} (first {val['bytes']:,} bytes), "
+                               f"accuracy {val['accuracy']:.4f}")
+            log.write(row)
+            if run.step % s.ckpt_every == 0:
+                run.save(ckpt)
+            progress.update(loss, accuracy, lr, grad_norm, seconds)
+    return progress
+
+
+# ----------------------------------------------------------------------------
+# Sampling: the prompt runs through the model once, then the recurrence steps one
+# byte at a time from the carried state: O(1) work per byte, no context window.
+
+def pick_byte(logits, temperature, top_k, rng):
+    """A byte from logits (V,) NumPy: greedy at temperature 0, else softmax(logits /
+    temperature) restricted to the top_k most likely bytes (0 = all).  The max is
+    subtracted before dividing, so a tiny temperature gives 0 and -inf, never NaN."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    with np.errstate(over="ignore"):  # -inf is the right answer for a tiny temperature
+        scaled = (logits.astype(np.float64) - logits.max()) / temperature
+    if 0 < top_k < V:
+        scaled[scaled < np.sort(scaled)[-top_k]] = -np.inf
+    probs = np.exp(scaled)
+    return int(rng.choice(V, p=probs / probs.sum()))
+
+
+def generate(params, prompt, length, temperature, top_k, seed):
+    """Yields `length` new bytes (ints) continuing the prompt (bytes, non-empty)."""
+    xp = array_module(params["embed"])
+    rng = np.random.default_rng(seed)
+    state = initial_state(params, 1)
+    x = xp.asarray(np.frombuffer(prompt, dtype=np.uint8).astype(np.int32))[:, None]  # (T, 1)
+    for _ in range(length):
+        logits, _, state = model_forward(params, x, state, keep_cache=False)  # (T, 1, V)
+        byte = pick_byte(to_numpy(logits[-1, 0]), temperature, top_k, rng)
+        yield byte
+        x = xp.asarray([[byte]], dtype=np.int32)  # (1, 1): only the new byte goes in
+
+
+# ----------------------------------------------------------------------------
+# Evaluation: loss, accuracy and bits/byte over a split, per record or as one text.
+
+
+# Loss by position within a record (or chunk): how fast the model uses its context.
+POSITION_GROUPS = [(0, 1), (1, 4), (4, 16), (16, 64), (64, None)]
+
+
+def position_report(position_loss, positions_each):
+    """'bits/byte by position: 0: 3.71  1-3: ...' from per-position summed losses (T,)."""
+    parts = []
+    for start, stop in POSITION_GROUPS:
+        stop = len(position_loss) if stop is None else min(stop, len(position_loss))
+        if start < stop:
+            bpb = position_loss[start:stop].sum() / (positions_each[start:stop].sum() * math.log(2))
+            parts.append(f"{start}{'' if stop == start + 1 else f'-{stop - 1}'}: {bpb:.3f}")
+    return "bits/byte by position: " + "  ".join(parts)
+
+
+def evaluation_result(position_loss, positions_each, total_correct):
+    """The report of `evaluate` and `evaluate_stream` from their per-position sums (T,)."""
+    n, loss = positions_each.sum(), position_loss.sum() / positions_each.sum()
+    return {"loss": loss, "accuracy": total_correct / n, "bpb": loss / math.log(2),
+            "bytes": int(n), "by_position": position_report(position_loss, positions_each)}
+
+
+def evaluate(params, records, batch_size, slices=None, progress=False):
+    """Loss, accuracy and bits/byte over every record, in order, in batches of
+    batch_size (the last one may be smaller); the recurrent state starts at zero in
+    every record (the published protocol).  Forward only: no backward cache.  With
+    CPU slices (see "CPU threads") each batch's rows are shared out over the threads."""
+    xp = array_module(params["embed"])
+    n, T = len(records), records.shape[1] - 1
+    starts = progress_bar(range(0, n, batch_size), progress, desc="eval (records)", unit="batch")
+
+    def sums(x, y):  # per position (T,): summed loss and right predictions over the rows of x, y
+        losses, correct, _ = forward_loss(params, x, y, keep_cache=False)
+        return to_numpy(losses.sum(1)).astype(np.float64), float(correct.sum())
+
+    position_loss, total_correct = np.zeros(T), 0.0
+    for start in starts:
+        x, y = make_batch(records, np.arange(start, min(n, start + batch_size)), xp)
+        parts = [sums(x, y)] if slices is None else slices.map(lambda rows: sums(x[rows], y[rows]), len(x))
+        for loss, correct in parts:
+            position_loss, total_correct = position_loss + loss, total_correct + correct
+    return evaluation_result(position_loss, np.full(T, n), total_correct)
+
+
+def evaluate_stream(params, data, seq_len, progress=False):
+    """The bytes `data` read as one text: chunks of seq_len, the recurrent state
+    carried from chunk to chunk, every byte but the first predicted once.  This is
+    how the model reads a long text; the per-record protocol instead charges every
+    record a cold start.  Positions are counted within each chunk."""
+    xp = array_module(params["embed"])
+    state = initial_state(params, 1)
+    position_loss, positions_each, total_correct = np.zeros(seq_len), np.zeros(seq_len), 0.0
+    for start in progress_bar(range(0, len(data) - 1, seq_len), progress, desc="eval (stream)", unit="chunk"):
+        chunk = xp.asarray(np.asarray(data[start:start + seq_len + 1], dtype=np.int32))  # one byte more: the last target
+        logits, _, state = model_forward(params, chunk[:-1, None], state, keep_cache=False)  # (t, 1, V)
+        losses, correct, _ = cross_entropy_forward(logits.reshape(-1, V), chunk[1:])
+        position_loss[:len(losses)] += to_numpy(losses)
+        positions_each[:len(losses)] += 1
+        total_correct += float(correct.sum())
+    return evaluation_result(position_loss, positions_each, total_correct)
+
+
+# ============================================================================
+# Running it for real.  Everything above is the lesson; what follows makes it a
+# program people can train with for hours: checkpoints and their checks, resume
+# rules, a lock against a second writer, stop signals, the log, the progress bar,
+# CPU threads, memory checks, the benchmark and the command line.
 
 
 # ----------------------------------------------------------------------------
@@ -813,6 +933,7 @@ def make_batch(records, rows, xp):
 # JSON "meta" with the config, the step (which is also the data cursor), the seed
 # and the training settings.  Written to a temporary file and renamed, so a crash
 # mid-write never leaves a broken checkpoint.
+
 
 def save_checkpoint(path, params, meta, adam_m=None, adam_v=None):
     arrays = {name: to_numpy(p) for name, p in params.items()}
@@ -862,285 +983,11 @@ def load_checkpoint(path):
 
 
 # ----------------------------------------------------------------------------
-# Sampling: the prompt runs through the model once, then the recurrence steps one
-# byte at a time from the carried state: O(1) work per byte, no context window.
-
-def pick_byte(logits, temperature, top_k, rng):
-    """A byte from logits (V,) NumPy: greedy at temperature 0, else softmax(logits /
-    temperature) restricted to the top_k most likely bytes (0 = all).  The max is
-    subtracted before dividing, so a tiny temperature gives 0 and -inf, never NaN."""
-    if temperature == 0:
-        return int(np.argmax(logits))
-    with np.errstate(over="ignore"):  # -inf is the right answer for a tiny temperature
-        scaled = (logits.astype(np.float64) - logits.max()) / temperature
-    if 0 < top_k < V:
-        scaled[scaled < np.sort(scaled)[-top_k]] = -np.inf
-    probs = np.exp(scaled)
-    return int(rng.choice(V, p=probs / probs.sum()))
+# Starting or resuming a run, and keeping it safe: the output checked before step 1,
+# a lock per checkpoint, stop signals that save, the log on disk as it happens.
 
 
-def generate(params, prompt, length, temperature, top_k, seed):
-    """Yields `length` new bytes (ints) continuing the prompt (bytes, non-empty)."""
-    xp = array_module(params["embed"])
-    rng = np.random.default_rng(seed)
-    state = initial_state(params, 1)
-    x = xp.asarray(np.frombuffer(prompt, dtype=np.uint8).astype(np.int32))[:, None]  # (T, 1)
-    for _ in range(length):
-        logits, _, state = model_forward(params, x, state, keep_cache=False)  # (T, 1, V)
-        byte = pick_byte(to_numpy(logits[-1, 0]), temperature, top_k, rng)
-        yield byte
-        x = xp.asarray([[byte]], dtype=np.int32)  # (1, 1): only the new byte goes in
-
-
-# ----------------------------------------------------------------------------
-# Training step, evaluation and benchmark
-
-def row_slices(n, workers):
-    """The rows 0..n-1 cut into one contiguous slice per thread (at most n)."""
-    edges = np.linspace(0, n, min(n, workers.threads) + 1).astype(int)
-    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
-
-
-def map_slices(function, n, workers):
-    """[function(rows) for each slice of the rows 0..n-1]: the first slice in this, the
-    main, thread (which so keeps running Python and answers Ctrl-C at once), the
-    others in the pool's threads."""
-    slices = row_slices(n, workers)
-    others = [workers.submit(function, rows) for rows in slices[1:]]
-    return [function(slices[0])] + [other.result() for other in others]
-
-
-def batch_gradient(params, x, y, workers=None):
-    """Mean loss, accuracy (0-d arrays) and the flat gradient of the mean loss over
-    the batch x, y: (B, T).  With a thread pool (the CPU), the batch is cut into
-    slices of rows, each slice's forward and backward runs in a worker thread (NumPy
-    and BLAS release the GIL), and the slices' results are summed weighted by their
-    share of the batch, which is the whole batch's mean to float rounding."""
-    names = list(params)
-    if workers is None:
-        losses, correct, cache = forward_loss(params, x, y)
-        return losses.mean(), correct.mean(), flatten(backward(params, cache), names)
-
-    def slice_gradient(rows):
-        losses, correct, cache = forward_loss(params, x[rows], y[rows])
-        share = (rows.stop - rows.start) / len(x)
-        grad = flatten(backward(params, cache), names)
-        grad *= share
-        return float(losses.mean()) * share, float(correct.mean()) * share, grad
-
-    parts = map_slices(slice_gradient, len(x), workers)
-    grad = parts[0][2]
-    for _, _, more in parts[1:]:
-        grad += more
-    return np.float64(sum(p[0] for p in parts)), np.float64(sum(p[1] for p in parts)), grad
-
-
-def train_step(params, flat, adam_m, adam_v, x, y, step, lr, settings=TrainSettings(), trainable=None, workers=None):
-    """Forward, backward, clip, Adam (step counts from 0).  flat: the vector that
-    `params` are views of; trainable: a flat 0/1 mask of the parameters that learn
-    (None: all); workers: a thread pool for the CPU (see `make_workers`).  Returns
-    loss, accuracy and the gradient norm before clipping as 0-d arrays: on the GPU
-    there is no host sync here."""
-    loss, accuracy, grad = batch_gradient(params, x, y, workers)
-    if trainable is not None:
-        grad *= trainable
-    grad_norm = clip_by_global_norm(grad, settings.clip)
-    adam_update(flat, grad, adam_m, adam_v, step + 1, lr, settings.beta1, settings.beta2, settings.eps)
-    return loss, accuracy, grad_norm
-
-
-def make_workers(xp, threads):
-    """A thread pool for the CPU path (None on the GPU): with the main thread, by
-    default a thread per core.  A batch is cut into one slice per thread (measured
-    against two, four and eight slices per thread: README, Speed)."""
-    if xp is not np:
-        return None
-    if not threads:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    pool = ThreadPoolExecutor(max_workers=max(1, threads - 1))
-    pool.threads = threads
-    return pool
-
-
-# Loss by position within a record (or chunk): how fast the model uses its context.
-POSITION_GROUPS = [(0, 1), (1, 4), (4, 16), (16, 64), (64, None)]
-
-
-def position_report(position_loss, positions_each):
-    """'bits/byte by position: 0: 3.71  1-3: ...' from per-position summed losses (T,)."""
-    parts = []
-    for start, stop in POSITION_GROUPS:
-        stop = len(position_loss) if stop is None else min(stop, len(position_loss))
-        if start < stop:
-            bpb = position_loss[start:stop].sum() / (positions_each[start:stop].sum() * math.log(2))
-            parts.append(f"{start}{'' if stop == start + 1 else f'-{stop - 1}'}: {bpb:.3f}")
-    return "bits/byte by position: " + "  ".join(parts)
-
-
-def evaluation_result(position_loss, positions_each, total_correct):
-    """The report of `evaluate` and `evaluate_stream` from their per-position sums (T,)."""
-    n, loss = positions_each.sum(), position_loss.sum() / positions_each.sum()
-    return {"loss": loss, "accuracy": total_correct / n, "bpb": loss / math.log(2),
-            "bytes": int(n), "by_position": position_report(position_loss, positions_each)}
-
-
-def evaluate(params, records, batch_size, workers=None, progress=False):
-    """Loss, accuracy and bits/byte over every record, in order, in batches of
-    batch_size (the last one may be smaller); the recurrent state starts at zero in
-    every record (the published protocol).  Forward only: no backward cache.  With a
-    thread pool each batch's rows are shared out as in `batch_gradient`."""
-    xp = array_module(params["embed"])
-    n, T = len(records), records.shape[1] - 1
-    starts = progress_bar(range(0, n, batch_size), progress, desc="eval (records)", unit="batch")
-
-    def sums(x, y):  # per position (T,): summed loss and right predictions over the rows of x, y
-        losses, correct, _ = forward_loss(params, x, y, keep_cache=False)
-        return to_numpy(losses.sum(1)).astype(np.float64), float(correct.sum())
-
-    position_loss, total_correct = np.zeros(T), 0.0
-    for start in starts:
-        x, y = make_batch(records, np.arange(start, min(n, start + batch_size)), xp)
-        parts = [sums(x, y)] if workers is None else map_slices(lambda rows: sums(x[rows], y[rows]), len(x), workers)
-        for loss, correct in parts:
-            position_loss, total_correct = position_loss + loss, total_correct + correct
-    return evaluation_result(position_loss, np.full(T, n), total_correct)
-
-
-def evaluate_stream(params, data, seq_len, progress=False):
-    """The bytes `data` read as one text: chunks of seq_len, the recurrent state
-    carried from chunk to chunk, every byte but the first predicted once.  This is
-    how the model reads a long text; the per-record protocol instead charges every
-    record a cold start.  Positions are counted within each chunk."""
-    xp = array_module(params["embed"])
-    state = initial_state(params, 1)
-    position_loss, positions_each, total_correct = np.zeros(seq_len), np.zeros(seq_len), 0.0
-    for start in progress_bar(range(0, len(data) - 1, seq_len), progress, desc="eval (stream)", unit="chunk"):
-        chunk = xp.asarray(np.asarray(data[start:start + seq_len + 1], dtype=np.int32))  # one byte more: the last target
-        logits, _, state = model_forward(params, chunk[:-1, None], state, keep_cache=False)  # (t, 1, V)
-        losses, correct, _ = cross_entropy_forward(logits.reshape(-1, V), chunk[1:])
-        position_loss[:len(losses)] += to_numpy(losses)
-        positions_each[:len(losses)] += 1
-        total_correct += float(correct.sum())
-    return evaluation_result(position_loss, positions_each, total_correct)
-
-
-def progress_bar(items, show, **kwargs):
-    if not show:
-        return items
-    from tqdm import tqdm
-    return tqdm(items, leave=False, dynamic_ncols=True, **kwargs)
-
-
-def keep_freed_memory():
-    """Ask glibc to keep freed memory instead of returning it to the OS.  A training
-    step allocates and frees hundreds of MB of activations; by default glibc gives
-    large blocks back (munmap) and the next step page-faults them in again, which
-    costs about a quarter of a CPU step here.  No effect outside glibc (Linux)."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
-
-
-def step_memory_bytes(cfg):
-    """About what a training step holds: per position ~20 d floats a block kept for
-    the backward, and the logits twice; then parameters, gradient and Adam's two
-    moments.  (Measured peaks: README, Speed.)"""
-    positions = cfg.batch_size * cfg.seq_len
-    return 4 * positions * (20 * cfg.n_layers * cfg.d_model + 2 * V) + 16 * count_params(cfg)
-
-
-def check_memory(cfg, xp):
-    """Refuse a model that cannot fit, before it is built, rather than be killed by the OS."""
-    if xp is np:
-        try:
-            with open("/proc/meminfo") as f:
-                available = int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
-        except (OSError, StopIteration):
-            return
-    else:
-        available = cupy.cuda.runtime.memGetInfo()[0]
-    need = step_memory_bytes(cfg)
-    if need > available:
-        raise UserError(f"a training step of this model needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB is free: "
-                        f"lower --batch-size, --seq-len or --d-model")
-
-
-def step_traffic_bytes(cfg):
-    """A floor on a training step's memory traffic in bytes: per position and block,
-    the 16 d floats the backward needs are written once, read once, and so are their
-    gradients (4 passes); the (N, V) logits take 6 passes.  Parameters are left out."""
-    positions = cfg.batch_size * cfg.seq_len
-    return 4 * positions * (cfg.n_layers * 16 * cfg.d_model * 4 + 6 * V)
-
-
-def time_training_steps(cfg, xp, workers, steps):
-    """Median time of `steps` training steps (batch, forward, backward, clip, Adam) on
-    random bytes, after one untimed step (CuPy compiles its kernels there), and what
-    goes with it: bytes/s, the traffic floor's GB/s, launches (where counted), memory."""
-    flat, params = flat_parameters(init_params(cfg, 0), xp)
-    adam_m, adam_v = xp.zeros_like(flat), xp.zeros_like(flat)
-    records = np.random.default_rng(0).integers(0, V, (cfg.batch_size, cfg.seq_len + 1), dtype=np.uint8)
-    seconds = []
-    for step in range(steps + 1):
-        started = time.perf_counter()
-        x, y = make_batch(records, np.arange(cfg.batch_size), xp)
-        float(train_step(params, flat, adam_m, adam_v, x, y, step, 1e-3, workers=workers)[0])  # waits for the device
-        seconds.append(time.perf_counter() - started)
-    ms = 1000 * float(np.median(seconds[1:]))
-    result = {"ms": ms, "min_ms": 1000 * min(seconds[1:]), "bytes_per_s": cfg.batch_size * cfg.seq_len / (ms / 1000),
-              "traffic_gb": step_traffic_bytes(cfg) / 1e9, "gb_per_s": step_traffic_bytes(cfg) / 1e6 / ms, "launches": None}
-    if hasattr(xp, "launches"):  # the tests' CPU stand-in for CuPy counts launches; CuPy itself does not
-        before = xp.launches
-        train_step(params, flat, adam_m, adam_v, x, y, steps + 1, 1e-3, workers=workers)
-        result["launches"] = xp.launches - before
-    if xp is np:
-        import resource
-        result["memory"] = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB peak (process)"
-    else:
-        result["memory"] = f"{cupy.get_default_memory_pool().total_bytes() / 2**20:,.0f} MiB (CuPy's pool)"
-    return result
-
-
-def bench(args):
-    """Time training steps; with --report, the small and the large model at the chosen
-    batch and sequence length, as a table (README: GPU)."""
-    xp = select_backend(args.device)
-    workers = make_workers(xp, args.threads)
-    if xp is np:
-        keep_freed_memory()
-    configs = [model_config(args)]
-    if args.report:
-        configs = [Config(**dict(asdict(configs[0]), **SIZES[size])) for size in ("small", "large")]
-        print(f"backend: {describe_backend(xp, workers.threads if workers else 1)}")
-        print("| model | batch x seq | ms/step | bytes/s | traffic floor | achieved | launches/step | memory |")
-        print("|---|---|---|---|---|---|---|---|")
-    for cfg in configs:
-        check_memory(cfg, xp)
-        if not args.report:
-            print_summary(cfg, xp, workers)
-        r = time_training_steps(cfg, xp, workers, args.steps)
-        launches = "not counted" if r["launches"] is None else r["launches"]
-        if args.report:
-            print(f"| d={cfg.d_model}, L={cfg.n_layers} | {cfg.batch_size} x {cfg.seq_len} | {r['ms']:.2f} | {r['bytes_per_s']:,.0f} "
-                  f"| {r['traffic_gb']:.2f} GB | {r['gb_per_s']:,.0f} GB/s | {launches} | {r['memory']} |")
-            continue
-        print(f"{args.steps} steps of {cfg.batch_size} x {cfg.seq_len}: median {r['ms']:.1f} ms/step "
-              f"(min {r['min_ms']:.1f}), {r['bytes_per_s']:,.0f} bytes/s")
-        if xp is not np:
-            print(f"kernel launches per training step: {launches}")
-        print(f"memory traffic: at least {r['traffic_gb']:.2f} GB a step (step_traffic_bytes): {r['gb_per_s']:,.1f} GB/s achieved")
-        print(f"memory: {r['memory']}")
-    return 0
-
-
-# ----------------------------------------------------------------------------
-# Training: start or resume a run, then the loop; the log, the lock, the signals.
-
-def print_summary(cfg, xp, workers=None):
+def print_summary(cfg, xp, slices=None):
     d = cfg.d_model
     block = sum(math.prod(s) for s in block_shapes(d).values())
     rows = [("embed (tied with the output layer)", f"({V}, {d})", V * d)]
@@ -1148,36 +995,11 @@ def print_summary(cfg, xp, workers=None):
     rows += [(f"blocks.{i}  (as blocks.0)", "", block) for i in range(1, cfg.n_layers)]
     rows += [("final LayerNorm (no parameters)", "", 0)]
     print(f"MORA  d_model={d}  n_layers={cfg.n_layers}  seq_len={cfg.seq_len}  batch_size={cfg.batch_size}")
-    print(f"backend: {describe_backend(xp, workers.threads if workers else 1)}")
+    print(f"backend: {describe_backend(xp, slices)}")
     print(f"{'parameter':<38}{'shape':>12}{'count':>12}")
     for name, shape, count in rows:
         print(f"{name:<38}{shape:>12}{count:>12,}")
     print(f"{'total':<38}{'':>12}{count_params(cfg):>12,}   (one block: {block:,})")
-
-
-@dataclass
-class Run:
-    """A training run: its model, settings and data, its parameters, gradient mask
-    and Adam moments on the device, and the step it stands at (also the data cursor)."""
-    cfg: Config
-    settings: TrainSettings
-    step: int
-    train_records: np.ndarray
-    val_records: np.ndarray
-    flat: object  # every parameter in one vector (xp array)
-    params: dict  # name -> view into flat
-    trainable: object  # flat 0/1 mask: 0 where an ablation holds a parameter at zero
-    adam_m: object
-    adam_v: object
-
-    def meta(self):
-        epoch, position = divmod(self.step, len(self.train_records) // self.cfg.batch_size)
-        return {"config": asdict(self.cfg), "step": self.step, "train": asdict(self.settings),
-                "data": {"train_records": len(self.train_records), "epoch": epoch, "batch_in_epoch": position,
-                         "order": "numpy default_rng([seed, epoch]).permutation(train_records)"}}
-
-    def save(self, path):
-        save_checkpoint(path, self.params, self.meta(), self.adam_m, self.adam_v)
 
 
 def resumed_settings(args, meta, chosen):
@@ -1354,17 +1176,32 @@ def val_columns(val):
     return {"val_loss": f"{val['loss']:.5f}", "val_bpb": f"{val['bpb']:.5f}", "val_accuracy": f"{val['accuracy']:.5f}"}
 
 
-class Speed:
-    """ms/step and bytes/s over this call's steps, leaving out its first (it warms
+class Progress:
+    """Training's progress bar: loss, accuracy, bits/byte, lr, grad norm, and the speed
+    (ms/step, bytes/s) over this call's steps, leaving out its first (it warms
     caches, and compiles on the GPU)."""
 
-    def __init__(self, bytes_per_step):
+    def __init__(self, step, end, bytes_per_step):
+        from tqdm import tqdm
+        self.bar = tqdm(total=end, initial=step, unit="step", dynamic_ncols=True)
         self.bytes_per_step, self.steps, self.seconds, self.first = bytes_per_step, 0, 0.0, True
 
-    def add(self, seconds):
+    def update(self, loss, accuracy, lr, grad_norm, seconds):
         if not self.first:
             self.steps, self.seconds = self.steps + 1, self.seconds + seconds
         self.first = False
+        self.bar.set_postfix_str(f"loss {loss:.4f} acc {accuracy:.3f} bpb {loss / math.log(2):.4f} lr {lr:.2e} "
+                                 f"gnorm {grad_norm:.2f} {self}")
+        self.bar.update(1)
+
+    def write(self, text):
+        self.bar.write(text)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
 
     def __str__(self):
         if not self.steps:
@@ -1372,20 +1209,27 @@ class Speed:
         return f"{1000 * self.seconds / self.steps:.1f} ms/step, {self.bytes_per_step * self.steps / self.seconds:,.0f} bytes/s"
 
 
+def progress_bar(items, show, **kwargs):
+    if not show:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, leave=False, dynamic_ncols=True, **kwargs)
+
+
 # Core-seconds a CPU spends per parameter and byte of a training step (the small
-# model at 32 x 256 on the development VM: README, Speed), to warn before long runs.
+# model at 32 x 256 on a 2-core Intel Xeon VM: docs/results.md), to warn before long runs.
 CPU_SECONDS_PER_PARAM_BYTE = 2.1e-10
 
 
-def warn_if_long(run, xp, workers):
+def warn_if_long(run, slices):
     """On the CPU, say before step 1 when the run will take hours, and what is quicker."""
-    if xp is not np:
+    if slices is None:
         return
     seconds = ((run.settings.max_steps - run.step) * run.cfg.batch_size * run.cfg.seq_len * count_params(run.cfg)
-               * CPU_SECONDS_PER_PARAM_BYTE / workers.threads)
+               * CPU_SECONDS_PER_PARAM_BYTE / slices.threads)
     if seconds > 3600:
-        print(f"note: on this CPU ({workers.threads} threads) this run will take about {seconds / 3600:.0f} hours. "
-              f"A good small model in minutes: --batch-size 32 --max-steps 3000 (README: the reference CPU run)")
+        print(f"note: on this CPU ({slices.threads} threads) this run will take about {seconds / 3600:.0f} hours. "
+              f"A good small model in minutes: --batch-size 32 --max-steps 3000 (README: Quick start)")
 
 
 def check_finite(run, loss, grad_norm, ckpt):
@@ -1397,26 +1241,31 @@ def check_finite(run, loss, grad_norm, ckpt):
                             f"{ckpt} holds the last good checkpoint")
 
 
+# ----------------------------------------------------------------------------
+# The commands: train, eval, sample.
+
+
 def train(args):
     xp = select_backend(args.device)
     log_path = prepare_output(args.ckpt)
     run = start_or_resume(args, xp)
-    workers = make_workers(xp, args.threads)
-    if xp is np:
+    slices = cpu_slices(xp, args.threads, run.settings.slices)
+    if slices:
+        run.settings.slices = slices.count  # kept in the checkpoint: a resume slices the batch the same way
         keep_freed_memory()
     s = run.settings
     end = s.max_steps if args.stop_after is None else min(s.max_steps, run.step + args.stop_after)
-    print_summary(run.cfg, xp, workers)
+    print_summary(run.cfg, xp, slices)
     print(f"data: {len(run.train_records):,} train records of {run.cfg.seq_len + 1} bytes, "
           f"{len(run.train_records) // run.cfg.batch_size:,} steps per epoch; {len(run.val_records):,} val records")
     print(f"training: steps {run.step:,} -> {end:,} of {s.max_steps:,}, lr {s.lr:g} (warmup {s.warmup}, "
           f"cosine to {s.final_lr_fraction:g}x), clip {s.clip:g}, Adam beta2 {s.beta2:g}")
     if run.cfg.ablate != "none":
         print(f"ablation {run.cfg.ablate}: {int(run.trainable.sum()):,} trainable parameters")
-    warn_if_long(run, xp, workers)
+    warn_if_long(run, slices)
     with lock_checkpoint(args.ckpt), TrainingLog(log_path, run.step) as log:
         with StopSignals() as stop:
-            speed = train_loop(run, end, args.ckpt, log, stop, workers)
+            speed = train_loop(run, end, args.ckpt, log, stop, slices)
             run.save(args.ckpt)
         print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {log_path}")
         if speed.steps:
@@ -1425,50 +1274,15 @@ def train(args):
             print(f"stopped: continue with `python mora.py train --resume --ckpt {args.ckpt}`")
             return 130
         if run.step == s.max_steps and s.final_eval:
-            final_evaluation(run, workers, log)
+            final_evaluation(run, slices, log)
     return 0
 
 
-def train_loop(run, end, ckpt, log, stop, workers):
-    """Steps from run.step to end: batch, learning rate, step, log, evaluation, checkpoint."""
-    from tqdm import tqdm
-    cfg, s, xp = run.cfg, run.settings, array_module(run.flat)
-    steps_per_epoch, bytes_per_step = len(run.train_records) // cfg.batch_size, cfg.batch_size * cfg.seq_len
-    speed = Speed(bytes_per_step)
-    with tqdm(total=end, initial=run.step, unit="step", dynamic_ncols=True) as bar:
-        while run.step < end and not stop.requested:
-            epoch, k = divmod(run.step, steps_per_epoch)
-            rows = epoch_order(len(run.train_records), s.seed, epoch)[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-            started = time.perf_counter()
-            x, y = make_batch(run.train_records, rows, xp)
-            lr = learning_rate(run.step, s.max_steps, s.lr, s.warmup, s.final_lr_fraction)
-            step_result = train_step(run.params, run.flat, run.adam_m, run.adam_v, x, y, run.step, lr, s, run.trainable, workers)
-            loss, accuracy, grad_norm = (float(a) for a in step_result)  # the one host sync
-            check_finite(run, loss, grad_norm, ckpt)
-            run.step += 1
-            seconds = time.perf_counter() - started
-            speed.add(seconds)
-            row = log_row(run.step, run.step * bytes_per_step, lr, loss, accuracy, grad_norm, seconds)
-            final_step = run.step == s.max_steps and s.final_eval  # all of val is evaluated then: not twice
-            if s.eval_every and run.step % s.eval_every == 0 and not final_step:
-                records = run.val_records[:max(1, s.eval_bytes // (cfg.seq_len + 1))]
-                val = evaluate(run.params, records, cfg.batch_size, workers, progress=True)
-                row.update(val_columns(val))
-                bar.write(f"step {run.step:,}: val bits/byte {val['bpb']:.4f} (first {val['bytes']:,} bytes), accuracy {val['accuracy']:.4f}")
-            log.write(row)
-            if run.step % s.ckpt_every == 0:
-                run.save(ckpt)
-            bar.set_postfix_str(f"loss {loss:.4f} acc {accuracy:.3f} bpb {loss / math.log(2):.4f} lr {lr:.2e} "
-                                f"gnorm {grad_norm:.2f} {speed}")
-            bar.update(1)
-    return speed
-
-
-def final_evaluation(run, workers, log):
+def final_evaluation(run, slices, log):
     """The end of a run: all of val by the published protocol (the state reset every
     record), and the start of val read as one text (the state carried)."""
     cfg = run.cfg
-    full = evaluate(run.params, run.val_records, cfg.batch_size, workers, progress=True)
+    full = evaluate(run.params, run.val_records, cfg.batch_size, slices, progress=True)
     stream = evaluate_stream(run.params, run.val_records.reshape(-1)[:run.settings.eval_bytes], cfg.seq_len, progress=True)
     log.write({"step": run.step, "bytes": run.step * cfg.batch_size * cfg.seq_len, **val_columns(full),
                "val_stream_bpb": f"{stream['bpb']:.5f}"})
@@ -1499,7 +1313,7 @@ def evaluate_checkpoint(args):
         records = open_records(path, cfg.seq_len, fix)
         if args.max_bytes:
             records = records[:max(1, args.max_bytes // (cfg.seq_len + 1))]
-        result = evaluate(params, records, args.batch_size or cfg.batch_size, make_workers(xp, args.threads), progress=True)
+        result = evaluate(params, records, args.batch_size or cfg.batch_size, cpu_slices(xp, args.threads), progress=True)
         protocol = f"{len(records):,} records, the state reset every record"
     seconds = time.perf_counter() - started
     print_evaluation(f"{args.ckpt} (step {meta['step']:,}) on {args.split}, {result['bytes']:,} bytes predicted, "
@@ -1521,6 +1335,184 @@ def sample(args):
         sys.stdout.write(decoder.decode(bytes([byte])))
         sys.stdout.flush()
     sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# CPU threads.  NumPy runs one operation on one core, and on arrays this thin BLAS
+# gains little from threads of its own, so the CPU path cuts the batch into slices
+# of rows and runs each slice's forward and backward in a thread (NumPy and BLAS
+# release the GIL).  The number of slices is part of a run (saved in its
+# checkpoint); the threads only share the slices out, so a step gives the same
+# bits on any number of threads or cores.
+
+def row_slices(n, count):
+    """The rows 0..n-1 cut into `count` contiguous slices (at most n)."""
+    edges = np.linspace(0, n, min(n, count) + 1).astype(int)
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+class Slices:
+    def __init__(self, count, threads):
+        self.count, self.threads = count, min(threads, count)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, self.threads - 1))
+
+    def map(self, function, n):
+        """[function(rows) for each slice of the rows 0..n-1], in slice order.  Thread k
+        computes slices k, k + threads, ...; thread 0 is this, the main, thread, which
+        so keeps running Python and answers Ctrl-C at once."""
+        slices = row_slices(n, self.count)
+
+        def work(k):
+            return {i: function(slices[i]) for i in range(k, len(slices), self.threads)}
+        others = [self.pool.submit(work, k) for k in range(1, min(self.threads, len(slices)))]
+        results = work(0)
+        for other in others:
+            results.update(other.result())
+        return [results[i] for i in range(len(slices))]
+
+    def gradient(self, params, x, y):
+        """batch_gradient, slice by slice: each slice's loss, accuracy and gradient
+        weighted by its share of the batch and summed in slice order, which is the
+        whole batch's mean to float rounding."""
+        def slice_gradient(rows):
+            loss, accuracy, grad = batch_gradient(params, x[rows], y[rows])
+            share = (rows.stop - rows.start) / len(x)
+            grad *= share
+            return float(loss) * share, float(accuracy) * share, grad
+        parts = self.map(slice_gradient, len(x))
+        grad = parts[0][2]
+        for _, _, more in parts[1:]:
+            grad += more
+        return np.float64(sum(p[0] for p in parts)), np.float64(sum(p[1] for p in parts)), grad
+
+    def shutdown(self):
+        self.pool.shutdown()
+
+
+def cpu_slices(xp, threads=None, count=None):
+    """Slices for the CPU path (None on the GPU): by default a thread per core, and a
+    slice per thread (fastest of one to eight slices a thread: docs/results.md)."""
+    if xp is not np:
+        return None
+    if not threads:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return Slices(count or threads, threads)
+
+
+# ----------------------------------------------------------------------------
+# Memory and the benchmark
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory instead of returning it to the OS.  A training
+    step allocates and frees hundreds of MB of activations; by default glibc gives
+    large blocks back (munmap) and the next step page-faults them in again, which
+    costs about a quarter of a CPU step here.  No effect outside glibc (Linux)."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+
+
+def step_memory_bytes(cfg):
+    """About what a training step holds: per position ~20 d floats a block kept for
+    the backward, and the logits twice; then parameters, gradient and Adam's two
+    moments.  (Measured peaks: docs/results.md.)"""
+    positions = cfg.batch_size * cfg.seq_len
+    return 4 * positions * (20 * cfg.n_layers * cfg.d_model + 2 * V) + 16 * count_params(cfg)
+
+
+def check_memory(cfg, xp):
+    """Refuse a model that cannot fit, before it is built, rather than be killed by the OS."""
+    if xp is np:
+        try:
+            with open("/proc/meminfo") as f:
+                available = int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+        except (OSError, StopIteration):
+            return
+    else:
+        available = cupy.cuda.runtime.memGetInfo()[0]
+    need = step_memory_bytes(cfg)
+    if need > available:
+        raise UserError(f"a training step of this model needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB is free: "
+                        f"lower --batch-size, --seq-len or --d-model")
+
+
+def step_traffic_bytes(cfg):
+    """A floor on a training step's memory traffic in bytes: per position and block,
+    the 16 d floats the backward needs are written once, read once, and so are their
+    gradients (4 passes); the (N, V) logits take 6 passes.  Parameters are left out."""
+    positions = cfg.batch_size * cfg.seq_len
+    return 4 * positions * (cfg.n_layers * 16 * cfg.d_model * 4 + 6 * V)
+
+
+def time_training_steps(cfg, xp, slices, steps):
+    """Median time of `steps` training steps as `train` runs them (batch, forward,
+    backward, the trainable mask, clip, Adam) on random bytes, after one untimed step
+    (CuPy compiles its kernels there), and what goes with it: bytes/s, the traffic
+    floor's GB/s, launches (where counted), memory."""
+    flat, params = flat_parameters(init_params(cfg, 0), xp)
+    adam_m, adam_v = xp.zeros_like(flat), xp.zeros_like(flat)
+    trainable = xp.asarray(flatten(trainable_mask(cfg), list(param_shapes(cfg))))
+    gradient = batch_gradient if slices is None else slices.gradient
+    records = np.random.default_rng(0).integers(0, V, (cfg.batch_size, cfg.seq_len + 1), dtype=np.uint8)
+    settings, seconds = TrainSettings(), []
+
+    def step(k):
+        x, y = make_batch(records, np.arange(cfg.batch_size), xp)
+        return train_step(params, flat, adam_m, adam_v, x, y, k, 1e-3, settings, trainable, gradient)
+    for k in range(steps + 1):
+        started = time.perf_counter()
+        float(step(k)[0])  # waits for the device
+        seconds.append(time.perf_counter() - started)
+    ms = 1000 * float(np.median(seconds[1:]))
+    result = {"ms": ms, "min_ms": 1000 * min(seconds[1:]), "bytes_per_s": cfg.batch_size * cfg.seq_len / (ms / 1000),
+              "traffic_gb": step_traffic_bytes(cfg) / 1e9, "gb_per_s": step_traffic_bytes(cfg) / 1e6 / ms, "launches": None}
+    if hasattr(xp, "launches"):  # the tests' CPU stand-in for CuPy counts launches; CuPy itself does not
+        before = xp.launches
+        step(steps + 1)
+        result["launches"] = xp.launches - before
+    if xp is np:
+        import resource
+        result["memory"] = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB peak (process)"
+    else:
+        result["memory"] = f"{cupy.get_default_memory_pool().total_bytes() / 2**20:,.0f} MiB (CuPy's pool)"
+    return result
+
+
+def bench(args):
+    """Time training steps; with --report, the small and the large model at the chosen
+    batch and sequence length, as a table (docs/gpu.md)."""
+    xp = select_backend(args.device)
+    slices = cpu_slices(xp, args.threads)
+    if slices:
+        keep_freed_memory()
+    configs = [model_config(args)]
+    if args.report:
+        configs = [Config(**dict(asdict(configs[0]), **SIZES[size])) for size in ("small", "large")]
+        print(f"backend: {describe_backend(xp, slices)}")
+        print("| model | batch x seq | ms/step | bytes/s | traffic floor | achieved | launches/step | memory |")
+        print("|---|---|---|---|---|---|---|---|")
+    for cfg in configs:
+        check_memory(cfg, xp)
+        if not args.report:
+            print_summary(cfg, xp, slices)
+        r = time_training_steps(cfg, xp, slices, args.steps)
+        launches = "not counted" if r["launches"] is None else r["launches"]
+        if args.report:
+            print(f"| d={cfg.d_model}, L={cfg.n_layers} | {cfg.batch_size} x {cfg.seq_len} | {r['ms']:.2f} | {r['bytes_per_s']:,.0f} "
+                  f"| {r['traffic_gb']:.2f} GB | {r['gb_per_s']:,.0f} GB/s | {launches} | {r['memory']} |")
+            continue
+        print(f"{args.steps} steps of {cfg.batch_size} x {cfg.seq_len}: median {r['ms']:.1f} ms/step "
+              f"(min {r['min_ms']:.1f}), {r['bytes_per_s']:,.0f} bytes/s")
+        if xp is not np:
+            print(f"kernel launches per training step: {launches}")
+        print(f"memory traffic: at least {r['traffic_gb']:.2f} GB a step (step_traffic_bytes): {r['gb_per_s']:,.1f} GB/s achieved")
+        print(f"memory: {r['memory']}")
     return 0
 
 
@@ -1577,37 +1569,38 @@ SETTING_FLAGS = {
     "eval_bytes": (positive_int, "bytes of val those evaluations read (and the final streamed one)"),
     "ckpt_every": (positive_int, "steps between checkpoints"),
     "final_eval": (None, "evaluate on all of val when the run ends"),
+    "slices": (positive_int, "cut each batch into this many slices for the CPU's threads (part of the run: "
+                             "the same result on any number of threads)"),
 }
 # What --resume may change: how the run reports, and how long it runs.
 ADJUSTABLE_ON_RESUME = ("max_steps", "eval_every", "eval_bytes", "ckpt_every", "final_eval")
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="mora.py", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_common_flags(p, name, model=False, data=False):
+    """The flags that several commands share."""
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="auto: the GPU when CuPy can use one, else the CPU (default auto)")
+    if model:
+        p.add_argument("--size", choices=sorted(SIZES), help="small: d=64 (284,184 params); large: d=128 (1,092,632) "
+                                                             "(default small)")
+        p.add_argument("--d-model", type=positive_int, help=f"default {Config.d_model}")
+        p.add_argument("--n-layers", type=positive_int, help=f"default {Config.n_layers}")
+        p.add_argument("--seq-len", type=positive_int, help=f"default {Config.seq_len}")
+    if model or data:
+        p.add_argument("--batch-size", type=positive_int, help=f"default {Config.batch_size}" + (" or the checkpoint's" if data else ""))
+    if data:
+        p.add_argument("--data-dir", default="data", help="the folder holding train.bin and val.bin (default data)")
+    if name != "sample":
+        p.add_argument("--threads", type=positive_int, help="CPU worker threads (default: every core)")
+    if name != "bench":
+        what = "the run to write or --resume; its log goes beside it as .csv" if name == "train" else "the checkpoint to read"
+        p.add_argument("--ckpt", default="checkpoints/mora.npz", help=f"{what} (default checkpoints/mora.npz)")
+
+
+def add_train_flags(p):
     defaults = {f.name: f.default for f in fields(TrainSettings)}
-    defaults.update(warmup=f"a third of the run, at most {WARMUP_CAP}", max_steps="whole epochs",
-                    mix_init=" ".join(f"{v:g}" for v in TrainSettings.mix_init))  # the None and tuple defaults, in words
-
-    def command(name, text, model=False, data=False):
-        p = commands.add_parser(name, help=text, description=text)
-        p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
-                       help="auto: the GPU when CuPy can use one, else the CPU")
-        if model:
-            p.add_argument("--size", choices=sorted(SIZES), help="small: d=64 (284,184 params); large: d=128 (1,092,632)")
-            p.add_argument("--d-model", type=positive_int, help=f"default {Config.d_model}")
-            p.add_argument("--n-layers", type=positive_int, help=f"default {Config.n_layers}")
-            p.add_argument("--seq-len", type=positive_int, help=f"default {Config.seq_len}")
-        if model or data:
-            p.add_argument("--batch-size", type=positive_int, help=f"default {Config.batch_size}" + (" or the checkpoint's" if data else ""))
-        if data:
-            p.add_argument("--data-dir", default="data", help="the folder holding train.bin and val.bin")
-        if name != "sample":
-            p.add_argument("--threads", type=positive_int, help="CPU worker threads (default: every core)")
-        p.add_argument("--ckpt", default="checkpoints/mora.npz", help="checkpoint (training's log goes beside it as .csv)")
-        return p
-
-    p = command("train", "train a model (defaults: the published run, one epoch)", model=True, data=True)
+    defaults.update(warmup=f"a third of the run, at most {WARMUP_CAP}", max_steps="whole epochs",  # None and tuple defaults, in words
+                    mix_init=" ".join(f"{v:g}" for v in TrainSettings.mix_init), slices="one per thread")
     p.add_argument("--ablate", choices=list(ABLATIONS), help="switch off a part of the block (default none)")
     for name, (kind, text) in SETTING_FLAGS.items():
         flag = "--" + name.replace("_", "-")
@@ -1618,30 +1611,51 @@ def build_parser():
             p.add_argument(flag, type=kind, help=f"{text} (default {defaults[name]})", **extra)
     p.add_argument("--resume", action="store_true", help="continue the run in --ckpt exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="start over even if --ckpt exists")
-    p.add_argument("--stop-after", type=positive_int, help="stop (and save) after this many steps of this call, keeping the whole run's schedule")
+    p.add_argument("--stop-after", type=positive_int, help="stop (and save) after this many steps of this call, "
+                                                           "keeping the whole run's schedule")
 
-    p = command("sample", "generate text from a checkpoint")
-    p.add_argument("--prompt", default="Once upon a time")
-    p.add_argument("--length", type=nonnegative_int, default=500, help="bytes to generate")
-    p.add_argument("--temperature", type=nonnegative_float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=nonnegative_int, default=0, help="sample among the k likeliest bytes (0: all)")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
 
-    p = command("eval", "loss, accuracy and bits/byte of a checkpoint on a split", data=True)
-    p.add_argument("--split", choices=["val", "train", "test"], default="val")
-    p.add_argument("--max-bytes", type=nonnegative_int, default=0, help="only the first N bytes of the split (0: all)")
+def add_sample_flags(p):
+    p.add_argument("--prompt", default="Once upon a time", help="the text to continue (default: Once upon a time)")
+    p.add_argument("--length", type=nonnegative_int, default=500, help="bytes to generate (default 500)")
+    p.add_argument("--temperature", type=nonnegative_float, default=0.8, help="0: greedy (default 0.8)")
+    p.add_argument("--top-k", type=nonnegative_int, default=0, help="sample among the k likeliest bytes (default 0: all)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="default 0")
+
+
+def add_eval_flags(p):
+    p.add_argument("--split", choices=["val", "train", "test"], default="val", help="default val")
+    p.add_argument("--max-bytes", type=nonnegative_int, default=0, help="only the first N bytes of the split (default 0: all)")
     p.add_argument("--stream", action="store_true", help="read the split as one text, the state carried across chunks "
                                                          "(default: every record on its own, the published protocol)")
 
-    p = command("bench", "time training steps on random bytes: ms/step and bytes/s", model=True)
-    p.add_argument("--steps", type=positive_int, default=10)
-    p.add_argument("--report", action="store_true", help="the small and the large model, as a table (README: GPU)")
+
+def add_bench_flags(p):
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps (default 10)")
+    p.add_argument("--report", action="store_true", help="the small and the large model, as a table (docs/gpu.md)")
+
+
+COMMANDS = {  # name -> (what it does, the function that runs it, its flags, which shared flags)
+    "train": ("train a model (defaults: the published run, one epoch)", train, add_train_flags, dict(model=True, data=True)),
+    "sample": ("generate text from a checkpoint", sample, add_sample_flags, {}),
+    "eval": ("loss, accuracy and bits/byte of a checkpoint on a split", evaluate_checkpoint, add_eval_flags, dict(data=True)),
+    "bench": ("time training steps on random bytes: ms/step and bytes/s", bench, add_bench_flags, dict(model=True)),
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="mora.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (text, _, add_flags, shared) in COMMANDS.items():
+        p = commands.add_parser(name, help=text, description=text)
+        add_common_flags(p, name, **shared)
+        add_flags(p)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    command = {"train": train, "sample": sample, "eval": evaluate_checkpoint, "bench": bench}[args.command]
+    command = COMMANDS[args.command][1]
     try:
         return command(args)
     except UserError as exc:
@@ -2024,6 +2038,24 @@ def launch(name, n_threads, args, width=None, block=256):
     cuda_module(width).get_function(name)(((n_threads + block - 1) // block,), (block,), args)
 
 
+def fuses(layer, when):
+    """Decorator: the one place where the maths above meets the GPU.  From here on the
+    module's name of the plain function `layer` calls the decorated launcher when
+    `when(*args)` holds (float32 CuPy arrays, while USE_KERNELS), and the plain code
+    otherwise: on NumPy, and on CuPy with USE_KERNELS off, which is how the tests
+    compare each kernel with the plain function that defines it."""
+    def register(launcher):
+        @functools.wraps(layer)  # the plain function stays reachable as __wrapped__
+        def dispatch(*args, **kwargs):
+            if when(*args, **kwargs):
+                return globals()[launcher.__name__](*args, **kwargs)  # looked up by name: a test may swap a launcher
+            return layer(*args, **kwargs)
+        globals()[layer.__name__] = dispatch
+        return launcher
+    return register
+
+
+@fuses(mixer_forward, when=lambda vzq, mix, state: on_gpu(vzq))
 def gpu_mixer_forward(vzq, mix, state):
     T, B, d = vzq.shape[0], vzq.shape[1], vzq.shape[2] // 3
     vzq = cupy.ascontiguousarray(vzq)
@@ -2036,6 +2068,7 @@ def gpu_mixer_forward(vzq, mix, state):
     return gated, (vzq, mix, c_init, c, a, count_init), (c_last, sum_last, count_init + T)
 
 
+@fuses(mixer_backward, when=lambda dgated, cache: on_gpu(dgated))
 def gpu_mixer_backward(dgated, cache):
     vzq, mix, c_init, c, a, count_init = cache
     T, B, d = c.shape
@@ -2046,7 +2079,9 @@ def gpu_mixer_backward(dgated, cache):
     return dvzq, dmix_parts.sum(1)
 
 
-def gpu_layernorm_forward(x):
+# The final norm (no gain); the blocks' norms are inside the block kernels.
+@fuses(layernorm_forward, when=lambda x, gain=None, bias=None: on_gpu(x) and gain is None)
+def gpu_layernorm_forward(x, gain=None, bias=None):
     x = cupy.ascontiguousarray(x)
     d = x.shape[-1]
     rows = x.size // d
@@ -2055,6 +2090,7 @@ def gpu_layernorm_forward(x):
     return xhat, (xhat, rstd, None)
 
 
+@fuses(layernorm_backward, when=lambda dy, cache: on_gpu(dy) and cache[2] is None)
 def gpu_layernorm_backward(dy, cache):
     xhat, rstd, _ = cache
     d = xhat.shape[-1]
@@ -2067,6 +2103,7 @@ def gpu_layernorm_backward(dy, cache):
 BLOCK_THREADS = 128  # threads per CUDA block for the block kernels: each holds two rows of d floats in registers
 
 
+@fuses(block_input_forward, when=lambda p, h: on_gpu(h))
 def gpu_block_input_forward(p, h):
     h = cupy.ascontiguousarray(h)
     d = h.shape[-1]
@@ -2078,6 +2115,7 @@ def gpu_block_input_forward(p, h):
     return vzq, (u, xhat, rstd, p)
 
 
+@fuses(block_input_backward, when=lambda dvzq, cache: on_gpu(dvzq))
 def gpu_block_input_backward(dvzq, cache):
     u, xhat, rstd, p = cache
     d = u.shape[-1]
@@ -2092,6 +2130,7 @@ def gpu_block_input_backward(dvzq, cache):
     return dh, grads
 
 
+@fuses(block_output_forward, when=lambda p, h, gated: on_gpu(h))
 def gpu_block_output_forward(p, h, gated):
     h, gated = cupy.ascontiguousarray(h), cupy.ascontiguousarray(gated)
     d = h.shape[-1]
@@ -2105,6 +2144,7 @@ def gpu_block_output_forward(p, h, gated):
     return h_out, (gated, xhat, rstd, u2, pre, t, act, p)
 
 
+@fuses(block_output_backward, when=lambda dh, cache: on_gpu(dh))
 def gpu_block_output_backward(dh, cache):
     gated, xhat, rstd, u2, pre, t, act, p = cache
     d = gated.shape[-1]
@@ -2124,6 +2164,7 @@ def gpu_block_output_backward(dh, cache):
     return dgated, dh_mid, grads
 
 
+@fuses(cross_entropy_forward, when=lambda logits, y: on_gpu(logits))
 def gpu_cross_entropy_forward(logits, y):
     rows, n_classes = logits.shape
     logits, y = cupy.ascontiguousarray(logits), cupy.ascontiguousarray(y, dtype=np.int32)
@@ -2133,6 +2174,8 @@ def gpu_cross_entropy_forward(logits, y):
     return losses, correct, (probs, y)
 
 
+# The mean loss's backward (a scalar dlosses); per-position weights take the plain path.
+@fuses(cross_entropy_backward, when=lambda dlosses, cache: on_gpu(cache[0]) and np.ndim(dlosses) == 0)
 def gpu_cross_entropy_backward(dlosses, cache):
     probs, y = cache
     dlogits = cupy.empty_like(probs)
@@ -2141,7 +2184,8 @@ def gpu_cross_entropy_backward(dlosses, cache):
     return dlogits
 
 
-def gpu_adam_update(param, grad, m, v, step, lr, beta1, beta2, eps):
+@fuses(adam_update, when=lambda param, *args, **kwargs: on_gpu(param))
+def gpu_adam_update(param, grad, m, v, step, lr, beta1=TrainSettings.beta1, beta2=TrainSettings.beta2, eps=TrainSettings.eps):
     args = (param, grad, m, v, np.int64(param.size), np.float32(lr), np.float32(beta1), np.float32(beta2),
             np.float32(eps), np.float32(1.0 - beta1 ** step), np.float32(1.0 - beta2 ** step))
     launch("adam_update", param.size, args)

@@ -221,15 +221,29 @@ def test_batch_sliced_over_threads_equals_the_whole_batch():
     records = rng.integers(0, 256, (5, 33)).astype(np.uint8)
     x, y = mora.make_batch(records, np.arange(5), np)
     loss, accuracy, grad = mora.batch_gradient(params, x, y)
-    for threads in (2, 3):
-        workers = mora.make_workers(np, threads)
-        assert len(mora.row_slices(5, workers)) == threads
-        sliced_loss, sliced_accuracy, sliced_grad = mora.batch_gradient(params, x, y, workers)
+    for count, threads in ((2, 2), (3, 3), (3, 2), (5, 1)):
+        slices = mora.cpu_slices(np, threads, count)
+        assert len(mora.row_slices(5, slices.count)) == count
+        sliced_loss, sliced_accuracy, sliced_grad = slices.gradient(params, x, y)
         assert abs(float(sliced_loss) - float(loss)) < 1e-6 and float(sliced_accuracy) == pytest.approx(float(accuracy))
         assert relative_error(sliced_grad.astype(np.float64), grad.astype(np.float64)) < 1e-5
         assert np.abs(sliced_grad - grad).max() < 1e-6
-        assert mora.evaluate(params, records, 5, workers)["loss"] == pytest.approx(float(loss), abs=1e-6)
-        workers.shutdown()
+        assert mora.evaluate(params, records, 5, slices)["loss"] == pytest.approx(float(loss), abs=1e-6)
+        slices.shutdown()
+
+
+def test_a_step_gives_the_same_bits_on_any_number_of_threads():
+    """The batch's slices are fixed by the run; threads only share them out."""
+    params = mora.init_params(mora.Config(d_model=8, n_layers=2), 0, mix=(0.5, -0.7, 1.0))
+    records = np.random.default_rng(1).integers(0, 256, (6, 33)).astype(np.uint8)
+    x, y = mora.make_batch(records, np.arange(6), np)
+    results = []
+    for threads in (1, 2, 3):
+        slices = mora.cpu_slices(np, threads, 3)
+        results.append(slices.gradient(params, x, y))
+        slices.shutdown()
+    for loss, accuracy, grad in results[1:]:
+        assert loss == results[0][0] and accuracy == results[0][1] and np.array_equal(grad, results[0][2])
 
 
 # ----------------------------------------------------------------------------
