@@ -108,9 +108,10 @@ def text_section(data, chars, bits, top):
         paid = bits[start:end][~np.isnan(bits[start:end])]  # byte 0 of the text is not predicted
         attrs = ' title="the first byte: nothing comes before it to predict it"'
         if len(paid):
-            expected = "  ".join(f"{show_byte(int(b))} {p:.1%}" for b, p in top[max(start, 1)])
-            note = f" ({end - start} bytes)" if end - start > 1 else ""
-            title = f"{show_byte(data[start]) if end - start == 1 else ch}: {paid.sum():.2f} bits{note}\nexpected{' (first byte)' if note else ''}: {expected}"
+            expected = " · ".join(f"{show_byte(int(b))} {p:.1%}" for b, p in top[max(start, 1)])
+            note = f" for its {end - start} bytes" if end - start > 1 else ""
+            title = (f"{show_byte(data[start]) if end - start == 1 else ch} cost {paid.sum():.2f} bits{note}\n"
+                     f"the model expected{' as the first byte' if note else ''}: {expected}")
             attrs = f' class="b{level(paid.sum(), BITS_EDGES)}" data-bits="{paid.sum():.4f}" title="{html.escape(title)}"'
         spans.append(f"<span{attrs}>{shown(ch)}</span>" + ("\n" if ch == "\n" else ""))
     legend = "".join(f'<span class="b{k}">{lo}–{hi}</span>' for k, (lo, hi) in
@@ -142,59 +143,70 @@ def memory_section(chars, beta, delta):
     """Part 2: each line of the text, and under it two small heat maps, one cell a character
     and one strip a block: beta, then |e|."""
     L = len(beta)
-    # beta is a rate in [0, 1]: one scale for all blocks, so slow and fast blocks differ in shade.
-    # |e| has no natural scale: each block's is divided by its own 99th percentile (so byte 0,
-    # where the memory is still empty and e = v, does not wash the rest out).
-    delta = delta / np.maximum(np.percentile(delta, 99, axis=1, keepdims=True), 1e-12)
+    # A block's mean beta and |e| move in a narrow band around its own level (the channels'
+    # rates differ, the mean over them changes less), so each strip is scaled from the block's
+    # 2nd to its 98th percentile on this text: the shades show where a block rewrites or is
+    # surprised more than it usually does; its level is in the summary's table.  Percentiles,
+    # not min and max, so that byte 0 (an empty memory: e = v) does not wash the rest out.
+    def spread(values):  # (L, T) -> (L, T) in [0, 1]
+        low, high = np.percentile(values, [2, 98], axis=1, keepdims=True)
+        return np.clip((values - low) / np.maximum(high - low, 1e-12), 0, 1)
+
+    beta, delta = spread(beta), spread(delta)
     rows = []
     for line in lines_of(chars):
         text = "".join(f"<span>{shown(c[2])}</span>" for c in line)
         maps = []
         for name, kind, values in (("β", "r", beta), ("|e|", "e", delta)):
-            strips = "".join("<div>" + "".join(f'<i class="{kind}{level(values[i, s:e].mean(), STRIP_EDGES)}"></i>'
+            strips = "".join('<div class="strip">' + "".join(f'<i class="{kind}{level(values[i, s:e].mean(), STRIP_EDGES)}"></i>'
                                                for s, e, _ in line) + "</div>" for i in range(L))
-            maps.append(f'<div class="map"><b>{name} 0–{L - 1}</b><div>{strips}</div></div>')
-        rows.append(f'<div class="row"><div class="line"><b></b>{text}</div>{"".join(maps)}</div>')
+            maps.append(f'<div class="map"><b><big>{name}</big> blocks<br>0 to {L - 1}</b><div>{strips}</div></div>')
+        rows.append(f'<div class="row"><div class="line"><b></b>{text}</div>{"".join(maps)}</div>')  # <b>: the labels' room
     return (f'<h2>2. What each block\'s memory did</h2><p class="legend">Under each line, one strip per block, '
             f'block 0 (the first to read the bytes) on top, block {L - 1} at the bottom: '
-            '<span class="r6">β</span> how much of the memory was rewritten at that byte (mean over the channels; '
-            'white 0, dark blue 1: a dark column is a reset), then <span class="e6">|e|</span> how far the byte was '
-            'from what the memory held (mean over the channels, each block scaled to its own 99th percentile).</p>'
+            '<span class="r6">β</span> how much of its memory the block rewrote at that byte, then '
+            '<span class="e6">|e|</span> how far the byte was from what the memory held (each a mean over the '
+            'channels, shaded from the block\'s lowest on this text, white, to its highest, dark). '
+            'A dark β column is a reset.</p>'
             + "".join(rows))
 
 
-def summary_section(cfg, meta, params, bits, beta, cut_note):
+def summary_section(cfg, meta, params, data, bits, beta, cut_note):
     """Part 3: bits/byte over the text and by position, the checkpoint, each block's memory."""
     paid = bits[1:]
-    by_position = "".join(
-        f"<tr><td>{start + 1}{'' if stop == start + 1 else f'–{stop}' if stop else '+'}</td>"
-        f"<td>{paid[start:stop].mean():.3f}</td><td>{len(paid[start:stop]):,}</td></tr>"
+    by_position = " · ".join(  # the same groups as `mora.py eval` prints, counted from the text's start
+        f"{start + 1}{'' if stop == start + 1 else f'–{stop}' if stop else '+'}: {paid[start:stop].mean():.2f}"
         for start, stop in mora.POSITION_GROUPS if start < len(paid))
+    x = np.frombuffer(data, dtype=np.uint8)
+    kinds = [x == 32, np.isin(x, list(b".,!?;:\"\n")), ~np.isin(x, list(b" .,!?;:\"\n"))]  # space, punctuation, rest
     blocks = "".join(
         f"<tr><td>{i}</td><td>{beta[i].mean():.3f}</td><td>{1 / beta[i].mean():.1f}</td>"
+        + "".join(f"<td>{beta[i][k].mean():.3f}</td>" if k.any() else "<td>–</td>" for k in kinds)
         + "".join(f"<td>{m:+.3f}</td>" for m in params[f"blocks.{i}.mix"]) + "</tr>" for i in range(len(beta)))
     seen = meta["step"] * cfg.batch_size * cfg.seq_len
     return (f'<h2>3. Summary</h2><p><b>{paid.mean():.3f} bits/byte</b> over the {len(paid):,} bytes predicted '
             f'(every byte but the first){cut_note}. Checkpoint: step {meta["step"]:,} (about {seen / 1e6:,.1f} MB of text '
             f'seen), width d = {cfg.d_model}, {cfg.n_layers} blocks, {mora.count_params(cfg):,} parameters'
-            f'{"" if cfg.ablate == "none" else f", trained with --ablate {cfg.ablate}"}.</p><div class="tables">'
-            f'<table><tr><th>bytes read before it</th><th>bits/byte</th><th>bytes</th></tr>{by_position}</table>'
-            f'<table><tr><th>block</th><th>mean β</th><th>≈ memory span (1/β bytes)</th><th>mix: c (memory)</th>'
-            f'<th>a (running mean)</th><th>e (delta)</th></tr>{blocks}</table></div>')
+            f'{"" if cfg.ablate == "none" else f", trained with --ablate {cfg.ablate}"}.</p>'
+            f'<p>Bits/byte by the number of bytes read before the byte: {by_position}.</p>'
+            f'<p>Each block\'s memory: β is its write rate (a memory with rate β keeps a share 1 − β of itself per byte); '
+            f'a block whose β is higher at spaces or punctuation than at other bytes clears its memory at word or sentence '
+            f'boundaries. mix: how much of the memory c, the running mean a and the delta e the block reads out.</p>'
+            f'<table><tr><th>block</th><th>mean β</th><th>1 / mean β: bytes<br>it roughly keeps</th><th>β at<br>spaces</th>'
+            f'<th>β at<br>. , ! ? ; : " ↵</th><th>β at other<br>bytes</th><th>mix: c<br>(memory)</th><th>a (running<br>mean)</th>'
+            f'<th>e<br>(delta)</th></tr>{blocks}</table>')
 
 
-STYLE = """body{font:15px/1.5 system-ui,sans-serif;margin:1.5em 2em;color:#222;max-width:70em}
+STYLE = """body{font:15px/1.5 system-ui,sans-serif;margin:1.5em 2em;color:#222;max-width:76em}
 h1{font-size:1.4em;margin:0}h2{font-size:1.1em;margin:1.4em 0 .3em}.legend{font-size:.85em;color:#555}
-.legend span{padding:0 .35em;border:1px solid #ddd}.text{white-space:pre-wrap;font-size:1.05em;line-height:1.7}
+.legend span{display:inline-block;padding:0 .35em;border:1px solid #ddd}.text{white-space:pre-wrap;font-size:1.05em;line-height:1.7}
 .text span[title]:hover{outline:2px solid #333}""" + "".join(
-    f".b{k}{{background:{c}}}" for k, c in enumerate(BITS_COLOURS)) + ".b6,.b7{color:#fff}" + "".join(
+    f".b{k}{{background:{c}}}" for k, c in enumerate(BITS_COLOURS)) + ".b5,.b6,.b7,.legend .r6,.legend .e6{color:#fff}" + "".join(
     f".r{k}{{background:{c}}}.e{k}{{background:{d}}}" for k, (c, d) in enumerate(zip(BETA_COLOURS, DELTA_COLOURS))) + """
 .row{font:13px monospace;margin-bottom:.9em}.line{white-space:pre;height:17px}.line span{display:inline-block;width:1ch}
-.map{display:flex;margin-top:2px}.map div{height:4px;line-height:0;white-space:nowrap}.map>div{height:auto}
-.map i{display:inline-block;width:1ch;height:4px}
-.row b{display:inline-block;flex:none;width:5em;font:9px sans-serif;color:#777;vertical-align:top}
-table{border-collapse:collapse;font-size:.9em;margin:0 2em .5em 0}td,th{border:1px solid #ccc;padding:.1em .6em;text-align:right}
-.tables{display:flex;flex-wrap:wrap;align-items:flex-start}"""
+.map{display:flex;margin-top:2px}.strip{height:4px;line-height:0;white-space:nowrap}.strip i{display:inline-block;width:1ch;height:4px}
+.row b{display:inline-block;flex:none;width:6em;font:9px/1.1 sans-serif;color:#777}.row big{font-size:12px;color:#222}
+table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.1em .6em;text-align:right}"""
 
 
 def main(argv=None):
@@ -214,7 +226,7 @@ def main(argv=None):
                 with open(args.file, "rb") as f:
                     data = f.read()
             except OSError as exc:
-                raise mora.UserError(f"cannot read --file {args.file} ({exc.strerror}): give a text file that exists")
+                raise mora.UserError(f"cannot read --file {args.file} ({exc.strerror}): give the path of a text file")
         else:
             data = os.fsencode(args.text)  # the text's bytes as given, as `mora.py sample` takes its prompt
         if len(data) < 2:
@@ -229,9 +241,10 @@ def main(argv=None):
         chars = characters(data)
         page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>MORA explains {html.escape(os.path.basename(args.ckpt))}'
                 f'</title><style>{STYLE}</style></head><body><h1>What MORA makes of a text</h1><p class="legend">'
-                f'{html.escape(args.ckpt)}, reading {len(data):,} bytes as one stream, the memory carried from the first byte.</p>'
+                f'{html.escape(args.ckpt)} (step {meta["step"]:,}) reading {len(data):,} bytes as one stream, its memory carried '
+                f'from the first byte: {np.nanmean(bits):.3f} bits/byte.</p>'
                 + text_section(data, chars, bits, top) + memory_section(chars, beta, delta)
-                + summary_section(cfg, meta, params, bits, beta, cut_note) + "</body></html>\n")
+                + summary_section(cfg, meta, params, data, bits, beta, cut_note) + "</body></html>\n")
         try:
             with open(args.out, "w", encoding="utf-8") as f:
                 f.write(page)
