@@ -106,13 +106,17 @@ def text_section(data, chars, bits, top):
     spans = []
     for start, end, ch in chars:
         paid = bits[start:end][~np.isnan(bits[start:end])]  # byte 0 of the text is not predicted
-        attrs = ' title="the first byte: nothing comes before it to predict it"'
-        if len(paid):
-            expected = " · ".join(f"{show_byte(int(b))} {p:.1%}" for b, p in top[max(start, 1)])
+        if start == 0:  # the text's first character: nothing before it predicts its first byte
+            title = "the text's first byte: nothing comes before it to predict it"
+            title += f"; the rest of this character cost {paid.sum():.2f} bits" if len(paid) else ""
+        else:
+            expected = " · ".join(f"{show_byte(int(b))} {p:.1%}" for b, p in top[start])
             note = f" for its {end - start} bytes" if end - start > 1 else ""
             title = (f"{show_byte(data[start]) if end - start == 1 else ch} cost {paid.sum():.2f} bits{note}\n"
                      f"the model expected{' as the first byte' if note else ''}: {expected}")
-            attrs = f' class="b{level(paid.sum(), BITS_EDGES)}" data-bits="{paid.sum():.4f}" title="{html.escape(title)}"'
+        attrs = f' title="{html.escape(title)}"'
+        if len(paid):
+            attrs += f' class="b{level(paid.sum(), BITS_EDGES)}" data-bits="{paid.sum():.4f}"'
         spans.append(f"<span{attrs}>{shown(ch)}</span>" + ("\n" if ch == "\n" else ""))
     legend = "".join(f'<span class="b{k}">{lo}–{hi}</span>' for k, (lo, hi) in
                      enumerate(zip([0] + BITS_EDGES, BITS_EDGES + ["…"])))
