@@ -3,6 +3,7 @@ full forward, Adam against its formula, data preparation, training end to end,
 exact resume, and the errors a user sees.  Run: python -m pytest -q test_mora.py
 
 Everything here makes its own small text: no network, no ../shared."""
+import html.parser
 import http.server
 import math
 import os
@@ -1315,3 +1316,111 @@ def test_bench_counts_kernel_launches_on_the_stand_in(stand_in, capsys):
     out = capsys.readouterr().out
     launches = int(out.split("kernel launches per training step: ")[1].split()[0])
     assert 0 < launches <= 150, launches
+
+
+# ----------------------------------------------------------------------------
+# explain.py: a text's bits and each block's memory, as one HTML page
+
+class PageReader(html.parser.HTMLParser):
+    """Every tag's attributes, and the <span>s of the page's text (attributes, content) in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.text_spans, self.in_text = [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append((tag, attrs))
+        self.in_text = self.in_text or attrs.get("class") == "text"
+        if self.in_text and tag == "span":
+            self.text_spans.append([attrs, ""])
+
+    def handle_endtag(self, tag):
+        self.in_text = self.in_text and tag != "div"  # the text's <div> holds nothing but spans
+
+    def handle_data(self, data):
+        if self.in_text and self.text_spans:
+            self.text_spans[-1][1] += data.strip("\n")  # a newline follows the ↵ that shows it
+
+
+def tiny_checkpoint(path, seed=3):
+    cfg = mora.Config(d_model=8, n_layers=2, seq_len=16, batch_size=4)
+    mora.save_checkpoint(str(path), perturbed_params(cfg, seed), {"config": mora.asdict(cfg), "step": 7})
+    return str(path)
+
+
+def test_explain_page_shows_the_models_own_bits_and_nothing_external(tmp_path, capsys):
+    import explain
+    text = made_up_text(2)[:180] + "\nZoë’s café — “yes”.\n".encode("utf-8")  # 2-, 3-byte characters, newlines
+    (tmp_path / "story.txt").write_bytes(text)
+    ckpt, out = tiny_checkpoint(tmp_path / "m.npz"), tmp_path / "page.html"
+    assert explain.main(["--ckpt", ckpt, "--file", str(tmp_path / "story.txt"), "--out", str(out)]) == 0
+    page = out.read_text(encoding="utf-8")
+    reader = PageReader()
+    reader.feed(page)
+    # The model's own per-byte bits: the text in pieces of 7 bytes, the state carried.
+    _, params, _, _ = mora.load_checkpoint(ckpt)
+    x, state, nats = np.frombuffer(text, np.uint8).astype(np.int32), mora.initial_state(params, 1), []
+    for start in range(0, len(x) - 1, 7):
+        logits, _, state = mora.model_forward(params, x[start:start + 7, None], state, keep_cache=False)
+        targets = x[start + 1:start + 8]
+        nats.append(mora.cross_entropy_forward(logits[:len(targets), 0], targets)[0])
+    bits = np.concatenate([[0.0], np.concatenate(nats) / math.log(2)])  # byte 0 is predicted by nothing
+    # Every character shown once, in order; each carries the sum of its bytes' bits.
+    shown = [content for _, content in reader.text_spans]
+    assert "".join(shown).replace("↵", "\n") == text.decode("utf-8")
+    assert "data-bits" not in reader.text_spans[0][0]
+    at, widths = 0, []
+    for attrs, content in reader.text_spans:
+        width = len(content.replace("↵", "\n").encode("utf-8"))
+        if at > 0:
+            assert float(attrs["data-bits"]) == pytest.approx(bits[at:at + width].sum(), abs=1e-4), (at, content)
+            assert "expected" in attrs["title"] and "%" in attrs["title"]
+        at, widths = at + width, widths + [width]
+    assert at == len(text) and max(widths) == 3
+    assert f"{bits[1:].mean():.3f} bits/byte" in page and "step 7" in page
+    # Self-contained: no scripts, styles, images or links from anywhere else.
+    assert all(tag not in ("script", "link", "img", "iframe", "object", "embed") for tag, _ in reader.tags)
+    assert all(not set(attrs) & {"src", "href", "srcset", "action"} for _, attrs in reader.tags)
+    assert "url(" not in page and "@import" not in page and "//" not in page
+
+
+def test_explain_reads_beta_and_delta_from_the_forward_cache():
+    """memory_trace against block 0's write rate and delta computed by hand from its parameters."""
+    import explain
+    cfg = mora.Config(d_model=8, n_layers=2)
+    params = perturbed_params(cfg, seed=4)
+    x = np.frombuffer(b"Once upon a time.", np.uint8).astype(np.int32)
+    _, cache, _ = mora.model_forward(params, x[:, None], mora.initial_state(params, 1), keep_cache=True)
+    beta, delta = explain.memory_trace(cache)
+    assert beta.shape == delta.shape == (2, len(x))
+    u, _ = mora.layernorm_forward(params["embed"][x], params["blocks.0.ln1.g"], params["blocks.0.ln1.b"])
+    v, z = np.split(u @ params["blocks.0.w_in"] + params["blocks.0.b_in"], 3, axis=-1)[:2]
+    rate = 1 / (1 + np.exp(-z))  # (T, d)
+    c, e = np.zeros(8), np.zeros_like(v)
+    for t in range(len(x)):  # c_t = c_{t-1} + beta_t (v_t - c_{t-1})
+        e[t] = v[t] - c
+        c = c + rate[t] * e[t]
+    assert np.allclose(beta[0], rate.mean(-1)) and np.allclose(delta[0], np.abs(e).mean(-1))
+
+
+def test_explain_caps_long_texts_and_bad_input_is_one_line(tmp_path, capsys):
+    import explain
+    ckpt = tiny_checkpoint(tmp_path / "m.npz")
+    out = tmp_path / "page.html"
+    assert explain.main(["--ckpt", ckpt, "--text", "a b c " * 50, "--max-bytes", "100", "--out", str(out)]) == 0
+    assert "the first 100 of 300 bytes" in capsys.readouterr().out
+    assert out.read_text(encoding="utf-8").count("data-bits=") == 99 and "--max-bytes caps it" in out.read_text(encoding="utf-8")
+
+    def error_of(*args):
+        return one_error_line(capsys, explain.main([str(a) for a in args]))
+
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert "no checkpoint" in error_of("--ckpt", tmp_path / "none.npz", "--text", "Once", "--out", out)
+    assert "not a readable MORA checkpoint" in error_of("--ckpt", tmp_path / "junk.npz", "--text", "Once", "--out", out)
+    assert "fewer than 2 bytes" in error_of("--ckpt", ckpt, "--text", "", "--out", out)
+    assert "fewer than 2 bytes" in error_of("--ckpt", ckpt, "--file", tmp_path / "empty.txt", "--out", out)
+    assert "cannot read --file" in error_of("--ckpt", ckpt, "--file", tmp_path / "none.txt", "--out", out)
+    assert "cannot write --out" in error_of("--ckpt", ckpt, "--text", "Once", "--out", tmp_path / "no" / "page.html")
+    assert "--max-bytes 1" in error_of("--ckpt", ckpt, "--text", "Once", "--max-bytes", 1, "--out", out)
