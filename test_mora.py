@@ -2,11 +2,12 @@
 full forward, Adam against its formula, data preparation, training end to end,
 exact resume, and the errors a user sees.  Run: python -m pytest -q test_mora.py
 
-Everything here makes its own small text: no network, no ../shared."""
+Everything here makes its own small text: no network, no downloaded data."""
 import html.parser
 import http.server
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -133,6 +134,29 @@ def test_every_parameter_gradient_matches_finite_differences():
         assert grads[name].shape == params[name].shape and grads[name].dtype == np.float64
         numeric = numeric_gradient(lambda: mora.loss_and_grads(params, x, y)[0], params[name], h=1e-5)
         assert relative_error(numeric, grads[name]) < 1e-6, name
+
+
+def test_memory_backward_document_matches_mora():
+    """docs/memory_backward.md derives the memory's backward and ends with a NumPy
+    program that checks it by finite differences: run that program as it stands in
+    the document, then hold its forward and backward against mora's on the same
+    inputs, so that the document and the code cannot drift apart."""
+    with open(os.path.join(HERE, "docs", "memory_backward.md")) as f:
+        programs = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
+    assert len(programs) == 1  # the one program the document describes
+    doc = {}
+    exec(programs[0], doc)  # asserts its own finite-difference check
+    v, beta, c_init, dc, de, da = (doc[k] for k in ("v", "beta", "c_init", "dc", "de", "da"))
+    c, e, cache = mora.memory_scan_forward(v, beta, c_init)
+    np.testing.assert_allclose(c, doc["c"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(e, doc["e"], rtol=1e-12, atol=1e-12)
+    dv, dbeta = mora.memory_scan_backward(dc, de, cache)
+    np.testing.assert_allclose(dv, doc["dv_scan"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dbeta, doc["dbeta"], rtol=1e-12, atol=1e-12)
+    a, _, counts = mora.cumulative_mean_forward(v, doc["sum_init"], doc["count_init"])
+    np.testing.assert_allclose(a, doc["a"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mora.cumulative_mean_backward(da, counts), doc["mean_backward"](da, doc["counts"]),
+                               rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------
@@ -541,7 +565,7 @@ def test_bad_input_errors(data_dir, tmp_path, capsys):
 @pytest.fixture(scope="session")
 def compiled_kernels(tmp_path_factory):
     """compile(code, options): one of mora's CUDA sources compiled as C++ (with its -D
-    options), once per session: each kernel NAME gets run_NAME(grid, block, its
+    options), once per test run: each kernel NAME gets run_NAME(grid, block, its
     parameters...), which calls it for every block and thread in turn.  Returns
     (library, name -> parameter C types)."""
     folder, compiled = tmp_path_factory.mktemp("kernels"), {}
