@@ -9,6 +9,7 @@ import inspect
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -558,7 +559,6 @@ def compiled_kernels(kernel_folder):
 def compile_as_cpp(code, options, path):
     """The library at `path` (compiled unless it is there) and each kernel's parameter types."""
     import ctypes
-    import re
     prelude = ("#include <math.h>\nstruct Index { unsigned int x; };\nstatic Index threadIdx, blockIdx, blockDim;\n"
                "#define __global__\n#define __device__ static\n#define __forceinline__ inline\n")
     wrappers, signatures = [], {}
@@ -984,6 +984,38 @@ def test_every_command_runs_on_the_gpu_path(gpu, data_dir, tmp_path, capsys):
     assert run_main("bench", "--batch-size", 2, "--seq-len", 8, "--steps", 1, "--device", "gpu", "--report") == 0
     table = capsys.readouterr().out
     assert "| d=64, L=8 | 2 x 8 |" in table and "| d=128, L=8 | 2 x 8 |" in table
+
+
+def test_gpu_check_runs_end_to_end(child_env, data_dir, tmp_path):
+    """gpu_check.py's every step but the test suite (which runs this test), at a tiny
+    size, on the GPU where there is one, else the stand-in: the report holds each
+    figure, and the kernel table every kernel, as often as a training step launches it."""
+    report = tmp_path / "report.md"
+    result = subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--skip-tests", "--data-dir", data_dir,
+                             "--out", str(report), "--batch-size", "2", "--seq-len", "8", "--train-steps", "3",
+                             "--bench-steps", "1", "--kernel-steps", "2"], env=child_env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith(f"report: {report} (every step ok)")
+    text = report.read_text()
+    assert "## 1. tests: left out" in text and all(f"{step}: ok" in text for step in ("float32", "bench", "train", "kernels"))
+    assert re.search(r"loss gap \S+ \(bound 1e-05\), gradient gap \S+ \(bound 0.0001\)", text)
+    assert "| d=64, L=8 | 2 x 8 |" in text and "| d=128, L=8 | 2 x 8 |" in text
+    assert re.search(r"val \d\.\d+ bits/byte \(per record\), accuracy \d\.\d+; [\d.]+ ms/step", text)
+    per_step = {name: float(count) for name, count in re.findall(r"^\| (\w+) \| \d* \| ([\d.]+) \|", text, re.MULTILINE)}
+    kernels = re.findall(r'extern "C" __global__ void (\w+)\(', mora.CUDA_SOURCE + mora.BLOCK_SOURCE)
+    once = {"layernorm_forward", "layernorm_backward", "cross_entropy_forward", "cross_entropy_backward", "adam_update"}
+    assert per_step == {name: 1.0 if name in once else mora.Config().n_layers for name in kernels}
+    assert re.search(r"step [\d.]+ ms \(CUDA events around train_step\): fused kernels [\d.]+ ms", text)
+
+
+def test_gpu_check_reports_a_failed_or_hung_step(tmp_path):
+    import gpu_check
+    args = gpu_check.argparse.Namespace(data_dir=str(tmp_path / "none"), batch_size=2, seq_len=8, train_steps=1)
+    ok, summary, _, details = gpu_check.train_step(args)  # no data here (and maybe no GPU): one error line
+    assert ok is False and summary == "exit status 1" and "error: " in details
+    status, seconds, _, _ = gpu_check.run([sys.executable, "-c", "import time; time.sleep(30)"], 1)
+    assert status == "timed out after 1 s" and seconds < 10
 
 
 def test_ablations_hold_their_parameters_at_zero(data_dir, tmp_path):
