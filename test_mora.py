@@ -986,6 +986,63 @@ def test_every_command_runs_on_the_gpu_path(gpu, data_dir, tmp_path, capsys):
     assert "| d=64, L=8 | 2 x 8 |" in table and "| d=128, L=8 | 2 x 8 |" in table
 
 
+def test_start_up_compiles_the_widths_the_run_uses(stand_in, data_dir, tmp_path, capsys, monkeypatch):
+    """A model width whose block kernels do not compile stops every command in one line
+    before its first step, not at the first launch in the middle of a run; a command
+    at another width is not held up by it."""
+    ckpt = tmp_path / "w8.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--max-steps", 2, "--device", "gpu",
+                    "--eval-every", 0, "--no-final-eval") == 0
+    plain_module = stand_in.RawModule
+
+    def module_failing_at(width):
+        def module(code, options=()):
+            if f"-DD={width}" not in options:
+                return plain_module(code, options)
+            import types
+
+            def get_function(name):  # as CuPy, compiling at the first get_function
+                raise RuntimeError(f"nvrtc: error: the kernels do not compile for D={width}")
+            return types.SimpleNamespace(get_function=get_function)
+        mora.cuda_module.cache_clear()
+        monkeypatch.setattr(mora, "cupy", None)
+        monkeypatch.setattr(stand_in, "RawModule", module)
+    module_failing_at(8)
+    commands = [("train", "--data-dir", data_dir, "--ckpt", tmp_path / "new.npz", *TINY, "--max-steps", 2),
+                ("train", "--data-dir", data_dir, "--ckpt", ckpt, "--resume", "--max-steps", 3),
+                ("eval", "--data-dir", data_dir, "--ckpt", ckpt), ("sample", "--ckpt", ckpt, "--length", 5),
+                ("bench", *TINY, "--steps", 1)]
+    capsys.readouterr()
+    for command in commands:
+        err = one_error_line(capsys, run_main(*command, "--device", "gpu"))
+        assert "CuPy cannot use the GPU (RuntimeError: nvrtc: error: the kernels do not compile for D=8)" in err, command
+    assert not (tmp_path / "new.npz").exists() and mora.load_checkpoint(str(ckpt))[2]["step"] == 2
+    module_failing_at(128)  # the large model's width: bench --report runs it, a d=8 run does not
+    assert run_main("bench", "--batch-size", 2, "--seq-len", 8, "--steps", 1, "--device", "gpu", "--report") == 1
+    captured = capsys.readouterr()
+    assert "D=128" in captured.err and "| d=64" not in captured.out
+    assert run_main("bench", *TINY, "--steps", 1, "--device", "gpu") == 0
+
+
+def test_bench_counts_and_times_the_step_train_runs(stand_in, data_dir, tmp_path, capsys, monkeypatch):
+    """bench's training step is train's, trainable mask and all: the same launches."""
+    launches, plain_step = [], mora.train_step
+
+    def counted_step(*args, **kwargs):
+        before = stand_in.launches
+        result = plain_step(*args, **kwargs)
+        launches.append(stand_in.launches - before)
+        return result
+    monkeypatch.setattr(mora, "train_step", counted_step)
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", tmp_path / "c.npz", "--batch-size", 2, "--seq-len", 8,
+                    "--max-steps", 2, "--eval-every", 0, "--no-final-eval", "--device", "gpu") == 0
+    in_train = launches[-1]
+    assert run_main("bench", "--batch-size", 2, "--seq-len", 8, "--steps", 1, "--device", "gpu") == 0
+    out = capsys.readouterr().out
+    assert int(out.split("kernel launches per training step: ")[1].split()[0]) == in_train
+    assert set(launches) == {in_train}  # every step bench ran, timed or counted, was train's
+
+
 def test_gpu_check_runs_end_to_end(child_env, data_dir, tmp_path):
     """gpu_check.py's every step but the test suite (which runs this test), at a tiny
     size, on the GPU where there is one, else the stand-in: the report holds each
