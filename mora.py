@@ -69,11 +69,13 @@ def to_numpy(a):
 NO_CUPY = "CuPy is not installed (pip install 'cupy-cuda12x[ctk]', see README)"
 
 
-def gpu_problem():
+def gpu_problem(widths=()):
     """None when CuPy can run here (then the global `cupy` is set), else why not.
-    Tries a small matmul and compiles the kernels, so that a driver without the CUDA
-    libraries fails here, in one line, rather than in the middle of a run.  Matmuls
-    run in TensorFloat-32 unless the user set CUPY_TF32=0."""
+    Tries a small matmul and compiles the kernels, the block kernels for each model
+    width in `widths`, so that a driver without the CUDA libraries, or a width whose
+    kernels do not compile, fails here, in one line, rather than at its first launch
+    in the middle of a run.  Matmuls run in TensorFloat-32 unless the user set
+    CUPY_TF32=0 (CuPy reads it once, at the process's first float32 matmul)."""
     global cupy
     os.environ.setdefault("CUPY_TF32", "1")
     try:
@@ -87,7 +89,8 @@ def gpu_problem():
         ones = cupy.ones((4, 4), dtype=np.float32)
         float((ones @ ones).sum())
         cuda_module().get_function("adam_update")  # CuPy compiles a module when first asked for a kernel
-        cuda_module(Config.d_model).get_function("block_input_forward")
+        for width in widths:
+            cuda_module(width).get_function("block_input_forward")
     except Exception as exc:  # CuPy raises driver- and library-specific errors here
         cupy = None
         first_line = (str(exc).splitlines() or [""])[0][:160]
@@ -95,12 +98,13 @@ def gpu_problem():
     return None
 
 
-def select_backend(device):
+def select_backend(device, widths=()):
     """'cpu' -> numpy; 'gpu' -> cupy (an error saying why if it cannot run);
-    'auto' -> cupy when a GPU works, else numpy."""
+    'auto' -> cupy when a GPU works, else numpy.  widths: the model widths the
+    command runs, whose kernels are compiled now."""
     if device == "cpu":
         return np
-    problem = gpu_problem()
+    problem = gpu_problem(widths)
     if problem is None:
         return cupy
     if device == "gpu":
@@ -1245,8 +1249,15 @@ def check_finite(run, loss, grad_norm, ckpt):
 # The commands: train, eval, sample.
 
 
+def run_width(args):
+    """The model width a train command runs: its checkpoint's on --resume, else the flags'."""
+    if args.resume and os.path.exists(args.ckpt):
+        return load_checkpoint(args.ckpt)[0].d_model
+    return model_config(args).d_model
+
+
 def train(args):
-    xp = select_backend(args.device)
+    xp = select_backend(args.device, [run_width(args)])
     log_path = prepare_output(args.ckpt)
     run = start_or_resume(args, xp)
     slices = cpu_slices(xp, args.threads, run.settings.slices)
@@ -1296,8 +1307,8 @@ def print_evaluation(name, result):
 
 
 def evaluate_checkpoint(args):
-    xp = select_backend(args.device)
     cfg, params_np, meta, _ = load_checkpoint(args.ckpt)
+    xp = select_backend(args.device, [cfg.d_model])
     path = os.path.join(args.data_dir, f"{args.split}.bin")
     params = {k: xp.asarray(p) for k, p in params_np.items()}
     started = time.perf_counter()
@@ -1322,11 +1333,11 @@ def evaluate_checkpoint(args):
 
 
 def sample(args):
-    xp = select_backend(args.device)
     prompt = os.fsencode(args.prompt)  # the prompt's bytes as given, even if they are not valid UTF-8
     if not prompt:
         raise UserError('--prompt is empty: the model needs at least one byte to continue, e.g. --prompt "Once"')
-    _, params_np, _, _ = load_checkpoint(args.ckpt)
+    cfg, params_np, _, _ = load_checkpoint(args.ckpt)
+    xp = select_backend(args.device, [cfg.d_model])
     params = {k: xp.asarray(p) for k, p in params_np.items()}
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span bytes
     sys.stdout.reconfigure(errors="replace")
@@ -1487,13 +1498,14 @@ def time_training_steps(cfg, xp, slices, steps):
 def bench(args):
     """Time training steps; with --report, the small and the large model at the chosen
     batch and sequence length, as a table (docs/gpu.md)."""
-    xp = select_backend(args.device)
-    slices = cpu_slices(xp, args.threads)
-    if slices:
-        keep_freed_memory()
     configs = [model_config(args)]
     if args.report:
         configs = [Config(**dict(asdict(configs[0]), **SIZES[size])) for size in ("small", "large")]
+    xp = select_backend(args.device, sorted({cfg.d_model for cfg in configs}))
+    slices = cpu_slices(xp, args.threads)
+    if slices:
+        keep_freed_memory()
+    if args.report:
         print(f"backend: {describe_backend(xp, slices)}")
         print("| model | batch x seq | ms/step | bytes/s | traffic floor | achieved | launches/step | memory |")
         print("|---|---|---|---|---|---|---|---|")

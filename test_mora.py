@@ -3,14 +3,18 @@ full forward, Adam against its formula, data preparation, training end to end,
 exact resume, and the errors a user sees.  Run: python -m pytest -q test_mora.py
 
 Everything here makes its own small text: no network, no downloaded data."""
+import hashlib
 import html.parser
 import http.server
+import inspect
+import json
 import math
 import os
 import re
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -559,27 +563,40 @@ def test_bad_input_errors(data_dir, tmp_path, capsys):
 # compiles mora's CUDA source as C++ and runs a launch over its whole grid x block,
 # after checking every argument as strictly as a launch needs: a C-contiguous float32
 # device array for a float*, the exact NumPy type for an int, long long or float.
-# Matmuls round their inputs to TF32 (a 10-bit mantissa), as a GPU's tensor cores do
-# unless CUPY_TF32=0.  Where CuPy finds a real GPU, the same tests run on it instead.
+# Matmuls round their inputs to TF32 (a 10-bit mantissa), as a GPU's tensor cores do,
+# unless CUPY_TF32=0 when the process's first float32 matmul runs: CuPy reads the
+# variable then, once.  Where CuPy finds a real GPU, the same tests run on it instead.
+# A child process (child_env) finds the stand-in too, as the module `cupy`.
 
-@pytest.fixture(scope="session")
-def compiled_kernels(tmp_path_factory):
+def kernel_compiler(folder):
     """compile(code, options): one of mora's CUDA sources compiled as C++ (with its -D
-    options), once per test run: each kernel NAME gets run_NAME(grid, block, its
-    parameters...), which calls it for every block and thread in turn.  Returns
-    (library, name -> parameter C types)."""
-    folder, compiled = tmp_path_factory.mktemp("kernels"), {}
+    options): each kernel NAME gets run_NAME(grid, block, its parameters...), which
+    calls it for every block and thread in turn.  Returns (library, name -> parameter
+    C types).  A library is named by a hash of its source and options, so that it is
+    compiled once per folder, also for the stand-in in a child process (child_env)."""
+    loaded = {}
 
     def compile(code, options):
-        if (code, options) not in compiled:
-            compiled[code, options] = compile_as_cpp(code, options, folder / f"kernels{len(compiled)}.so")
-        return compiled[code, options]
+        key = hashlib.sha256(repr((code, options)).encode()).hexdigest()[:16]
+        if key not in loaded:
+            loaded[key] = compile_as_cpp(code, options, os.path.join(folder, f"kernels-{key}.so"))
+        return loaded[key]
     return compile
 
 
+@pytest.fixture(scope="session")
+def kernel_folder(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("kernels"))
+
+
+@pytest.fixture(scope="session")
+def compiled_kernels(kernel_folder):
+    return kernel_compiler(kernel_folder)
+
+
 def compile_as_cpp(code, options, path):
+    """The library at `path` (compiled unless it is there) and each kernel's parameter types."""
     import ctypes
-    import re
     prelude = ("#include <math.h>\nstruct Index { unsigned int x; };\nstatic Index threadIdx, blockIdx, blockDim;\n"
                "#define __global__\n#define __device__ static\n#define __forceinline__ inline\n")
     wrappers, signatures = [], {}
@@ -591,9 +608,12 @@ def compile_as_cpp(code, options, path):
                         f' for (threadIdx.x = 0; threadIdx.x < block_; threadIdx.x++) {name}({", ".join(names)}); }}')
         signatures[name] = [p.replace("const ", "").replace(" __restrict__", "").rsplit(" ", 1)[0].replace(" *", "*")
                             for p in params]
-    result = subprocess.run(["g++", "-O1", "-shared", "-fPIC", *options, "-x", "c++", "-", "-o", str(path)],
-                            input=prelude + code + "\n".join(wrappers), capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    if not os.path.exists(path):
+        partial = f"{path}.{os.getpid()}.tmp"  # renamed when complete: another process never loads half a library
+        result = subprocess.run(["g++", "-O1", "-shared", "-fPIC", *options, "-x", "c++", "-", "-o", partial],
+                                input=prelude + code + "\n".join(wrappers), capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        os.replace(partial, path)
     return ctypes.CDLL(str(path)), signatures
 
 
@@ -612,11 +632,13 @@ def run_compiled(compiled, name, grid, block, args):
 
 @pytest.fixture(scope="session")
 def kernels_on_cpu(compiled_kernels):
-    """Run a kernel over n_threads threads (one per block), NumPy arrays for pointers;
-    width: the model width, for the kernels of BLOCK_SOURCE."""
-    def run(name, n_threads, *args, width=None):
+    """Run a kernel over n_threads threads, NumPy arrays for pointers; width: the model
+    width, for the kernels of BLOCK_SOURCE; block: threads per block (default one),
+    the grid rounded up as mora.launch rounds it, so that threads past n_threads run."""
+    def run(name, n_threads, *args, width=None, block=1):
         code = mora.CUDA_SOURCE if width is None else mora.BLOCK_SOURCE
-        run_compiled(compiled_kernels(code, mora.kernel_options(width)), name, n_threads, 1, args)
+        grid = (n_threads + block - 1) // block
+        run_compiled(compiled_kernels(code, mora.kernel_options(width)), name, grid, block, args)
     return run
 
 
@@ -639,7 +661,7 @@ class DeviceArray(np.ndarray):
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
         self.cupy.launches += 1
         inputs = [to_host(a) for a in inputs]
-        if ufunc is np.matmul and os.environ.get("CUPY_TF32") == "1":
+        if ufunc is np.matmul and np.result_type(*inputs) == np.float32 and StandInCupy.float32_matmuls_in_tf32():
             inputs = [tf32(a) for a in inputs]
         if out:
             kwargs["out"] = tuple(to_host(o) for o in out)
@@ -715,11 +737,22 @@ class StandInKernel:
         run_compiled(self.module, self.name, n_blocks, n_threads, args)
 
 
+class StandInEvent:
+    """cupy.cuda.Event: the time it is recorded (stand-in launches finish before they return)."""
+
+    def record(self, stream=None):
+        self.time = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
 class StandInCupy:
-    """The slice of the cupy module that mora.py uses, on the CPU."""
+    """The slice of the cupy module that mora.py (and gpu_check.py) use, on the CPU."""
     __version__ = "stand-in"
     ndarray = DeviceArray
     FILLS = ("zeros", "ones", "full", "arange", "zeros_like", "ones_like", "full_like")
+    tf32 = None  # whether float32 matmuls round to TF32: fixed for the process at its first one
 
     def __init__(self, compiled):
         import types
@@ -729,7 +762,17 @@ class StandInCupy:
         self.cuda = types.SimpleNamespace(
             runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, memGetInfo=lambda: (total, total),
                                           getDeviceProperties=lambda i: {"name": b"CPU stand-in for CuPy"}),
-            Device=lambda: types.SimpleNamespace(id=0))
+            Device=lambda: types.SimpleNamespace(id=0), Event=StandInEvent,
+            get_elapsed_time=lambda start, end: 1000 * (end.time - start.time))
+
+    @classmethod
+    def float32_matmuls_in_tf32(cls):
+        """As CuPy decides: once per process, at the first float32 matmul, from CUPY_TF32
+        (get_compute_type in cupy/_core/_routines_linalg.pyx caches its answer per
+        dtype), so that setting the variable later in the process changes nothing."""
+        if cls.tf32 is None:
+            cls.tf32 = int(os.environ.get("CUPY_TF32", "0")) > 0
+        return cls.tf32
 
     def __getattr__(self, name):
         function = getattr(np, name)
@@ -791,6 +834,25 @@ def stand_in(compiled_kernels, monkeypatch):
     mora.cuda_module.cache_clear()
 
 
+STAND_IN_MODULE = """# `import cupy` in a child process of test_mora.py: its CPU stand-in for CuPy.
+import sys
+import test_mora
+sys.modules[__name__] = test_mora.StandInCupy(test_mora.kernel_compiler({folder!r}))
+"""
+
+
+@pytest.fixture(scope="session")
+def child_env(kernel_folder):
+    """The environment for a child process that runs the GPU path: as it is where CuPy
+    can use a GPU, else with the stand-in first on the import path as `cupy`."""
+    if real_gpu() is not None:
+        return dict(os.environ)
+    with open(os.path.join(kernel_folder, "cupy.py"), "w") as f:
+        f.write(STAND_IN_MODULE.format(folder=kernel_folder))
+    path = os.pathsep.join(p for p in (kernel_folder, HERE, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path)
+
+
 @pytest.fixture
 def gpu(request, monkeypatch):
     """CuPy on a real GPU where there is one, else the stand-in: the GPU tests run either way."""
@@ -816,33 +878,7 @@ def test_gpu_matches_cpu(gpu):
         assert relative_error(gpu.asnumpy(gpu_grads[name]).astype(np.float64), grads[name].astype(np.float64)) < 2e-2, name
 
 
-def test_cross_entropy_kernels_match_plain_twin(kernels_on_cpu):
-    rng = np.random.default_rng(4)
-    rows = 9
-    logits, y = (3 * rng.standard_normal((rows, mora.V))).astype(np.float32), rng.integers(0, mora.V, rows).astype(np.int32)
-    logits[0, y[0]] = logits[0].max() + 1  # one right prediction
-    losses, correct, cache = mora.cross_entropy_forward(logits, y)
-    dlogits = mora.cross_entropy_backward(0.25, cache)
-    out = {k: np.zeros(shape, np.float32) for k, shape in [("probs", logits.shape), ("losses", rows), ("correct", rows),
-                                                            ("dlogits", logits.shape)]}
-    kernels_on_cpu("cross_entropy_forward", rows, logits, y, rows, mora.V, out["probs"], out["losses"], out["correct"])
-    kernels_on_cpu("cross_entropy_backward", logits.size, out["probs"], y, logits.size, mora.V, 0.25, out["dlogits"])
-    assert np.allclose(out["losses"], losses, atol=1e-5) and np.array_equal(out["correct"], correct.astype(np.float32))
-    assert np.allclose(out["dlogits"], dlogits, atol=1e-6) and out["correct"][0] == 1
-
-
-def test_adam_kernel_matches_plain_twin(kernels_on_cpu):
-    rng = np.random.default_rng(3)
-    p, g, m, v = (rng.standard_normal(100).astype(np.float32) for _ in range(4))
-    v = np.abs(v)
-    plain = [a.copy() for a in (p, g, m, v)]
-    mora.adam_update(plain[0], plain[1], plain[2], plain[3], 7, 0.01, 0.9, 0.95, 1e-8)
-    kernels_on_cpu("adam_update", 100, p, g, m, v, 100, 0.01, 0.9, 0.95, 1e-8, 1 - 0.9 ** 7, 1 - 0.95 ** 7)
-    for kernel, twin in zip((p, m, v), (plain[0], plain[2], plain[3])):
-        assert np.allclose(kernel, twin, rtol=1e-5, atol=1e-7)
-
-
-def fused_against_plain(device, monkeypatch):
+def fused_against_plain(device):
     """(loss difference, worst relative gradient gap) between the fused kernels and the
     plain array code, both on `device`, for a model whose every path matters."""
     cfg = mora.Config(d_model=16, n_layers=2)
@@ -850,26 +886,62 @@ def fused_against_plain(device, monkeypatch):
     rng = np.random.default_rng(0)
     x, y = device.asarray(rng.integers(0, 256, (4, 64))), device.asarray(rng.integers(0, 256, (4, 64)))
     fused_loss, fused = mora.loss_and_grads(params, x, y)
-    monkeypatch.setattr(mora, "USE_KERNELS", False)
-    plain_loss, plain = mora.loss_and_grads(params, x, y)
-    monkeypatch.setattr(mora, "USE_KERNELS", True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mora, "USE_KERNELS", False)
+        plain_loss, plain = mora.loss_and_grads(params, x, y)
     gaps = [relative_error(device.asnumpy(fused[k]).astype(np.float64), device.asnumpy(plain[k]).astype(np.float64)) for k in plain]
     return abs(fused_loss - plain_loss), max(gaps)
 
 
-def test_gpu_kernels_match_plain_path(gpu, monkeypatch):
+def test_gpu_kernels_match_plain_path(gpu):
     """Both paths run the same TF32 matmuls, but on inputs that differ by float32
     rounding, which TF32's 10-bit mantissa magnifies to ~1e-3 relative: the tolerances
     hold that (measured on the stand-in with TF32: loss 2.6e-5, gradients 2.3e-3)."""
-    loss_gap, gradient_gap = fused_against_plain(gpu, monkeypatch)
+    loss_gap, gradient_gap = fused_against_plain(gpu)
     assert loss_gap < 5e-4 and gradient_gap < 2e-2
 
 
-def test_gpu_kernels_match_plain_path_in_full_float32(stand_in, monkeypatch):
-    """Without TF32 the fused kernels agree with the plain path to float32 rounding."""
+# Without TF32 the fused kernels agree with the plain path to float32 rounding.
+FULL_FLOAT32_BOUNDS = {"loss_gap": 1e-5, "gradient_gap": 1e-4}
+
+
+def full_float32_check():
+    """The fused kernels against the plain path on the GPU that `import cupy` finds, as
+    a dict of the gaps, their bounds and "ok".  Run it in a process of its own started
+    with CUPY_TF32=0 (`python test_mora.py`): CuPy fixes TF32 or not at a process's
+    first float32 matmul, so a process that has run one on TF32 cannot leave it."""
+    assert os.environ.get("CUPY_TF32") == "0", "start this process with CUPY_TF32=0"
+    loss_gap, gradient_gap = fused_against_plain(mora.select_backend("gpu"))
+    gaps = {"loss_gap": loss_gap, "gradient_gap": gradient_gap}
+    return {**gaps, "bounds": FULL_FLOAT32_BOUNDS, "ok": all(gaps[k] < FULL_FLOAT32_BOUNDS[k] for k in gaps)}
+
+
+def test_gpu_kernels_match_plain_path_in_full_float32(child_env):
+    """The tight check of the kernels, in a child process with CUPY_TF32=0: on the GPU
+    where there is one, else on the stand-in."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, "test_mora.py")], env=dict(child_env, CUPY_TF32="0"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    check = json.loads(result.stdout.splitlines()[-1])
+    assert check["ok"], check
+
+
+def test_stand_in_fixes_the_matmul_mode_once_per_process(stand_in, monkeypatch):
+    """As in CuPy, CUPY_TF32 counts only until the process's first float32 matmul."""
+    rng = np.random.default_rng(5)
+    a, b = (stand_in.asarray(rng.standard_normal(shape).astype(np.float32)) for shape in ((8, 64), (64, 8)))
+    exact = a.get() @ b.get()
+    monkeypatch.setattr(StandInCupy, "tf32", None)  # as in a new process
+    monkeypatch.setenv("CUPY_TF32", "1")
+    in_tf32 = (a @ b).get()
     monkeypatch.setenv("CUPY_TF32", "0")
-    loss_gap, gradient_gap = fused_against_plain(stand_in, monkeypatch)
-    assert loss_gap < 1e-5 and gradient_gap < 1e-4
+    assert np.array_equal((a @ b).get(), in_tf32) and not np.allclose(in_tf32, exact, rtol=1e-4, atol=0)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    assert np.array_equal((a64 @ b64).get(), a64.get() @ b64.get())  # TF32 is for float32 alone
+    monkeypatch.setattr(StandInCupy, "tf32", None)  # a new process, started with CUPY_TF32=0
+    assert np.array_equal((a @ b).get(), exact)
+    monkeypatch.setenv("CUPY_TF32", "1")
+    assert np.array_equal((a @ b).get(), exact)
 
 
 def test_stand_in_refuses_wrong_launches(stand_in):
@@ -952,6 +1024,95 @@ def test_every_command_runs_on_the_gpu_path(gpu, data_dir, tmp_path, capsys):
     assert "| d=64, L=8 | 2 x 8 |" in table and "| d=128, L=8 | 2 x 8 |" in table
 
 
+def test_start_up_compiles_the_widths_the_run_uses(stand_in, data_dir, tmp_path, capsys, monkeypatch):
+    """A model width whose block kernels do not compile stops every command in one line
+    before its first step, not at the first launch in the middle of a run; a command
+    at another width is not held up by it."""
+    ckpt = tmp_path / "w8.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--max-steps", 2, "--device", "gpu",
+                    "--eval-every", 0, "--no-final-eval") == 0
+    plain_module = stand_in.RawModule
+
+    def module_failing_at(width):
+        def module(code, options=()):
+            if f"-DD={width}" not in options:
+                return plain_module(code, options)
+            import types
+
+            def get_function(name):  # as CuPy, compiling at the first get_function
+                raise RuntimeError(f"nvrtc: error: the kernels do not compile for D={width}")
+            return types.SimpleNamespace(get_function=get_function)
+        mora.cuda_module.cache_clear()
+        monkeypatch.setattr(mora, "cupy", None)
+        monkeypatch.setattr(stand_in, "RawModule", module)
+    module_failing_at(8)
+    commands = [("train", "--data-dir", data_dir, "--ckpt", tmp_path / "new.npz", *TINY, "--max-steps", 2),
+                ("train", "--data-dir", data_dir, "--ckpt", ckpt, "--resume", "--max-steps", 3),
+                ("eval", "--data-dir", data_dir, "--ckpt", ckpt), ("sample", "--ckpt", ckpt, "--length", 5),
+                ("bench", *TINY, "--steps", 1)]
+    capsys.readouterr()
+    for command in commands:
+        err = one_error_line(capsys, run_main(*command, "--device", "gpu"))
+        assert "CuPy cannot use the GPU (RuntimeError: nvrtc: error: the kernels do not compile for D=8)" in err, command
+    assert not (tmp_path / "new.npz").exists() and mora.load_checkpoint(str(ckpt))[2]["step"] == 2
+    module_failing_at(128)  # the large model's width: bench --report runs it, a d=8 run does not
+    assert run_main("bench", "--batch-size", 2, "--seq-len", 8, "--steps", 1, "--device", "gpu", "--report") == 1
+    captured = capsys.readouterr()
+    assert "D=128" in captured.err and "| d=64" not in captured.out
+    assert run_main("bench", *TINY, "--steps", 1, "--device", "gpu") == 0
+
+
+def test_bench_counts_and_times_the_step_train_runs(stand_in, data_dir, tmp_path, capsys, monkeypatch):
+    """bench's training step is train's, trainable mask and all: the same launches."""
+    launches, plain_step = [], mora.train_step
+
+    def counted_step(*args, **kwargs):
+        before = stand_in.launches
+        result = plain_step(*args, **kwargs)
+        launches.append(stand_in.launches - before)
+        return result
+    monkeypatch.setattr(mora, "train_step", counted_step)
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", tmp_path / "c.npz", "--batch-size", 2, "--seq-len", 8,
+                    "--max-steps", 2, "--eval-every", 0, "--no-final-eval", "--device", "gpu") == 0
+    in_train = launches[-1]
+    assert run_main("bench", "--batch-size", 2, "--seq-len", 8, "--steps", 1, "--device", "gpu") == 0
+    out = capsys.readouterr().out
+    assert int(out.split("kernel launches per training step: ")[1].split()[0]) == in_train
+    assert set(launches) == {in_train}  # every step bench ran, timed or counted, was train's
+
+
+def test_gpu_check_runs_end_to_end(child_env, data_dir, tmp_path):
+    """gpu_check.py's every step but the test suite (which runs this test), at a tiny
+    size, on the GPU where there is one, else the stand-in: the report holds each
+    figure, and the kernel table every kernel, as often as a training step launches it."""
+    report = tmp_path / "report.md"
+    result = subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--skip-tests", "--data-dir", data_dir,
+                             "--out", str(report), "--batch-size", "2", "--seq-len", "8", "--train-steps", "3",
+                             "--bench-steps", "1", "--kernel-steps", "2"], env=child_env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith(f"report: {report} (every step ok)")
+    text = report.read_text()
+    assert "## 1. tests: left out" in text and all(f"{step}: ok" in text for step in ("float32", "bench", "train", "kernels"))
+    assert re.search(r"loss gap \S+ \(bound 1e-05\), gradient gap \S+ \(bound 0.0001\)", text)
+    assert "| d=64, L=8 | 2 x 8 |" in text and "| d=128, L=8 | 2 x 8 |" in text
+    assert re.search(r"val \d\.\d+ bits/byte \(per record\), accuracy \d\.\d+; [\d.]+ ms/step", text)
+    per_step = {name: float(count) for name, count in re.findall(r"^\| (\w+) \| \d* \| ([\d.]+) \|", text, re.MULTILINE)}
+    kernels = re.findall(r'extern "C" __global__ void (\w+)\(', mora.CUDA_SOURCE + mora.BLOCK_SOURCE)
+    once = {"layernorm_forward", "layernorm_backward", "cross_entropy_forward", "cross_entropy_backward", "adam_update"}
+    assert per_step == {name: 1.0 if name in once else mora.Config().n_layers for name in kernels}
+    assert re.search(r"step [\d.]+ ms \(CUDA events around train_step\): fused kernels [\d.]+ ms", text)
+
+
+def test_gpu_check_reports_a_failed_or_hung_step(tmp_path):
+    import gpu_check
+    args = gpu_check.argparse.Namespace(data_dir=str(tmp_path / "none"), batch_size=2, seq_len=8, train_steps=1)
+    ok, summary, _, details = gpu_check.train_step(args)  # no data here (and maybe no GPU): one error line
+    assert ok is False and summary == "exit status 1" and "error: " in details
+    status, seconds, _, _ = gpu_check.run([sys.executable, "-c", "import time; time.sleep(30)"], 1)
+    assert status == "timed out after 1 s" and seconds < 10
+
+
 def test_ablations_hold_their_parameters_at_zero(data_dir, tmp_path):
     for ablate, name, index in [("no-mean", "mix", 1), ("fixed-rate", "w_in", (slice(None), slice(8, 16)))]:
         ckpt = tmp_path / f"{ablate}.npz"
@@ -980,36 +1141,111 @@ def test_kernels_compile_for_sm90(tmp_path):
         assert (tmp_path / "k.ptx").read_text().count(".entry") == code.count("__global__ void")
 
 
-def test_mixer_kernels_match_plain_twin(kernels_on_cpu):
-    rng = np.random.default_rng(0)
-    T, B, d = 12, 3, 5
+# Each kernel runs twice: one thread per block, and in the blocks of its real launch
+# (mora.launch's block size, BLOCK_THREADS for BLOCK_SOURCE) with a thread count that
+# leaves the last block partly empty, so that the threads past the end run and must
+# return without writing.  Every buffer has room after it, filled with a canary (0 after
+# an input), that must stay as it was.
+CUDA_BLOCK = inspect.signature(mora.launch).parameters["block"].default
+CANARY = np.float32(-12345.0)
+
+
+class Buffers:
+    """Arrays with room after them in memory; `untouched()` says whether the room still
+    holds what was put there."""
+    ROOM = 1 << 14  # elements: more than a whole block of threads past the end can reach
+
+    def __init__(self):
+        self.rooms = []
+
+    def place(self, a, fill):
+        a = np.asarray(a)
+        buffer = np.full(a.size + self.ROOM, fill, a.dtype)
+        buffer[:a.size] = a.reshape(-1)
+        self.rooms.append((buffer[a.size:], fill))
+        return buffer[:a.size].reshape(a.shape)  # a view: the kernel gets the buffer's address
+
+    def input(self, a):
+        return self.place(a, 0)
+
+    def output(self, *shape):
+        return self.place(np.full(shape, CANARY, np.float32), CANARY)
+
+    def untouched(self):
+        return all(np.all(room == fill) for room, fill in self.rooms)
+
+
+LAUNCHES = pytest.mark.parametrize("real_blocks", [False, True], ids=["one thread per block", "real blocks"])
+
+
+@LAUNCHES
+def test_cross_entropy_kernels_match_plain_twin(kernels_on_cpu, real_blocks):
+    rng, room = np.random.default_rng(4), Buffers()
+    block, rows = (CUDA_BLOCK, CUDA_BLOCK + 9) if real_blocks else (1, 9)
+    logits, y = (3 * rng.standard_normal((rows, mora.V))).astype(np.float32), rng.integers(0, mora.V, rows).astype(np.int32)
+    logits[0, y[0]] = logits[0].max() + 1  # one right prediction
+    losses, correct, cache = mora.cross_entropy_forward(logits, y)
+    dlogits = mora.cross_entropy_backward(0.25, cache)
+    probs, kernel_losses, kernel_correct = room.output(rows, mora.V), room.output(rows), room.output(rows)
+    kernel_dlogits = room.output(rows, mora.V)
+    kernels_on_cpu("cross_entropy_forward", rows, room.input(logits), room.input(y), rows, mora.V, probs, kernel_losses,
+                   kernel_correct, block=block)
+    kernels_on_cpu("cross_entropy_backward", logits.size, probs, room.input(y), logits.size, mora.V, 0.25, kernel_dlogits,
+                   block=block)
+    assert np.allclose(kernel_losses, losses, atol=1e-5) and np.array_equal(kernel_correct, correct.astype(np.float32))
+    assert np.allclose(kernel_dlogits, dlogits, atol=1e-6) and kernel_correct[0] == 1 and room.untouched()
+
+
+@LAUNCHES
+def test_adam_kernel_matches_plain_twin(kernels_on_cpu, real_blocks):
+    rng, room = np.random.default_rng(3), Buffers()
+    block, n = (CUDA_BLOCK, CUDA_BLOCK + 44) if real_blocks else (1, 100)
+    p, g, m, v = (rng.standard_normal(n).astype(np.float32) for _ in range(4))
+    v = np.abs(v)
+    plain = [a.copy() for a in (p, g, m, v)]
+    mora.adam_update(plain[0], plain[1], plain[2], plain[3], 7, 0.01, 0.9, 0.95, 1e-8)
+    p, g, m, v = (room.input(a) for a in (p, g, m, v))
+    kernels_on_cpu("adam_update", n, p, g, m, v, n, 0.01, 0.9, 0.95, 1e-8, 1 - 0.9 ** 7, 1 - 0.95 ** 7, block=block)
+    for kernel, twin in zip((p, m, v), (plain[0], plain[2], plain[3])):
+        assert np.allclose(kernel, twin, rtol=1e-5, atol=1e-7)
+    assert room.untouched()
+
+
+@LAUNCHES
+def test_mixer_kernels_match_plain_twin(kernels_on_cpu, real_blocks):
+    rng, room = np.random.default_rng(0), Buffers()
+    (T, B, d), block = ((4, 7, 37), CUDA_BLOCK) if real_blocks else ((12, 3, 5), 1)  # 7 x 37 = 259 threads
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
     vbq, mix, c_init, sum_init = f32(T, B, 3 * d), f32(3), f32(B, d), f32(B, d)
     state = (c_init, sum_init, 4)
     gated, cache, (c_last, sum_last, count) = mora.mixer_forward(vbq, mix, state)
-    out = {k: np.zeros((T, B, d), np.float32) for k in ("gated", "c", "a")}
-    last = {k: np.zeros((B, d), np.float32) for k in ("c", "sum")}
-    kernels_on_cpu("mixer_forward", B * d, vbq, mix, c_init, sum_init, 4.0, T, B, d,
-                   out["gated"], out["c"], out["a"], last["c"], last["sum"])
+    out = {k: room.output(T, B, d) for k in ("gated", "c", "a")}
+    last = {k: room.output(B, d) for k in ("c", "sum")}
+    vbq_in = room.input(vbq)
+    kernels_on_cpu("mixer_forward", B * d, vbq_in, room.input(mix), room.input(c_init), room.input(sum_init), 4.0, T, B, d,
+                   out["gated"], out["c"], out["a"], last["c"], last["sum"], block=block)
     assert np.allclose(out["gated"], gated, atol=1e-5) and np.allclose(last["c"], c_last, atol=1e-5)
     assert np.allclose(last["sum"], sum_last, atol=1e-5) and count == 4 + T
     dgated = f32(T, B, d)
     dvbq, dmix = mora.mixer_backward(dgated, cache)
-    kernel_dvbq, parts = np.zeros_like(vbq), np.zeros((3, B * d), np.float32)
-    kernels_on_cpu("mixer_backward", B * d, dgated, vbq, mix, c_init, out["c"], out["a"], 4.0, T, B, d, kernel_dvbq, parts)
+    kernel_dvbq, parts = room.output(T, B, 3 * d), room.output(3, B * d)
+    kernels_on_cpu("mixer_backward", B * d, room.input(dgated), vbq_in, room.input(mix), room.input(c_init), out["c"],
+                   out["a"], 4.0, T, B, d, kernel_dvbq, parts, block=block)
     assert np.allclose(kernel_dvbq, dvbq, atol=1e-4) and np.allclose(parts.sum(1), dmix, atol=1e-4)
+    assert room.untouched()
 
 
-def test_layernorm_kernels_match_plain_twin(kernels_on_cpu):
-    rng = np.random.default_rng(1)
-    rows, d = 7, 6
+@LAUNCHES
+def test_layernorm_kernels_match_plain_twin(kernels_on_cpu, real_blocks):
+    rng, room = np.random.default_rng(1), Buffers()
+    (rows, d), block = ((CUDA_BLOCK + 7, 6), CUDA_BLOCK) if real_blocks else ((7, 6), 1)
     x, dy = (rng.standard_normal((rows, d)).astype(np.float32) for _ in range(2))
     xhat, cache = mora.layernorm_forward(x)
-    kernel_xhat, kernel_dx, rstd = np.zeros((rows, d), np.float32), np.zeros((rows, d), np.float32), np.zeros((rows, 1), np.float32)
-    kernels_on_cpu("layernorm_forward", rows, x, rows, d, kernel_xhat, rstd)
-    kernels_on_cpu("layernorm_backward", rows, dy, kernel_xhat, rstd, rows, d, kernel_dx)
+    kernel_xhat, kernel_dx, rstd = room.output(rows, d), room.output(rows, d), room.output(rows, 1)
+    kernels_on_cpu("layernorm_forward", rows, room.input(x), rows, d, kernel_xhat, rstd, block=block)
+    kernels_on_cpu("layernorm_backward", rows, room.input(dy), kernel_xhat, rstd, rows, d, kernel_dx, block=block)
     assert np.allclose(kernel_xhat, xhat, atol=1e-5) and np.allclose(rstd, cache[1], rtol=1e-5)
-    assert np.allclose(kernel_dx, mora.layernorm_backward(dy, cache)[0], atol=1e-5)
+    assert np.allclose(kernel_dx, mora.layernorm_backward(dy, cache)[0], atol=1e-5) and room.untouched()
 
 
 def block_case(d, rows, seed=2):
@@ -1021,42 +1257,48 @@ def block_case(d, rows, seed=2):
     return p, rng.standard_normal((rows, d)).astype(np.float32) * 2 + 1, rng
 
 
-def kernel_outputs(rows, **widths):
-    return {name: np.zeros((rows, k), np.float32) for name, k in widths.items()}
+def block_launch(real_blocks):
+    """(rows, threads per block) for the kernels of BLOCK_SOURCE."""
+    return (mora.BLOCK_THREADS + 5, mora.BLOCK_THREADS) if real_blocks else (9, 1)
 
 
-def test_block_input_kernels_match_plain_twin(kernels_on_cpu):
-    d, rows = 5, 9
+@LAUNCHES
+def test_block_input_kernels_match_plain_twin(kernels_on_cpu, real_blocks):
+    (rows, block), d, room = block_launch(real_blocks), 5, Buffers()
     p, h, rng = block_case(d, rows)
     vzq, cache = mora.block_input_forward(p, h)
     dvzq = rng.standard_normal((rows, 3 * d)).astype(np.float32)
     dh, grads = mora.block_input_backward(dvzq, cache)
-    out = kernel_outputs(rows, u=d, xhat=d, rstd=1, vzq=3 * d, dh=d, partial=5 * d)
-    kernels_on_cpu("block_input_forward", rows, h, p["ln1.g"], p["ln1.b"], p["w_in"], p["b_in"], rows,
-                   out["u"], out["xhat"], out["rstd"], out["vzq"], width=d)
-    kernels_on_cpu("block_input_backward", rows, dvzq, out["xhat"], out["rstd"], p["ln1.g"], p["w_in"], rows,
-                   out["dh"], out["partial"], width=d)
+    out = {name: room.output(rows, k) for name, k in dict(u=d, xhat=d, rstd=1, vzq=3 * d, dh=d, partial=5 * d).items()}
+    p = {name: room.input(a) for name, a in p.items()}
+    kernels_on_cpu("block_input_forward", rows, room.input(h), p["ln1.g"], p["ln1.b"], p["w_in"], p["b_in"], rows,
+                   out["u"], out["xhat"], out["rstd"], out["vzq"], width=d, block=block)
+    kernels_on_cpu("block_input_backward", rows, room.input(dvzq), out["xhat"], out["rstd"], p["ln1.g"], p["w_in"], rows,
+                   out["dh"], out["partial"], width=d, block=block)
     sums = out["partial"].sum(0)
     assert np.allclose(out["vzq"], vzq, atol=1e-5) and np.allclose(out["dh"], dh, atol=1e-4)
     kernel_grads = {"ln1.g": sums[:d], "ln1.b": sums[d:2 * d], "b_in": sums[2 * d:], "w_in": out["u"].T @ dvzq}
     for name, kernel in kernel_grads.items():
         assert np.allclose(kernel, grads[name], atol=1e-4), name
+    assert room.untouched()
 
 
-def test_block_output_kernels_match_plain_twin(kernels_on_cpu):
-    d, rows = 5, 9
+@LAUNCHES
+def test_block_output_kernels_match_plain_twin(kernels_on_cpu, real_blocks):
+    (rows, block), d, room = block_launch(real_blocks), 5, Buffers()
     p, h, rng = block_case(d, rows)
     gated, dh = (rng.standard_normal((rows, d)).astype(np.float32) for _ in range(2))
     h_out, cache = mora.block_output_forward(p, h, gated)
     dgated, dh_mid, grads = mora.block_output_backward(dh, cache)
-    out = kernel_outputs(rows, h_out=d, xhat=d, rstd=1, u2=d, pre=2 * d, t=2 * d, act=2 * d,
-                         dgated=d, dh_mid=d, dpre=2 * d, partial=6 * d)
-    kernels_on_cpu("block_output_forward", rows, h, gated, p["w_out"], p["b_out"], p["ln2.g"], p["ln2.b"], p["w_up"],
-                   p["b_up"], p["w_down"], p["b_down"], rows, out["h_out"], out["xhat"], out["rstd"], out["u2"],
-                   out["pre"], out["t"], out["act"], width=d)
-    kernels_on_cpu("block_output_backward", rows, dh, out["pre"], out["t"], out["xhat"], out["rstd"], p["ln2.g"],
+    widths = dict(h_out=d, xhat=d, rstd=1, u2=d, pre=2 * d, t=2 * d, act=2 * d, dgated=d, dh_mid=d, dpre=2 * d, partial=6 * d)
+    out = {name: room.output(rows, k) for name, k in widths.items()}
+    p = {name: room.input(a) for name, a in p.items()}
+    kernels_on_cpu("block_output_forward", rows, room.input(h), room.input(gated), p["w_out"], p["b_out"], p["ln2.g"],
+                   p["ln2.b"], p["w_up"], p["b_up"], p["w_down"], p["b_down"], rows, out["h_out"], out["xhat"], out["rstd"],
+                   out["u2"], out["pre"], out["t"], out["act"], width=d, block=block)
+    kernels_on_cpu("block_output_backward", rows, room.input(dh), out["pre"], out["t"], out["xhat"], out["rstd"], p["ln2.g"],
                    p["w_up"], p["w_down"], p["w_out"], rows, out["dgated"], out["dh_mid"], out["dpre"], out["partial"],
-                   width=d)
+                   width=d, block=block)
     sums = out["partial"].sum(0)
     assert np.allclose(out["h_out"], h_out, atol=1e-4)
     assert np.allclose(out["dgated"], dgated, atol=1e-4) and np.allclose(out["dh_mid"], dh_mid, atol=1e-4)
@@ -1065,6 +1307,7 @@ def test_block_output_kernels_match_plain_twin(kernels_on_cpu):
                     "w_out": gated.T @ out["dh_mid"]}
     for name, kernel in kernel_grads.items():
         assert np.allclose(kernel, grads[name], atol=1e-4), name
+    assert room.untouched()
 
 
 # ----------------------------------------------------------------------------
@@ -1448,3 +1691,10 @@ def test_explain_caps_long_texts_and_bad_input_is_one_line(tmp_path, capsys):
     assert "cannot read --file" in error_of("--ckpt", ckpt, "--file", tmp_path / "none.txt", "--out", out)
     assert "cannot write --out" in error_of("--ckpt", ckpt, "--text", "Once", "--out", tmp_path / "no" / "page.html")
     assert "--max-bytes 1" in error_of("--ckpt", ckpt, "--text", "Once", "--max-bytes", 1, "--out", out)
+
+
+if __name__ == "__main__":
+    # `CUPY_TF32=0 python test_mora.py`: the full-float32 check of the fused kernels,
+    # on the GPU (or the stand-in, in child_env), printed as one JSON line.
+    print(json.dumps(full_float32_check()))
+
