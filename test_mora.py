@@ -329,24 +329,108 @@ def test_train_bytes_downloads_only_the_start(tmp_path, http_server, capsys):
     assert (local / "train.bin").read_bytes() == train[:1234] and (local / "val.bin").read_bytes() == train
 
 
-def test_enwik8_split_from_a_zip(tmp_path, http_server, monkeypatch, capsys):
+def enwik8_zip(text, compression=0):
+    """A zip archive holding `text` as its member enwik8 (compression 0: stored, 8: deflated)."""
     import io
     import zipfile
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", compression) as z:
+        z.writestr("enwik8", text)
+    return archive.getvalue()
+
+
+def test_enwik8_split_from_a_zip(tmp_path, http_server, monkeypatch, capsys):
     monkeypatch.setattr(prepare_data, "ENWIK8_SPLIT", {"train": 900, "val": 50, "test": 50})  # enwik8 in small
     text = bytes(np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8))
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w") as z:
-        z.writestr("enwik8", text)
-    RangeHandler.FILES = {"enwik8.zip": archive.getvalue()}
+    RangeHandler.FILES = {"enwik8.zip": enwik8_zip(text)}
     out = tmp_path / "data"
     assert prepare_data.main(["--dataset", "enwik8", "--out-dir", str(out), "--url-base", http_server]) == 0
     assert (out / "train.bin").read_bytes() == text[:900] and (out / "val.bin").read_bytes() == text[900:950]
     assert (out / "test.bin").read_bytes() == text[950:]
-    RangeHandler.FILES = {"enwik8.zip": archive.getvalue()[:-100]}  # a damaged archive: one line
+    RangeHandler.FILES = {"enwik8.zip": enwik8_zip(text)[:-100]}  # a damaged archive: one line
     (out / "enwik8").unlink()
-    (out / "enwik8.zip").write_bytes(archive.getvalue()[:-100])
+    (out / "enwik8.zip").write_bytes(enwik8_zip(text)[:-100])
     assert prepare_data.main(["--dataset", "enwik8", "--out-dir", str(out), "--url-base", http_server]) == 1
     assert "not the enwik8 archive" in capsys.readouterr().err
+
+
+def test_enwik8_train_bytes_cut_only_the_train_part(tmp_path, http_server, monkeypatch):
+    """--train-bytes N: train.bin is the first N bytes; val and test stay where the
+    standard split puts them (90M..95M, 95M..100M), whatever N is."""
+    monkeypatch.setattr(prepare_data, "ENWIK8_SPLIT", {"train": 900, "val": 50, "test": 50})
+    text = bytes(np.random.default_rng(1).integers(0, 256, 1000, dtype=np.uint8))
+    RangeHandler.FILES = {"enwik8.zip": enwik8_zip(text)}
+    out = tmp_path / "data"
+    for n in (30, 300, 900, 5000):  # cuts shorter than val and than train, exactly train, more than there is
+        assert prepare_data.main(["--dataset", "enwik8", "--out-dir", str(out), "--url-base", http_server,
+                                  "--train-bytes", str(n)]) == 0
+        assert (out / "train.bin").read_bytes() == text[:min(n, 900)]
+        assert (out / "val.bin").read_bytes() == text[900:950] and (out / "test.bin").read_bytes() == text[950:1000]
+
+
+def test_a_damaged_enwik8_zip_is_removed_and_downloaded_again(tmp_path, http_server, monkeypatch, capsys):
+    monkeypatch.setattr(prepare_data, "ENWIK8_SPLIT", {"train": 900, "val": 50, "test": 50})
+    text = (b"<page><title>Anarchism</title><text>the quick brown fox</text></page>\n" * 20)[:1000]
+    good = enwik8_zip(text, compression=8)
+    damaged = bytearray(good)
+    damaged[30 + len("enwik8")] ^= 0xFF  # the first deflate block header: zlib refuses the data
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "enwik8.zip").write_bytes(bytes(damaged))  # a download that arrived damaged
+    args = ["--dataset", "enwik8", "--out-dir", str(out), "--url-base", http_server]
+    err = one_error_line(capsys, prepare_data.main(args))
+    assert "enwik8.zip" in err and "removed" in err and "download it again" in err
+    assert not (out / "enwik8.zip").exists() and not (out / "enwik8.tmp").exists() and not (out / "enwik8").exists()
+    RangeHandler.FILES = {"enwik8.zip": good}
+    assert prepare_data.main(args) == 0  # the next run downloads it again
+    assert (out / "train.bin").read_bytes() == text[:900] and (out / "test.bin").read_bytes() == text[950:]
+
+
+def test_a_damaged_record_means_rebuild(tmp_path, monkeypatch, capsys):
+    """A .bin.json left empty (the disk filled while it was written) is one line and a
+    rebuild, every time, not a traceback; a record that cannot be written is removed."""
+    text = tmp_path / "t.txt"
+    text.write_bytes(made_up_text(5))
+    out = tmp_path / "o"
+    args = ["--out-dir", str(out), "--input-train", str(text), "--input-val", str(text)]
+    assert prepare_data.main(args) == 0
+    (out / "train.bin.json").write_text("")  # as a full disk leaves it
+    (out / "train.bin").write_bytes(b"x" * len(text.read_bytes()))  # the right size, the wrong bytes
+    capsys.readouterr()
+    assert prepare_data.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "train.bin.json is damaged" in printed and "val.bin: up to date" in printed
+    assert (out / "train.bin").read_bytes() == text.read_bytes()
+    assert prepare_data.main(args) == 0 and capsys.readouterr().out.count("skipped") == 2  # whole again
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    (out / "val.bin.json").unlink()  # val.bin must be rebuilt: its record is written ...
+    monkeypatch.setattr(prepare_data.json, "dump", disk_full)  # ... onto a full disk
+    assert prepare_data.main(args) == 1 and "No space left" in capsys.readouterr().err
+    assert not (out / "val.bin.json").exists() and not (out / "val.bin.json.tmp").exists()
+    monkeypatch.undo()
+    assert prepare_data.main(args) == 0 and (out / "val.bin").read_bytes() == text.read_bytes()
+    assert "val.bin: up to date" not in capsys.readouterr().out  # no record, so not known to be done
+
+
+def test_stale_record_never_vouches_for_a_new_bin(tmp_path, monkeypatch, capsys):
+    """While a .bin is rebuilt from other sources, its old record is gone: a run stopped
+    after the new .bin and before its record rebuilds, never skips with the old one."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_bytes(b"first " * 50)
+    b.write_bytes(b"other " * 50)  # the same size
+    out = tmp_path / "out"
+    assert prepare_data.main(["--out-dir", str(out), "--input-train", str(a), "--input-val", str(a)]) == 0
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare_data.json, "dump", disk_full)
+        assert prepare_data.main(["--out-dir", str(out), "--input-train", str(b), "--input-val", str(a)]) == 1
+    assert (out / "train.bin").read_bytes() == b.read_bytes() and not (out / "train.bin.json").exists()
+    assert prepare_data.main(["--out-dir", str(out), "--input-train", str(a), "--input-val", str(a)]) == 0
+    assert (out / "train.bin").read_bytes() == a.read_bytes()
 
 
 def test_reordered_inputs_rebuild_the_bin(tmp_path, capsys):
@@ -368,6 +452,97 @@ def test_prepare_input_faults_are_one_line(tmp_path, capsys):
     assert "not a URL" in error_of("--out-dir", tmp_path / "o", "--url-base", "huggingface.co/x")
     assert "is a file" in error_of("--out-dir", text, "--input-train", text, "--input-val", text)
     assert "no such file" in error_of("--out-dir", tmp_path / "o", "--input-train", tmp_path, "--input-val", text)
+
+
+def test_every_input_is_checked_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    text, empty = tmp_path / "t.txt", tmp_path / "empty.txt"
+    text.write_bytes(made_up_text(3))
+    empty.write_bytes(b"")
+    out = tmp_path / "o"
+
+    def error_of(train, val):
+        err = one_error_line(capsys, prepare_data.main(["--out-dir", str(out), "--input-train", *map(str, train),
+                                                        "--input-val", str(val)]))
+        assert not out.exists() or os.listdir(out) == [], os.listdir(out)  # nothing written
+        return err
+
+    assert "nope.txt: no such file" in error_of([text], tmp_path / "nope.txt")  # found before train.bin is written
+    assert "empty" in error_of([empty], text) and "empty" in error_of([text], empty)
+    assert "empty" in error_of([empty, empty], text)
+    real_open = open
+
+    def unreadable(path, *args, **kwargs):
+        if str(path) == str(tmp_path / "secret.txt"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    (tmp_path / "secret.txt").write_bytes(made_up_text(2))
+    monkeypatch.setattr(prepare_data, "open", unreadable, raising=False)
+    assert "Permission denied" in error_of([text], tmp_path / "secret.txt")
+
+
+def test_an_unwritable_out_dir_is_reported_as_it_is(tmp_path, monkeypatch, capsys):
+    """The clean-up of a partial file that never came to be must not replace the real
+    error (here: no permission to create files in --out-dir) by its own."""
+    text = tmp_path / "t.txt"
+    text.write_bytes(made_up_text(3))
+    real_open = open
+
+    def read_only_folder(path, mode="r", *args, **kwargs):
+        if "w" in mode or "a" in mode:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(prepare_data, "open", read_only_folder, raising=False)
+    err = one_error_line(capsys, prepare_data.main(["--out-dir", str(tmp_path / "o"), "--input-train", str(text),
+                                                    "--input-val", str(text)]))
+    assert "Permission denied" in err and "train.bin.tmp" in err and "No such file" not in err
+
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_in_prepare_data_is_one_line_and_leaves_nothing_half_done(tmp_path, monkeypatch, capsys):
+    text = tmp_path / "t.txt"
+    text.write_bytes(made_up_text(5))
+    out = tmp_path / "o"
+    args = ["--out-dir", str(out), "--input-train", str(text), "--input-val", str(text)]
+    copy = prepare_data.copy_counting_stories
+
+    def interrupted_after_writing(chunks, f, bar):
+        f.write(b"half of it")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare_data, "copy_counting_stories", interrupted_after_writing)
+    assert prepare_data.main(args) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1].split("\r")[-1]  # after the progress bar
+    assert err.startswith("interrupted") and "Traceback" not in err
+    assert os.listdir(out) == []  # no partial .bin, .tmp or .json
+    monkeypatch.setattr(prepare_data, "copy_counting_stories", copy)
+    assert prepare_data.main(args) == 0
+    monkeypatch.setattr(prepare_data.json, "dump", interrupt)  # between the .bin and its record
+    (out / "val.bin.json").unlink()
+    assert prepare_data.main(args) == 130
+    assert sorted(os.listdir(out)) == ["train.bin", "train.bin.json", "val.bin"]  # no record: rebuilt next time
+
+
+def test_ctrl_c_in_a_download_leaves_it_resumable(tmp_path, http_server, monkeypatch, capsys):
+    train, val = made_up_text(30, seed=5), made_up_text(10, seed=6)
+    RangeHandler.FILES = {prepare_data.TRAIN_FILE: train, prepare_data.VAL_FILE: val}
+    monkeypatch.setattr(prepare_data, "CHUNK", 1000)
+
+    class InterruptedBar(prepare_data.tqdm):  # Ctrl-C after the second chunk of the train text
+        def update(self, n=1):
+            super().update(n)
+            if self.desc == prepare_data.TRAIN_FILE and self.n >= 2000:
+                raise KeyboardInterrupt
+    monkeypatch.setattr(prepare_data, "tqdm", InterruptedBar)
+    out = tmp_path / "data"
+    assert prepare_data.main(["--out-dir", str(out), "--url-base", http_server]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+    assert (out / (prepare_data.TRAIN_FILE + ".part")).read_bytes() == train[:2000]
+    monkeypatch.undo()
+    RangeHandler.ranges.clear()
+    assert prepare_data.main(["--out-dir", str(out), "--url-base", http_server]) == 0
+    assert RangeHandler.ranges == [(2000, None)] and (out / "train.bin").read_bytes() == train
 
 
 def test_download_errors_are_one_line(tmp_path, http_server, capsys):
