@@ -1470,6 +1470,31 @@ def test_plot_log_draws_and_refuses_bad_logs(tmp_path):
         assert str(exit_info.value.code).startswith("error: ")
 
 
+def test_plot_log_flags_and_output_faults_are_one_line(tmp_path, capsys):
+    import plot_log
+    import xml.dom.minidom
+    log = tmp_path / "m.csv"
+    log.write_text("step,bytes,lr,loss,bpb,accuracy,grad_norm,ms_per_step,val_loss,val_bpb,val_accuracy\n"
+                   "1,100,0.1,2,3.0,0,1,1,,,\n2,200,0.1,2,2.9,0,1,1,2,2.8,0\n")
+    out = str(tmp_path / "c.svg")
+    for flags in (["--smooth", "0"], ["--smooth", "-1"], ["--ymax", "nan"], ["--ymax", "inf"], ["--ymax", "0"],
+                  ["--labels", "one"], ["--labels", "a", "b", "c"]):  # two logs below: one label each
+        with pytest.raises(SystemExit) as exit_info:
+            plot_log.main([str(log), str(log), "--out", out, *flags])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "usage" in err and "Traceback" not in err, flags
+    assert not os.path.exists(out)
+    (tmp_path / "folder.svg").mkdir()
+    for unwritable in (tmp_path / "folder.svg", tmp_path / "none" / "c.svg"):
+        with pytest.raises(SystemExit) as exit_info:
+            plot_log.main([str(log), "--out", str(unwritable)])
+        assert str(exit_info.value.code).startswith("error: ") and str(unwritable) in str(exit_info.value.code)
+    plot_log.main([str(log), str(log), "--out", out, "--labels", "a & b", "<c>", "--title", "MORA <small> & co"])
+    svg = open(out).read()
+    xml.dom.minidom.parseString(svg)  # well-formed: the title and labels are escaped
+    assert "nan" not in svg and svg.count("<polyline") == 2 and "a &amp; b" in svg
+
+
 def test_bench_counts_kernel_launches_on_the_stand_in(stand_in, capsys):
     """bench prints the launches of one training step of the small model: at most 150 (the GPU target)."""
     assert run_main("bench", "--batch-size", 2, "--seq-len", 8, "--steps", 1, "--device", "gpu") == 0
