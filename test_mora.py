@@ -1495,6 +1495,22 @@ def test_plot_log_flags_and_output_faults_are_one_line(tmp_path, capsys):
     assert "nan" not in svg and svg.count("<polyline") == 2 and "a &amp; b" in svg
 
 
+def test_bench_torch_helps_without_torch_and_says_what_to_install(monkeypatch, capsys):
+    """bench_torch.py is optional: without PyTorch (hidden here, whether or not it is
+    installed) --help still works and a command says `pip install torch` in one line."""
+    import importlib.util
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    spec = importlib.util.spec_from_file_location("bench_torch_without_torch", os.path.join(HERE, "bench_torch.py"))
+    bench_torch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_torch)
+    for flags in (["--help"], ["speed", "--help"], ["lstm", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_torch.main(flags)
+        assert exit_info.value.code == 0 and "usage" in capsys.readouterr().out
+    for command in ("check", "speed", "lstm"):
+        assert "pip install torch" in one_error_line(capsys, bench_torch.main([command]))
+
+
 def test_bench_counts_kernel_launches_on_the_stand_in(stand_in, capsys):
     """bench prints the launches of one training step of the small model: at most 150 (the GPU target)."""
     assert run_main("bench", "--batch-size", 2, "--seq-len", 8, "--steps", 1, "--device", "gpu") == 0
