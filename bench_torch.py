@@ -6,7 +6,7 @@
     python bench_torch.py speed [--batch-size 32 --seq-len 256 --steps 10]
         time of a training step (forward, backward, Adam) of MORA written in PyTorch
         eager mode with autograd, of PyTorch's fused 2 x 128 LSTM (296,960
-        parameters), and of mora.py itself, back to back on this machine
+        parameters), and of mora.py itself, back to back on the same machine
     python bench_torch.py lstm --data-dir DIR [--max-steps 300 --batch-size 32 --lr 3e-2 --beta2 0.95]
         trains the LSTM on the same records, in the same order and with the same
         schedule and clipping as `mora.py train`, and reports val bits/byte
@@ -17,15 +17,18 @@ loop over time, autograd for the backward.
 import argparse
 import math
 import os
+import sys
 import time
 
 import mora  # first: it gives NumPy one BLAS thread per worker, before NumPy is imported
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-torch.set_num_threads(os.cpu_count())  # PyTorch on every core, whatever mora set for BLAS
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # --help works without it; a command says what to install
+    torch = F = None
 
 
 def twin_forward(P, x, n_layers):
@@ -54,17 +57,16 @@ def twin_forward(P, x, n_layers):
     return F.layer_norm(h, (d,), eps=mora.LN_EPS) @ E.T
 
 
-class LSTMPeer(torch.nn.Module):
+def lstm_peer(width=128, layers=2):
     """2 x 128 LSTM with the output layer tied to the embedding: 296,960 parameters."""
+    return torch.nn.ModuleDict({"embed": torch.nn.Embedding(mora.V, width),
+                                "lstm": torch.nn.LSTM(width, width, layers, batch_first=True)})
 
-    def __init__(self, width=128, layers=2):
-        super().__init__()
-        self.embed = torch.nn.Embedding(mora.V, width)
-        self.lstm = torch.nn.LSTM(width, width, layers, batch_first=True)
 
-    def forward(self, x):
-        h, _ = self.lstm(self.embed(x))
-        return h @ self.embed.weight.T
+def lstm_forward(model, x):
+    """x: (B, T) long -> logits (B, T, V), through the embedding's own weights."""
+    h, _ = model["lstm"](model["embed"](x))
+    return h @ model["embed"].weight.T
 
 
 def check(args):
@@ -111,13 +113,13 @@ def speed(args):
         torch.nn.utils.clip_grad_norm_(P.values(), 1.0)
         optimizer.step()
 
-    lstm = LSTMPeer()
-    lstm_optimizer = torch.optim.Adam(lstm.parameters(), lr=1e-3)
+    peer = lstm_peer()
+    lstm_optimizer = torch.optim.Adam(peer.parameters(), lr=1e-3)
 
     def lstm_step():
         lstm_optimizer.zero_grad()
-        F.cross_entropy(lstm(tx).reshape(-1, mora.V), ty.reshape(-1)).backward()
-        torch.nn.utils.clip_grad_norm_(lstm.parameters(), 1.0)
+        F.cross_entropy(lstm_forward(peer, tx).reshape(-1, mora.V), ty.reshape(-1)).backward()
+        torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
         lstm_optimizer.step()
 
     mora.keep_freed_memory()
@@ -128,7 +130,7 @@ def speed(args):
     def mora_step():
         mora.train_step(params, flat, m, v, x.astype(np.int32), y.astype(np.int32), 0, 1e-3, gradient=slices.gradient)
 
-    n_lstm = sum(p.numel() for p in lstm.parameters())
+    n_lstm = sum(p.numel() for p in peer.parameters())
     for name, step, count in [("MORA, PyTorch eager twin", twin_step, mora.count_params(cfg)),
                               ("LSTM 2 x 128, PyTorch fused", lstm_step, n_lstm),
                               ("MORA, mora.py (NumPy)", mora_step, mora.count_params(cfg))]:
@@ -145,7 +147,7 @@ def lstm(args):
     val_records = mora.open_records(os.path.join(args.data_dir, "val.bin"), T)[:args.eval_bytes // (T + 1)]
     steps_per_epoch = len(train_records) // B
     warmup = args.warmup if args.warmup is not None else mora.default_warmup(args.max_steps)
-    model = LSTMPeer()
+    model = lstm_peer()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, args.beta2))
     order_epoch, seconds = None, []
     for step in range(args.max_steps):
@@ -157,7 +159,7 @@ def lstm(args):
         for group in optimizer.param_groups:
             group["lr"] = mora.learning_rate(step, args.max_steps, args.lr, warmup, args.final_lr_fraction)
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(x).reshape(-1, mora.V), y.reshape(-1))
+        loss = F.cross_entropy(lstm_forward(model, x).reshape(-1, mora.V), y.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
@@ -168,14 +170,14 @@ def lstm(args):
         total = 0.0
         for start in range(0, len(val_records), B):
             x, y = (torch.tensor(a, dtype=torch.long) for a in mora.make_batch(val_records, np.arange(start, min(len(val_records), start + B)), np))
-            total += F.cross_entropy(model(x).reshape(-1, mora.V), y.reshape(-1)).item() * len(x)
+            total += F.cross_entropy(lstm_forward(model, x).reshape(-1, mora.V), y.reshape(-1)).item() * len(x)
     bpb = total / len(val_records) / math.log(2)
     print(f"LSTM lr {args.lr:g}, warmup {warmup}, beta2 {args.beta2:g}: val bits/byte {bpb:.4f} on {len(val_records) * (T + 1):,} bytes, "
           f"{1000 * np.median(seconds[1:]):.0f} ms/step")
     return 0
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("check")
@@ -189,15 +191,24 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--max-steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=3e-2, help="default: the best of the sweep in README")
+    p.add_argument("--lr", type=float, default=3e-2, help="default: the best of the LSTM sweep in docs/results.md")
     p.add_argument("--warmup", type=int)
     p.add_argument("--final-lr-fraction", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--beta2", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-bytes", type=int, default=65536)
-    args = parser.parse_args()
-    return {"check": check, "speed": speed, "lstm": lstm}[args.command](args)
+    args = parser.parse_args(argv)
+    if torch is None:
+        print("error: bench_torch.py needs PyTorch, which MORA itself does not: pip install torch "
+              "(the CPU build is enough)", file=sys.stderr)
+        return 1
+    torch.set_num_threads(os.cpu_count())  # PyTorch on every core, whatever mora set for BLAS
+    try:
+        return {"check": check, "speed": speed, "lstm": lstm}[args.command](args)
+    except mora.UserError as exc:  # no data at --data-dir, say: mora's own one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

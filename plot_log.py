@@ -8,6 +8,8 @@ and the final validation on all of val as a ring.
 """
 import argparse
 import csv
+import html
+import math
 import os
 import sys
 
@@ -32,6 +34,20 @@ def read_log(path):
     return train, val, full_val
 
 
+def positive(kind):
+    """An argparse type: a finite number of `kind` above 0 (a window of 0 steps or a
+    NaN axis would only surface later, as a traceback or as "nan" in the picture)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a positive {'integer' if kind is int else 'number'}, got {text}")
+        return value
+    return parse
+
+
 def running_mean(points, window):
     out, total = [], 0.0
     for i, (x, y) in enumerate(points):
@@ -44,11 +60,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("logs", nargs="+")
     parser.add_argument("--out", default="curve.svg")
-    parser.add_argument("--smooth", type=int, default=20)
+    parser.add_argument("--smooth", type=positive(int), default=20, help="steps in the running mean of the train line")
     parser.add_argument("--title", default="MORA learning curve")
-    parser.add_argument("--ymax", type=float, default=4.0)
+    parser.add_argument("--ymax", type=positive(float), default=4.0, help="top of the bits/byte axis")
     parser.add_argument("--labels", nargs="+", help="one name per log (default: the file names)")
     args = parser.parse_args(argv)
+    if args.labels and len(args.labels) != len(args.logs):  # zip() would drop the logs without a label
+        parser.error(f"--labels: give one per log ({len(args.logs)} logs, {len(args.labels)} labels)")
     labels = args.labels or [os.path.splitext(os.path.basename(p))[0] for p in args.logs]
     curves = [(label, *read_log(p)) for label, p in zip(labels, args.logs)]
     width, height, left, right, top, bottom = 720, 420, 60, 20, 40, 50
@@ -59,7 +77,7 @@ def main(argv=None):
     sy = lambda y: top + (height - top - bottom) * (args.ymax - min(y, args.ymax)) / (args.ymax - y_min)  # noqa: E731
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
            f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="15">{args.title}</text>']
+           f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="15">{html.escape(args.title)}</text>']
     y = y_min
     while y <= args.ymax + 1e-9:
         svg.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#ddd"/>'
@@ -78,10 +96,13 @@ def main(argv=None):
         svg += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="none" stroke="{colour}" stroke-width="2"/>' for x, y in full]
         label = f"{name}: train line" + (f", val dots (last {val[-1][1]:.3f})" if val else "")
         label += f", all of val ring ({full[-1][1]:.3f})" if full else ""
-        svg.append(f'<text x="{width - right - 8}" y="{top + 16 + 16 * k}" text-anchor="end" fill="{colour}">{label}</text>')
+        svg.append(f'<text x="{width - right - 8}" y="{top + 16 + 16 * k}" text-anchor="end" fill="{colour}">{html.escape(label)}</text>')
     svg.append("</svg>")
-    with open(args.out, "w") as f:
-        f.write("\n".join(svg))
+    try:
+        with open(args.out, "w") as f:
+            f.write("\n".join(svg))
+    except OSError as exc:  # a missing folder, a folder of that name, no permission
+        sys.exit(f"error: cannot write {args.out} ({exc.strerror or exc}): give --out a file in a folder you can write")
     print(f"wrote {args.out}")
 
 

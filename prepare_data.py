@@ -24,15 +24,21 @@ for testing.
 
 Work already done is skipped: a finished download, and a .bin whose record of its
 sources (the .bin.json beside it: which files, which bytes, their sizes and times)
-still matches.  Needs about 4.5 GB of disk for the full TinyStories (text + bins).
+still matches; a missing or damaged record means "not known to be done", and the
+.bin is rebuilt.  Every input is checked before anything is written.  Files are
+written as NAME.tmp and renamed once complete, so a full disk or Ctrl-C never leaves
+a partial .bin or record behind (an interrupted download stays as NAME.part, to
+resume).  Needs about 4.5 GB of disk for the full TinyStories (text + bins).
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 
 from tqdm import tqdm
 
@@ -48,6 +54,22 @@ class PrepareError(Exception):
     """Printed as one line; exit code 1."""
 
 
+@contextlib.contextmanager
+def written_atomically(path, mode="wb"):
+    """A file opened as path.tmp and renamed to path once fully written.  On any
+    failure (a full disk, Ctrl-C) the partial file is removed, so that nothing
+    half-written looks finished or keeps the disk full; the error itself goes on."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):  # the open itself failed: keep its error, not ours
+            os.remove(tmp)
+        raise
+
+
 def download(url, dest, limit=None):
     """Fetch url (its first `limit` bytes, if given) into dest through dest.part,
     resuming a partial .part with an HTTP Range request, and check the size against
@@ -55,7 +77,8 @@ def download(url, dest, limit=None):
     if os.path.exists(dest):
         print(f"{dest}: already downloaded, skipped")
         return
-    part = dest + ".part"
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    part = dest + ".part"  # kept on Ctrl-C or a broken connection: the next run resumes it
     have = os.path.getsize(part) if os.path.exists(part) else 0
     if limit is not None and have >= limit:  # all asked for is there: a run stopped before the rename
         os.replace(part, dest)
@@ -131,31 +154,51 @@ def read_chunks(path, start, length):
             yield chunk
 
 
+def check_texts(texts):
+    """Each split's source files exist and can be read, and the split is not empty:
+    checked before anything is written, so that a wrong --input-val is found before
+    minutes of converting the train text.  texts: {split name: [file, ...]}."""
+    for split, paths in texts.items():
+        for path in paths:
+            if not os.path.isfile(path):
+                raise PrepareError(f"{path}: no such file")
+            with open(path, "rb"):  # unreadable: the OSError says why, in main's one line
+                pass
+        if sum(os.path.getsize(p) for p in paths) == 0:
+            raise PrepareError(f"the {split} text ({', '.join(paths)}) is empty: give a file that holds text")
+
+
+def read_record(record, dest):
+    """What the record says dest was made from, or None when it is missing or damaged
+    (an empty file from a full disk, say): then dest is not known to be done."""
+    if not os.path.exists(record):
+        return None
+    try:
+        with open(record) as f:
+            return json.load(f)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        print(f"{record} is damaged ({exc.__class__.__name__}): rebuilding {dest}")
+        return None
+
+
 def convert(sources, dest, start=0, length=None):
     """Copy the bytes start .. start+length (all, without length) of the source files,
     read one after another, into dest (written as dest.tmp, then renamed), counting
     bytes and stories on the way.  dest.json records what dest was made from."""
-    for path in sources:
-        if not os.path.isfile(path):
-            raise PrepareError(f"{path}: no such file")
     total = sum(os.path.getsize(p) for p in sources)
     length = total - start if length is None else min(length, total - start)
     made_from = {"sources": [[os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)] for p in sources],
                  "start": start, "length": length}
     record = dest + ".json"
-    if os.path.exists(dest) and os.path.getsize(dest) == length and os.path.exists(record):
-        with open(record) as f:
-            if json.load(f) == made_from:
-                print(f"{dest}: up to date ({length:,} bytes), skipped")
-                return
-    try:
-        with open(dest + ".tmp", "wb") as out, tqdm(total=length, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
-            stories = sum(copy_counting_stories(chunks, out, bar) for chunks in source_ranges(sources, start, length))
-    except OSError:  # a full disk, say: the partial file must not keep it full
-        os.remove(dest + ".tmp")
-        raise
-    os.replace(dest + ".tmp", dest)
-    with open(record, "w") as f:
+    if os.path.exists(dest) and os.path.getsize(dest) == length and read_record(record, dest) == made_from:
+        print(f"{dest}: up to date ({length:,} bytes), skipped")
+        return
+    if os.path.exists(record):  # dest is about to change: its old record must never vouch for the new bytes
+        os.remove(record)
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    with written_atomically(dest) as out, tqdm(total=length, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
+        stories = sum(copy_counting_stories(chunks, out, bar) for chunks in source_ranges(sources, start, length))
+    with written_atomically(record, "w") as f:  # last: a record means dest is complete
         json.dump(made_from, f)
     counted = f"{stories:,} stories (<|endoftext|> separators)" if stories else "no <|endoftext|> separators, stories not counted"
     print(f"{dest}: {length:,} bytes, {counted}")
@@ -169,13 +212,13 @@ def prepare_enwik8(args):
         archive = os.path.join(args.out_dir, ENWIK8_ZIP)
         download((args.url_base or ENWIK8_URL_BASE).rstrip("/") + "/" + ENWIK8_ZIP, archive)
         try:
-            with zipfile.ZipFile(archive) as z, z.open("enwik8") as member, open(text + ".tmp", "wb") as out:
+            with zipfile.ZipFile(archive) as z, z.open("enwik8") as member, written_atomically(text) as out:
                 while chunk := member.read(CHUNK):
                     out.write(chunk)
-        except (zipfile.BadZipFile, KeyError) as exc:
-            os.remove(archive)
-            raise PrepareError(f"{archive} is not the enwik8 archive ({exc}): it was removed; run the same command to download it again")
-        os.replace(text + ".tmp", text)
+        except (zipfile.BadZipFile, KeyError, zlib.error, EOFError) as exc:  # not a zip, no enwik8 in it, damaged data
+            os.remove(archive)  # else every later run would find the same damage
+            raise PrepareError(f"{archive} is damaged or not the enwik8 archive ({exc.__class__.__name__}: {exc}): "
+                               f"it was removed; run the same command to download it again")
     if os.path.getsize(text) != size:
         raise PrepareError(f"{text} holds {os.path.getsize(text):,} bytes, enwik8 has {size:,}: delete it and {ENWIK8_ZIP}, then run again")
     start = 0
@@ -199,6 +242,7 @@ def prepare_tinystories(args):
         else:
             train_sources = [full_train]
             download(url_base + TRAIN_FILE, full_train)
+    check_texts({"train": train_sources, "val": val_sources})
     convert(train_sources, os.path.join(args.out_dir, "train.bin"), length=args.train_bytes)
     convert(val_sources, os.path.join(args.out_dir, "val.bin"))
 
@@ -228,7 +272,6 @@ def main(argv=None):
             raise PrepareError(f"--url-base {args.url_base} is not a URL: it must start with http:// or https://")
         if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
             raise PrepareError(f"--out-dir {args.out_dir} is a file: name a folder")
-        os.makedirs(args.out_dir, exist_ok=True)
         (prepare_enwik8 if args.dataset == "enwik8" else prepare_tinystories)(args)
     except PrepareError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -236,6 +279,10 @@ def main(argv=None):
     except OSError as exc:  # unreadable input, unwritable folder, disk full: one line
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the partial files are already removed (a .part is kept)
+        print("\ninterrupted: no partial .bin is left; run the same command again to finish "
+              "(a download resumes where it stopped)", file=sys.stderr)
+        return 130
     return 0
 
 

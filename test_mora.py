@@ -119,6 +119,64 @@ def test_layer_backwards_match_finite_differences():
     check_layer(lambda E: mora.embedding_forward(E, xi), lambda dh, x: [mora.embedding_backward(dh, x)], [E])
 
 
+
+# The model's equations (the sketch at the top of README; LayerNorm with eps = 1e-5,
+# GELU in its tanh form), written out again here without mora.py's code or
+# constants: a wrong constant used alike by a layer and its kernel, or by a forward
+# and its backward, passes every twin and gradient check but shows against these.
+
+def reference_layernorm(x, gain=1.0, bias=0.0):
+    """(x - mean) / sqrt(var + 1e-5) * gain + bias over the last axis, in float64."""
+    x = np.asarray(x, np.float64)
+    centred = x - x.mean(-1, keepdims=True)
+    return centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-5) * gain + bias
+
+
+def reference_gelu(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def reference_sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def reference_mixer(vbq, mix, c, total, count):
+    """The mixer one time step at a time.  vbq: (T, B, 3d) = [v | z | q]; (c, total,
+    count): the memory, the running sum and the bytes seen before t = 0.  Returns
+    gated (T, B, d) and the state after the last step."""
+    d = vbq.shape[-1] // 3
+    gated = []
+    for row in np.asarray(vbq, np.float64):
+        v, z, q = row[..., :d], row[..., d:2 * d], row[..., 2 * d:]
+        e = v - c  # the delta, against the memory before this step
+        c = c + reference_sigmoid(z) * e
+        total, count = total + v, count + 1
+        gated.append(reference_sigmoid(q) * (mix[0] * c + mix[1] * total / count + mix[2] * e))
+    return np.stack(gated), (c, total, count)
+
+
+def test_layers_compute_their_definitions():
+    rng = np.random.default_rng(7)
+    d = 16
+    # rows whose variance is about eps, so that the value of eps shows
+    x = 7.0 + math.sqrt(1e-5) * rng.standard_normal((5, d))
+    g, b = 1 + 0.1 * rng.standard_normal(d), rng.standard_normal(d)
+    y, (_, rstd, _) = mora.layernorm_forward(x.copy(), g, b)
+    assert np.allclose(y, reference_layernorm(x, g, b), rtol=1e-9, atol=1e-9)
+    assert np.allclose(rstd[:, 0], 1 / np.sqrt(x.var(-1) + 1e-5), rtol=1e-9)
+    assert np.allclose(mora.layernorm_forward(x.copy())[0], reference_layernorm(x), rtol=1e-9, atol=1e-9)
+    z = np.linspace(-6, 6, 241)
+    assert np.allclose(mora.gelu_forward(z.copy())[0], reference_gelu(z), rtol=1e-13, atol=1e-15)
+    assert np.allclose(mora.sigmoid_forward(z.copy())[0], reference_sigmoid(z), rtol=1e-13, atol=1e-15)
+    T, B = 9, 2
+    vbq, mix = 2 * rng.standard_normal((T, B, 3 * d)), rng.standard_normal(3)
+    c0, sum0 = rng.standard_normal((B, d)), rng.standard_normal((B, d))  # a carried state: 4 bytes seen
+    gated, _, (c_last, sum_last, count) = mora.mixer_forward(vbq, mix, (c0, sum0, 4))
+    expected, (c_ref, sum_ref, count_ref) = reference_mixer(vbq, mix, c0, sum0, 4)
+    assert np.allclose(gated, expected, rtol=1e-12, atol=1e-12)
+    assert np.allclose(c_last, c_ref, atol=1e-12) and np.allclose(sum_last, sum_ref, atol=1e-12) and count == count_ref
+
+
 def perturbed_params(cfg, seed=0):
     """A float64 model whose every path matters: random mix, gains and biases, not the init's zeros."""
     params = mora.init_params(cfg, seed, dtype=np.float64)
@@ -175,6 +233,60 @@ def test_parameter_counts():
     assert params["blocks.7.w_in"].shape == (64, 192) and params["blocks.7.mix"].tolist() == [0, 0, 1]
 
 
+
+def reference_forward(params, x):
+    """logits (B, T, V) for bytes x (B, T), from the model's equations, batch-major."""
+    E = params["embed"]
+    d, n_layers = E.shape[1], sum(1 for k in params if k.endswith(".mix"))
+    h = E[x]  # (B, T, d)
+    for i in range(n_layers):
+        p = {k.split(".", 2)[2]: v for k, v in params.items() if k.startswith(f"blocks.{i}.")}
+        vbq = reference_layernorm(h, p["ln1.g"], p["ln1.b"]) @ p["w_in"] + p["b_in"]  # (B, T, 3d)
+        zeros = np.zeros((len(x), d))
+        gated, _ = reference_mixer(vbq.transpose(1, 0, 2), p["mix"], zeros, zeros, 0)  # (T, B, d)
+        h = h + gated.transpose(1, 0, 2) @ p["w_out"] + p["b_out"]
+        h = h + reference_gelu(reference_layernorm(h, p["ln2.g"], p["ln2.b"]) @ p["w_up"] + p["b_up"]) @ p["w_down"] + p["b_down"]
+    return reference_layernorm(h) @ E.T  # the final norm has no parameters; the output layer is the embedding
+
+
+def test_forward_and_loss_compute_the_equations():
+    """In float64 the model agrees with its equations to rounding, so that any changed
+    constant (even LayerNorm's eps, on rows of variance ~1) or operation shows."""
+    params = perturbed_params(mora.Config(d_model=8, n_layers=2), seed=11)
+    rng = np.random.default_rng(12)
+    x, y = rng.integers(0, 256, (3, 20)), rng.integers(0, 256, (3, 20))
+    logits = reference_forward(params, x)  # (B, T, V)
+    assert np.abs(mora.forward(params, x) - logits).max() < 1e-10
+    shifted = logits - logits.max(-1, keepdims=True)
+    nats = np.log(np.exp(shifted).sum(-1)) - np.take_along_axis(shifted, y[..., None], -1)[..., 0]  # (B, T)
+    losses, correct, _ = mora.forward_loss(params, x, y)  # (T, B)
+    assert np.allclose(losses, nats.T, rtol=1e-10, atol=1e-10)
+    assert np.array_equal(correct, (logits.argmax(-1) == y).T)
+    assert mora.loss_and_grads(params, x, y)[0] == pytest.approx(nats.mean(), rel=1e-10)
+
+
+def test_init_follows_the_design():
+    cfg = mora.Config()
+    d, L = cfg.d_model, cfg.n_layers
+    params = mora.init_params(cfg, 0)
+    blocks = [mora.block_params(params, i) for i in range(L)]
+    for p in blocks:
+        assert np.array_equal(p["b_in"][:d], np.zeros(d)) and np.array_equal(p["b_in"][2 * d:], np.zeros(d))  # v, q
+        assert np.allclose(p["b_in"][d:2 * d], np.linspace(-4, 2, d), atol=1e-6)  # the write rates' third
+        assert p["mix"].tolist() == [0, 0, 1]
+        assert all(np.array_equal(p[g], np.ones(d)) for g in ("ln1.g", "ln2.g"))
+        assert all(not p[b].any() for b in ("ln1.b", "ln2.b", "b_out", "b_up", "b_down"))
+    residual = 1 / math.sqrt(2 * L)  # the further scale of the layers that write to the residual stream
+    for name, fan_in, scale in [("w_in", d, 1), ("w_out", d, residual), ("w_up", d, 1), ("w_down", 2 * d, residual)]:
+        values = np.concatenate([p[name].ravel() for p in blocks]).astype(np.float64)
+        expected = scale / math.sqrt(fan_in)
+        assert abs(values.std() / expected - 1) < 0.03 and abs(values.mean()) < 0.03 * expected, name
+    assert abs(params["embed"].std() * math.sqrt(d) - 1) < 0.03
+    assert mora.init_params(cfg, 0, mix=(1, 1, 1))["blocks.3.mix"].tolist() == [1, 1, 1]
+    assert np.array_equal(mora.init_params(cfg, 0)["blocks.2.w_up"], params["blocks.2.w_up"])
+    assert not np.array_equal(mora.init_params(cfg, 1)["blocks.2.w_up"], params["blocks.2.w_up"])
+
+
 def test_fresh_model_loss_is_near_uniform():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (4, 64))
@@ -203,11 +315,49 @@ def test_generate_is_reproducible_and_greedy_is_argmax():
     assert greedy[0] == int(np.argmax(logits[0, -1]))
 
 
+
+def test_generation_carries_its_state_from_byte_to_byte():
+    """Every generated byte is the one the full forward over the prompt and all bytes
+    so far gives: greedy at temperature 0, and with sampling the same draw from the
+    same random numbers."""
+    params = perturbed_params(mora.Config(d_model=8, n_layers=2), seed=6)
+    prompt = b"Once upon"
+
+    def last_logits(text):
+        return mora.forward(params, np.frombuffer(text, np.uint8).astype(np.int64)[None])[0, -1]
+    text = prompt
+    for byte in mora.generate(params, prompt, 30, 0.0, 0, seed=0):
+        assert byte == int(np.argmax(last_logits(text))), text
+        text += bytes([byte])
+    text, rng = prompt, np.random.default_rng(3)
+    for byte in mora.generate(params, prompt, 30, 0.9, 7, seed=3):
+        assert byte == mora.pick_byte(last_logits(text), 0.9, 7, rng), text
+        text += bytes([byte])
+
+
 def test_pick_byte_respects_top_k():
     logits = np.arange(256, dtype=np.float32)
     rng = np.random.default_rng(0)
     assert {mora.pick_byte(logits, 5.0, 3, rng) for _ in range(200)} <= {253, 254, 255}
     assert mora.pick_byte(logits, 0, 0, rng) == 255
+
+
+
+def test_pick_byte_keeps_exactly_the_top_k_and_follows_the_temperature():
+    logits = np.arange(256, dtype=np.float32)
+    for k in (1, 2, 3, 10, 100):  # a high temperature: the kept bytes are about equally likely
+        seen = {mora.pick_byte(logits, 1e4, k, np.random.default_rng(seed)) for seed in range(20 * k)}
+        assert seen == set(range(256 - k, 256)), k
+    for everything in (0, 256):
+        rng = np.random.default_rng(0)
+        assert len({mora.pick_byte(logits, 1e6, everything, rng) for _ in range(5000)}) == 256
+    noisy = np.random.default_rng(1).standard_normal(256)
+    assert all(mora.pick_byte(noisy, 0, k, np.random.default_rng(0)) == int(np.argmax(noisy)) for k in (0, 1, 5))
+    two = np.full(256, -50.0)
+    two[10], two[20] = 0.0, 0.5 * math.log(3)  # at temperature 0.5: byte 20 three times as likely as byte 10
+    rng = np.random.default_rng(2)
+    draws = [mora.pick_byte(two, 0.5, 0, rng) for _ in range(4000)]
+    assert set(draws) == {10, 20} and abs(draws.count(20) / len(draws) - 0.75) < 0.03
 
 
 def test_adam_two_steps_match_the_formula():
@@ -224,12 +374,69 @@ def test_adam_two_steps_match_the_formula():
     assert np.allclose(p, step2, rtol=1e-12, atol=1e-12)
 
 
+
+def test_adam_eps_is_added_to_the_root():
+    """At step 1, m_hat = g and v_hat = g^2: the update is lr g / (|g| + eps), which
+    for gradients as small as eps is far from lr g / sqrt(g^2 + eps) or lr sign(g)."""
+    g = np.array([1e-8, -3e-9, 2e-7, -0.5])
+    p = np.zeros(4)
+    mora.adam_update(p, g, np.zeros(4), np.zeros(4), 1, 0.1, 0.8, 0.95, 1e-8)
+    assert np.allclose(p, -0.1 * g / (np.abs(g) + 1e-8), rtol=1e-9, atol=0)
+
+
+def test_train_step_clips_then_steps_adam_with_the_run_settings():
+    cfg = mora.Config(d_model=8, n_layers=1)
+    settings = mora.TrainSettings(clip=0.05, beta1=0.8, beta2=0.9, eps=1e-6)  # every setting unlike the defaults
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (2, 16)), rng.integers(0, 256, (2, 16))
+    (flat, params), (hand, hand_params) = (mora.flat_parameters(mora.init_params(cfg, 0)) for _ in range(2))
+    m, v, hand_m, hand_v = (np.zeros_like(flat) for _ in range(4))
+    for step in range(3):  # train_step counts from 0, Adam from 1
+        _, _, norm = mora.train_step(params, flat, m, v, x, y, step, 0.01, settings)
+        grad = mora.batch_gradient(hand_params, x, y)[2]
+        unclipped = float(np.linalg.norm(grad.astype(np.float64)))
+        grad *= 0.05 / unclipped  # clipped to exactly the limit
+        mora.adam_update(hand, grad, hand_m, hand_v, step + 1, 0.01, 0.8, 0.9, 1e-6)
+        assert float(norm) == pytest.approx(unclipped, rel=1e-5)
+        assert np.allclose(m, hand_m, rtol=1e-5, atol=1e-12) and np.allclose(v, hand_v, rtol=1e-4, atol=1e-16)
+        assert np.allclose(flat, hand, rtol=1e-5, atol=1e-7)
+
+
 def test_clip_and_schedule():
     g = np.array([3.0, 4.0])
     assert float(mora.clip_by_global_norm(g, 1.0)) == 5.0 and np.allclose(g, [0.6, 0.8])
     assert mora.learning_rate(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
     assert mora.learning_rate(9, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
     assert mora.learning_rate(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+
+
+
+def test_clip_leaves_a_gradient_under_the_limit_untouched_and_cuts_one_over_it_to_the_limit():
+    rng = np.random.default_rng(0)
+    for dtype, tolerance in ((np.float64, 1e-12), (np.float32, 1e-6)):
+        g = rng.standard_normal(1000).astype(dtype)
+        norm = float(np.linalg.norm(g.astype(np.float64)))
+        under = g.copy()
+        assert float(mora.clip_by_global_norm(under, 1.01 * norm)) == pytest.approx(norm, rel=tolerance)
+        assert np.array_equal(under, g)  # bit for bit
+        over = g.copy()
+        assert float(mora.clip_by_global_norm(over, norm / 3)) == pytest.approx(norm, rel=tolerance)
+        assert np.linalg.norm(over.astype(np.float64)) == pytest.approx(norm / 3, rel=tolerance)
+        assert np.allclose(3 * over, g, rtol=tolerance, atol=0)  # the direction kept
+
+
+def test_learning_rate_warms_up_linearly_then_decays_from_the_peak_by_cosine():
+    peak, warmup, total, final = 2.0, 8, 108, 0.25
+
+    def lr(step):
+        return mora.learning_rate(step, total, peak, warmup, final)
+    assert [lr(s) for s in range(warmup)] == pytest.approx([peak * (s + 1) / warmup for s in range(warmup)])
+    assert lr(warmup) == pytest.approx(peak)  # the decay starts where the warmup ended
+    assert lr(warmup + 25) == pytest.approx(peak * (final + (1 - final) * (1 + math.cos(math.pi / 4)) / 2))
+    assert lr(warmup + 50) == pytest.approx((1 + final) / 2 * peak)  # the middle of the decay
+    assert lr(total) == pytest.approx(final * peak) and lr(total + 10) == pytest.approx(final * peak)
+    assert all(lr(s) > lr(s + 1) for s in range(warmup, total))
+    assert mora.learning_rate(0, total, peak, 0, final) == pytest.approx(peak)  # no warmup: the peak at once
 
 
 def test_tiny_model_learns_a_made_up_text():
@@ -372,24 +579,108 @@ def test_train_bytes_downloads_only_the_start(tmp_path, http_server, capsys):
     assert (local / "train.bin").read_bytes() == train[:1234] and (local / "val.bin").read_bytes() == train
 
 
-def test_enwik8_split_from_a_zip(tmp_path, http_server, monkeypatch, capsys):
+def enwik8_zip(text, compression=0):
+    """A zip archive holding `text` as its member enwik8 (compression 0: stored, 8: deflated)."""
     import io
     import zipfile
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", compression) as z:
+        z.writestr("enwik8", text)
+    return archive.getvalue()
+
+
+def test_enwik8_split_from_a_zip(tmp_path, http_server, monkeypatch, capsys):
     monkeypatch.setattr(prepare_data, "ENWIK8_SPLIT", {"train": 900, "val": 50, "test": 50})  # enwik8 in small
     text = bytes(np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8))
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w") as z:
-        z.writestr("enwik8", text)
-    RangeHandler.FILES = {"enwik8.zip": archive.getvalue()}
+    RangeHandler.FILES = {"enwik8.zip": enwik8_zip(text)}
     out = tmp_path / "data"
     assert prepare_data.main(["--dataset", "enwik8", "--out-dir", str(out), "--url-base", http_server]) == 0
     assert (out / "train.bin").read_bytes() == text[:900] and (out / "val.bin").read_bytes() == text[900:950]
     assert (out / "test.bin").read_bytes() == text[950:]
-    RangeHandler.FILES = {"enwik8.zip": archive.getvalue()[:-100]}  # a damaged archive: one line
+    RangeHandler.FILES = {"enwik8.zip": enwik8_zip(text)[:-100]}  # a damaged archive: one line
     (out / "enwik8").unlink()
-    (out / "enwik8.zip").write_bytes(archive.getvalue()[:-100])
+    (out / "enwik8.zip").write_bytes(enwik8_zip(text)[:-100])
     assert prepare_data.main(["--dataset", "enwik8", "--out-dir", str(out), "--url-base", http_server]) == 1
     assert "not the enwik8 archive" in capsys.readouterr().err
+
+
+def test_enwik8_train_bytes_cut_only_the_train_part(tmp_path, http_server, monkeypatch):
+    """--train-bytes N: train.bin is the first N bytes; val and test stay where the
+    standard split puts them (90M..95M, 95M..100M), whatever N is."""
+    monkeypatch.setattr(prepare_data, "ENWIK8_SPLIT", {"train": 900, "val": 50, "test": 50})
+    text = bytes(np.random.default_rng(1).integers(0, 256, 1000, dtype=np.uint8))
+    RangeHandler.FILES = {"enwik8.zip": enwik8_zip(text)}
+    out = tmp_path / "data"
+    for n in (30, 300, 900, 5000):  # cuts shorter than val and than train, exactly train, more than there is
+        assert prepare_data.main(["--dataset", "enwik8", "--out-dir", str(out), "--url-base", http_server,
+                                  "--train-bytes", str(n)]) == 0
+        assert (out / "train.bin").read_bytes() == text[:min(n, 900)]
+        assert (out / "val.bin").read_bytes() == text[900:950] and (out / "test.bin").read_bytes() == text[950:1000]
+
+
+def test_a_damaged_enwik8_zip_is_removed_and_downloaded_again(tmp_path, http_server, monkeypatch, capsys):
+    monkeypatch.setattr(prepare_data, "ENWIK8_SPLIT", {"train": 900, "val": 50, "test": 50})
+    text = (b"<page><title>Anarchism</title><text>the quick brown fox</text></page>\n" * 20)[:1000]
+    good = enwik8_zip(text, compression=8)
+    damaged = bytearray(good)
+    damaged[30 + len("enwik8")] ^= 0xFF  # the first deflate block header: zlib refuses the data
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "enwik8.zip").write_bytes(bytes(damaged))  # a download that arrived damaged
+    args = ["--dataset", "enwik8", "--out-dir", str(out), "--url-base", http_server]
+    err = one_error_line(capsys, prepare_data.main(args))
+    assert "enwik8.zip" in err and "removed" in err and "download it again" in err
+    assert not (out / "enwik8.zip").exists() and not (out / "enwik8.tmp").exists() and not (out / "enwik8").exists()
+    RangeHandler.FILES = {"enwik8.zip": good}
+    assert prepare_data.main(args) == 0  # the next run downloads it again
+    assert (out / "train.bin").read_bytes() == text[:900] and (out / "test.bin").read_bytes() == text[950:]
+
+
+def test_a_damaged_record_means_rebuild(tmp_path, monkeypatch, capsys):
+    """A .bin.json left empty (the disk filled while it was written) is one line and a
+    rebuild, every time, not a traceback; a record that cannot be written is removed."""
+    text = tmp_path / "t.txt"
+    text.write_bytes(made_up_text(5))
+    out = tmp_path / "o"
+    args = ["--out-dir", str(out), "--input-train", str(text), "--input-val", str(text)]
+    assert prepare_data.main(args) == 0
+    (out / "train.bin.json").write_text("")  # as a full disk leaves it
+    (out / "train.bin").write_bytes(b"x" * len(text.read_bytes()))  # the right size, the wrong bytes
+    capsys.readouterr()
+    assert prepare_data.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "train.bin.json is damaged" in printed and "val.bin: up to date" in printed
+    assert (out / "train.bin").read_bytes() == text.read_bytes()
+    assert prepare_data.main(args) == 0 and capsys.readouterr().out.count("skipped") == 2  # whole again
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    (out / "val.bin.json").unlink()  # val.bin must be rebuilt: its record is written ...
+    monkeypatch.setattr(prepare_data.json, "dump", disk_full)  # ... onto a full disk
+    assert prepare_data.main(args) == 1 and "No space left" in capsys.readouterr().err
+    assert not (out / "val.bin.json").exists() and not (out / "val.bin.json.tmp").exists()
+    monkeypatch.undo()
+    assert prepare_data.main(args) == 0 and (out / "val.bin").read_bytes() == text.read_bytes()
+    assert "val.bin: up to date" not in capsys.readouterr().out  # no record, so not known to be done
+
+
+def test_stale_record_never_vouches_for_a_new_bin(tmp_path, monkeypatch, capsys):
+    """While a .bin is rebuilt from other sources, its old record is gone: a run stopped
+    after the new .bin and before its record rebuilds, never skips with the old one."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_bytes(b"first " * 50)
+    b.write_bytes(b"other " * 50)  # the same size
+    out = tmp_path / "out"
+    assert prepare_data.main(["--out-dir", str(out), "--input-train", str(a), "--input-val", str(a)]) == 0
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare_data.json, "dump", disk_full)
+        assert prepare_data.main(["--out-dir", str(out), "--input-train", str(b), "--input-val", str(a)]) == 1
+    assert (out / "train.bin").read_bytes() == b.read_bytes() and not (out / "train.bin.json").exists()
+    assert prepare_data.main(["--out-dir", str(out), "--input-train", str(a), "--input-val", str(a)]) == 0
+    assert (out / "train.bin").read_bytes() == a.read_bytes()
 
 
 def test_reordered_inputs_rebuild_the_bin(tmp_path, capsys):
@@ -411,6 +702,97 @@ def test_prepare_input_faults_are_one_line(tmp_path, capsys):
     assert "not a URL" in error_of("--out-dir", tmp_path / "o", "--url-base", "huggingface.co/x")
     assert "is a file" in error_of("--out-dir", text, "--input-train", text, "--input-val", text)
     assert "no such file" in error_of("--out-dir", tmp_path / "o", "--input-train", tmp_path, "--input-val", text)
+
+
+def test_every_input_is_checked_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    text, empty = tmp_path / "t.txt", tmp_path / "empty.txt"
+    text.write_bytes(made_up_text(3))
+    empty.write_bytes(b"")
+    out = tmp_path / "o"
+
+    def error_of(train, val):
+        err = one_error_line(capsys, prepare_data.main(["--out-dir", str(out), "--input-train", *map(str, train),
+                                                        "--input-val", str(val)]))
+        assert not out.exists() or os.listdir(out) == [], os.listdir(out)  # nothing written
+        return err
+
+    assert "nope.txt: no such file" in error_of([text], tmp_path / "nope.txt")  # found before train.bin is written
+    assert "empty" in error_of([empty], text) and "empty" in error_of([text], empty)
+    assert "empty" in error_of([empty, empty], text)
+    real_open = open
+
+    def unreadable(path, *args, **kwargs):
+        if str(path) == str(tmp_path / "secret.txt"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    (tmp_path / "secret.txt").write_bytes(made_up_text(2))
+    monkeypatch.setattr(prepare_data, "open", unreadable, raising=False)
+    assert "Permission denied" in error_of([text], tmp_path / "secret.txt")
+
+
+def test_an_unwritable_out_dir_is_reported_as_it_is(tmp_path, monkeypatch, capsys):
+    """The clean-up of a partial file that never came to be must not replace the real
+    error (here: no permission to create files in --out-dir) by its own."""
+    text = tmp_path / "t.txt"
+    text.write_bytes(made_up_text(3))
+    real_open = open
+
+    def read_only_folder(path, mode="r", *args, **kwargs):
+        if "w" in mode or "a" in mode:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(prepare_data, "open", read_only_folder, raising=False)
+    err = one_error_line(capsys, prepare_data.main(["--out-dir", str(tmp_path / "o"), "--input-train", str(text),
+                                                    "--input-val", str(text)]))
+    assert "Permission denied" in err and "train.bin.tmp" in err and "No such file" not in err
+
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_in_prepare_data_is_one_line_and_leaves_nothing_half_done(tmp_path, monkeypatch, capsys):
+    text = tmp_path / "t.txt"
+    text.write_bytes(made_up_text(5))
+    out = tmp_path / "o"
+    args = ["--out-dir", str(out), "--input-train", str(text), "--input-val", str(text)]
+    copy = prepare_data.copy_counting_stories
+
+    def interrupted_after_writing(chunks, f, bar):
+        f.write(b"half of it")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare_data, "copy_counting_stories", interrupted_after_writing)
+    assert prepare_data.main(args) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1].split("\r")[-1]  # after the progress bar
+    assert err.startswith("interrupted") and "Traceback" not in err
+    assert os.listdir(out) == []  # no partial .bin, .tmp or .json
+    monkeypatch.setattr(prepare_data, "copy_counting_stories", copy)
+    assert prepare_data.main(args) == 0
+    monkeypatch.setattr(prepare_data.json, "dump", interrupt)  # between the .bin and its record
+    (out / "val.bin.json").unlink()
+    assert prepare_data.main(args) == 130
+    assert sorted(os.listdir(out)) == ["train.bin", "train.bin.json", "val.bin"]  # no record: rebuilt next time
+
+
+def test_ctrl_c_in_a_download_leaves_it_resumable(tmp_path, http_server, monkeypatch, capsys):
+    train, val = made_up_text(30, seed=5), made_up_text(10, seed=6)
+    RangeHandler.FILES = {prepare_data.TRAIN_FILE: train, prepare_data.VAL_FILE: val}
+    monkeypatch.setattr(prepare_data, "CHUNK", 1000)
+
+    class InterruptedBar(prepare_data.tqdm):  # Ctrl-C after the second chunk of the train text
+        def update(self, n=1):
+            super().update(n)
+            if self.desc == prepare_data.TRAIN_FILE and self.n >= 2000:
+                raise KeyboardInterrupt
+    monkeypatch.setattr(prepare_data, "tqdm", InterruptedBar)
+    out = tmp_path / "data"
+    assert prepare_data.main(["--out-dir", str(out), "--url-base", http_server]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+    assert (out / (prepare_data.TRAIN_FILE + ".part")).read_bytes() == train[:2000]
+    monkeypatch.undo()
+    RangeHandler.ranges.clear()
+    assert prepare_data.main(["--out-dir", str(out), "--url-base", http_server]) == 0
+    assert RangeHandler.ranges == [(2000, None)] and (out / "train.bin").read_bytes() == train
 
 
 def test_download_errors_are_one_line(tmp_path, http_server, capsys):
@@ -878,6 +1260,25 @@ def test_gpu_matches_cpu(gpu):
         assert relative_error(gpu.asnumpy(gpu_grads[name]).astype(np.float64), grads[name].astype(np.float64)) < 2e-2, name
 
 
+def test_gpu_adam_launcher_matches_plain_adam(stand_in):
+    """mora.adam_update on device arrays (the launcher: its bias corrections and
+    argument order) against the plain update, with beta1 != beta2, over several
+    steps, on gradients from 1e-9 (where eps shows) to 1."""
+    rng = np.random.default_rng(5)
+    n = 300
+    p = rng.standard_normal(n).astype(np.float32)
+    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    on_device = [stand_in.asarray(a) for a in (p, m, v)]
+    scale = 10.0 ** rng.uniform(-9, 0, n)
+    for step in range(1, 5):
+        g = (rng.standard_normal(n) * scale).astype(np.float32)
+        mora.adam_update(p, g, m, v, step, 0.01, 0.8, 0.95, 1e-8)
+        mora.adam_update(on_device[0], stand_in.asarray(g), on_device[1], on_device[2], step, 0.01, 0.8, 0.95, 1e-8)
+        assert np.allclose(on_device[0].get(), p, rtol=1e-5, atol=1e-6), step
+        # float32 rounding relative to each entry's own scale (m, v may cancel to near 0)
+        assert np.all(np.abs(on_device[1].get() - m) <= 1e-5 * scale) and np.all(np.abs(on_device[2].get() - v) <= 1e-5 * scale ** 2)
+
+
 def fused_against_plain(device):
     """(loss difference, worst relative gradient gap) between the fused kernels and the
     plain array code, both on `device`, for a model whose every path matters."""
@@ -1235,6 +1636,19 @@ def test_mixer_kernels_match_plain_twin(kernels_on_cpu, real_blocks):
     assert room.untouched()
 
 
+def test_mixer_kernel_computes_the_equations(kernels_on_cpu):
+    rng = np.random.default_rng(9)
+    T, B, d = 10, 2, 4
+    vbq, mix, c0, sum0 = (rng.standard_normal(shape).astype(np.float32) for shape in [(T, B, 3 * d), 3, (B, d), (B, d)])
+    out = {k: np.zeros((T, B, d), np.float32) for k in ("gated", "c", "a")}
+    last = {k: np.zeros((B, d), np.float32) for k in ("c", "sum")}
+    kernels_on_cpu("mixer_forward", B * d, vbq, mix, c0, sum0, 3.0, T, B, d, out["gated"], out["c"], out["a"],
+                   last["c"], last["sum"])
+    gated, (c_last, sum_last, _) = reference_mixer(vbq, mix.astype(np.float64), c0, sum0, 3)
+    assert np.allclose(out["gated"], gated, atol=1e-5) and np.allclose(last["c"], c_last, atol=1e-5)
+    assert np.allclose(last["sum"], sum_last, atol=1e-5)
+
+
 @LAUNCHES
 def test_layernorm_kernels_match_plain_twin(kernels_on_cpu, real_blocks):
     rng, room = np.random.default_rng(1), Buffers()
@@ -1246,6 +1660,39 @@ def test_layernorm_kernels_match_plain_twin(kernels_on_cpu, real_blocks):
     kernels_on_cpu("layernorm_backward", rows, room.input(dy), kernel_xhat, rstd, rows, d, kernel_dx, block=block)
     assert np.allclose(kernel_xhat, xhat, atol=1e-5) and np.allclose(rstd, cache[1], rtol=1e-5)
     assert np.allclose(kernel_dx, mora.layernorm_backward(dy, cache)[0], atol=1e-5) and room.untouched()
+
+
+
+def test_kernels_compute_layernorm_and_gelu_by_their_definitions(kernels_on_cpu):
+    """The kernels' LN_EPS and GELU constants against the written-out definitions,
+    on rows whose variance is about eps (so that eps shows)."""
+    rng = np.random.default_rng(8)
+    rows, d = 6, 5
+    h = (0.01 + math.sqrt(1e-5) * rng.standard_normal((rows, d))).astype(np.float32)
+    xhat, rstd = np.zeros((rows, d), np.float32), np.zeros((rows, 1), np.float32)
+    kernels_on_cpu("layernorm_forward", rows, h, rows, d, xhat, rstd)
+    assert np.allclose(xhat, reference_layernorm(h), atol=1e-5)
+    p, _, _ = block_case(d, rows)
+    out = kernel_outputs(rows, u=d, xhat=d, rstd=1, vzq=3 * d)
+    kernels_on_cpu("block_input_forward", rows, h, p["ln1.g"], p["ln1.b"], p["w_in"], p["b_in"], rows,
+                   out["u"], out["xhat"], out["rstd"], out["vzq"], width=d)
+    u = reference_layernorm(h, p["ln1.g"], p["ln1.b"])
+    assert np.allclose(out["u"], u, atol=1e-5) and np.allclose(out["vzq"], u @ p["w_in"] + p["b_in"], atol=1e-5)
+    gated = (1e-3 * rng.standard_normal((rows, d))).astype(np.float32)
+    out = kernel_outputs(rows, h_out=d, xhat=d, rstd=1, u2=d, pre=2 * d, t=2 * d, act=2 * d)
+    kernels_on_cpu("block_output_forward", rows, h, gated, p["w_out"], p["b_out"] * 0, p["ln2.g"], p["ln2.b"], p["w_up"],
+                   p["b_up"], p["w_down"], p["b_down"], rows, out["h_out"], out["xhat"], out["rstd"], out["u2"],
+                   out["pre"], out["t"], out["act"], width=d)
+    h_mid = h + gated.astype(np.float64) @ p["w_out"]  # b_out 0: the variance stays about eps
+    pre = reference_layernorm(h_mid, p["ln2.g"], p["ln2.b"]) @ p["w_up"] + p["b_up"]
+    assert np.allclose(out["xhat"], reference_layernorm(h_mid), atol=1e-5)
+    assert np.allclose(out["pre"], pre, atol=1e-5) and np.allclose(out["act"], reference_gelu(out["pre"].astype(np.float64)), rtol=1e-6, atol=1e-6)
+    assert np.allclose(out["h_out"], h_mid + reference_gelu(pre) @ p["w_down"] + p["b_down"], atol=1e-5)
+
+
+def kernel_outputs(rows, **widths):
+    """Zeroed (rows, k) float32 output buffers, by name."""
+    return {name: np.zeros((rows, k), np.float32) for name, k in widths.items()}
 
 
 def block_case(d, rows, seed=2):
@@ -1428,6 +1875,23 @@ def test_resume_keeps_the_run_settings_and_can_run_longer(data_dir, tmp_path, ca
     assert mora.load_checkpoint(str(ckpt))[2]["step"] == 8
 
 
+def test_records_do_not_overlap_and_targets_are_the_next_bytes(tmp_path):
+    T = 8
+    data = (np.arange(10 * (T + 1) + 5) * 7 % 251).astype(np.uint8)  # no byte equals the next
+    data.tofile(tmp_path / "d.bin")
+    records = mora.open_records(str(tmp_path / "d.bin"), T)
+    assert np.array_equal(records, data[:10 * (T + 1)].reshape(10, T + 1))  # back to back, the tail dropped
+    rows = np.array([7, 2, 5, 0])
+    x, y = mora.make_batch(records, rows, np)
+    assert x.shape == y.shape == (4, T) and x.dtype == y.dtype == np.int32
+    found = []
+    for xi, yi in zip(x, y):  # each row: a record's first T bytes, and the T bytes after each of them
+        r = next(r for r in rows if np.array_equal(xi, records[r, :T]))
+        assert np.array_equal(yi, records[r, 1:])
+        found.append(r)
+    assert sorted(found) == sorted(rows)
+
+
 def test_each_epoch_is_reshuffled_by_seed_and_epoch_alone(data_dir, tmp_path, monkeypatch):
     n = 50
     assert np.array_equal(mora.epoch_order(n, 3, 1), np.random.default_rng([3, 1]).permutation(n))
@@ -1575,6 +2039,47 @@ def test_plot_log_draws_and_refuses_bad_logs(tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             plot_log.main([str(bad), "--out", str(tmp_path / "x.svg")])
         assert str(exit_info.value.code).startswith("error: ")
+
+
+def test_plot_log_flags_and_output_faults_are_one_line(tmp_path, capsys):
+    import plot_log
+    import xml.dom.minidom
+    log = tmp_path / "m.csv"
+    log.write_text("step,bytes,lr,loss,bpb,accuracy,grad_norm,ms_per_step,val_loss,val_bpb,val_accuracy\n"
+                   "1,100,0.1,2,3.0,0,1,1,,,\n2,200,0.1,2,2.9,0,1,1,2,2.8,0\n")
+    out = str(tmp_path / "c.svg")
+    for flags in (["--smooth", "0"], ["--smooth", "-1"], ["--ymax", "nan"], ["--ymax", "inf"], ["--ymax", "0"],
+                  ["--labels", "one"], ["--labels", "a", "b", "c"]):  # two logs below: one label each
+        with pytest.raises(SystemExit) as exit_info:
+            plot_log.main([str(log), str(log), "--out", out, *flags])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "usage" in err and "Traceback" not in err, flags
+    assert not os.path.exists(out)
+    (tmp_path / "folder.svg").mkdir()
+    for unwritable in (tmp_path / "folder.svg", tmp_path / "none" / "c.svg"):
+        with pytest.raises(SystemExit) as exit_info:
+            plot_log.main([str(log), "--out", str(unwritable)])
+        assert str(exit_info.value.code).startswith("error: ") and str(unwritable) in str(exit_info.value.code)
+    plot_log.main([str(log), str(log), "--out", out, "--labels", "a & b", "<c>", "--title", "MORA <small> & co"])
+    svg = open(out).read()
+    xml.dom.minidom.parseString(svg)  # well-formed: the title and labels are escaped
+    assert "nan" not in svg and svg.count("<polyline") == 2 and "a &amp; b" in svg
+
+
+def test_bench_torch_helps_without_torch_and_says_what_to_install(monkeypatch, capsys):
+    """bench_torch.py is optional: without PyTorch (hidden here, whether or not it is
+    installed) --help still works and a command says `pip install torch` in one line."""
+    import importlib.util
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    spec = importlib.util.spec_from_file_location("bench_torch_without_torch", os.path.join(HERE, "bench_torch.py"))
+    bench_torch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_torch)
+    for flags in (["--help"], ["speed", "--help"], ["lstm", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_torch.main(flags)
+        assert exit_info.value.code == 0 and "usage" in capsys.readouterr().out
+    for command in ("check", "speed", "lstm"):
+        assert "pip install torch" in one_error_line(capsys, bench_torch.main([command]))
 
 
 def test_bench_counts_kernel_launches_on_the_stand_in(stand_in, capsys):
