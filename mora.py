@@ -226,6 +226,14 @@ def trainable_mask(cfg):
     return masks
 
 
+def trainable_vector(cfg, xp):
+    """trainable_mask as one flat vector on xp, in the parameters' order; None when
+    every parameter learns (no ablation), so that a step spends nothing on it."""
+    if ABLATIONS[cfg.ablate] is None:
+        return None
+    return xp.asarray(flatten(trainable_mask(cfg), list(param_shapes(cfg))))
+
+
 # ----------------------------------------------------------------------------
 # Layers: each forward returns (out, cache); its backward, right below, takes
 # (dout, cache) and returns the gradients.  The cache holds only what the
@@ -781,7 +789,7 @@ class Run:
     val_records: np.ndarray
     flat: object  # every parameter in one vector (xp array)
     params: dict  # name -> view into flat
-    trainable: object  # flat 0/1 mask: 0 where an ablation holds a parameter at zero
+    trainable: object  # flat 0/1 mask: 0 where an ablation holds a parameter at zero (None: no ablation)
     adam_m: object
     adam_v: object
 
@@ -1055,9 +1063,10 @@ def start_or_resume(args, xp):
         settings.max_steps = settings.epochs * steps_per_epoch
     if settings.warmup is None:
         settings.warmup = default_warmup(settings.max_steps)
-    trainable = xp.asarray(flatten(trainable_mask(cfg), list(param_shapes(cfg))))
+    trainable = trainable_vector(cfg, xp)
     flat, params = flat_parameters(params_np, xp)
-    flat *= trainable  # ablated parameters start (and stay) at 0
+    if trainable is not None:
+        flat *= trainable  # ablated parameters start (and stay) at 0
     adam_m = xp.asarray(adam_state.get("adam.m", np.zeros(flat.shape, np.float32)))
     adam_v = xp.asarray(adam_state.get("adam.v", np.zeros(flat.shape, np.float32)))
     return Run(cfg, settings, step, train_records, val_records, flat, params, trainable, adam_m, adam_v)
@@ -1468,7 +1477,7 @@ def time_training_steps(cfg, xp, slices, steps):
     floor's GB/s, launches (where counted), memory."""
     flat, params = flat_parameters(init_params(cfg, 0), xp)
     adam_m, adam_v = xp.zeros_like(flat), xp.zeros_like(flat)
-    trainable = xp.asarray(flatten(trainable_mask(cfg), list(param_shapes(cfg))))
+    trainable = trainable_vector(cfg, xp)
     gradient = batch_gradient if slices is None else slices.gradient
     records = np.random.default_rng(0).integers(0, V, (cfg.batch_size, cfg.seq_len + 1), dtype=np.uint8)
     settings, seconds = TrainSettings(), []
