@@ -6,10 +6,12 @@ write rate, a running mean of everything seen so far, and the delta e (what the
 memory did not expect).  A block is a recurrence, so generation costs O(1) per byte
 with no context limit.  The model is 284,184 parameters at width 64 with 8 blocks.
 
-This file is the whole model: forward and backward of every layer (no autograd),
-Adam, batches from a byte file, training, evaluation, sampling and checkpoints.
-It is not a framework and has no autograd; the backward pass is the point.  The
-CUDA kernels that make the GPU fast come last, after the maths they speed up.
+This file is the whole model: forward and backward of every layer, Adam, batches
+from a byte file, the training loop, sampling and evaluation, in that order.  It is
+not a framework and has no autograd; the backward pass is the point.  After the
+lesson comes a marked part that makes it a program to train with for hours
+(checkpoints, resume, signals, the log, CPU threads, the command line), and last the
+CUDA kernels that make the GPU fast, after the maths they speed up.
 
     python prepare_data.py            # TinyStories -> data/train.bin, data/val.bin
     python mora.py train              # one epoch of the small model
@@ -51,8 +53,9 @@ class UserError(Exception):
 
 
 # ----------------------------------------------------------------------------
-# Array backend: xp is numpy or cupy, chosen by the arrays themselves.
-
+# Array backend: xp is numpy or cupy, chosen by the arrays themselves, so one code
+# path serves both.  `select_backend` (in "Running it for real") sets `cupy` when
+# the command asks for a GPU and one works.
 
 cupy = None  # the CuPy module, once select_backend has found a GPU that works
 
@@ -64,64 +67,6 @@ def array_module(a):
 
 def to_numpy(a):
     return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
-NO_CUPY = "CuPy is not installed (pip install 'cupy-cuda12x[ctk]', see README)"
-
-
-def gpu_problem(widths=()):
-    """None when CuPy can run here (then the global `cupy` is set), else why not.
-    Tries a small matmul and compiles the kernels, the block kernels for each model
-    width in `widths`, so that a driver without the CUDA libraries, or a width whose
-    kernels do not compile, fails here, in one line, rather than at its first launch
-    in the middle of a run.  Matmuls run in TensorFloat-32 unless the user set
-    CUPY_TF32=0 (CuPy reads it once, at the process's first float32 matmul)."""
-    global cupy
-    os.environ.setdefault("CUPY_TF32", "1")
-    try:
-        import cupy as module
-    except ImportError:
-        return NO_CUPY
-    try:
-        if module.cuda.runtime.getDeviceCount() < 1:
-            return "CuPy finds no CUDA GPU"
-        cupy = module
-        ones = cupy.ones((4, 4), dtype=np.float32)
-        float((ones @ ones).sum())
-        cuda_module().get_function("adam_update")  # CuPy compiles a module when first asked for a kernel
-        for width in widths:
-            cuda_module(width).get_function("block_input_forward")
-    except Exception as exc:  # CuPy raises driver- and library-specific errors here
-        cupy = None
-        first_line = (str(exc).splitlines() or [""])[0][:160]
-        return f"CuPy cannot use the GPU ({exc.__class__.__name__}: {first_line})"
-    return None
-
-
-def select_backend(device, widths=()):
-    """'cpu' -> numpy; 'gpu' -> cupy (an error saying why if it cannot run);
-    'auto' -> cupy when a GPU works, else numpy.  widths: the model widths the
-    command runs, whose kernels are compiled now."""
-    if device == "cpu":
-        return np
-    problem = gpu_problem(widths)
-    if problem is None:
-        return cupy
-    if device == "gpu":
-        raise UserError(f"--device gpu: {problem}; run with --device cpu instead")
-    if problem != NO_CUPY:  # CuPy is there but cannot work: say why the CPU it is
-        print(f"note: --device auto uses the CPU: {problem}", file=sys.stderr)
-    return np
-
-
-def describe_backend(xp, slices=None):
-    if xp is np:
-        blas = os.environ.get("OPENBLAS_NUM_THREADS", "?")
-        threads, count = (slices.threads, slices.count) if slices else (1, 1)
-        return (f"numpy {np.__version__} on the CPU: the batch in {count} slice{'s' * (count > 1)} over {threads} "
-                f"thread{'s' * (threads > 1)} x {blas} BLAS thread (of {os.cpu_count()} cores)")
-    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-    return f"cupy {cupy.__version__} on {props['name'].decode()} (TF32 matmuls: CUPY_TF32={os.environ.get('CUPY_TF32')})"
 
 
 # ----------------------------------------------------------------------------
@@ -937,6 +882,67 @@ def evaluate_stream(params, data, seq_len, progress=False):
 # program people can train with for hours: checkpoints and their checks, resume
 # rules, a lock against a second writer, stop signals, the log, the progress bar,
 # CPU threads, memory checks, the benchmark and the command line.
+
+
+# ----------------------------------------------------------------------------
+# Choosing the device: CuPy where it can work, else NumPy, said in one line.
+
+NO_CUPY = "CuPy is not installed (pip install 'cupy-cuda12x[ctk]', see README)"
+
+
+def gpu_problem(widths=()):
+    """None when CuPy can run here (then the global `cupy` is set), else why not.
+    Tries a small matmul and compiles the kernels, the block kernels for each model
+    width in `widths`, so that a driver without the CUDA libraries, or a width whose
+    kernels do not compile, fails here, in one line, rather than at its first launch
+    in the middle of a run.  Matmuls run in TensorFloat-32 unless the user set
+    CUPY_TF32=0 (CuPy reads it once, at the process's first float32 matmul)."""
+    global cupy
+    os.environ.setdefault("CUPY_TF32", "1")
+    try:
+        import cupy as module
+    except ImportError:
+        return NO_CUPY
+    try:
+        if module.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy finds no CUDA GPU"
+        cupy = module
+        ones = cupy.ones((4, 4), dtype=np.float32)
+        float((ones @ ones).sum())
+        cuda_module().get_function("adam_update")  # CuPy compiles a module when first asked for a kernel
+        for width in widths:
+            cuda_module(width).get_function("block_input_forward")
+    except Exception as exc:  # CuPy raises driver- and library-specific errors here
+        cupy = None
+        first_line = (str(exc).splitlines() or [""])[0][:160]
+        return f"CuPy cannot use the GPU ({exc.__class__.__name__}: {first_line})"
+    return None
+
+
+def select_backend(device, widths=()):
+    """'cpu' -> numpy; 'gpu' -> cupy (an error saying why if it cannot run);
+    'auto' -> cupy when a GPU works, else numpy.  widths: the model widths the
+    command runs, whose kernels are compiled now."""
+    if device == "cpu":
+        return np
+    problem = gpu_problem(widths)
+    if problem is None:
+        return cupy
+    if device == "gpu":
+        raise UserError(f"--device gpu: {problem}; run with --device cpu instead")
+    if problem != NO_CUPY:  # CuPy is there but cannot work: say why the CPU it is
+        print(f"note: --device auto uses the CPU: {problem}", file=sys.stderr)
+    return np
+
+
+def describe_backend(xp, slices=None):
+    if xp is np:
+        blas = os.environ.get("OPENBLAS_NUM_THREADS", "?")
+        threads, count = (slices.threads, slices.count) if slices else (1, 1)
+        return (f"numpy {np.__version__} on the CPU: the batch in {count} slice{'s' * (count > 1)} over {threads} "
+                f"thread{'s' * (threads > 1)} x {blas} BLAS thread (of {os.cpu_count()} cores)")
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    return f"cupy {cupy.__version__} on {props['name'].decode()} (TF32 matmuls: CUPY_TF32={os.environ.get('CUPY_TF32')})"
 
 
 # ----------------------------------------------------------------------------
