@@ -1517,7 +1517,7 @@ def bench(args):
     if args.report:
         configs = [Config(**dict(asdict(configs[0]), **SIZES[size])) for size in ("small", "large")]
     xp = select_backend(args.device, sorted({cfg.d_model for cfg in configs}))
-    slices = cpu_slices(xp, args.threads)
+    slices = cpu_slices(xp, args.threads, args.slices)
     if slices:
         keep_freed_memory()
     if args.report:
@@ -1659,6 +1659,7 @@ def add_eval_flags(p):
 
 def add_bench_flags(p):
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps (default 10)")
+    p.add_argument("--slices", type=positive_int, help="cut each batch into this many slices on the CPU (default: one per thread)")
     p.add_argument("--report", action="store_true", help="the small and the large model, as a table (docs/gpu.md)")
 
 
