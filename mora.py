@@ -23,6 +23,7 @@ import argparse
 import codecs
 import csv
 import functools
+import hashlib
 import json
 import math
 import os
@@ -780,15 +781,19 @@ class Run:
     trainable: object  # flat 0/1 mask: 0 where an ablation holds a parameter at zero
     adam_m: object
     adam_v: object
+    data_files: dict  # what it trains and validates on: "train.bin" and "val.bin" -> data_fingerprint
+    saved_step: int = None  # the step of this run's checkpoint on disk (None: none saved yet)
 
     def meta(self):
         epoch, position = divmod(self.step, len(self.train_records) // self.cfg.batch_size)
         return {"config": asdict(self.cfg), "step": self.step, "train": asdict(self.settings),
                 "data": {"train_records": len(self.train_records), "epoch": epoch, "batch_in_epoch": position,
-                         "order": "numpy default_rng([seed, epoch]).permutation(train_records)"}}
+                         "order": "numpy default_rng([seed, epoch]).permutation(train_records)",
+                         "files": self.data_files}}
 
     def save(self, path):
         save_checkpoint(path, self.params, self.meta(), self.adam_m, self.adam_v)
+        self.saved_step = self.step
 
 
 def train_loop(run, end, ckpt, log, stop, slices=None):
@@ -1039,11 +1044,7 @@ def start_or_resume(args, xp):
         cfg, settings, step, meta = model_config(args), TrainSettings(**chosen), 0, None
         check_memory(cfg, xp)
         params_np, adam_state = init_params(cfg, settings.seed, mix=settings.mix_init), {}
-    train_records = open_records(os.path.join(args.data_dir, "train.bin"), cfg.seq_len)
-    val_records = open_records(os.path.join(args.data_dir, "val.bin"), cfg.seq_len)
-    if meta and meta["data"]["train_records"] != len(train_records):
-        raise UserError(f"--resume: {args.ckpt} was trained on {meta['data']['train_records']:,} records, "
-                        f"{args.data_dir}/train.bin now has {len(train_records):,}: point --data-dir at the data it was trained on")
+    train_records, val_records, data_files = open_run_data(args, cfg, meta)
     steps_per_epoch = len(train_records) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"train.bin has {len(train_records)} records of {cfg.seq_len + 1} bytes, fewer than one batch of {cfg.batch_size}: lower --batch-size or --seq-len")
@@ -1056,7 +1057,48 @@ def start_or_resume(args, xp):
     flat *= trainable  # ablated parameters start (and stay) at 0
     adam_m = xp.asarray(adam_state.get("adam.m", np.zeros(flat.shape, np.float32)))
     adam_v = xp.asarray(adam_state.get("adam.v", np.zeros(flat.shape, np.float32)))
-    return Run(cfg, settings, step, train_records, val_records, flat, params, trainable, adam_m, adam_v)
+    return Run(cfg, settings, step, train_records, val_records, flat, params, trainable, adam_m, adam_v, data_files,
+               saved_step=step if args.resume else None)
+
+
+# A train.bin of gigabytes is not hashed whole at every start and resume: a file rebuilt
+# with other content (other texts, or the same stories in another order) differs in
+# nearly every block, so the size and a few sampled blocks tell it apart at once.
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK_BYTES = 16, 4096
+
+
+def data_fingerprint(path):
+    """A file's size and the SHA-256 of FINGERPRINT_BLOCKS blocks of 4 KiB spread evenly
+    over it, the first and the last included."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for offset in np.linspace(0, max(0, size - FINGERPRINT_BLOCK_BYTES), FINGERPRINT_BLOCKS).astype(np.int64):
+            f.seek(int(offset))
+            digest.update(f.read(FINGERPRINT_BLOCK_BYTES))
+    return {"bytes": size, "sampled_sha256": digest.hexdigest()}
+
+
+def open_run_data(args, cfg, meta):
+    """train.bin and val.bin of --data-dir as records, and their fingerprints.  On
+    --resume (meta: the checkpoint's) only the run's own data is accepted: its step is
+    a cursor into train.bin's shuffled records, and its evaluations compare only on
+    the same val.bin.  A checkpoint that predates the fingerprints is checked by its
+    number of train records alone."""
+    records, files = {}, {}
+    recorded = (meta["data"].get("files") or {}) if meta else {}
+    for name in ("train.bin", "val.bin"):
+        path = os.path.join(args.data_dir, name)
+        records[name], files[name] = open_records(path, cfg.seq_len), data_fingerprint(path)
+        if name in recorded and recorded[name] != files[name]:
+            size = recorded[name]["bytes"]
+            differs = "other bytes of the same size" if size == files[name]["bytes"] else f"{files[name]['bytes']:,} bytes"
+            raise UserError(f"--resume: {args.ckpt} was trained on another {name} ({size:,} bytes) than {path} ({differs}): "
+                            f"point --data-dir at the data it was trained on")
+    if meta and meta["data"]["train_records"] != len(records["train.bin"]):
+        raise UserError(f"--resume: {args.ckpt} was trained on {meta['data']['train_records']:,} records, "
+                        f"{os.path.join(args.data_dir, 'train.bin')} now has {len(records['train.bin']):,}: point --data-dir at the data it was trained on")
+    return records["train.bin"], records["val.bin"], files
 
 
 def prepare_output(ckpt):

@@ -1160,6 +1160,34 @@ def test_resume_keeps_the_run_settings_and_can_run_longer(data_dir, tmp_path, ca
     assert mora.load_checkpoint(str(ckpt))[2]["step"] == 8
 
 
+def test_resume_refuses_other_data_of_the_same_size(tmp_path, capsys):
+    """train.bin rebuilt from the same files in another order (same size), or another val.bin, is refused;
+    a checkpoint written without a record of its data still resumes on data of the right size."""
+    stories = [tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "v.txt"]
+    for i, path in enumerate(stories):
+        path.write_bytes(made_up_text(40, seed=10 + i))
+
+    def prepare(out, train_files, val_file):
+        assert prepare_data.main(["--out-dir", str(out), "--input-train", *map(str, train_files), "--input-val", str(val_file)]) == 0
+        return out
+    data = prepare(tmp_path / "data", stories[:2], stories[2])
+    reordered = prepare(tmp_path / "reordered", stories[1::-1], stories[2])
+    other_val = prepare(tmp_path / "other_val", stories[:2], stories[0])
+    assert os.path.getsize(data / "train.bin") == os.path.getsize(reordered / "train.bin")
+    ckpt = tmp_path / "m.npz"
+    train = ["train", "--ckpt", ckpt, "--device", "cpu", "--eval-every", 0, "--no-final-eval"]
+    assert run_main(*train, "--data-dir", data, *TINY, "--max-steps", 6, "--stop-after", 2) == 0
+    capsys.readouterr()
+    for folder, name in ((reordered, "train.bin"), (other_val, "val.bin")):
+        err = one_error_line(capsys, run_main(*train, "--data-dir", folder, "--resume"))
+        assert "trained on" in err and name in err and "--data-dir" in err
+    cfg, params, meta, adam = mora.load_checkpoint(str(ckpt))
+    del meta["data"]["files"]  # as a checkpoint written before checkpoints recorded their data
+    mora.save_checkpoint(str(ckpt), params, meta, adam["adam.m"], adam["adam.v"])
+    assert run_main(*train, "--data-dir", reordered, "--resume", "--stop-after", 1) == 0  # only the size can be checked
+    assert mora.load_checkpoint(str(ckpt))[2]["step"] == 3
+
+
 def test_each_epoch_is_reshuffled_by_seed_and_epoch_alone(data_dir, tmp_path, monkeypatch):
     n = 50
     assert np.array_equal(mora.epoch_order(n, 3, 1), np.random.default_rng([3, 1]).permutation(n))
