@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -1313,11 +1314,23 @@ def train(args):
         if speed.steps:
             print(f"speed: {speed}")
         if stop.requested:
-            print(f"stopped: continue with `python mora.py train --resume --ckpt {args.ckpt}`")
+            print(f"stopped: continue with `{resume_command(args)}`")
             return 130
         if run.step == s.max_steps and s.final_eval:
             final_evaluation(run, slices, log)
     return 0
+
+
+def resume_command(args):
+    """The command that continues this run from here, quoted for the shell: the
+    checkpoint holds the run's settings; the data folder, device and threads are this
+    call's own."""
+    words = ["python", os.path.relpath(__file__), "train", "--resume", "--ckpt", args.ckpt, "--data-dir", args.data_dir]
+    if args.device != "auto":
+        words += ["--device", args.device]
+    if args.threads:
+        words += ["--threads", str(args.threads)]
+    return shlex.join(words)
 
 
 def final_evaluation(run, slices, log):

@@ -1129,6 +1129,31 @@ def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(data_dir, t
     assert mora.load_checkpoint(str(ckpt))[2]["step"] == 4  # the last save, untouched
 
 
+def test_the_printed_resume_command_works(data_dir, tmp_path, monkeypatch, capsys):
+    """After Ctrl-C the line to continue names the data folder, device and threads, quoted for the shell."""
+    import shlex
+    import shutil
+    import signal
+    data, ckpt = tmp_path / "other data", tmp_path / "my run" / "m.npz"
+    shutil.copytree(data_dir, data)
+    train_step = mora.train_step
+
+    def interrupted_at_step_2(*args, **kwargs):
+        if args[6] == 2:  # the step number
+            signal.raise_signal(signal.SIGINT)
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(mora, "train_step", interrupted_at_step_2)
+    assert run_main("train", "--data-dir", data, "--ckpt", ckpt, *TINY, "--device", "cpu", "--threads", 1,
+                    "--max-steps", 5, "--eval-every", 0, "--no-final-eval") == 130
+    words = shlex.split(capsys.readouterr().out.split("continue with `")[1].split("`")[0])
+    assert words[0] == "python" and os.path.samefile(words[1], mora.__file__) and words[2] == "train"
+    assert {"--data-dir": str(data), "--ckpt": str(ckpt), "--device": "cpu", "--threads": "1"}.items() <= dict(
+        zip(words[3:], words[4:])).items() and "--resume" in words
+    monkeypatch.setattr(mora, "train_step", train_step)
+    assert run_main(*words[2:]) == 0
+    assert mora.load_checkpoint(str(ckpt))[2]["step"] == 5
+
+
 def test_second_writer_is_refused_and_stale_locks_do_not_block(data_dir, tmp_path, capsys):
     ckpt = tmp_path / "m.npz"
     lock = mora.lock_checkpoint(str(ckpt))  # this process trains it
