@@ -24,6 +24,8 @@ import codecs
 import csv
 import functools
 import hashlib
+import io
+import itertools
 import json
 import math
 import os
@@ -941,6 +943,10 @@ def evaluate_stream(params, data, seq_len, progress=False):
 # mid-write never leaves a broken checkpoint.
 
 
+class SaveError(UserError):
+    """A checkpoint could not be written; the file at its path is as it was."""
+
+
 def save_checkpoint(path, params, meta, adam_m=None, adam_v=None):
     arrays = {name: to_numpy(p) for name, p in params.items()}
     if adam_m is not None:
@@ -954,8 +960,7 @@ def save_checkpoint(path, params, meta, adam_m=None, adam_v=None):
     except OSError as exc:  # disk full, say: the half-written file must not keep the disk full
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"cannot write the checkpoint {path} ({exc.strerror or exc}): the previous one is kept; "
-                        f"free some disk space, then continue with --resume")
+        raise SaveError(f"cannot write the checkpoint {path} ({exc.strerror or exc})") from exc
 
 
 def load_checkpoint(path):
@@ -1149,36 +1154,94 @@ LOG_FIELDS = ["step", "bytes", "lr", "loss", "bpb", "accuracy", "grad_norm", "ms
               "val_loss", "val_bpb", "val_accuracy", "val_stream_bpb"]
 
 
+class LogWriteError(UserError):
+    """The log could not be written (a full disk, say): the run still saves its checkpoint."""
+
+
+def csv_line(values):
+    """One CSV line, ending in '\n' (the csv module's own default is '\r\n')."""
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerow(values)
+    return text.getvalue()
+
+
+def log_line(row):
+    """A row of the log (a dict; columns left out are empty) as one CSV line."""
+    return csv_line([row.get(k, "") for k in LOG_FIELDS])
+
+
+def row_is_complete(header, row):
+    """A log row with every column of the header, a whole-number step, and numbers (or
+    nothing) in the other columns."""
+    if len(row) != len(header):
+        return False
+    try:
+        int(row[header.index("step")])
+        for value in filter(None, row):
+            float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def complete_rows(text):
+    """(the rows of a CSV log up to the first one cut short or unreadable, as dicts;
+    whether that is all of them; whether the text is a log at all).  The last row is
+    complete only if the text ends with its line end."""
+    lines = list(csv.reader(io.StringIO(text)))
+    header = lines[0] if lines else []
+    if "step" not in header or not set(header) <= set(LOG_FIELDS):
+        return [], False, False
+    rows = lines[1:] if text.endswith("\n") else lines[1:-1] + [[]]  # no line end: the last row was cut
+    good = list(itertools.takewhile(lambda row: row_is_complete(header, row), rows))
+    return [dict(zip(header, row)) for row in good], len(good) == len(rows), True
+
+
 class TrainingLog:
-    """The CSV log beside the checkpoint: a row per step, flushed as it is written, so
-    the log never lags the checkpoint.  On --resume the rows after the checkpoint's
-    step (from a run that crashed after its last save) are dropped: the rows kept go
-    to a new file that replaces the old one in one rename, so no crash can leave the
-    log empty.  A log that cannot be read is set aside as .bad: never a reason not to
-    resume the weights."""
+    """The CSV log beside the checkpoint: a row per step, written unbuffered as it
+    happens, so the log never lags the checkpoint; a write that fails (a full disk) is
+    cut back, so the log never holds half a row.  On --resume the rows after the
+    checkpoint's step (from a run that crashed after its last save) are dropped: the
+    rows kept go to a new file that replaces the old one in one rename, so no crash can
+    leave the log empty.  A log with a row cut short or unreadable keeps the rows
+    before it, a file that is no log keeps none, and either is set aside whole as .bad:
+    never a reason not to resume the weights."""
 
     def __init__(self, path, step):
-        rows = []
-        if step > 0 and os.path.exists(path):
-            try:
-                with open(path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-            except (ValueError, KeyError, TypeError, csv.Error, UnicodeDecodeError) as exc:
-                os.replace(path, path + ".bad")
-                print(f"warning: {path} could not be read ({exc.__class__.__name__}); it is kept as {path}.bad "
-                      f"and a new log starts at step {step}", file=sys.stderr)
-                rows = []
+        self.path = path
+        rows = self.rows_to_keep(step) if step > 0 and os.path.exists(path) else []
         with open(path + ".tmp", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+            f.writelines([csv_line(LOG_FIELDS)] + [log_line(row) for row in rows])
         os.replace(path + ".tmp", path)
-        self.file = open(path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        self.file = open(path, "ab", buffering=0)
+
+    def rows_to_keep(self, step):
+        """The old log's complete rows up to `step`; the file set aside as .bad if any is not."""
+        with open(self.path, newline="", errors="replace") as f:
+            rows, complete, is_log = complete_rows(f.read())
+        if not complete:
+            os.replace(self.path, self.path + ".bad")
+            kept = f"the new log keeps the {len(rows)} rows before it" if is_log else f"a new log starts at step {step:,}"
+            what = f"row {len(rows) + 1} is cut short or unreadable" if is_log else "it is not a training log"
+            print(f"warning: {self.path}: {what}; it is kept as {self.path}.bad and {kept}", file=sys.stderr)
+        rows = [row for row in rows if int(row["step"]) <= step]
+        last = max((int(row["step"]) for row in rows), default=0)
+        if complete and last < step:  # a log that could not be written, say
+            print(f"warning: {self.path} has no rows for steps {last + 1:,} to {step:,}", file=sys.stderr)
+        return rows
 
     def write(self, row):
-        self.writer.writerow(row)
-        self.file.flush()
+        """Append one row.  However the write stops (a full disk, a second Ctrl-C), the
+        file is cut back to where the row began."""
+        line, start = log_line(row).encode(), self.file.tell()
+        try:
+            while line:
+                line = line[self.file.write(line):]  # an unbuffered write may take only part
+        except BaseException as exc:
+            self.file.truncate(start)
+            if isinstance(exc, OSError):
+                raise LogWriteError(f"cannot write the log {self.path} ({exc.strerror or exc})") from exc
+            raise
 
     def __enter__(self):
         return self
@@ -1308,8 +1371,7 @@ def train(args):
     warn_if_long(run, slices)
     with lock_checkpoint(args.ckpt), TrainingLog(log_path, run.step) as log:
         with StopSignals() as stop:
-            speed = train_loop(run, end, args.ckpt, log, stop, slices)
-            run.save(args.ckpt)
+            speed = train_and_save(run, end, args.ckpt, log, stop, slices)
         print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {log_path}")
         if speed.steps:
             print(f"speed: {speed}")
@@ -1319,6 +1381,38 @@ def train(args):
         if run.step == s.max_steps and s.final_eval:
             final_evaluation(run, slices, log)
     return 0
+
+
+def train_and_save(run, end, ckpt, log, stop, slices):
+    """train_loop, then a checkpoint at the step where it ended.  When the log or a
+    checkpoint cannot be written, one line says what is on disk and what to do; a log
+    that fails still gets the checkpoint saved (else the steps since the last one would
+    be lost), and the log keeps no half row (TrainingLog)."""
+    try:
+        speed = train_loop(run, end, ckpt, log, stop, slices)
+    except LogWriteError as exc:
+        save_or_explain(run, ckpt, problem=str(exc))
+        raise UserError(f"{exc}; the checkpoint {ckpt} is saved at step {run.step:,}: free some disk space, "
+                        f"then continue with --resume") from exc
+    except SaveError as exc:
+        raise UserError(f"{exc}: {what_is_saved(run, ckpt)}") from exc
+    save_or_explain(run, ckpt)
+    return speed
+
+
+def save_or_explain(run, ckpt, problem=None):
+    """run.save(ckpt), or one line: the problem before (if any), why the save failed, what is on disk."""
+    try:
+        run.save(ckpt)
+    except SaveError as exc:
+        raise UserError(f"{problem + '; ' if problem else ''}{exc}: {what_is_saved(run, ckpt)}") from exc
+
+
+def what_is_saved(run, ckpt):
+    """The last checkpoint of a run that cannot save (or its lack), and what to do."""
+    if run.saved_step is None:
+        return "no checkpoint of this run was saved; free some disk space, then start it again"
+    return f"{ckpt} still holds step {run.saved_step:,}; free some disk space, then continue with --resume"
 
 
 def resume_command(args):

@@ -403,10 +403,13 @@ def run_main(*args):
     return mora.main([str(a) for a in args])
 
 
-def one_error_line(capsys, exit_code):
-    """What a failed command printed: exit code 1 and one line 'error: ...', no traceback."""
+def one_error_line(capsys, exit_code, after_progress=False):
+    """What a failed command printed: exit code 1 and one line 'error: ...', no traceback
+    (after_progress: after the training's progress bar)."""
     assert exit_code == 1
     err = capsys.readouterr().err
+    if after_progress:
+        err = err.split("\r")[-1].split("\n", 1)[-1]
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     return err
 
@@ -1094,6 +1097,73 @@ def test_junk_log_does_not_block_resume(data_dir, tmp_path, capsys):
     assert logged_steps(log) == [3, 4, 5, 6]
 
 
+def test_a_cut_or_junk_log_is_set_aside_and_its_good_rows_kept(data_dir, tmp_path, capsys):
+    ckpt, log = tmp_path / "m.npz", tmp_path / "m.csv"
+    train = ["train", "--data-dir", data_dir, "--ckpt", ckpt, "--device", "cpu", "--eval-every", 0]
+    assert run_main(*train, *TINY, "--max-steps", 20, "--stop-after", 5) == 0
+    whole = log.read_bytes()
+    assert b"\r" not in whole  # plain '\n' line ends
+    lines = whole.splitlines(keepends=True)
+    damaged = {"cut mid-row": b"".join(lines[:4]) + lines[4][:9],  # rows 1-3, then half of row 4
+               "unparsable row": b"".join(lines[:4]) + b"4,x\x00,,\n" + lines[5],
+               "one line of junk": b"garbage\n"}
+    for kind, text in damaged.items():
+        log.write_bytes(text)
+        capsys.readouterr()
+        assert run_main(*train, "--resume", "--stop-after", 1) == 0, kind
+        err = capsys.readouterr().err
+        assert "kept as" in err and (tmp_path / "m.csv.bad").read_bytes() == text, kind
+        kept = [1, 2, 3] if kind != "one line of junk" else []
+        step = 5 + list(damaged).index(kind)
+        assert logged_steps(log) == kept + [step + 1], kind  # the good rows, then the resumed run's
+        assert log.read_bytes().endswith(b"\n") and b"\r" not in log.read_bytes()
+
+
+class FullDiskAfter:
+    """A file that takes `writes` more writes, then, as a full disk does, writes half of the next and fails."""
+    def __init__(self, file, writes):
+        self.file, self.writes = file, writes
+
+    def write(self, data):
+        if self.writes == 0:
+            self.file.write(data[:len(data) // 2])
+            self.file.flush()
+            raise OSError(28, "No space left on device")
+        self.writes -= 1
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def test_a_full_disk_under_the_log_still_saves_the_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    import builtins
+    ckpt, log = tmp_path / "m.npz", tmp_path / "m.csv"
+
+    def log_fills_the_disk(path, mode="r", *args, **kwargs):  # the log, opened to append, fills the disk at row 4
+        file = builtins.open(path, mode, *args, **kwargs)
+        return FullDiskAfter(file, 3) if str(path).endswith(".csv") and mode.startswith("a") else file
+    monkeypatch.setattr(mora, "open", log_fills_the_disk, raising=False)
+    train = ["train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--eval-every", 0,
+             "--max-steps", 10, "--ckpt-every", 100]
+    err = one_error_line(capsys, run_main(*train), after_progress=True)
+    assert str(log) in err and "No space left" in err and "saved at step 4" in err and "--resume" in err
+    assert mora.load_checkpoint(str(ckpt))[2]["step"] == 4  # the steps were not lost with the log
+    assert log.read_bytes().endswith(b"\n") and logged_steps(log) == [1, 2, 3]  # no half row
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "savez", disk_full)  # now the checkpoint cannot be written either
+    err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "n.npz"), after_progress=True)
+    assert "the log" in err and "the checkpoint" in err and "no checkpoint of this run was saved" in err
+    assert not os.path.exists(tmp_path / "n.npz")
+
+
 def test_sigterm_saves_like_ctrl_c(data_dir, tmp_path):
     import signal
     ckpt, log = tmp_path / "m.npz", tmp_path / "m.csv"
@@ -1243,12 +1313,23 @@ def test_file_system_faults_are_one_line(data_dir, tmp_path, capsys, monkeypatch
     (bad_data / "train.bin").mkdir(parents=True)
     assert "not a file" in error_of("train", "--data-dir", bad_data, "--ckpt", tmp_path / "x.npz", "--device", "cpu")
 
+    savez, saves = np.savez, []
+
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(np, "savez", disk_full)
     assert run_main(*train, "--ckpt", tmp_path / "full.npz") == 1
     err = capsys.readouterr().err.split("\r")[-1].split("\n", 1)[-1]  # after the progress bar
-    assert err.startswith("error: ") and err.count("\n") == 1 and "No space left" in err and "--resume" in err and not (tmp_path / "full.npz.tmp").exists()
+    assert err.startswith("error: ") and err.count("\n") == 1 and "No space left" in err and not (tmp_path / "full.npz.tmp").exists()
+    assert "no checkpoint of this run was saved" in err and "start it again" in err  # a first save: nothing to resume
+
+    def full_from_the_second_save(*args, **kwargs):
+        saves.append(args)
+        return savez(*args, **kwargs) if len(saves) == 1 else disk_full()
+    monkeypatch.setattr(np, "savez", full_from_the_second_save)
+    err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "later.npz", "--max-steps", 4, "--ckpt-every", 2),
+                         after_progress=True)
+    assert "still holds step 2" in err and "--resume" in err
 
 
 def test_sample_into_a_closed_pipe_is_quiet(data_dir, tmp_path):
