@@ -965,14 +965,21 @@ def save_checkpoint(path, params, meta, adam_m=None, adam_v=None):
 
 def load_checkpoint(path):
     """-> (Config, params as NumPy float32 arrays, meta dict, {"adam.m", "adam.v"} or {})."""
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder: --ckpt names the checkpoint file, e.g. {os.path.join(path, 'mora.npz')}")
+    if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: train one with `python mora.py train`, or pass --ckpt PATH")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        file = open(path, "rb")
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror}): check that it is yours to read") from exc
+    try:
+        with file, np.load(file, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
         meta = json.loads(str(arrays.pop("meta")))
-    except Exception as exc:  # zipfile, OSError, ValueError, KeyError, JSON: all mean "unreadable"
-        raise UserError(f"{path} is not a readable MORA checkpoint (truncated or corrupt? {exc.__class__.__name__}): retrain, or resume from another copy")
+    except Exception as exc:  # zipfile, ValueError, KeyError, JSON: the bytes are not a checkpoint
+        raise UserError(f"{path} is not a MORA checkpoint, or is cut short or corrupt ({exc.__class__.__name__}): "
+                        f"retrain, or use another copy")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} has checkpoint format {meta.get('format')!r}, this mora.py reads {CHECKPOINT_FORMAT!r}: use the mora.py that wrote it")
     try:
@@ -1110,6 +1117,8 @@ def open_run_data(args, cfg, meta):
 def prepare_output(ckpt):
     """Check, before step 1, that the checkpoint and its log can be written; returns
     the log's path.  A run that trains for hours must not fail at its first save."""
+    if not os.path.basename(ckpt):
+        raise UserError(f"--ckpt {shlex.quote(ckpt)} names no file: give a file name, e.g. checkpoints/mora.npz")
     log_path = os.path.splitext(ckpt)[0] + ".csv"
     if log_path == ckpt:
         raise UserError(f"--ckpt {ckpt} would be overwritten by its own log: name the checkpoint .npz")
@@ -1342,9 +1351,10 @@ def check_finite(run, loss, grad_norm, ckpt):
     for name, value in (("loss", loss), ("gradient norm", grad_norm)):
         if not math.isfinite(value):
             s = run.settings
+            saved = (f"{ckpt} holds the last good checkpoint (step {run.saved_step:,})" if run.saved_step is not None
+                     else f"no checkpoint of this run was saved before it (one is saved every {s.ckpt_every:,} steps)")
             raise UserError(f"the {name} became {value} at step {run.step}; likely causes: a learning rate too high "
-                            f"(--lr {s.lr:g}), an Adam beta2 too close to 1 ({s.beta2:g}), or a damaged train.bin. "
-                            f"{ckpt} holds the last good checkpoint")
+                            f"(--lr {s.lr:g}), an Adam beta2 too close to 1 ({s.beta2:g}), or a damaged train.bin. {saved}")
 
 
 # ----------------------------------------------------------------------------
@@ -1448,6 +1458,9 @@ def evaluate_checkpoint(args):
     xp = select_backend(args.device)
     cfg, params_np, meta, _ = load_checkpoint(args.ckpt)
     path = os.path.join(args.data_dir, f"{args.split}.bin")
+    if args.split == "test" and not os.path.exists(path):
+        raise UserError(f"{path} not found: prepare_data.py makes a test split for enwik8 alone (--dataset enwik8; "
+                        f"TinyStories has train and val): use --split val, or --data-dir the enwik8 folder")
     params = {k: xp.asarray(p) for k, p in params_np.items()}
     started = time.perf_counter()
     if args.stream:

@@ -1370,6 +1370,35 @@ def test_damaged_checkpoints_and_contradictions_are_one_line(data_dir, tmp_path,
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow on the way to NaN
+def test_errors_say_what_is_there(data_dir, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    def error_of(*args, after_progress=False):
+        return one_error_line(capsys, run_main(*args), after_progress)
+
+    train = ["train", "--data-dir", data_dir, *TINY, "--device", "cpu", "--eval-every", 0]
+    for ckpt in ("", str(tmp_path) + os.sep):
+        assert "names no file" in error_of(*train, "--ckpt", ckpt)  # before step 1, not at the first save
+    diverge = ["--max-steps", 50, "--lr", 1e30, "--warmup", 0, "--clip", 1e30]
+    err = error_of(*train, "--ckpt", tmp_path / "d.npz", *diverge, after_progress=True)
+    assert "no checkpoint of this run was saved" in err and "last good" not in err
+    ckpt = tmp_path / "m.npz"
+    assert run_main(*train, "--ckpt", ckpt, "--max-steps", 1) == 0
+    capsys.readouterr()
+    assert "is a folder" in error_of("sample", "--ckpt", tmp_path, "--device", "cpu")
+    err = error_of("eval", "--ckpt", ckpt, "--data-dir", data_dir, "--split", "test", "--device", "cpu")
+    assert "enwik8" in err and "--split val" in err  # prepare_data.py makes a test split for enwik8 alone
+
+    def unreadable(path, *args, **kwargs):
+        if str(path) == str(ckpt):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+    monkeypatch.setattr(mora, "open", unreadable, raising=False)
+    err = error_of("sample", "--ckpt", ckpt, "--device", "cpu")
+    assert "Permission denied" in err and "corrupt" not in err
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow on the way to NaN
 def test_divergence_names_the_value_and_the_likely_causes(data_dir, tmp_path, capsys):
     ckpt = tmp_path / "m.npz"
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 50,
