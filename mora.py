@@ -1260,21 +1260,36 @@ class TrainingLog:
 
 
 class StopSignals:
-    """Ctrl-C (SIGINT) and SIGTERM (`kill`, job schedulers) while training: the first
-    asks the loop to stop after the step under way, and says so at once; a second
-    stops at once (KeyboardInterrupt), leaving the last checkpoint as it was."""
+    """Ctrl-C (SIGINT), SIGTERM (`kill`, job schedulers) and SIGHUP (the terminal
+    closed) while training: the first asks the loop to stop after the step under way,
+    and says so at once; a second stops at once (KeyboardInterrupt), leaving the last
+    checkpoint as it was.  Once the run is saved for good (`saved`: its final
+    evaluation), the first stops at once: only the evaluation is lost."""
+    NAMES = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
 
     def __enter__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.requested, self.saved = False, False
+        self.terminals = [fd for fd in (1, 2) if os.isatty(fd)]
+        self.previous = {s: signal.signal(s, self.handle) for s in (getattr(signal, name) for name in self.NAMES)}
         return self
 
     def handle(self, signum, frame):
-        if self.requested:
+        if signum == getattr(signal, "SIGHUP", None):
+            self.leave_closed_terminals()
+        if self.requested or self.saved:
             raise KeyboardInterrupt
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: stopping after this step, then saving "
               f"(send it again to stop at once, without saving)", file=sys.stderr, flush=True)
+
+    def leave_closed_terminals(self):
+        """A closed terminal fails every write (EIO), which would end the run before it
+        saves: what was printed to it goes to the null device instead."""
+        for fd in self.terminals:
+            if not os.isatty(fd):  # a terminal that hung up answers no more
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, fd)
+                os.close(null)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -1364,13 +1379,38 @@ def check_finite(run, loss, grad_norm, ckpt):
 def train(args):
     xp = select_backend(args.device)
     log_path = prepare_output(args.ckpt)
-    run = start_or_resume(args, xp)
-    slices = cpu_slices(xp, args.threads, run.settings.slices)
-    if slices:
-        run.settings.slices = slices.count  # kept in the checkpoint: a resume slices the batch the same way
-        keep_freed_memory()
+    with lock_checkpoint(args.ckpt):  # first: a second run on this checkpoint stops before it prints anything
+        run = start_or_resume(args, xp)
+        if run.step >= run.settings.max_steps:
+            print(f"{args.ckpt} is finished: it stands at step {run.step:,}, the end of its run; to train it longer, "
+                  f"--resume with --max-steps N, N above {run.step:,}")
+            return 0
+        slices = cpu_slices(xp, args.threads, run.settings.slices)
+        if slices:
+            run.settings.slices = slices.count  # kept in the checkpoint: a resume slices the batch the same way
+            keep_freed_memory()
+        end = run.settings.max_steps if args.stop_after is None else min(run.settings.max_steps, run.step + args.stop_after)
+        print_plan(run, xp, slices, end)
+        with TrainingLog(log_path, run.step) as log, StopSignals() as stop:
+            speed = train_and_save(run, end, args.ckpt, log, stop, slices)
+            stop.saved = True  # a signal from here on stops at once: nothing is left to save
+            try:
+                print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {log_path}")
+                if speed.steps:
+                    print(f"speed: {speed}")
+                if stop.requested:
+                    raise KeyboardInterrupt
+                if run.step == run.settings.max_steps and run.settings.final_eval:
+                    final_evaluation(run, slices, log)
+            except KeyboardInterrupt:
+                print(stopped_line(run, args))
+                return 130
+    return 0
+
+
+def print_plan(run, xp, slices, end):
+    """Before step 1: the model, the data, the steps and the schedule of this call."""
     s = run.settings
-    end = s.max_steps if args.stop_after is None else min(s.max_steps, run.step + args.stop_after)
     print_summary(run.cfg, xp, slices)
     print(f"data: {len(run.train_records):,} train records of {run.cfg.seq_len + 1} bytes, "
           f"{len(run.train_records) // run.cfg.batch_size:,} steps per epoch; {len(run.val_records):,} val records")
@@ -1379,18 +1419,16 @@ def train(args):
     if run.cfg.ablate != "none":
         print(f"ablation {run.cfg.ablate}: {int(run.trainable.sum()):,} trainable parameters")
     warn_if_long(run, slices)
-    with lock_checkpoint(args.ckpt), TrainingLog(log_path, run.step) as log:
-        with StopSignals() as stop:
-            speed = train_and_save(run, end, args.ckpt, log, stop, slices)
-        print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {log_path}")
-        if speed.steps:
-            print(f"speed: {speed}")
-        if stop.requested:
-            print(f"stopped: continue with `{resume_command(args)}`")
-            return 130
-        if run.step == s.max_steps and s.final_eval:
-            final_evaluation(run, slices, log)
-    return 0
+
+
+def stopped_line(run, args):
+    """What a run stopped by a signal after its last save has on disk, and what is left to do."""
+    saved = f"stopped: {args.ckpt} is saved at step {run.step:,}"
+    if run.step < run.settings.max_steps:
+        return f"{saved}; continue with `{command_line(args, 'train', '--resume')}`"
+    if run.settings.final_eval:
+        return f"{saved}, the end of the run, without its final evaluation: `{command_line(args, 'eval')}` gives it"
+    return f"{saved}, the end of the run"
 
 
 def train_and_save(run, end, ckpt, log, stop, slices):
@@ -1425,11 +1463,10 @@ def what_is_saved(run, ckpt):
     return f"{ckpt} still holds step {run.saved_step:,}; free some disk space, then continue with --resume"
 
 
-def resume_command(args):
-    """The command that continues this run from here, quoted for the shell: the
-    checkpoint holds the run's settings; the data folder, device and threads are this
-    call's own."""
-    words = ["python", os.path.relpath(__file__), "train", "--resume", "--ckpt", args.ckpt, "--data-dir", args.data_dir]
+def command_line(args, *words):
+    """`python mora.py WORDS` for this run (its checkpoint, data folder, and the device
+    and threads where given), quoted for the shell; the checkpoint holds the rest."""
+    words = ["python", os.path.relpath(__file__), *words, "--ckpt", args.ckpt, "--data-dir", args.data_dir]
     if args.device != "auto":
         words += ["--device", args.device]
     if args.threads:

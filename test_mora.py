@@ -1176,6 +1176,61 @@ def test_sigterm_saves_like_ctrl_c(data_dir, tmp_path):
     assert saved >= 3 and logged_steps(log)[-1] == saved
 
 
+def test_a_closed_terminal_stops_and_saves_like_sigterm(data_dir, tmp_path):
+    """A run on a terminal that closes gets SIGHUP, and every write to the terminal fails
+    from then on: it still stops after the step, saves and exits 130."""
+    import pty
+    import select
+    import time
+    ckpt, log = tmp_path / "m.npz", tmp_path / "m.csv"
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: a run on the terminal
+        os.chdir(HERE)
+        os.execv(sys.executable, [sys.executable, "mora.py", "train", "--data-dir", data_dir, "--ckpt", str(ckpt), *TINY,
+                                  "--device", "cpu", "--eval-every", "0", "--max-steps", "100000", "--ckpt-every", "100000"])
+    deadline = time.time() + 60
+    while time.time() < deadline and not (os.path.exists(log) and len(open(log).read().splitlines()) > 3):
+        if select.select([terminal], [], [], 0.05)[0]:
+            os.read(terminal, 1 << 16)  # what the run prints, read as a terminal does
+    os.close(terminal)  # the terminal closes
+    while time.time() < deadline:
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+        if reaped:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        raise AssertionError("the run did not stop")
+    assert os.waitstatus_to_exitcode(status) == 130
+    saved = mora.load_checkpoint(str(ckpt))[2]["step"]
+    assert saved >= 3 and logged_steps(log)[-1] == saved
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_in_the_final_evaluation_says_the_run_is_saved(data_dir, tmp_path, monkeypatch, capsys, name):
+    import signal
+    signum, evaluate = getattr(signal, name), mora.evaluate
+
+    def unanswered(*args):  # where the run leaves the signal to the default handler
+        raise AssertionError(f"{name} during the final evaluation would end the run without a word")
+    previous = signal.signal(signum, unanswered)
+
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(signum)
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(mora, "evaluate", interrupted)  # only the final evaluation calls it: --eval-every 0
+    ckpt = tmp_path / "m.npz"
+    try:
+        code = run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 3,
+                        "--eval-every", 0)
+    finally:
+        signal.signal(signum, previous)
+    out = capsys.readouterr().out
+    assert code == 130 and "saved at step 3" in out and "final evaluation" in out and "mora.py eval" in out
+    assert mora.load_checkpoint(str(ckpt))[2]["step"] == 3 and logged_steps(tmp_path / "m.csv") == [1, 2, 3]
+
+
 def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
     import signal
     with mora.StopSignals() as stop:
@@ -1228,8 +1283,8 @@ def test_second_writer_is_refused_and_stale_locks_do_not_block(data_dir, tmp_pat
     ckpt = tmp_path / "m.npz"
     lock = mora.lock_checkpoint(str(ckpt))  # this process trains it
     proc = start_training(data_dir, ckpt, "--max-steps", 2)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and f"process {os.getpid()}" in err and err.count("\n") == 1
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and f"process {os.getpid()}" in err and err.count("\n") == 1 and out == ""
     lock.close()  # as when that process dies: the lock file stays, with its dead holder's pid
     assert (tmp_path / "m.npz.lock").exists()
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 2) == 0
@@ -1281,6 +1336,19 @@ def test_resume_refuses_other_data_of_the_same_size(tmp_path, capsys):
     mora.save_checkpoint(str(ckpt), params, meta, adam["adam.m"], adam["adam.v"])
     assert run_main(*train, "--data-dir", reordered, "--resume", "--stop-after", 1) == 0  # only the size can be checked
     assert mora.load_checkpoint(str(ckpt))[2]["step"] == 3
+
+
+def test_resuming_a_finished_run_says_so(data_dir, tmp_path, capsys):
+    ckpt, log = tmp_path / "m.npz", tmp_path / "m.csv"
+    train = ["train", "--data-dir", data_dir, "--ckpt", ckpt, "--device", "cpu"]
+    assert run_main(*train, *TINY, "--max-steps", 3, "--eval-every", 0) == 0
+    capsys.readouterr()
+    rows = log.read_bytes()
+    assert run_main(*train, "--resume") == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "finished" in out and "--max-steps N" in out and "above 3" in out
+    assert log.read_bytes() == rows  # no second final evaluation, no duplicate row
+    assert run_main(*train, "--resume", "--max-steps", 4) == 0 and logged_steps(log) == [1, 2, 3, 4]
 
 
 def test_each_epoch_is_reshuffled_by_seed_and_epoch_alone(data_dir, tmp_path, monkeypatch):
