@@ -433,6 +433,24 @@ def test_resume_is_bit_exact(data_dir, tmp_path):
     assert rows_a == rows_b and len(rows_a) == 10  # header, 8 steps, final validation
 
 
+def test_resume_on_other_threads_is_bit_exact(data_dir, tmp_path):
+    """A run on 2 threads, stopped and resumed on 1, ends where the straight 2-thread run does: the
+    batch's slices are part of the run, the threads only share them out."""
+    common = ["train", "--data-dir", data_dir, *TINY, "--max-steps", 6, "--device", "cpu", "--eval-every", 0,
+              "--no-final-eval"]
+    straight, split = tmp_path / "straight.npz", tmp_path / "split.npz"
+    assert run_main(*common, "--ckpt", straight, "--threads", 2) == 0
+    assert run_main(*common, "--ckpt", split, "--threads", 2, "--stop-after", 3) == 0
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", split, "--resume", "--device", "cpu", "--threads", 1) == 0
+    _, p_straight, meta, opt_straight = mora.load_checkpoint(str(straight))
+    _, p_split, meta_split, opt_split = mora.load_checkpoint(str(split))
+    assert meta_split["step"] == 6 and meta_split["train"]["slices"] == meta["train"]["slices"] == 2
+    for name in p_straight:
+        assert np.array_equal(p_straight[name], p_split[name]), name
+    for moment in ("adam.m", "adam.v"):
+        assert np.array_equal(opt_straight[moment], opt_split[moment]), moment
+
+
 def test_checkpoint_round_trip(tmp_path):
     cfg = mora.Config(d_model=8, n_layers=2, seq_len=16, batch_size=4)
     params = mora.init_params(cfg, 7)
