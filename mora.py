@@ -872,9 +872,9 @@ POSITION_GROUPS = [(0, 1), (1, 4), (4, 16), (16, 64), (64, None)]
 
 def position_report(position_loss, positions_each):
     """'bits/byte by position: 0: 3.71  1-3: ...' from per-position summed losses (T,)."""
-    parts = []
+    parts, filled = [], np.count_nonzero(positions_each)  # a text shorter than a chunk fills only its first positions
     for start, stop in POSITION_GROUPS:
-        stop = len(position_loss) if stop is None else min(stop, len(position_loss))
+        stop = filled if stop is None else min(stop, filled)
         if start < stop:
             bpb = position_loss[start:stop].sum() / (positions_each[start:stop].sum() * math.log(2))
             parts.append(f"{start}{'' if stop == start + 1 else f'-{stop - 1}'}: {bpb:.3f}")
@@ -910,22 +910,45 @@ def evaluate(params, records, batch_size, slices=None, progress=False):
     return evaluation_result(position_loss, np.full(T, n), total_correct)
 
 
-def evaluate_stream(params, data, seq_len, progress=False):
-    """The bytes `data` read as one text: chunks of seq_len, the recurrent state
-    carried from chunk to chunk, every byte but the first predicted once.  This is
-    how the model reads a long text; the per-record protocol instead charges every
-    record a cold start.  Positions are counted within each chunk."""
+def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=False):
+    """The bytes `data` read as `streams` texts side by side: cut into that many
+    contiguous parts, each read in chunks of seq_len with its own recurrent state
+    carried from chunk to chunk.  Each part begins with the byte the one before it
+    ended on, so every byte but the first is predicted once.  One stream is one text:
+    how the model reads a long text (the per-record protocol instead charges every
+    record a cold start).  More streams cost a cold start each, and run side by side
+    as the rows of a batch, shared over the CPU threads (see "CPU threads") like the
+    rows of `evaluate`.  Positions are counted within each chunk."""
+    streams = max(1, min(streams, len(data) - 1))  # at least one byte to predict in every stream
+    edges = np.linspace(0, len(data) - 1, streams + 1).astype(np.int64)  # stream k predicts bytes edges[k]+1 .. edges[k+1]
+    if slices is None:
+        parts = [stream_sums(params, data, edges, seq_len, progress)]
+    else:  # a slice of the streams per thread, each read from start to end
+        parts = slices.map(lambda rows: stream_sums(params, data, edges[rows.start:rows.stop + 1], seq_len,
+                                                    progress and rows.start == 0), streams)
+    position_loss, positions_each, total_correct = (sum(part[i] for part in parts) for i in range(3))
+    return dict(evaluation_result(position_loss, positions_each, total_correct), streams=streams)
+
+
+def stream_sums(params, data, edges, seq_len, progress=False):
+    """Per position within a chunk (seq_len,): the summed loss and the number of bytes
+    predicted, and the right predictions, over the streams between `edges` (as in
+    evaluate_stream) read side by side, each carrying its own state."""
     xp = array_module(params["embed"])
-    state = initial_state(params, 1)
+    starts, lengths = edges[:-1], np.diff(edges)  # (S,) each stream's first byte and its number of predictions
+    state = initial_state(params, len(starts))
     position_loss, positions_each, total_correct = np.zeros(seq_len), np.zeros(seq_len), 0.0
-    for start in progress_bar(range(0, len(data) - 1, seq_len), progress, desc="eval (stream)", unit="chunk"):
-        chunk = xp.asarray(np.asarray(data[start:start + seq_len + 1], dtype=np.int32))  # one byte more: the last target
-        logits, _, state = model_forward(params, chunk[:-1, None], state, keep_cache=False)  # (t, 1, V)
-        losses, correct, _ = cross_entropy_forward(logits.reshape(-1, V), chunk[1:])
-        position_loss[:len(losses)] += to_numpy(losses)
-        positions_each[:len(losses)] += 1
-        total_correct += float(correct.sum())
-    return evaluation_result(position_loss, positions_each, total_correct)
+    for t0 in progress_bar(range(0, lengths.max(), seq_len), progress, desc="eval (stream)", unit="chunk"):
+        t = min(seq_len, lengths.max() - t0)
+        at = np.minimum(starts + t0 + np.arange(t + 1)[:, None], len(data) - 1)  # (t+1, S) one byte more: the last target
+        chunk = xp.asarray(np.asarray(data[at], dtype=np.int32))  # (t+1, S) time-major
+        logits, _, state = model_forward(params, chunk[:-1], state, keep_cache=False)  # (t, S, V)
+        losses, correct, _ = cross_entropy_forward(logits.reshape(-1, V), chunk[1:].reshape(-1))
+        scored = t0 + np.arange(t)[:, None] < lengths  # (t, S) the bytes inside each stream: a shorter one's end is left out
+        position_loss[:t] += (to_numpy(losses).reshape(t, -1) * scored).sum(1)
+        positions_each[:t] += scored.sum(1)
+        total_correct += float((to_numpy(correct).reshape(t, -1) * scored).sum())
+    return position_loss, positions_each, total_correct
 
 
 # ============================================================================
@@ -1110,7 +1133,8 @@ def open_run_data(args, cfg, meta):
                             f"point --data-dir at the data it was trained on")
     if meta and meta["data"]["train_records"] != len(records["train.bin"]):
         raise UserError(f"--resume: {args.ckpt} was trained on {meta['data']['train_records']:,} records, "
-                        f"{os.path.join(args.data_dir, 'train.bin')} now has {len(records['train.bin']):,}: point --data-dir at the data it was trained on")
+                        f"{os.path.join(args.data_dir, 'train.bin')} now has {len(records['train.bin']):,}: "
+                        f"point --data-dir at the data it was trained on")
     return records["train.bin"], records["val.bin"], files
 
 
@@ -1474,16 +1498,33 @@ def command_line(args, *words):
     return shlex.join(words)
 
 
+# The streams `eval --stream` reads side by side, and the final evaluation of `train`
+# too (so that `eval --stream --max-bytes EVAL_BYTES` gives its number again): on the
+# 2-core VM, 64 streams of the small model ran about as fast as the per-record
+# protocol at batch 256 (32 streams ~80% of it, 16 about half, one stream alone
+# slower still), and a stream of a 22.5 MB val file is then ~350 KB long, so the
+# 64 cold starts cost little.
+EVAL_STREAMS = 64
+
+
 def final_evaluation(run, slices, log):
     """The end of a run: all of val by the published protocol (the state reset every
-    record), and the start of val read as one text (the state carried)."""
+    record), and the start of val read as EVAL_STREAMS texts (the state carried)."""
     cfg = run.cfg
     full = evaluate(run.params, run.val_records, cfg.batch_size, slices, progress=True)
-    stream = evaluate_stream(run.params, run.val_records.reshape(-1)[:run.settings.eval_bytes], cfg.seq_len, progress=True)
+    text = run.val_records.reshape(-1)[:run.settings.eval_bytes]
+    stream = evaluate_stream(run.params, text, cfg.seq_len, EVAL_STREAMS, slices, progress=True)
     log.write({"step": run.step, "bytes": run.step * cfg.batch_size * cfg.seq_len, **val_columns(full),
                "val_stream_bpb": f"{stream['bpb']:.5f}"})
     print_evaluation(f"val, per record (all {len(run.val_records):,} records, the state reset every {cfg.seq_len + 1} bytes)", full)
-    print_evaluation(f"val, streamed (the first {stream['bytes'] + 1:,} bytes as one text, the state carried)", stream)
+    print_evaluation(f"val, streamed (the first {len(text):,} bytes as {stream_protocol(stream['streams'], cfg.seq_len)})",
+                     stream)
+
+
+def stream_protocol(streams, seq_len):
+    """How evaluate_stream read a text, in words."""
+    side_by_side = "1 stream" if streams == 1 else f"{streams:,} streams side by side"
+    return f"{side_by_side}, each read in chunks of {seq_len} with its state carried"
 
 
 def print_evaluation(name, result):
@@ -1499,20 +1540,25 @@ def evaluate_checkpoint(args):
         raise UserError(f"{path} not found: prepare_data.py makes a test split for enwik8 alone (--dataset enwik8; "
                         f"TinyStories has train and val): use --split val, or --data-dir the enwik8 folder")
     params = {k: xp.asarray(p) for k, p in params_np.items()}
+    if args.streams and not args.stream:
+        raise UserError("--streams is how many texts --stream reads side by side: add --stream")
+    slices, record = cpu_slices(xp, args.threads), cfg.seq_len + 1
     started = time.perf_counter()
     if args.stream:
         data = open_bytes(path)
         data = data[:args.max_bytes or len(data)]
         if len(data) < 2:
             raise UserError(f"--max-bytes {args.max_bytes}: at least 2 bytes are needed, one to read and one to predict")
-        result = evaluate_stream(params, data, cfg.seq_len, progress=True)
-        protocol = f"read as one text in chunks of {cfg.seq_len}, the state carried"
+        result = evaluate_stream(params, data, cfg.seq_len, args.streams or EVAL_STREAMS, slices, progress=True)
+        protocol = f"read as {stream_protocol(result['streams'], cfg.seq_len)}"
     else:
-        fix = f"this checkpoint reads records of seq_len + 1 = {cfg.seq_len + 1} bytes: evaluate on more text"
+        if 0 < args.max_bytes < record:
+            raise UserError(f"--max-bytes {args.max_bytes} is less than one record of seq_len + 1 = {record} bytes: "
+                            f"pass at least {record}, or --stream to read any number of bytes")
+        fix = f"this checkpoint reads records of seq_len + 1 = {record} bytes: evaluate on more text"
         records = open_records(path, cfg.seq_len, fix)
-        if args.max_bytes:
-            records = records[:max(1, args.max_bytes // (cfg.seq_len + 1))]
-        result = evaluate(params, records, args.batch_size or cfg.batch_size, cpu_slices(xp, args.threads), progress=True)
+        records = records[:args.max_bytes // record or len(records)]
+        result = evaluate(params, records, args.batch_size or cfg.batch_size, slices, progress=True)
         protocol = f"{len(records):,} records, the state reset every record"
     seconds = time.perf_counter() - started
     print_evaluation(f"{args.ckpt} (step {meta['step']:,}) on {args.split}, {result['bytes']:,} bytes predicted, "
@@ -1594,9 +1640,11 @@ def cpu_slices(xp, threads=None, count=None):
     slice per thread (fastest of one to eight slices a thread: docs/results.md)."""
     if xp is not np:
         return None
-    if not threads:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return Slices(count or threads, threads)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if threads and threads > cores:
+        print(f"note: --threads {threads} is more than the {cores} cores here: the threads take turns, which is slower "
+              f"than --threads {cores}", file=sys.stderr)
+    return Slices(count or threads or cores, threads or cores)
 
 
 # ----------------------------------------------------------------------------
@@ -1786,7 +1834,8 @@ def add_common_flags(p, name, model=False, data=False):
         p.add_argument("--n-layers", type=positive_int, help=f"default {Config.n_layers}")
         p.add_argument("--seq-len", type=positive_int, help=f"default {Config.seq_len}")
     if model or data:
-        p.add_argument("--batch-size", type=positive_int, help=f"default {Config.batch_size}" + (" or the checkpoint's" if data else ""))
+        default = f"default {Config.batch_size}" + ("; with --resume, the checkpoint's" if data else "")
+        p.add_argument("--batch-size", type=positive_int, help=default if model else "default: the checkpoint's")
     if data:
         p.add_argument("--data-dir", default="data", help="the folder holding train.bin and val.bin (default data)")
     if name != "sample":
@@ -1825,8 +1874,11 @@ def add_sample_flags(p):
 def add_eval_flags(p):
     p.add_argument("--split", choices=["val", "train", "test"], default="val", help="default val")
     p.add_argument("--max-bytes", type=nonnegative_int, default=0, help="only the first N bytes of the split (default 0: all)")
-    p.add_argument("--stream", action="store_true", help="read the split as one text, the state carried across chunks "
+    p.add_argument("--stream", action="store_true", help="read the split as long texts, the state carried across chunks "
                                                          "(default: every record on its own, the published protocol)")
+    p.add_argument("--streams", type=positive_int, help=f"with --stream: the split cut into N contiguous parts read side by "
+                                                        f"side, each with its own state (1: one text; default {EVAL_STREAMS}, "
+                                                        f"about as fast as the per-record protocol)")
 
 
 def add_bench_flags(p):

@@ -1544,6 +1544,51 @@ def test_streamed_evaluation_reads_the_text_as_one_sequence(tmp_path):
     assert per_record["by_position"].startswith("bits/byte by position: 0: ")
 
 
+def test_one_stream_is_one_text_and_more_streams_are_its_parts_side_by_side():
+    cfg = mora.Config(d_model=8, n_layers=2)
+    params = perturbed_params(cfg, seed=6)
+    data = np.frombuffer(made_up_text(2), dtype=np.uint8)[:70]
+    state, position_loss, right = mora.initial_state(params, 1), np.zeros(16), 0.0  # one text, written out:
+    for start in range(0, len(data) - 1, 16):  # chunks of 16, the state carried, every byte but the first predicted
+        chunk = data[start:start + 17].astype(np.int32)
+        logits, _, state = mora.model_forward(params, chunk[:-1, None], state, keep_cache=False)
+        losses, correct, _ = mora.cross_entropy_forward(logits.reshape(-1, 256), chunk[1:])
+        position_loss[:len(losses)] += losses
+        right += correct.sum()
+    one = mora.evaluate_stream(params, data, 16)
+    assert one["streams"] == 1 and one["loss"] == position_loss.sum() / 69 and one["accuracy"] == right / 69
+    for streams in (2, 3, 5):  # parts of 34 and 35 bytes, ...: the last chunks differ in length
+        combined = mora.evaluate_stream(params, data, 16, streams=streams)
+        edges = np.linspace(0, len(data) - 1, streams + 1).astype(int)  # part k: bytes edges[k] .. edges[k + 1]
+        parts = [mora.evaluate_stream(params, data[a:b + 1], 16) for a, b in zip(edges[:-1], edges[1:])]
+        assert combined["streams"] == streams and combined["bytes"] == sum(p["bytes"] for p in parts) == 69
+        for key in ("loss", "accuracy"):
+            assert combined[key] == pytest.approx(sum(p[key] * p["bytes"] for p in parts) / 69, rel=1e-12), (streams, key)
+        threaded = mora.evaluate_stream(params, data, 16, streams=streams, slices=mora.Slices(2, 2))
+        assert threaded["loss"] == pytest.approx(combined["loss"], rel=1e-12) and threaded["bytes"] == 69
+    assert mora.evaluate_stream(params, data[:4], 16, streams=10)["streams"] == 3  # a byte to predict in each
+
+
+def test_eval_reports_its_streams_and_reads_no_more_than_asked(data_dir, tmp_path, capsys):
+    ckpt = tmp_path / "m.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 2,
+                    "--eval-every", 0, "--eval-bytes", 300) == 0
+    out = capsys.readouterr().out
+    assert f"{mora.EVAL_STREAMS} streams side by side" in out  # the final evaluation's streamed part
+    evaluate = ["eval", "--ckpt", ckpt, "--data-dir", data_dir, "--device", "cpu"]
+    assert run_main(*evaluate, "--stream", "--streams", 3, "--max-bytes", 1000) == 0
+    out = capsys.readouterr().out
+    assert "3 streams side by side" in out and "999 bytes predicted" in out
+    assert run_main(*evaluate, "--stream", "--max-bytes", 10, "--streams", 1) == 0  # shorter than a chunk of 16
+    out = capsys.readouterr().out
+    assert "nan" not in out and "1 stream," in out and "9 bytes predicted" in out
+    err = one_error_line(capsys, run_main(*evaluate, "--max-bytes", 10))  # less than one record of 17 bytes
+    assert "--max-bytes 10" in err and "17" in err and "--stream" in err
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert run_main(*evaluate, "--max-bytes", 100, "--threads", 4 * cores) == 0
+    assert f"more than the {cores} cores" in capsys.readouterr().err
+
+
 def test_plot_log_draws_and_refuses_bad_logs(tmp_path):
     import plot_log
     log = tmp_path / "m.csv"
