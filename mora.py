@@ -1429,6 +1429,9 @@ def train(args):
             except KeyboardInterrupt:
                 print(stopped_line(run, args))
                 return 130
+            except LogWriteError as exc:  # the final evaluation's row
+                raise UserError(f"{exc}: {args.ckpt} is saved at step {run.step:,}; `{command_line(args, 'eval')}` "
+                                f"evaluates it") from exc
     return 0
 
 
@@ -1498,12 +1501,11 @@ def command_line(args, *words):
     return shlex.join(words)
 
 
-# The streams `eval --stream` reads side by side, and the final evaluation of `train`
-# too (so that `eval --stream --max-bytes EVAL_BYTES` gives its number again): on the
-# 2-core VM, 64 streams of the small model ran about as fast as the per-record
-# protocol at batch 256 (32 streams ~80% of it, 16 about half, one stream alone
-# slower still), and a stream of a 22.5 MB val file is then ~350 KB long, so the
-# 64 cold starts cost little.
+# The streams `eval --stream` reads side by side by default, and the final evaluation
+# of `train` too (so `eval --stream --max-bytes EVAL_BYTES` gives its number again):
+# the fewest that run about as fast as the per-record protocol at batch 256 (on the
+# 2-core VM; fewer run slower, one alone slowest).  A stream of a 22.5 MB val file is
+# then ~350 KB long, so its one cold start costs little.
 EVAL_STREAMS = 64
 
 
@@ -1533,6 +1535,8 @@ def print_evaluation(name, result):
 
 
 def evaluate_checkpoint(args):
+    if args.streams and not args.stream:
+        raise UserError("--streams is how many texts --stream reads side by side: add --stream")
     xp = select_backend(args.device)
     cfg, params_np, meta, _ = load_checkpoint(args.ckpt)
     path = os.path.join(args.data_dir, f"{args.split}.bin")
@@ -1540,8 +1544,6 @@ def evaluate_checkpoint(args):
         raise UserError(f"{path} not found: prepare_data.py makes a test split for enwik8 alone (--dataset enwik8; "
                         f"TinyStories has train and val): use --split val, or --data-dir the enwik8 folder")
     params = {k: xp.asarray(p) for k, p in params_np.items()}
-    if args.streams and not args.stream:
-        raise UserError("--streams is how many texts --stream reads side by side: add --stream")
     slices, record = cpu_slices(xp, args.threads), cfg.seq_len + 1
     started = time.perf_counter()
     if args.stream:

@@ -409,7 +409,8 @@ def one_error_line(capsys, exit_code, after_progress=False):
     assert exit_code == 1
     err = capsys.readouterr().err
     if after_progress:
-        err = err.split("\r")[-1].split("\n", 1)[-1]
+        assert "Traceback" not in err, err
+        err = err[err.rfind("error: "):]
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     return err
 
@@ -1180,6 +1181,11 @@ def test_a_full_disk_under_the_log_still_saves_the_checkpoint(data_dir, tmp_path
     err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "n.npz"), after_progress=True)
     assert "the log" in err and "the checkpoint" in err and "no checkpoint of this run was saved" in err
     assert not os.path.exists(tmp_path / "n.npz")
+    monkeypatch.undo()  # the disk fills at the final evaluation's row: the run is saved by then
+    monkeypatch.setattr(mora, "open", log_fills_the_disk, raising=False)
+    err = one_error_line(capsys, run_main(*train, "--max-steps", 3, "--ckpt", tmp_path / "e.npz"), after_progress=True)
+    assert "cannot write the log" in err and "saved at step 3" in err and "mora.py eval" in err
+    assert mora.load_checkpoint(str(tmp_path / "e.npz"))[2]["step"] == 3
 
 
 def test_sigterm_saves_like_ctrl_c(data_dir, tmp_path):
