@@ -25,9 +25,13 @@ import argparse
 import codecs
 import csv
 import functools
+import hashlib
+import io
+import itertools
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -737,15 +741,19 @@ class Run:
     trainable: object  # flat 0/1 mask: 0 where an ablation holds a parameter at zero (None: no ablation)
     adam_m: object
     adam_v: object
+    data_files: dict  # what it trains and validates on: "train.bin" and "val.bin" -> data_fingerprint
+    saved_step: int = None  # the step of this run's checkpoint on disk (None: none saved yet)
 
     def meta(self):
         epoch, position = divmod(self.step, len(self.train_records) // self.cfg.batch_size)
         return {"config": asdict(self.cfg), "step": self.step, "train": asdict(self.settings),
                 "data": {"train_records": len(self.train_records), "epoch": epoch, "batch_in_epoch": position,
-                         "order": "numpy default_rng([seed, epoch]).permutation(train_records)"}}
+                         "order": "numpy default_rng([seed, epoch]).permutation(train_records)",
+                         "files": self.data_files}}
 
     def save(self, path):
         save_checkpoint(path, self.params, self.meta(), self.adam_m, self.adam_v)
+        self.saved_step = self.step
 
 
 def train_loop(run, end, ckpt, log, stop, slices=None):
@@ -821,9 +829,9 @@ POSITION_GROUPS = [(0, 1), (1, 4), (4, 16), (16, 64), (64, None)]
 
 def position_report(position_loss, positions_each):
     """'bits/byte by position: 0: 3.71  1-3: ...' from per-position summed losses (T,)."""
-    parts = []
+    parts, filled = [], np.count_nonzero(positions_each)  # a text shorter than a chunk fills only its first positions
     for start, stop in POSITION_GROUPS:
-        stop = len(position_loss) if stop is None else min(stop, len(position_loss))
+        stop = filled if stop is None else min(stop, filled)
         if start < stop:
             bpb = position_loss[start:stop].sum() / (positions_each[start:stop].sum() * math.log(2))
             parts.append(f"{start}{'' if stop == start + 1 else f'-{stop - 1}'}: {bpb:.3f}")
@@ -859,22 +867,45 @@ def evaluate(params, records, batch_size, slices=None, progress=False):
     return evaluation_result(position_loss, np.full(T, n), total_correct)
 
 
-def evaluate_stream(params, data, seq_len, progress=False):
-    """The bytes `data` read as one text: chunks of seq_len, the recurrent state
-    carried from chunk to chunk, every byte but the first predicted once.  This is
-    how the model reads a long text; the per-record protocol instead charges every
-    record a cold start.  Positions are counted within each chunk."""
+def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=False):
+    """The bytes `data` read as `streams` texts side by side: cut into that many
+    contiguous parts, each read in chunks of seq_len with its own recurrent state
+    carried from chunk to chunk.  Each part begins with the byte the one before it
+    ended on, so every byte but the first is predicted once.  One stream is one text:
+    how the model reads a long text (the per-record protocol instead charges every
+    record a cold start).  More streams cost a cold start each, and run side by side
+    as the rows of a batch, shared over the CPU threads (see "CPU threads") like the
+    rows of `evaluate`.  Positions are counted within each chunk."""
+    streams = max(1, min(streams, len(data) - 1))  # at least one byte to predict in every stream
+    edges = np.linspace(0, len(data) - 1, streams + 1).astype(np.int64)  # stream k predicts bytes edges[k]+1 .. edges[k+1]
+    if slices is None:
+        parts = [stream_sums(params, data, edges, seq_len, progress)]
+    else:  # a slice of the streams per thread, each read from start to end
+        parts = slices.map(lambda rows: stream_sums(params, data, edges[rows.start:rows.stop + 1], seq_len,
+                                                    progress and rows.start == 0), streams)
+    position_loss, positions_each, total_correct = (sum(part[i] for part in parts) for i in range(3))
+    return dict(evaluation_result(position_loss, positions_each, total_correct), streams=streams)
+
+
+def stream_sums(params, data, edges, seq_len, progress=False):
+    """Per position within a chunk (seq_len,): the summed loss and the number of bytes
+    predicted, and the right predictions, over the streams between `edges` (as in
+    evaluate_stream) read side by side, each carrying its own state."""
     xp = array_module(params["embed"])
-    state = initial_state(params, 1)
+    starts, lengths = edges[:-1], np.diff(edges)  # (S,) each stream's first byte and its number of predictions
+    state = initial_state(params, len(starts))
     position_loss, positions_each, total_correct = np.zeros(seq_len), np.zeros(seq_len), 0.0
-    for start in progress_bar(range(0, len(data) - 1, seq_len), progress, desc="eval (stream)", unit="chunk"):
-        chunk = xp.asarray(np.asarray(data[start:start + seq_len + 1], dtype=np.int32))  # one byte more: the last target
-        logits, _, state = model_forward(params, chunk[:-1, None], state, keep_cache=False)  # (t, 1, V)
-        losses, correct, _ = cross_entropy_forward(logits.reshape(-1, V), chunk[1:])
-        position_loss[:len(losses)] += to_numpy(losses)
-        positions_each[:len(losses)] += 1
-        total_correct += float(correct.sum())
-    return evaluation_result(position_loss, positions_each, total_correct)
+    for t0 in progress_bar(range(0, lengths.max(), seq_len), progress, desc="eval (stream)", unit="chunk"):
+        t = min(seq_len, lengths.max() - t0)
+        at = np.minimum(starts + t0 + np.arange(t + 1)[:, None], len(data) - 1)  # (t+1, S) one byte more: the last target
+        chunk = xp.asarray(np.asarray(data[at], dtype=np.int32))  # (t+1, S) time-major
+        logits, _, state = model_forward(params, chunk[:-1], state, keep_cache=False)  # (t, S, V)
+        losses, correct, _ = cross_entropy_forward(logits.reshape(-1, V), chunk[1:].reshape(-1))
+        scored = t0 + np.arange(t)[:, None] < lengths  # (t, S) the bytes inside each stream: a shorter one's end is left out
+        position_loss[:t] += (to_numpy(losses).reshape(t, -1) * scored).sum(1)
+        positions_each[:t] += scored.sum(1)
+        total_correct += float((to_numpy(correct).reshape(t, -1) * scored).sum())
+    return position_loss, positions_each, total_correct
 
 
 # ============================================================================
@@ -953,6 +984,10 @@ def describe_backend(xp, slices=None):
 # mid-write never leaves a broken checkpoint.
 
 
+class SaveError(UserError):
+    """A checkpoint could not be written; the file at its path is as it was."""
+
+
 def save_checkpoint(path, params, meta, adam_m=None, adam_v=None):
     arrays = {name: to_numpy(p) for name, p in params.items()}
     if adam_m is not None:
@@ -966,20 +1001,26 @@ def save_checkpoint(path, params, meta, adam_m=None, adam_v=None):
     except OSError as exc:  # disk full, say: the half-written file must not keep the disk full
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"cannot write the checkpoint {path} ({exc.strerror or exc}): the previous one is kept; "
-                        f"free some disk space, then continue with --resume")
+        raise SaveError(f"cannot write the checkpoint {path} ({exc.strerror or exc})") from exc
 
 
 def load_checkpoint(path):
     """-> (Config, params as NumPy float32 arrays, meta dict, {"adam.m", "adam.v"} or {})."""
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder: --ckpt names the checkpoint file, e.g. {os.path.join(path, 'mora.npz')}")
+    if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: train one with `python mora.py train`, or pass --ckpt PATH")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        file = open(path, "rb")
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror}): check that it is yours to read") from exc
+    try:
+        with file, np.load(file, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
         meta = json.loads(str(arrays.pop("meta")))
-    except Exception as exc:  # zipfile, OSError, ValueError, KeyError, JSON: all mean "unreadable"
-        raise UserError(f"{path} is not a readable MORA checkpoint (truncated or corrupt? {exc.__class__.__name__}): retrain, or resume from another copy")
+    except Exception as exc:  # zipfile, ValueError, KeyError, JSON: the bytes are not a checkpoint
+        raise UserError(f"{path} is not a MORA checkpoint, or is cut short or corrupt ({exc.__class__.__name__}): "
+                        f"retrain, or use another copy")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} has checkpoint format {meta.get('format')!r}, this mora.py reads {CHECKPOINT_FORMAT!r}: use the mora.py that wrote it")
     try:
@@ -1057,11 +1098,7 @@ def start_or_resume(args, xp):
         cfg, settings, step, meta = model_config(args), TrainSettings(**chosen), 0, None
         check_memory(cfg, xp)
         params_np, adam_state = init_params(cfg, settings.seed, mix=settings.mix_init), {}
-    train_records = open_records(os.path.join(args.data_dir, "train.bin"), cfg.seq_len)
-    val_records = open_records(os.path.join(args.data_dir, "val.bin"), cfg.seq_len)
-    if meta and meta["data"]["train_records"] != len(train_records):
-        raise UserError(f"--resume: {args.ckpt} was trained on {meta['data']['train_records']:,} records, "
-                        f"{args.data_dir}/train.bin now has {len(train_records):,}: point --data-dir at the data it was trained on")
+    train_records, val_records, data_files = open_run_data(args, cfg, meta)
     steps_per_epoch = len(train_records) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"train.bin has {len(train_records)} records of {cfg.seq_len + 1} bytes, fewer than one batch of {cfg.batch_size}: lower --batch-size or --seq-len")
@@ -1075,12 +1112,56 @@ def start_or_resume(args, xp):
         flat *= trainable  # ablated parameters start (and stay) at 0
     adam_m = xp.asarray(adam_state.get("adam.m", np.zeros(flat.shape, np.float32)))
     adam_v = xp.asarray(adam_state.get("adam.v", np.zeros(flat.shape, np.float32)))
-    return Run(cfg, settings, step, train_records, val_records, flat, params, trainable, adam_m, adam_v)
+    return Run(cfg, settings, step, train_records, val_records, flat, params, trainable, adam_m, adam_v, data_files,
+               saved_step=step if args.resume else None)
+
+
+# A train.bin of gigabytes is not hashed whole at every start and resume: a file rebuilt
+# with other content (other texts, or the same stories in another order) differs in
+# nearly every block, so the size and a few sampled blocks tell it apart at once.
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK_BYTES = 16, 4096
+
+
+def data_fingerprint(path):
+    """A file's size and the SHA-256 of FINGERPRINT_BLOCKS blocks of 4 KiB spread evenly
+    over it, the first and the last included."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for offset in np.linspace(0, max(0, size - FINGERPRINT_BLOCK_BYTES), FINGERPRINT_BLOCKS).astype(np.int64):
+            f.seek(int(offset))
+            digest.update(f.read(FINGERPRINT_BLOCK_BYTES))
+    return {"bytes": size, "sampled_sha256": digest.hexdigest()}
+
+
+def open_run_data(args, cfg, meta):
+    """train.bin and val.bin of --data-dir as records, and their fingerprints.  On
+    --resume (meta: the checkpoint's) only the run's own data is accepted: its step is
+    a cursor into train.bin's shuffled records, and its evaluations compare only on
+    the same val.bin.  A checkpoint that predates the fingerprints is checked by its
+    number of train records alone."""
+    records, files = {}, {}
+    recorded = (meta["data"].get("files") or {}) if meta else {}
+    for name in ("train.bin", "val.bin"):
+        path = os.path.join(args.data_dir, name)
+        records[name], files[name] = open_records(path, cfg.seq_len), data_fingerprint(path)
+        if name in recorded and recorded[name] != files[name]:
+            size = recorded[name]["bytes"]
+            differs = "other bytes of the same size" if size == files[name]["bytes"] else f"{files[name]['bytes']:,} bytes"
+            raise UserError(f"--resume: {args.ckpt} was trained on another {name} ({size:,} bytes) than {path} ({differs}): "
+                            f"point --data-dir at the data it was trained on")
+    if meta and meta["data"]["train_records"] != len(records["train.bin"]):
+        raise UserError(f"--resume: {args.ckpt} was trained on {meta['data']['train_records']:,} records, "
+                        f"{os.path.join(args.data_dir, 'train.bin')} now has {len(records['train.bin']):,}: "
+                        f"point --data-dir at the data it was trained on")
+    return records["train.bin"], records["val.bin"], files
 
 
 def prepare_output(ckpt):
     """Check, before step 1, that the checkpoint and its log can be written; returns
     the log's path.  A run that trains for hours must not fail at its first save."""
+    if not os.path.basename(ckpt):
+        raise UserError(f"--ckpt {shlex.quote(ckpt)} names no file: give a file name, e.g. checkpoints/mora.npz")
     log_path = os.path.splitext(ckpt)[0] + ".csv"
     if log_path == ckpt:
         raise UserError(f"--ckpt {ckpt} would be overwritten by its own log: name the checkpoint .npz")
@@ -1125,36 +1206,94 @@ LOG_FIELDS = ["step", "bytes", "lr", "loss", "bpb", "accuracy", "grad_norm", "ms
               "val_loss", "val_bpb", "val_accuracy", "val_stream_bpb"]
 
 
+class LogWriteError(UserError):
+    """The log could not be written (a full disk, say): the run still saves its checkpoint."""
+
+
+def csv_line(values):
+    """One CSV line, ending in '\n' (the csv module's own default is '\r\n')."""
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerow(values)
+    return text.getvalue()
+
+
+def log_line(row):
+    """A row of the log (a dict; columns left out are empty) as one CSV line."""
+    return csv_line([row.get(k, "") for k in LOG_FIELDS])
+
+
+def row_is_complete(header, row):
+    """A log row with every column of the header, a whole-number step, and numbers (or
+    nothing) in the other columns."""
+    if len(row) != len(header):
+        return False
+    try:
+        int(row[header.index("step")])
+        for value in filter(None, row):
+            float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def complete_rows(text):
+    """(the rows of a CSV log up to the first one cut short or unreadable, as dicts;
+    whether that is all of them; whether the text is a log at all).  The last row is
+    complete only if the text ends with its line end."""
+    lines = list(csv.reader(io.StringIO(text)))
+    header = lines[0] if lines else []
+    if "step" not in header or not set(header) <= set(LOG_FIELDS):
+        return [], False, False
+    rows = lines[1:] if text.endswith("\n") else lines[1:-1] + [[]]  # no line end: the last row was cut
+    good = list(itertools.takewhile(lambda row: row_is_complete(header, row), rows))
+    return [dict(zip(header, row)) for row in good], len(good) == len(rows), True
+
+
 class TrainingLog:
-    """The CSV log beside the checkpoint: a row per step, flushed as it is written, so
-    the log never lags the checkpoint.  On --resume the rows after the checkpoint's
-    step (from a run that crashed after its last save) are dropped: the rows kept go
-    to a new file that replaces the old one in one rename, so no crash can leave the
-    log empty.  A log that cannot be read is set aside as .bad: never a reason not to
-    resume the weights."""
+    """The CSV log beside the checkpoint: a row per step, written unbuffered as it
+    happens, so the log never lags the checkpoint; a write that fails (a full disk) is
+    cut back, so the log never holds half a row.  On --resume the rows after the
+    checkpoint's step (from a run that crashed after its last save) are dropped: the
+    rows kept go to a new file that replaces the old one in one rename, so no crash can
+    leave the log empty.  A log with a row cut short or unreadable keeps the rows
+    before it, a file that is no log keeps none, and either is set aside whole as .bad:
+    never a reason not to resume the weights."""
 
     def __init__(self, path, step):
-        rows = []
-        if step > 0 and os.path.exists(path):
-            try:
-                with open(path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-            except (ValueError, KeyError, TypeError, csv.Error, UnicodeDecodeError) as exc:
-                os.replace(path, path + ".bad")
-                print(f"warning: {path} could not be read ({exc.__class__.__name__}); it is kept as {path}.bad "
-                      f"and a new log starts at step {step}", file=sys.stderr)
-                rows = []
+        self.path = path
+        rows = self.rows_to_keep(step) if step > 0 and os.path.exists(path) else []
         with open(path + ".tmp", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+            f.writelines([csv_line(LOG_FIELDS)] + [log_line(row) for row in rows])
         os.replace(path + ".tmp", path)
-        self.file = open(path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        self.file = open(path, "ab", buffering=0)
+
+    def rows_to_keep(self, step):
+        """The old log's complete rows up to `step`; the file set aside as .bad if any is not."""
+        with open(self.path, newline="", errors="replace") as f:
+            rows, complete, is_log = complete_rows(f.read())
+        if not complete:
+            os.replace(self.path, self.path + ".bad")
+            kept = f"the new log keeps the {len(rows)} rows before it" if is_log else f"a new log starts at step {step:,}"
+            what = f"row {len(rows) + 1} is cut short or unreadable" if is_log else "it is not a training log"
+            print(f"warning: {self.path}: {what}; it is kept as {self.path}.bad and {kept}", file=sys.stderr)
+        rows = [row for row in rows if int(row["step"]) <= step]
+        last = max((int(row["step"]) for row in rows), default=0)
+        if complete and last < step:  # a log that could not be written, say
+            print(f"warning: {self.path} has no rows for steps {last + 1:,} to {step:,}", file=sys.stderr)
+        return rows
 
     def write(self, row):
-        self.writer.writerow(row)
-        self.file.flush()
+        """Append one row.  However the write stops (a full disk, a second Ctrl-C), the
+        file is cut back to where the row began."""
+        line, start = log_line(row).encode(), self.file.tell()
+        try:
+            while line:
+                line = line[self.file.write(line):]  # an unbuffered write may take only part
+        except BaseException as exc:
+            self.file.truncate(start)
+            if isinstance(exc, OSError):
+                raise LogWriteError(f"cannot write the log {self.path} ({exc.strerror or exc})") from exc
+            raise
 
     def __enter__(self):
         return self
@@ -1164,21 +1303,36 @@ class TrainingLog:
 
 
 class StopSignals:
-    """Ctrl-C (SIGINT) and SIGTERM (`kill`, job schedulers) while training: the first
-    asks the loop to stop after the step under way, and says so at once; a second
-    stops at once (KeyboardInterrupt), leaving the last checkpoint as it was."""
+    """Ctrl-C (SIGINT), SIGTERM (`kill`, job schedulers) and SIGHUP (the terminal
+    closed) while training: the first asks the loop to stop after the step under way,
+    and says so at once; a second stops at once (KeyboardInterrupt), leaving the last
+    checkpoint as it was.  Once the run is saved for good (`saved`: its final
+    evaluation), the first stops at once: only the evaluation is lost."""
+    NAMES = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
 
     def __enter__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.requested, self.saved = False, False
+        self.terminals = [fd for fd in (1, 2) if os.isatty(fd)]
+        self.previous = {s: signal.signal(s, self.handle) for s in (getattr(signal, name) for name in self.NAMES)}
         return self
 
     def handle(self, signum, frame):
-        if self.requested:
+        if signum == getattr(signal, "SIGHUP", None):
+            self.leave_closed_terminals()
+        if self.requested or self.saved:
             raise KeyboardInterrupt
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: stopping after this step, then saving "
               f"(send it again to stop at once, without saving)", file=sys.stderr, flush=True)
+
+    def leave_closed_terminals(self):
+        """A closed terminal fails every write (EIO), which would end the run before it
+        saves: what was printed to it goes to the null device instead."""
+        for fd in self.terminals:
+            if not os.isatty(fd):  # a terminal that hung up answers no more
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, fd)
+                os.close(null)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -1255,9 +1409,10 @@ def check_finite(run, loss, grad_norm, ckpt):
     for name, value in (("loss", loss), ("gradient norm", grad_norm)):
         if not math.isfinite(value):
             s = run.settings
+            saved = (f"{ckpt} holds the last good checkpoint (step {run.saved_step:,})" if run.saved_step is not None
+                     else f"no checkpoint of this run was saved before it (one is saved every {s.ckpt_every:,} steps)")
             raise UserError(f"the {name} became {value} at step {run.step}; likely causes: a learning rate too high "
-                            f"(--lr {s.lr:g}), an Adam beta2 too close to 1 ({s.beta2:g}), or a damaged train.bin. "
-                            f"{ckpt} holds the last good checkpoint")
+                            f"(--lr {s.lr:g}), an Adam beta2 too close to 1 ({s.beta2:g}), or a damaged train.bin. {saved}")
 
 
 # ----------------------------------------------------------------------------
@@ -1274,13 +1429,41 @@ def run_width(args):
 def train(args):
     xp = select_backend(args.device, [run_width(args)])
     log_path = prepare_output(args.ckpt)
-    run = start_or_resume(args, xp)
-    slices = cpu_slices(xp, args.threads, run.settings.slices)
-    if slices:
-        run.settings.slices = slices.count  # kept in the checkpoint: a resume slices the batch the same way
-        keep_freed_memory()
+    with lock_checkpoint(args.ckpt):  # first: a second run on this checkpoint stops before it prints anything
+        run = start_or_resume(args, xp)
+        if run.step >= run.settings.max_steps:
+            print(f"{args.ckpt} is finished: it stands at step {run.step:,}, the end of its run; to train it longer, "
+                  f"--resume with --max-steps N, N above {run.step:,}")
+            return 0
+        slices = cpu_slices(xp, args.threads, run.settings.slices)
+        if slices:
+            run.settings.slices = slices.count  # kept in the checkpoint: a resume slices the batch the same way
+            keep_freed_memory()
+        end = run.settings.max_steps if args.stop_after is None else min(run.settings.max_steps, run.step + args.stop_after)
+        print_plan(run, xp, slices, end)
+        with TrainingLog(log_path, run.step) as log, StopSignals() as stop:
+            speed = train_and_save(run, end, args.ckpt, log, stop, slices)
+            stop.saved = True  # a signal from here on stops at once: nothing is left to save
+            try:
+                print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {log_path}")
+                if speed.steps:
+                    print(f"speed: {speed}")
+                if stop.requested:
+                    raise KeyboardInterrupt
+                if run.step == run.settings.max_steps and run.settings.final_eval:
+                    final_evaluation(run, slices, log)
+            except KeyboardInterrupt:
+                print(stopped_line(run, args))
+                return 130
+            except LogWriteError as exc:  # the final evaluation's row
+                raise UserError(f"{exc}: {args.ckpt} is saved at step {run.step:,}; `{command_line(args, 'eval')}` "
+                                f"evaluates it") from exc
+    return 0
+
+
+def print_plan(run, xp, slices, end):
+    """Before step 1: the model, the data, the steps and the schedule of this call."""
     s = run.settings
-    end = s.max_steps if args.stop_after is None else min(s.max_steps, run.step + args.stop_after)
     print_summary(run.cfg, xp, slices)
     print(f"data: {len(run.train_records):,} train records of {run.cfg.seq_len + 1} bytes, "
           f"{len(run.train_records) // run.cfg.batch_size:,} steps per epoch; {len(run.val_records):,} val records")
@@ -1289,31 +1472,87 @@ def train(args):
     if run.cfg.ablate != "none":
         print(f"ablation {run.cfg.ablate}: {int(run.trainable.sum()):,} trainable parameters")
     warn_if_long(run, slices)
-    with lock_checkpoint(args.ckpt), TrainingLog(log_path, run.step) as log:
-        with StopSignals() as stop:
-            speed = train_loop(run, end, args.ckpt, log, stop, slices)
-            run.save(args.ckpt)
-        print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {log_path}")
-        if speed.steps:
-            print(f"speed: {speed}")
-        if stop.requested:
-            print(f"stopped: continue with `python mora.py train --resume --ckpt {args.ckpt}`")
-            return 130
-        if run.step == s.max_steps and s.final_eval:
-            final_evaluation(run, slices, log)
-    return 0
+
+
+def stopped_line(run, args):
+    """What a run stopped by a signal after its last save has on disk, and what is left to do."""
+    saved = f"stopped: {args.ckpt} is saved at step {run.step:,}"
+    if run.step < run.settings.max_steps:
+        return f"{saved}; continue with `{command_line(args, 'train', '--resume')}`"
+    if run.settings.final_eval:
+        return f"{saved}, the end of the run, without its final evaluation: `{command_line(args, 'eval')}` gives it"
+    return f"{saved}, the end of the run"
+
+
+def train_and_save(run, end, ckpt, log, stop, slices):
+    """train_loop, then a checkpoint at the step where it ended.  When the log or a
+    checkpoint cannot be written, one line says what is on disk and what to do; a log
+    that fails still gets the checkpoint saved (else the steps since the last one would
+    be lost), and the log keeps no half row (TrainingLog)."""
+    try:
+        speed = train_loop(run, end, ckpt, log, stop, slices)
+    except LogWriteError as exc:
+        save_or_explain(run, ckpt, problem=str(exc))
+        raise UserError(f"{exc}; the checkpoint {ckpt} is saved at step {run.step:,}: free some disk space, "
+                        f"then continue with --resume") from exc
+    except SaveError as exc:
+        raise UserError(f"{exc}: {what_is_saved(run, ckpt)}") from exc
+    save_or_explain(run, ckpt)
+    return speed
+
+
+def save_or_explain(run, ckpt, problem=None):
+    """run.save(ckpt), or one line: the problem before (if any), why the save failed, what is on disk."""
+    try:
+        run.save(ckpt)
+    except SaveError as exc:
+        raise UserError(f"{problem + '; ' if problem else ''}{exc}: {what_is_saved(run, ckpt)}") from exc
+
+
+def what_is_saved(run, ckpt):
+    """The last checkpoint of a run that cannot save (or its lack), and what to do."""
+    if run.saved_step is None:
+        return "no checkpoint of this run was saved; free some disk space, then start it again"
+    return f"{ckpt} still holds step {run.saved_step:,}; free some disk space, then continue with --resume"
+
+
+def command_line(args, *words):
+    """`python mora.py WORDS` for this run (its checkpoint, data folder, and the device
+    and threads where given), quoted for the shell; the checkpoint holds the rest."""
+    words = ["python", os.path.relpath(__file__), *words, "--ckpt", args.ckpt, "--data-dir", args.data_dir]
+    if args.device != "auto":
+        words += ["--device", args.device]
+    if args.threads:
+        words += ["--threads", str(args.threads)]
+    return shlex.join(words)
+
+
+# The streams `eval --stream` reads side by side by default, and the final evaluation
+# of `train` too (so `eval --stream --max-bytes EVAL_BYTES` gives its number again):
+# the fewest that run about as fast as the per-record protocol at batch 256 (on the
+# 2-core VM; fewer run slower, one alone slowest).  A stream of a 22.5 MB val file is
+# then ~350 KB long, so its one cold start costs little.
+EVAL_STREAMS = 64
 
 
 def final_evaluation(run, slices, log):
     """The end of a run: all of val by the published protocol (the state reset every
-    record), and the start of val read as one text (the state carried)."""
+    record), and the start of val read as EVAL_STREAMS texts (the state carried)."""
     cfg = run.cfg
     full = evaluate(run.params, run.val_records, cfg.batch_size, slices, progress=True)
-    stream = evaluate_stream(run.params, run.val_records.reshape(-1)[:run.settings.eval_bytes], cfg.seq_len, progress=True)
+    text = run.val_records.reshape(-1)[:run.settings.eval_bytes]
+    stream = evaluate_stream(run.params, text, cfg.seq_len, EVAL_STREAMS, slices, progress=True)
     log.write({"step": run.step, "bytes": run.step * cfg.batch_size * cfg.seq_len, **val_columns(full),
                "val_stream_bpb": f"{stream['bpb']:.5f}"})
     print_evaluation(f"val, per record (all {len(run.val_records):,} records, the state reset every {cfg.seq_len + 1} bytes)", full)
-    print_evaluation(f"val, streamed (the first {stream['bytes'] + 1:,} bytes as one text, the state carried)", stream)
+    print_evaluation(f"val, streamed (the first {len(text):,} bytes as {stream_protocol(stream['streams'], cfg.seq_len)})",
+                     stream)
+
+
+def stream_protocol(streams, seq_len):
+    """How evaluate_stream read a text, in words."""
+    side_by_side = "1 stream" if streams == 1 else f"{streams:,} streams side by side"
+    return f"{side_by_side}, each read in chunks of {seq_len} with its state carried"
 
 
 def print_evaluation(name, result):
@@ -1322,24 +1561,32 @@ def print_evaluation(name, result):
 
 
 def evaluate_checkpoint(args):
+    if args.streams and not args.stream:
+        raise UserError("--streams is how many texts --stream reads side by side: add --stream")
     cfg, params_np, meta, _ = load_checkpoint(args.ckpt)
     xp = select_backend(args.device, [cfg.d_model])
     path = os.path.join(args.data_dir, f"{args.split}.bin")
+    if args.split == "test" and not os.path.exists(path):
+        raise UserError(f"{path} not found: prepare_data.py makes a test split for enwik8 alone (--dataset enwik8; "
+                        f"TinyStories has train and val): use --split val, or --data-dir the enwik8 folder")
     params = {k: xp.asarray(p) for k, p in params_np.items()}
+    slices, record = cpu_slices(xp, args.threads), cfg.seq_len + 1
     started = time.perf_counter()
     if args.stream:
         data = open_bytes(path)
         data = data[:args.max_bytes or len(data)]
         if len(data) < 2:
             raise UserError(f"--max-bytes {args.max_bytes}: at least 2 bytes are needed, one to read and one to predict")
-        result = evaluate_stream(params, data, cfg.seq_len, progress=True)
-        protocol = f"read as one text in chunks of {cfg.seq_len}, the state carried"
+        result = evaluate_stream(params, data, cfg.seq_len, args.streams or EVAL_STREAMS, slices, progress=True)
+        protocol = f"read as {stream_protocol(result['streams'], cfg.seq_len)}"
     else:
-        fix = f"this checkpoint reads records of seq_len + 1 = {cfg.seq_len + 1} bytes: evaluate on more text"
+        if 0 < args.max_bytes < record:
+            raise UserError(f"--max-bytes {args.max_bytes} is less than one record of seq_len + 1 = {record} bytes: "
+                            f"pass at least {record}, or --stream to read any number of bytes")
+        fix = f"this checkpoint reads records of seq_len + 1 = {record} bytes: evaluate on more text"
         records = open_records(path, cfg.seq_len, fix)
-        if args.max_bytes:
-            records = records[:max(1, args.max_bytes // (cfg.seq_len + 1))]
-        result = evaluate(params, records, args.batch_size or cfg.batch_size, cpu_slices(xp, args.threads), progress=True)
+        records = records[:args.max_bytes // record or len(records)]
+        result = evaluate(params, records, args.batch_size or cfg.batch_size, slices, progress=True)
         protocol = f"{len(records):,} records, the state reset every record"
     seconds = time.perf_counter() - started
     print_evaluation(f"{args.ckpt} (step {meta['step']:,}) on {args.split}, {result['bytes']:,} bytes predicted, "
@@ -1421,9 +1668,11 @@ def cpu_slices(xp, threads=None, count=None):
     slice per thread (fastest of one to eight slices a thread: docs/results.md)."""
     if xp is not np:
         return None
-    if not threads:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return Slices(count or threads, threads)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if threads and threads > cores:
+        print(f"note: --threads {threads} is more than the {cores} cores here: the threads take turns, which is slower "
+              f"than --threads {cores}", file=sys.stderr)
+    return Slices(count or threads or cores, threads or cores)
 
 
 # ----------------------------------------------------------------------------
@@ -1614,7 +1863,8 @@ def add_common_flags(p, name, model=False, data=False):
         p.add_argument("--n-layers", type=positive_int, help=f"default {Config.n_layers}")
         p.add_argument("--seq-len", type=positive_int, help=f"default {Config.seq_len}")
     if model or data:
-        p.add_argument("--batch-size", type=positive_int, help=f"default {Config.batch_size}" + (" or the checkpoint's" if data else ""))
+        default = f"default {Config.batch_size}" + ("; with --resume, the checkpoint's" if data else "")
+        p.add_argument("--batch-size", type=positive_int, help=default if model else "default: the checkpoint's")
     if data:
         p.add_argument("--data-dir", default="data", help="the folder holding train.bin and val.bin (default data)")
     if name != "sample":
@@ -1653,8 +1903,11 @@ def add_sample_flags(p):
 def add_eval_flags(p):
     p.add_argument("--split", choices=["val", "train", "test"], default="val", help="default val")
     p.add_argument("--max-bytes", type=nonnegative_int, default=0, help="only the first N bytes of the split (default 0: all)")
-    p.add_argument("--stream", action="store_true", help="read the split as one text, the state carried across chunks "
+    p.add_argument("--stream", action="store_true", help="read the split as long texts, the state carried across chunks "
                                                          "(default: every record on its own, the published protocol)")
+    p.add_argument("--streams", type=positive_int, help=f"with --stream: the split cut into N contiguous parts read side by "
+                                                        f"side, each with its own state (1: one text; default {EVAL_STREAMS}, "
+                                                        f"about as fast as the per-record protocol)")
 
 
 def add_bench_flags(p):

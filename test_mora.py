@@ -814,10 +814,14 @@ def run_main(*args):
     return mora.main([str(a) for a in args])
 
 
-def one_error_line(capsys, exit_code):
-    """What a failed command printed: exit code 1 and one line 'error: ...', no traceback."""
+def one_error_line(capsys, exit_code, after_progress=False):
+    """What a failed command printed: exit code 1 and one line 'error: ...', no traceback
+    (after_progress: after the training's progress bar)."""
     assert exit_code == 1
     err = capsys.readouterr().err
+    if after_progress:
+        assert "Traceback" not in err, err
+        err = err[err.rfind("error: "):]
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     return err
 
@@ -839,6 +843,24 @@ def test_resume_is_bit_exact(data_dir, tmp_path):
         rows_a = [r.split(",")[:7] for r in a.read().splitlines()]
         rows_b = [r.split(",")[:7] for r in b.read().splitlines()]
     assert rows_a == rows_b and len(rows_a) == 10  # header, 8 steps, final validation
+
+
+def test_resume_on_other_threads_is_bit_exact(data_dir, tmp_path):
+    """A run on 2 threads, stopped and resumed on 1, ends where the straight 2-thread run does: the
+    batch's slices are part of the run, the threads only share them out."""
+    common = ["train", "--data-dir", data_dir, *TINY, "--max-steps", 6, "--device", "cpu", "--eval-every", 0,
+              "--no-final-eval"]
+    straight, split = tmp_path / "straight.npz", tmp_path / "split.npz"
+    assert run_main(*common, "--ckpt", straight, "--threads", 2) == 0
+    assert run_main(*common, "--ckpt", split, "--threads", 2, "--stop-after", 3) == 0
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", split, "--resume", "--device", "cpu", "--threads", 1) == 0
+    _, p_straight, meta, opt_straight = mora.load_checkpoint(str(straight))
+    _, p_split, meta_split, opt_split = mora.load_checkpoint(str(split))
+    assert meta_split["step"] == 6 and meta_split["train"]["slices"] == meta["train"]["slices"] == 2
+    for name in p_straight:
+        assert np.array_equal(p_straight[name], p_split[name]), name
+    for moment in ("adam.m", "adam.v"):
+        assert np.array_equal(opt_straight[moment], opt_split[moment]), moment
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -1809,6 +1831,78 @@ def test_junk_log_does_not_block_resume(data_dir, tmp_path, capsys):
     assert logged_steps(log) == [3, 4, 5, 6]
 
 
+def test_a_cut_or_junk_log_is_set_aside_and_its_good_rows_kept(data_dir, tmp_path, capsys):
+    ckpt, log = tmp_path / "m.npz", tmp_path / "m.csv"
+    train = ["train", "--data-dir", data_dir, "--ckpt", ckpt, "--device", "cpu", "--eval-every", 0]
+    assert run_main(*train, *TINY, "--max-steps", 20, "--stop-after", 5) == 0
+    whole = log.read_bytes()
+    assert b"\r" not in whole  # plain '\n' line ends
+    lines = whole.splitlines(keepends=True)
+    damaged = {"cut mid-row": b"".join(lines[:4]) + lines[4][:9],  # rows 1-3, then half of row 4
+               "unparsable row": b"".join(lines[:4]) + b"4,x\x00,,\n" + lines[5],
+               "one line of junk": b"garbage\n"}
+    for kind, text in damaged.items():
+        log.write_bytes(text)
+        capsys.readouterr()
+        assert run_main(*train, "--resume", "--stop-after", 1) == 0, kind
+        err = capsys.readouterr().err
+        assert "kept as" in err and (tmp_path / "m.csv.bad").read_bytes() == text, kind
+        kept = [1, 2, 3] if kind != "one line of junk" else []
+        step = 5 + list(damaged).index(kind)
+        assert logged_steps(log) == kept + [step + 1], kind  # the good rows, then the resumed run's
+        assert log.read_bytes().endswith(b"\n") and b"\r" not in log.read_bytes()
+
+
+class FullDiskAfter:
+    """A file that takes `writes` more writes, then, as a full disk does, writes half of the next and fails."""
+    def __init__(self, file, writes):
+        self.file, self.writes = file, writes
+
+    def write(self, data):
+        if self.writes == 0:
+            self.file.write(data[:len(data) // 2])
+            self.file.flush()
+            raise OSError(28, "No space left on device")
+        self.writes -= 1
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def test_a_full_disk_under_the_log_still_saves_the_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    import builtins
+    ckpt, log = tmp_path / "m.npz", tmp_path / "m.csv"
+
+    def log_fills_the_disk(path, mode="r", *args, **kwargs):  # the log, opened to append, fills the disk at row 4
+        file = builtins.open(path, mode, *args, **kwargs)
+        return FullDiskAfter(file, 3) if str(path).endswith(".csv") and mode.startswith("a") else file
+    monkeypatch.setattr(mora, "open", log_fills_the_disk, raising=False)
+    train = ["train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--eval-every", 0,
+             "--max-steps", 10, "--ckpt-every", 100]
+    err = one_error_line(capsys, run_main(*train), after_progress=True)
+    assert str(log) in err and "No space left" in err and "saved at step 4" in err and "--resume" in err
+    assert mora.load_checkpoint(str(ckpt))[2]["step"] == 4  # the steps were not lost with the log
+    assert log.read_bytes().endswith(b"\n") and logged_steps(log) == [1, 2, 3]  # no half row
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "savez", disk_full)  # now the checkpoint cannot be written either
+    err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "n.npz"), after_progress=True)
+    assert "the log" in err and "the checkpoint" in err and "no checkpoint of this run was saved" in err
+    assert not os.path.exists(tmp_path / "n.npz")
+    monkeypatch.undo()  # the disk fills at the final evaluation's row: the run is saved by then
+    monkeypatch.setattr(mora, "open", log_fills_the_disk, raising=False)
+    err = one_error_line(capsys, run_main(*train, "--max-steps", 3, "--ckpt", tmp_path / "e.npz"), after_progress=True)
+    assert "cannot write the log" in err and "saved at step 3" in err and "mora.py eval" in err
+    assert mora.load_checkpoint(str(tmp_path / "e.npz"))[2]["step"] == 3
+
+
 def test_sigterm_saves_like_ctrl_c(data_dir, tmp_path):
     import signal
     ckpt, log = tmp_path / "m.npz", tmp_path / "m.csv"
@@ -1819,6 +1913,61 @@ def test_sigterm_saves_like_ctrl_c(data_dir, tmp_path):
     assert proc.returncode == 130 and "stopping after this step" in err and "Traceback" not in err and "--resume" in out
     saved = mora.load_checkpoint(str(ckpt))[2]["step"]
     assert saved >= 3 and logged_steps(log)[-1] == saved
+
+
+def test_a_closed_terminal_stops_and_saves_like_sigterm(data_dir, tmp_path):
+    """A run on a terminal that closes gets SIGHUP, and every write to the terminal fails
+    from then on: it still stops after the step, saves and exits 130."""
+    import pty
+    import select
+    import time
+    ckpt, log = tmp_path / "m.npz", tmp_path / "m.csv"
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: a run on the terminal
+        os.chdir(HERE)
+        os.execv(sys.executable, [sys.executable, "mora.py", "train", "--data-dir", data_dir, "--ckpt", str(ckpt), *TINY,
+                                  "--device", "cpu", "--eval-every", "0", "--max-steps", "100000", "--ckpt-every", "100000"])
+    deadline = time.time() + 60
+    while time.time() < deadline and not (os.path.exists(log) and len(open(log).read().splitlines()) > 3):
+        if select.select([terminal], [], [], 0.05)[0]:
+            os.read(terminal, 1 << 16)  # what the run prints, read as a terminal does
+    os.close(terminal)  # the terminal closes
+    while time.time() < deadline:
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+        if reaped:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        raise AssertionError("the run did not stop")
+    assert os.waitstatus_to_exitcode(status) == 130
+    saved = mora.load_checkpoint(str(ckpt))[2]["step"]
+    assert saved >= 3 and logged_steps(log)[-1] == saved
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_in_the_final_evaluation_says_the_run_is_saved(data_dir, tmp_path, monkeypatch, capsys, name):
+    import signal
+    signum, evaluate = getattr(signal, name), mora.evaluate
+
+    def unanswered(*args):  # where the run leaves the signal to the default handler
+        raise AssertionError(f"{name} during the final evaluation would end the run without a word")
+    previous = signal.signal(signum, unanswered)
+
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(signum)
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(mora, "evaluate", interrupted)  # only the final evaluation calls it: --eval-every 0
+    ckpt = tmp_path / "m.npz"
+    try:
+        code = run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 3,
+                        "--eval-every", 0)
+    finally:
+        signal.signal(signum, previous)
+    out = capsys.readouterr().out
+    assert code == 130 and "saved at step 3" in out and "final evaluation" in out and "mora.py eval" in out
+    assert mora.load_checkpoint(str(ckpt))[2]["step"] == 3 and logged_steps(tmp_path / "m.csv") == [1, 2, 3]
 
 
 def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
@@ -1844,12 +1993,37 @@ def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(data_dir, t
     assert mora.load_checkpoint(str(ckpt))[2]["step"] == 4  # the last save, untouched
 
 
+def test_the_printed_resume_command_works(data_dir, tmp_path, monkeypatch, capsys):
+    """After Ctrl-C the line to continue names the data folder, device and threads, quoted for the shell."""
+    import shlex
+    import shutil
+    import signal
+    data, ckpt = tmp_path / "other data", tmp_path / "my run" / "m.npz"
+    shutil.copytree(data_dir, data)
+    train_step = mora.train_step
+
+    def interrupted_at_step_2(*args, **kwargs):
+        if args[6] == 2:  # the step number
+            signal.raise_signal(signal.SIGINT)
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(mora, "train_step", interrupted_at_step_2)
+    assert run_main("train", "--data-dir", data, "--ckpt", ckpt, *TINY, "--device", "cpu", "--threads", 1,
+                    "--max-steps", 5, "--eval-every", 0, "--no-final-eval") == 130
+    words = shlex.split(capsys.readouterr().out.split("continue with `")[1].split("`")[0])
+    assert words[0] == "python" and os.path.samefile(words[1], mora.__file__) and words[2] == "train"
+    assert {"--data-dir": str(data), "--ckpt": str(ckpt), "--device": "cpu", "--threads": "1"}.items() <= dict(
+        zip(words[3:], words[4:])).items() and "--resume" in words
+    monkeypatch.setattr(mora, "train_step", train_step)
+    assert run_main(*words[2:]) == 0
+    assert mora.load_checkpoint(str(ckpt))[2]["step"] == 5
+
+
 def test_second_writer_is_refused_and_stale_locks_do_not_block(data_dir, tmp_path, capsys):
     ckpt = tmp_path / "m.npz"
     lock = mora.lock_checkpoint(str(ckpt))  # this process trains it
     proc = start_training(data_dir, ckpt, "--max-steps", 2)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and f"process {os.getpid()}" in err and err.count("\n") == 1
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and f"process {os.getpid()}" in err and err.count("\n") == 1 and out == ""
     lock.close()  # as when that process dies: the lock file stays, with its dead holder's pid
     assert (tmp_path / "m.npz.lock").exists()
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 2) == 0
@@ -1892,6 +2066,47 @@ def test_records_do_not_overlap_and_targets_are_the_next_bytes(tmp_path):
     assert sorted(found) == sorted(rows)
 
 
+def test_resume_refuses_other_data_of_the_same_size(tmp_path, capsys):
+    """train.bin rebuilt from the same files in another order (same size), or another val.bin, is refused;
+    a checkpoint written without a record of its data still resumes on data of the right size."""
+    stories = [tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "v.txt"]
+    for i, path in enumerate(stories):
+        path.write_bytes(made_up_text(40, seed=10 + i))
+
+    def prepare(out, train_files, val_file):
+        assert prepare_data.main(["--out-dir", str(out), "--input-train", *map(str, train_files), "--input-val", str(val_file)]) == 0
+        return out
+    data = prepare(tmp_path / "data", stories[:2], stories[2])
+    reordered = prepare(tmp_path / "reordered", stories[1::-1], stories[2])
+    other_val = prepare(tmp_path / "other_val", stories[:2], stories[0])
+    assert os.path.getsize(data / "train.bin") == os.path.getsize(reordered / "train.bin")
+    ckpt = tmp_path / "m.npz"
+    train = ["train", "--ckpt", ckpt, "--device", "cpu", "--eval-every", 0, "--no-final-eval"]
+    assert run_main(*train, "--data-dir", data, *TINY, "--max-steps", 6, "--stop-after", 2) == 0
+    capsys.readouterr()
+    for folder, name in ((reordered, "train.bin"), (other_val, "val.bin")):
+        err = one_error_line(capsys, run_main(*train, "--data-dir", folder, "--resume"))
+        assert "trained on" in err and name in err and "--data-dir" in err
+    cfg, params, meta, adam = mora.load_checkpoint(str(ckpt))
+    del meta["data"]["files"]  # as a checkpoint written before checkpoints recorded their data
+    mora.save_checkpoint(str(ckpt), params, meta, adam["adam.m"], adam["adam.v"])
+    assert run_main(*train, "--data-dir", reordered, "--resume", "--stop-after", 1) == 0  # only the size can be checked
+    assert mora.load_checkpoint(str(ckpt))[2]["step"] == 3
+
+
+def test_resuming_a_finished_run_says_so(data_dir, tmp_path, capsys):
+    ckpt, log = tmp_path / "m.npz", tmp_path / "m.csv"
+    train = ["train", "--data-dir", data_dir, "--ckpt", ckpt, "--device", "cpu"]
+    assert run_main(*train, *TINY, "--max-steps", 3, "--eval-every", 0) == 0
+    capsys.readouterr()
+    rows = log.read_bytes()
+    assert run_main(*train, "--resume") == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "finished" in out and "--max-steps N" in out and "above 3" in out
+    assert log.read_bytes() == rows  # no second final evaluation, no duplicate row
+    assert run_main(*train, "--resume", "--max-steps", 4) == 0 and logged_steps(log) == [1, 2, 3, 4]
+
+
 def test_each_epoch_is_reshuffled_by_seed_and_epoch_alone(data_dir, tmp_path, monkeypatch):
     n = 50
     assert np.array_equal(mora.epoch_order(n, 3, 1), np.random.default_rng([3, 1]).permutation(n))
@@ -1922,12 +2137,23 @@ def test_file_system_faults_are_one_line(data_dir, tmp_path, capsys, monkeypatch
     (bad_data / "train.bin").mkdir(parents=True)
     assert "not a file" in error_of("train", "--data-dir", bad_data, "--ckpt", tmp_path / "x.npz", "--device", "cpu")
 
+    savez, saves = np.savez, []
+
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(np, "savez", disk_full)
     assert run_main(*train, "--ckpt", tmp_path / "full.npz") == 1
     err = capsys.readouterr().err.split("\r")[-1].split("\n", 1)[-1]  # after the progress bar
-    assert err.startswith("error: ") and err.count("\n") == 1 and "No space left" in err and "--resume" in err and not (tmp_path / "full.npz.tmp").exists()
+    assert err.startswith("error: ") and err.count("\n") == 1 and "No space left" in err and not (tmp_path / "full.npz.tmp").exists()
+    assert "no checkpoint of this run was saved" in err and "start it again" in err  # a first save: nothing to resume
+
+    def full_from_the_second_save(*args, **kwargs):
+        saves.append(args)
+        return savez(*args, **kwargs) if len(saves) == 1 else disk_full()
+    monkeypatch.setattr(np, "savez", full_from_the_second_save)
+    err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "later.npz", "--max-steps", 4, "--ckpt-every", 2),
+                         after_progress=True)
+    assert "still holds step 2" in err and "--resume" in err
 
 
 def test_sample_into_a_closed_pipe_is_quiet(data_dir, tmp_path):
@@ -1965,6 +2191,35 @@ def test_damaged_checkpoints_and_contradictions_are_one_line(data_dir, tmp_path,
     assert "evaluate on more text" in err and "--seq-len" not in err  # eval has no --seq-len to suggest
     assert "--d-model" in error_of("train", "--data-dir", data_dir, "--ckpt", tmp_path / "huge.npz", "--device", "cpu",
                                    "--d-model", 100000)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow on the way to NaN
+def test_errors_say_what_is_there(data_dir, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    def error_of(*args, after_progress=False):
+        return one_error_line(capsys, run_main(*args), after_progress)
+
+    train = ["train", "--data-dir", data_dir, *TINY, "--device", "cpu", "--eval-every", 0]
+    for ckpt in ("", str(tmp_path) + os.sep):
+        assert "names no file" in error_of(*train, "--ckpt", ckpt)  # before step 1, not at the first save
+    diverge = ["--max-steps", 50, "--lr", 1e30, "--warmup", 0, "--clip", 1e30]
+    err = error_of(*train, "--ckpt", tmp_path / "d.npz", *diverge, after_progress=True)
+    assert "no checkpoint of this run was saved" in err and "last good" not in err
+    ckpt = tmp_path / "m.npz"
+    assert run_main(*train, "--ckpt", ckpt, "--max-steps", 1) == 0
+    capsys.readouterr()
+    assert "is a folder" in error_of("sample", "--ckpt", tmp_path, "--device", "cpu")
+    err = error_of("eval", "--ckpt", ckpt, "--data-dir", data_dir, "--split", "test", "--device", "cpu")
+    assert "enwik8" in err and "--split val" in err  # prepare_data.py makes a test split for enwik8 alone
+
+    def unreadable(path, *args, **kwargs):
+        if str(path) == str(ckpt):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+    monkeypatch.setattr(mora, "open", unreadable, raising=False)
+    err = error_of("sample", "--ckpt", ckpt, "--device", "cpu")
+    assert "Permission denied" in err and "corrupt" not in err
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow on the way to NaN
@@ -2025,6 +2280,51 @@ def test_streamed_evaluation_reads_the_text_as_one_sequence(tmp_path):
     x, y = mora.make_batch(records, np.arange(4), np)
     assert abs(per_record["loss"] - mora.forward_loss(params, x, y)[0].mean()) < 1e-10
     assert per_record["by_position"].startswith("bits/byte by position: 0: ")
+
+
+def test_one_stream_is_one_text_and_more_streams_are_its_parts_side_by_side():
+    cfg = mora.Config(d_model=8, n_layers=2)
+    params = perturbed_params(cfg, seed=6)
+    data = np.frombuffer(made_up_text(2), dtype=np.uint8)[:70]
+    state, position_loss, right = mora.initial_state(params, 1), np.zeros(16), 0.0  # one text, written out:
+    for start in range(0, len(data) - 1, 16):  # chunks of 16, the state carried, every byte but the first predicted
+        chunk = data[start:start + 17].astype(np.int32)
+        logits, _, state = mora.model_forward(params, chunk[:-1, None], state, keep_cache=False)
+        losses, correct, _ = mora.cross_entropy_forward(logits.reshape(-1, 256), chunk[1:])
+        position_loss[:len(losses)] += losses
+        right += correct.sum()
+    one = mora.evaluate_stream(params, data, 16)
+    assert one["streams"] == 1 and one["loss"] == position_loss.sum() / 69 and one["accuracy"] == right / 69
+    for streams in (2, 3, 5):  # parts of 34 and 35 bytes, ...: the last chunks differ in length
+        combined = mora.evaluate_stream(params, data, 16, streams=streams)
+        edges = np.linspace(0, len(data) - 1, streams + 1).astype(int)  # part k: bytes edges[k] .. edges[k + 1]
+        parts = [mora.evaluate_stream(params, data[a:b + 1], 16) for a, b in zip(edges[:-1], edges[1:])]
+        assert combined["streams"] == streams and combined["bytes"] == sum(p["bytes"] for p in parts) == 69
+        for key in ("loss", "accuracy"):
+            assert combined[key] == pytest.approx(sum(p[key] * p["bytes"] for p in parts) / 69, rel=1e-12), (streams, key)
+        threaded = mora.evaluate_stream(params, data, 16, streams=streams, slices=mora.Slices(2, 2))
+        assert threaded["loss"] == pytest.approx(combined["loss"], rel=1e-12) and threaded["bytes"] == 69
+    assert mora.evaluate_stream(params, data[:4], 16, streams=10)["streams"] == 3  # a byte to predict in each
+
+
+def test_eval_reports_its_streams_and_reads_no_more_than_asked(data_dir, tmp_path, capsys):
+    ckpt = tmp_path / "m.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 2,
+                    "--eval-every", 0, "--eval-bytes", 300) == 0
+    out = capsys.readouterr().out
+    assert f"{mora.EVAL_STREAMS} streams side by side" in out  # the final evaluation's streamed part
+    evaluate = ["eval", "--ckpt", ckpt, "--data-dir", data_dir, "--device", "cpu"]
+    assert run_main(*evaluate, "--stream", "--streams", 3, "--max-bytes", 1000) == 0
+    out = capsys.readouterr().out
+    assert "3 streams side by side" in out and "999 bytes predicted" in out
+    assert run_main(*evaluate, "--stream", "--max-bytes", 10, "--streams", 1) == 0  # shorter than a chunk of 16
+    out = capsys.readouterr().out
+    assert "nan" not in out and "1 stream," in out and "9 bytes predicted" in out
+    err = one_error_line(capsys, run_main(*evaluate, "--max-bytes", 10))  # less than one record of 17 bytes
+    assert "--max-bytes 10" in err and "17" in err and "--stream" in err
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert run_main(*evaluate, "--max-bytes", 100, "--threads", 4 * cores) == 0
+    assert f"more than the {cores} cores" in capsys.readouterr().err
 
 
 def test_plot_log_draws_and_refuses_bad_logs(tmp_path):
@@ -2190,7 +2490,7 @@ def test_explain_caps_long_texts_and_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     (tmp_path / "empty.txt").write_bytes(b"")
     assert "no checkpoint" in error_of("--ckpt", tmp_path / "none.npz", "--text", "Once", "--out", out)
-    assert "not a readable MORA checkpoint" in error_of("--ckpt", tmp_path / "junk.npz", "--text", "Once", "--out", out)
+    assert "is not a MORA checkpoint" in error_of("--ckpt", tmp_path / "junk.npz", "--text", "Once", "--out", out)
     assert "fewer than 2 bytes" in error_of("--ckpt", ckpt, "--text", "", "--out", out)
     assert "fewer than 2 bytes" in error_of("--ckpt", ckpt, "--file", tmp_path / "empty.txt", "--out", out)
     assert "cannot read --file" in error_of("--ckpt", ckpt, "--file", tmp_path / "none.txt", "--out", out)
