@@ -1,4 +1,4 @@
-"""The first session on a GPU in one command, every figure in one report:
+"""A first run on a GPU in one command, every figure in one report:
 
     python gpu_check.py --data-dir data --out gpu_report.md
 
@@ -12,7 +12,7 @@ minutes):
   5. kernels  CUDA events around every fused-kernel launch over a few training steps:
               ms per launch and per step by kernel, registers and local memory
 The report (markdown) grows as the steps finish, so it holds what was measured however
-the session ends.  `--time-kernels` prints step 5's table alone."""
+the run ends.  `--time-kernels` prints step 5's table alone."""
 import argparse
 import json
 import os

@@ -988,12 +988,12 @@ def kernel_compiler(folder):
     return compile
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kernel_folder(tmp_path_factory):
     return str(tmp_path_factory.mktemp("kernels"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def compiled_kernels(kernel_folder):
     return kernel_compiler(kernel_folder)
 
@@ -1034,7 +1034,7 @@ def run_compiled(compiled, name, grid, block, args):
     function(grid, block, *[a.ctypes.data if isinstance(a, np.ndarray) else a for a in args])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kernels_on_cpu(compiled_kernels):
     """Run a kernel over n_threads threads, NumPy arrays for pointers; width: the model
     width, for the kernels of BLOCK_SOURCE; block: threads per block (default one),
@@ -1245,7 +1245,7 @@ sys.modules[__name__] = test_mora.StandInCupy(test_mora.kernel_compiler({folder!
 """
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def child_env(kernel_folder):
     """The environment for a child process that runs the GPU path: as it is where CuPy
     can use a GPU, else with the stand-in first on the import path as `cupy`."""
