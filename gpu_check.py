@@ -111,8 +111,8 @@ def fenced(text):
 
 
 def time_kernels(batch_size, seq_len, steps):
-    """Step 5, in this process: the small model's training steps (with the trainable mask,
-    as `mora.py train` runs them), every mora.launch between two CUDA events; after one
+    """Step 5, in this process: the small model's training steps (as `mora.py train` runs
+    them), every mora.launch between two CUDA events; after one
     untimed step, which compiles.  Prints a markdown table, the costliest kernel first."""
     import numpy as np
     import mora
@@ -121,7 +121,7 @@ def time_kernels(batch_size, seq_len, steps):
     cfg = mora.Config(batch_size=batch_size, seq_len=seq_len)
     flat, params = mora.flat_parameters(mora.init_params(cfg, 0), xp)
     adam_m, adam_v = xp.zeros_like(flat), xp.zeros_like(flat)
-    trainable = xp.asarray(mora.flatten(mora.trainable_mask(cfg), list(mora.param_shapes(cfg))))
+    trainable = mora.trainable_vector(cfg, xp)
     records = np.random.default_rng(0).integers(0, mora.V, (batch_size, seq_len + 1), dtype=np.uint8)
     x, y = mora.make_batch(records, np.arange(batch_size), xp)
     launches, plain_launch = [], mora.launch

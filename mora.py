@@ -1079,13 +1079,14 @@ def resumed_settings(args, meta, chosen):
     return settings
 
 
-def start_or_resume(args, xp):
-    """A new run from the flags, or the run in --ckpt with its own settings (--resume)."""
+def start_or_resume(args, xp, checkpoint=None):
+    """A new run from the flags, or the run in --ckpt with its own settings (--resume;
+    checkpoint: what load_checkpoint read from --ckpt)."""
     chosen = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None}
     if args.resume:
         if args.overwrite:
             raise UserError("--resume and --overwrite contradict each other: --resume continues --ckpt, --overwrite starts it over")
-        cfg, params_np, meta, adam_state = load_checkpoint(args.ckpt)
+        cfg, params_np, meta, adam_state = checkpoint or load_checkpoint(args.ckpt)
         asked = model_config(args, base=cfg)
         if asked != cfg:
             raise UserError(f"--resume: {args.ckpt} is a {asdict(cfg)} model, the flags ask for {asdict(asked)}: drop the size flags or use another --ckpt")
@@ -1150,7 +1151,7 @@ def open_run_data(args, cfg, meta):
             differs = "other bytes of the same size" if size == files[name]["bytes"] else f"{files[name]['bytes']:,} bytes"
             raise UserError(f"--resume: {args.ckpt} was trained on another {name} ({size:,} bytes) than {path} ({differs}): "
                             f"point --data-dir at the data it was trained on")
-    if meta and meta["data"]["train_records"] != len(records["train.bin"]):
+    if meta and "train.bin" not in recorded and meta["data"]["train_records"] != len(records["train.bin"]):
         raise UserError(f"--resume: {args.ckpt} was trained on {meta['data']['train_records']:,} records, "
                         f"{os.path.join(args.data_dir, 'train.bin')} now has {len(records['train.bin']):,}: "
                         f"point --data-dir at the data it was trained on")
@@ -1419,18 +1420,12 @@ def check_finite(run, loss, grad_norm, ckpt):
 # The commands: train, eval, sample.
 
 
-def run_width(args):
-    """The model width a train command runs: its checkpoint's on --resume, else the flags'."""
-    if args.resume and os.path.exists(args.ckpt):
-        return load_checkpoint(args.ckpt)[0].d_model
-    return model_config(args).d_model
-
-
 def train(args):
-    xp = select_backend(args.device, [run_width(args)])
+    checkpoint = load_checkpoint(args.ckpt) if args.resume and not args.overwrite else None
+    xp = select_backend(args.device, [(checkpoint[0] if checkpoint else model_config(args)).d_model])
     log_path = prepare_output(args.ckpt)
     with lock_checkpoint(args.ckpt):  # first: a second run on this checkpoint stops before it prints anything
-        run = start_or_resume(args, xp)
+        run = start_or_resume(args, xp, checkpoint)
         if run.step >= run.settings.max_steps:
             print(f"{args.ckpt} is finished: it stands at step {run.step:,}, the end of its run; to train it longer, "
                   f"--resume with --max-steps N, N above {run.step:,}")
@@ -1727,7 +1722,7 @@ def step_traffic_bytes(cfg):
 
 def time_training_steps(cfg, xp, slices, steps):
     """Median time of `steps` training steps as `train` runs them (batch, forward,
-    backward, the trainable mask, clip, Adam) on random bytes, after one untimed step
+    backward, the trainable mask if there is an ablation, clip, Adam) on random bytes, after one untimed step
     (CuPy compiles its kernels there), and what goes with it: bytes/s, the traffic
     floor's GB/s, launches (where counted), memory."""
     flat, params = flat_parameters(init_params(cfg, 0), xp)
