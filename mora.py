@@ -1079,14 +1079,14 @@ def resumed_settings(args, meta, chosen):
     return settings
 
 
-def start_or_resume(args, xp, checkpoint=None):
+def start_or_resume(args, xp, checkpoint):
     """A new run from the flags, or the run in --ckpt with its own settings (--resume;
-    checkpoint: what load_checkpoint read from --ckpt)."""
+    checkpoint: what load_checkpoint read from --ckpt, which `train` reads first)."""
     chosen = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None}
     if args.resume:
         if args.overwrite:
             raise UserError("--resume and --overwrite contradict each other: --resume continues --ckpt, --overwrite starts it over")
-        cfg, params_np, meta, adam_state = checkpoint or load_checkpoint(args.ckpt)
+        cfg, params_np, meta, adam_state = checkpoint
         asked = model_config(args, base=cfg)
         if asked != cfg:
             raise UserError(f"--resume: {args.ckpt} is a {asdict(cfg)} model, the flags ask for {asdict(asked)}: drop the size flags or use another --ckpt")
