@@ -23,6 +23,7 @@ each step of the memory scan reads one contiguous (B, d) slab.
 """
 import argparse
 import codecs
+import contextlib
 import csv
 import functools
 import hashlib
@@ -988,19 +989,31 @@ class SaveError(UserError):
     """A checkpoint could not be written; the file at its path is as it was."""
 
 
+@contextlib.contextmanager
+def written_atomically(path, mode="wb", **open_args):
+    """A file opened as path.tmp and renamed to path once fully written.  On any
+    failure (a full disk, Ctrl-C) the partial file is removed, so that nothing
+    half-written stands at path or keeps the disk full; the error itself goes on."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode, **open_args) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):  # the open itself failed: keep its error, not ours
+            os.remove(tmp)
+        raise
+
+
 def save_checkpoint(path, params, meta, adam_m=None, adam_v=None):
     arrays = {name: to_numpy(p) for name, p in params.items()}
     if adam_m is not None:
         arrays["adam.m"], arrays["adam.v"] = to_numpy(adam_m), to_numpy(adam_v)
     arrays["meta"] = np.array(json.dumps(dict(meta, format=CHECKPOINT_FORMAT)))
-    tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
+        with written_atomically(path) as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError as exc:  # disk full, say: the half-written file must not keep the disk full
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except OSError as exc:
         raise SaveError(f"cannot write the checkpoint {path} ({exc.strerror or exc})") from exc
 
 
@@ -1263,9 +1276,11 @@ class TrainingLog:
     def __init__(self, path, step):
         self.path = path
         rows = self.rows_to_keep(step) if step > 0 and os.path.exists(path) else []
-        with open(path + ".tmp", "w", newline="") as f:
-            f.writelines([csv_line(LOG_FIELDS)] + [log_line(row) for row in rows])
-        os.replace(path + ".tmp", path)
+        try:
+            with written_atomically(path, "w", newline="") as f:
+                f.writelines([csv_line(LOG_FIELDS)] + [log_line(row) for row in rows])
+        except OSError as exc:  # a full disk, say: the old log stays as it was
+            raise LogWriteError(f"cannot write the log {path} ({exc.strerror or exc}); no step was taken") from exc
         self.file = open(path, "ab", buffering=0)
 
     def rows_to_keep(self, step):

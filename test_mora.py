@@ -1866,6 +1866,10 @@ class FullDiskAfter:
         self.writes -= 1
         return self.file.write(data)
 
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
     def __getattr__(self, name):
         return getattr(self.file, name)
 
@@ -1901,6 +1905,24 @@ def test_a_full_disk_under_the_log_still_saves_the_checkpoint(data_dir, tmp_path
     err = one_error_line(capsys, run_main(*train, "--max-steps", 3, "--ckpt", tmp_path / "e.npz"), after_progress=True)
     assert "cannot write the log" in err and "saved at step 3" in err and "mora.py eval" in err
     assert mora.load_checkpoint(str(tmp_path / "e.npz"))[2]["step"] == 3
+
+
+def test_a_full_disk_when_the_log_is_rewritten_keeps_the_old_log(data_dir, tmp_path, monkeypatch, capsys):
+    import builtins
+    ckpt, log = tmp_path / "m.npz", tmp_path / "m.csv"
+    train = ["train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--eval-every", 0,
+             "--max-steps", 6, "--stop-after", 3]
+    assert run_main(*train) == 0
+    before, saved = log.read_bytes(), ckpt.read_bytes()
+    capsys.readouterr()
+
+    def rewrite_fills_the_disk(path, mode="r", *args, **kwargs):  # on --resume the log is rewritten through m.csv.tmp
+        file = builtins.open(path, mode, *args, **kwargs)
+        return FullDiskAfter(file, 1) if str(path).endswith(".csv.tmp") else file
+    monkeypatch.setattr(mora, "open", rewrite_fills_the_disk, raising=False)
+    err = one_error_line(capsys, run_main(*train, "--resume"))
+    assert "cannot write the log" in err and str(log) in err and "No space left" in err
+    assert log.read_bytes() == before and ckpt.read_bytes() == saved and not (tmp_path / "m.csv.tmp").exists()
 
 
 def test_sigterm_saves_like_ctrl_c(data_dir, tmp_path):
