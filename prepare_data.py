@@ -31,7 +31,6 @@ a partial .bin or record behind (an interrupted download stays as NAME.part, to
 resume).  Needs about 4.5 GB of disk for the full TinyStories (text + bins).
 """
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -41,6 +40,8 @@ import zipfile
 import zlib
 
 from tqdm import tqdm
+
+from mora import written_atomically  # path.tmp, renamed once complete; removed on any failure
 
 URL_BASE = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 TRAIN_FILE, VAL_FILE = "TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"
@@ -52,22 +53,6 @@ CHUNK = 1 << 22  # 4 MiB: files are streamed, never held in memory
 
 class PrepareError(Exception):
     """Printed as one line; exit code 1."""
-
-
-@contextlib.contextmanager
-def written_atomically(path, mode="wb"):
-    """A file opened as path.tmp and renamed to path once fully written.  On any
-    failure (a full disk, Ctrl-C) the partial file is removed, so that nothing
-    half-written looks finished or keeps the disk full; the error itself goes on."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):  # the open itself failed: keep its error, not ours
-            os.remove(tmp)
-        raise
 
 
 def download(url, dest, limit=None):

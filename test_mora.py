@@ -741,7 +741,8 @@ def test_an_unwritable_out_dir_is_reported_as_it_is(tmp_path, monkeypatch, capsy
         if "w" in mode or "a" in mode:
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, mode, *args, **kwargs)
-    monkeypatch.setattr(prepare_data, "open", read_only_folder, raising=False)
+    for module in prepare_data, mora:  # the .bin files are opened by mora's written_atomically
+        monkeypatch.setattr(module, "open", read_only_folder, raising=False)
     err = one_error_line(capsys, prepare_data.main(["--out-dir", str(tmp_path / "o"), "--input-train", str(text),
                                                     "--input-val", str(text)]))
     assert "Permission denied" in err and "train.bin.tmp" in err and "No such file" not in err
