@@ -63,26 +63,31 @@ def main(argv=None):
     parser.add_argument("--smooth", type=positive(int), default=20, help="steps in the running mean of the train line")
     parser.add_argument("--title", default="MORA learning curve")
     parser.add_argument("--ymax", type=positive(float), default=4.0, help="top of the bits/byte axis")
+    parser.add_argument("--ymin", type=positive(float), help="bottom of the bits/byte axis (default: the lowest "
+                        "value, rounded down to a multiple of 0.5); values beyond either end are drawn at it")
     parser.add_argument("--labels", nargs="+", help="one name per log (default: the file names)")
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.logs):  # zip() would drop the logs without a label
         parser.error(f"--labels: give one per log ({len(args.logs)} logs, {len(args.labels)} labels)")
+    if args.ymin is not None and args.ymin >= args.ymax:
+        parser.error(f"--ymin {args.ymin:g} must be below --ymax {args.ymax:g}")
     labels = args.labels or [os.path.splitext(os.path.basename(p))[0] for p in args.logs]
     curves = [(label, *read_log(p)) for label, p in zip(labels, args.logs)]
     width, height, left, right, top, bottom = 720, 420, 60, 20, 40, 50
     x_max = max(x for _, train, val, full in curves for x, _ in train + val + full)
-    y_min = min(y for _, train, val, full in curves for _, y in train + val + full)
-    y_min = min(max(0.0, int(y_min * 2 - 1) / 2), args.ymax - 0.5)  # values all above --ymax: still a range
+    y_min = args.ymin
+    if y_min is None:
+        lowest = min(y for _, train, val, full in curves for _, y in train + val + full)
+        y_min = min(max(0.0, int(lowest * 2 - 1) / 2), args.ymax - 0.5)  # values all above --ymax: still a range
     sx = lambda x: left + (width - left - right) * x / x_max  # noqa: E731
-    sy = lambda y: top + (height - top - bottom) * (args.ymax - min(y, args.ymax)) / (args.ymax - y_min)  # noqa: E731
+    sy = lambda y: top + (height - top - bottom) * (args.ymax - min(max(y, y_min), args.ymax)) / (args.ymax - y_min)  # noqa: E731
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
            f'<rect width="{width}" height="{height}" fill="white"/>',
            f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="15">{html.escape(args.title)}</text>']
-    y = y_min
-    while y <= args.ymax + 1e-9:
-        svg.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#ddd"/>'
-                   f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.1f}</text>')
-        y += 0.5
+    tick = 0.5 if args.ymax - y_min > 1 else 0.1  # a grid line every 0.5 bits/byte, or every 0.1 on a close view
+    for k in range(math.ceil(y_min / tick - 1e-9), math.floor(args.ymax / tick + 1e-9) + 1):
+        svg.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(k * tick):.1f}" y2="{sy(k * tick):.1f}" stroke="#ddd"/>'
+                   f'<text x="{left - 6}" y="{sy(k * tick) + 4:.1f}" text-anchor="end">{k * tick:.1f}</text>')
     for i in range(6):
         x = x_max * i / 5
         svg.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 18}" text-anchor="middle">{x / 1e6:.1f}M</text>')

@@ -2372,6 +2372,7 @@ def test_plot_log_flags_and_output_faults_are_one_line(tmp_path, capsys):
                    "1,100,0.1,2,3.0,0,1,1,,,\n2,200,0.1,2,2.9,0,1,1,2,2.8,0\n")
     out = str(tmp_path / "c.svg")
     for flags in (["--smooth", "0"], ["--smooth", "-1"], ["--ymax", "nan"], ["--ymax", "inf"], ["--ymax", "0"],
+                  ["--ymin", "4"], ["--ymin", "1", "--ymax", "0.5"], ["--ymin", "nan"],
                   ["--labels", "one"], ["--labels", "a", "b", "c"]):  # two logs below: one label each
         with pytest.raises(SystemExit) as exit_info:
             plot_log.main([str(log), str(log), "--out", out, *flags])
@@ -2387,6 +2388,11 @@ def test_plot_log_flags_and_output_faults_are_one_line(tmp_path, capsys):
     svg = open(out).read()
     xml.dom.minidom.parseString(svg)  # well-formed: the title and labels are escaped
     assert "nan" not in svg and svg.count("<polyline") == 2 and "a &amp; b" in svg
+    plot_log.main([str(log), "--out", out, "--ymin", "2.85", "--ymax", "3.2"])  # the val dot 2.8 lies below the axis
+    svg = open(out).read()
+    floor = max(float(y) for y in re.findall(r'cy="([0-9.]+)"', svg))
+    grid = [label for label in re.findall(r'text-anchor="end">([0-9.]+)</text>', svg)]
+    assert grid == ["2.9", "3.0", "3.1", "3.2"] and floor == 420 - 50  # drawn at the bottom of the axis, not below
 
 
 def test_bench_torch_helps_without_torch_and_says_what_to_install(monkeypatch, capsys):
