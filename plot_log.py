@@ -86,8 +86,9 @@ def main(argv=None):
            f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="15">{html.escape(args.title)}</text>']
     tick = 0.5 if args.ymax - y_min > 1 else 0.1  # a grid line every 0.5 bits/byte, or every 0.1 on a close view
     for k in range(math.ceil(y_min / tick - 1e-9), math.floor(args.ymax / tick + 1e-9) + 1):
-        svg.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(k * tick):.1f}" y2="{sy(k * tick):.1f}" stroke="#ddd"/>'
-                   f'<text x="{left - 6}" y="{sy(k * tick) + 4:.1f}" text-anchor="end">{k * tick:.1f}</text>')
+        y = sy(k * tick)
+        svg.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
+                   f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{k * tick:.1f}</text>')
     for i in range(6):
         x = x_max * i / 5
         svg.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 18}" text-anchor="middle">{x / 1e6:.1f}M</text>')
