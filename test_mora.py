@@ -398,7 +398,9 @@ def test_train_step_clips_then_steps_adam_with_the_run_settings():
         grad *= 0.05 / unclipped  # clipped to exactly the limit
         mora.adam_update(hand, grad, hand_m, hand_v, step + 1, 0.01, 0.8, 0.9, 1e-6)
         assert float(norm) == pytest.approx(unclipped, rel=1e-5)
-        assert np.allclose(m, hand_m, rtol=1e-5, atol=1e-12) and np.allclose(v, hand_v, rtol=1e-4, atol=1e-16)
+        # float32 rounding, on the scale of each array: a wrong setting moves them by far more
+        assert np.allclose(m, hand_m, rtol=1e-5, atol=1e-6 * np.abs(hand_m).max())
+        assert np.allclose(v, hand_v, rtol=1e-4, atol=1e-6 * np.abs(hand_v).max())
         assert np.allclose(flat, hand, rtol=1e-5, atol=1e-7)
 
 
