@@ -39,14 +39,11 @@ STRIP_EDGES = np.linspace(0, 1, 9)[1:-1]  # 1/8, 2/8, ... 7/8
 def memory_trace(cache):
     """Per block, the write rate beta and the delta e at every byte, each averaged over
     the block's d channels, read from the cache of `mora.model_forward` on one stream
-    (B = 1).  Cache layout: (x, block_caches, final_cache, n); a block's cache is
-    (in_cache, mixer_cache, out_cache); the mixer's is (beta_cache, scan_cache,
-    mean_cache, mix_cache, m, gate_cache) with scan_cache = (beta, e), each (T, 1, d).
-    Returns mean beta and mean |e|, (L, T) each."""
-    _, block_caches, _, _ = cache
-    scans = [mixer_cache[1] for _, mixer_cache, _ in block_caches]
-    return (np.stack([beta[:, 0].mean(-1) for beta, _ in scans]),
-            np.stack([np.abs(e[:, 0]).mean(-1) for _, e in scans]))
+    (B = 1): cache.blocks[i].mixer (a mora.MixerCache) holds block i's beta and e,
+    (T, 1, d) each.  Returns mean beta and mean |e|, (L, T) each."""
+    mixers = [block.mixer for block in cache.blocks]
+    return (np.stack([mixer.beta[:, 0].mean(-1) for mixer in mixers]),
+            np.stack([np.abs(mixer.e[:, 0]).mean(-1) for mixer in mixers]))
 
 
 def read_text(params, data):
@@ -60,7 +57,8 @@ def read_text(params, data):
     for start in range(0, len(x), CHUNK):
         chunk, targets = x[start:start + CHUNK], x[start + 1:start + CHUNK + 1]  # the last chunk has one target less
         logits, cache, state = mora.model_forward(params, chunk[:, None], state, keep_cache=True)  # (t, 1, V)
-        nats, _, (probs, _) = mora.cross_entropy_forward(logits[:len(targets), 0], targets)
+        nats, _, ce_cache = mora.cross_entropy_forward(logits[:len(targets), 0], targets)
+        probs = ce_cache.probs  # (t, V)
         best = np.argsort(-probs, axis=1)[:, :TOP_K]  # (t, TOP_K) byte values, likeliest first
         bits.append(nats / math.log(2))
         top.append(np.stack([best, np.take_along_axis(probs, best, 1)], axis=-1))

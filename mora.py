@@ -36,6 +36,7 @@ import shlex
 import signal
 import sys
 import time
+from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 
@@ -59,10 +60,10 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------
 # Array backend: xp is numpy or cupy, chosen by the arrays themselves, so one code
-# path serves both.  `select_backend` (in "Running it for real") sets `cupy` when
+# path serves both.  `gpu_problem` (in "Running it for real") sets `cupy` when
 # the command asks for a GPU and one works.
 
-cupy = None  # the CuPy module, once select_backend has found a GPU that works
+cupy = None  # the CuPy module, once gpu_problem has found a GPU that works
 
 
 def array_module(a):
@@ -191,8 +192,22 @@ def trainable_vector(cfg, xp):
 # leading axes are the positions (T, B) of the model, N = T * B of them.
 #
 # Every body is written as its equation.  On the GPU the fused kernels of the
-# last section take the place of some of these functions; these stay the
-# definition of what those kernels compute.
+# last section take the place of the mixer, the final LayerNorm (no gain),
+# cross-entropy, the block's input and output parts (below the layers) and Adam:
+# each kernel's launcher is marked `@fuses(plain_function, ...)`, and the switch
+# happens when a GPU is found (`gpu_problem`).  On the CPU these functions run as
+# they stand, and they stay the definition of what those kernels compute.
+#
+# The caches, by the maths' names, each array held once (an embedding's cache is x
+# itself, a sigmoid's s, the cumulative mean's its divisors: one array needs no name):
+LayerNormCache = namedtuple("LayerNormCache", "xhat rstd gain")  # dx from xhat and 1/std, no second pass over x; gain: dxhat = dy * gain (None: no gain)
+LinearCache = namedtuple("LinearCache", "x W")  # dW = x^T dy, dx = dy W^T
+GeluCache = namedtuple("GeluCache", "x t")  # the derivative reads x and t = tanh(k (x + a x^3))
+ScanCache = namedtuple("ScanCache", "beta e")  # beta: dc_t/dc_{t-1} = 1 - beta_t and dc_t/dv_t; e: dc_t/dbeta_t
+MixCache = namedtuple("MixCache", "mix c a e")  # dc, da, de scale dm by mix; dmix takes dot products with c, a, e
+MixerCache = namedtuple("MixerCache", "beta e counts mix c a gate")  # the scan's, the mean's and the mix's, and the gate
+CrossEntropyCache = namedtuple("CrossEntropyCache", "probs y")  # dlogits = softmax - onehot(y)
+
 
 def embedding_forward(E, x):
     """h = E[x].  E: (V, d), x: (...) ints -> (..., d)."""
@@ -217,8 +232,8 @@ def layernorm_forward(x, gain=None, bias=None):
     rstd = 1.0 / xp.sqrt((centred * centred).mean(-1, keepdims=True) + LN_EPS)  # (..., 1)
     xhat = centred * rstd  # (..., d)
     if gain is None:
-        return xhat, (xhat, rstd, None)
-    return xhat * gain + bias, (xhat, rstd, gain)
+        return xhat, LayerNormCache(xhat, rstd, None)
+    return xhat * gain + bias, LayerNormCache(xhat, rstd, gain)
 
 
 def layernorm_backward(dy, cache):
@@ -227,10 +242,10 @@ def layernorm_backward(dy, cache):
         dgain = sum of dy * xhat,  dbias = sum of dy                     (sums over the positions)
     The two means are the gradient flowing back through the mean and the variance
     (llm.c's doc/layernorm derives it).  Without a gain: dx only, and None, None."""
-    xhat, rstd, gain = cache
-    dxhat = dy if gain is None else dy * gain  # (..., d)
+    xhat, rstd = cache.xhat, cache.rstd
+    dxhat = dy if cache.gain is None else dy * cache.gain  # (..., d)
     dx = rstd * (dxhat - dxhat.mean(-1, keepdims=True) - xhat * (dxhat * xhat).mean(-1, keepdims=True))
-    if gain is None:
+    if cache.gain is None:
         return dx, None, None
     d = dy.shape[-1]
     return dx, (dy * xhat).reshape(-1, d).sum(0), dy.reshape(-1, d).sum(0)
@@ -240,16 +255,15 @@ def linear_forward(x, W, b):
     """y = x @ W + b.  x: (..., n_in), W: (n_in, n_out) -> (..., n_out).
     The leading axes are flattened so that BLAS sees one (N, n_in) @ (n_in, n_out)."""
     y = x.reshape(-1, W.shape[0]) @ W + b  # (N, n_out)
-    return y.reshape(*x.shape[:-1], W.shape[1]), (x, W)
+    return y.reshape(*x.shape[:-1], W.shape[1]), LinearCache(x, W)
 
 
 def linear_backward(dy, cache):
     """dx = dy @ W^T,  dW = x^T @ dy,  db = sum of dy (sums over the positions)."""
-    x, W = cache
-    n_in, n_out = W.shape
+    n_in, n_out = cache.W.shape
     dy2 = dy.reshape(-1, n_out)  # (N, n_out)
-    dx = (dy2 @ W.T).reshape(*dy.shape[:-1], n_in)  # (..., n_in)
-    dW = x.reshape(-1, n_in).T @ dy2  # (n_in, n_out)
+    dx = (dy2 @ cache.W.T).reshape(*dy.shape[:-1], n_in)  # (..., n_in)
+    dW = cache.x.reshape(-1, n_in).T @ dy2  # (n_in, n_out)
     return dx, dW, dy2.sum(0)
 
 
@@ -262,12 +276,12 @@ def gelu_forward(x):
     (Hendrycks & Gimpel, 2016, arXiv:1606.08415, the tanh form).  The cache: x and t."""
     xp = array_module(x)
     t = xp.tanh(GELU_K * (x + GELU_A * x * x * x))  # (..., n); x * x * x, not x ** 3: NumPy's general power is slow
-    return 0.5 * x * (1.0 + t), (x, t)
+    return 0.5 * x * (1.0 + t), GeluCache(x, t)
 
 
 def gelu_backward(dy, cache):
     """d gelu/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 a x^2)   (tanh' = 1 - tanh^2)."""
-    x, t = cache
+    x, t = cache.x, cache.t
     return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_A * x * x))
 
 
@@ -298,7 +312,7 @@ def memory_scan_forward(v, beta, c_init):
         e[t] = v[t] - c_prev
         c[t] = c_prev + beta[t] * e[t]
         c_prev = c[t]
-    return c, e, (beta, e)
+    return c, e, ScanCache(beta, e)
 
 
 def memory_scan_backward(dc, de, cache):
@@ -308,7 +322,7 @@ def memory_scan_backward(dc, de, cache):
         dL/dv_t        = beta_t dc_total_t + de_t                   (dc_t/dv_t = beta_t, de_t/dv_t = 1)
         dL/dbeta_t     = dc_total_t e_t                             (dc_t/dbeta_t = e_t)
     dc, de: (T, B, d).  Returns dv, dbeta (T, B, d).  docs/memory_backward.md derives it."""
-    beta, e = cache
+    beta, e = cache.beta, cache.e
     dc_total = dc.copy()  # (T, B, d)
     for t in range(len(dc) - 1, 0, -1):
         dc_total[t - 1] += (1.0 - beta[t]) * dc_total[t] - de[t]
@@ -339,14 +353,14 @@ def cumulative_mean_backward(da, counts):
 
 def mix_forward(mix, c, a, e):
     """m = mix[0] c + mix[1] a + mix[2] e.  mix: (3,); c, a, e: (T, B, d)."""
-    return mix[0] * c + mix[1] * a + mix[2] * e, (mix, c, a, e)
+    return mix[0] * c + mix[1] * a + mix[2] * e, MixCache(mix, c, a, e)
 
 
 def mix_backward(dm, cache):
     """dmix[k] = sum of dm * (c, a, e)[k] (dot products);  dc = mix[0] dm, da = mix[1] dm, de = mix[2] dm."""
     xp = array_module(dm)
-    mix, c, a, e = cache
-    dmix = xp.stack([xp.vdot(dm, c), xp.vdot(dm, a), xp.vdot(dm, e)])  # (3,)
+    mix = cache.mix
+    dmix = xp.stack([xp.vdot(dm, cache.c), xp.vdot(dm, cache.a), xp.vdot(dm, cache.e)])  # (3,)
     return dmix, mix[0] * dm, mix[1] * dm, mix[2] * dm
 
 
@@ -359,12 +373,12 @@ def mixer_forward(vzq, mix, state):
     d = vzq.shape[-1] // 3
     c_init, sum_init, count_init = state
     v, z, q = vzq[..., :d], vzq[..., d:2 * d], vzq[..., 2 * d:]  # (T, B, d) each
-    beta, beta_cache = sigmoid_forward(z)  # (T, B, d) write rate
-    c, e, scan_cache = memory_scan_forward(v, beta, c_init)  # (T, B, d) memory, delta
-    a, sum_after, mean_cache = cumulative_mean_forward(v, sum_init, count_init)  # (T, B, d)
-    m, mix_cache = mix_forward(mix, c, a, e)  # (T, B, d)
-    gate, gate_cache = sigmoid_forward(q)  # (T, B, d)
-    cache = (beta_cache, scan_cache, mean_cache, mix_cache, m, gate_cache)
+    beta, _ = sigmoid_forward(z)  # (T, B, d) write rate
+    c, e, _ = memory_scan_forward(v, beta, c_init)  # (T, B, d) memory, delta
+    a, sum_after, counts = cumulative_mean_forward(v, sum_init, count_init)  # (T, B, d)
+    m, _ = mix_forward(mix, c, a, e)  # (T, B, d)
+    gate, _ = sigmoid_forward(q)  # (T, B, d)
+    cache = MixerCache(beta, e, counts, mix, c, a, gate)  # the layers' caches, each array once
     return gate * m, cache, (c[-1], sum_after, count_init + len(vzq))
 
 
@@ -372,17 +386,17 @@ def mixer_backward(dgated, cache):
     """The mixer's forward read in reverse.  dgated: (T, B, d) -> dvzq (T, B, 3d) =
     [dv | dz | dq], dmix (3,)."""
     xp = array_module(dgated)
-    beta_cache, scan_cache, mean_cache, mix_cache, m, gate = cache
+    m, mix_cache = mix_forward(cache.mix, cache.c, cache.a, cache.e)  # m again: cheaper to redo than to hold
     # gated = gate * m,  gate = sigmoid(q)
-    dq = sigmoid_backward(dgated * m, gate)
-    dm = dgated * gate
+    dq = sigmoid_backward(dgated * m, cache.gate)
+    dm = dgated * cache.gate
     # m = mix[0] c + mix[1] a + mix[2] e
     dmix, dc, da, de = mix_backward(dm, mix_cache)
     # c, e = delta-update memory of v at rates beta;  a = running mean of v: v reaches both
-    dv_scan, dbeta = memory_scan_backward(dc, de, scan_cache)
-    dv = dv_scan + cumulative_mean_backward(da, mean_cache)
+    dv_scan, dbeta = memory_scan_backward(dc, de, ScanCache(cache.beta, cache.e))
+    dv = dv_scan + cumulative_mean_backward(da, cache.counts)
     # beta = sigmoid(z)
-    dz = sigmoid_backward(dbeta, beta_cache)
+    dz = sigmoid_backward(dbeta, cache.beta)
     return xp.concatenate([dv, dz, dq], axis=-1), dmix
 
 
@@ -395,16 +409,15 @@ def cross_entropy_forward(logits, y):
     exp = xp.exp(shifted)  # (N, V)
     sum_exp = exp.sum(-1)  # (N,)
     picked = shifted[xp.arange(len(y)), y]  # (N,) the target's logit minus the max: 0 when it is the max
-    return xp.log(sum_exp) - picked, picked == 0, (exp / sum_exp[:, None], y)
+    return xp.log(sum_exp) - picked, picked == 0, CrossEntropyCache(exp / sum_exp[:, None], y)
 
 
 def cross_entropy_backward(dlosses, cache):
     """The fused softmax + cross-entropy backward:  dlogits = dlosses * (softmax - onehot(y)).
     For the mean loss over N positions dlosses = 1 / N.  dlosses: scalar or (N,)."""
-    probs, y = cache
-    xp = array_module(probs)
-    dlogits = probs.copy()  # (N, V)
-    dlogits[xp.arange(len(y)), y] -= 1.0  # softmax - onehot(y)
+    xp = array_module(cache.probs)
+    dlogits = cache.probs.copy()  # (N, V)
+    dlogits[xp.arange(len(cache.y)), cache.y] -= 1.0  # softmax - onehot(y)
     return dlogits * (dlosses if np.ndim(dlosses) == 0 else dlosses[:, None])
 
 
@@ -467,22 +480,28 @@ def initial_state(params, batch):
 #   mixer:         the memory scan and the running mean over t                      (across time)
 #   block output:  h = h + gated @ w_out + b_out;  h = h + MLP(LayerNorm2(h))       (each position alone)
 # So on the GPU each per-position part is one kernel, a thread per position (last
-# section), and a block is three launches forward.
+# section), and a block is three launches forward.  Their caches hold the layers'
+# caches under the weights they go with, and the model's hold the blocks':
+BlockInputCache = namedtuple("BlockInputCache", "ln1 w_in")
+BlockOutputCache = namedtuple("BlockOutputCache", "w_out ln2 w_up gelu w_down")
+BlockCache = namedtuple("BlockCache", "input mixer output")
+ModelCache = namedtuple("ModelCache", "x blocks final_norm")  # x: for the embedding's gradient
+LossCache = namedtuple("LossCache", "model cross_entropy")
+
 
 def block_input_forward(p, h):
     """h: (T, B, d) -> vzq (T, B, 3d) = LayerNorm1(h) @ w_in + b_in, cache."""
     u, ln1_cache = layernorm_forward(h, p["ln1.g"], p["ln1.b"])  # (T, B, d)
     vzq, in_cache = linear_forward(u, p["w_in"], p["b_in"])  # (T, B, 3d)
-    return vzq, (ln1_cache, in_cache)
+    return vzq, BlockInputCache(ln1_cache, in_cache)
 
 
 def block_input_backward(dvzq, cache):
     """dvzq: (T, B, 3d) -> the gradient reaching h through LayerNorm1 (T, B, d), and
     the grads of w_in, b_in, ln1.g, ln1.b."""
-    ln1_cache, in_cache = cache
     grads = {}
-    du, grads["w_in"], grads["b_in"] = linear_backward(dvzq, in_cache)
-    dh, grads["ln1.g"], grads["ln1.b"] = layernorm_backward(du, ln1_cache)
+    du, grads["w_in"], grads["b_in"] = linear_backward(dvzq, cache.w_in)
+    dh, grads["ln1.g"], grads["ln1.b"] = layernorm_backward(du, cache.ln1)
     return dh, grads
 
 
@@ -495,23 +514,22 @@ def block_output_forward(p, h, gated):
     pre, up_cache = linear_forward(u2, p["w_up"], p["b_up"])  # (T, B, 2d)
     act, gelu_cache = gelu_forward(pre)  # (T, B, 2d)
     out, down_cache = linear_forward(act, p["w_down"], p["b_down"])  # (T, B, d)
-    return h + out, (out_cache, ln2_cache, up_cache, gelu_cache, down_cache)
+    return h + out, BlockOutputCache(out_cache, ln2_cache, up_cache, gelu_cache, down_cache)
 
 
 def block_output_backward(dh, cache):
     """dh: (T, B, d) at the block's output -> dgated (T, B, d), dh at the input h of
     block_output_forward (T, B, d), and the grads of w_out ... b_down."""
-    out_cache, ln2_cache, up_cache, gelu_cache, down_cache = cache
     grads = {}
     # h = h + gelu(u2 @ w_up + b_up) @ w_down + b_down
-    dact, grads["w_down"], grads["b_down"] = linear_backward(dh, down_cache)
-    dpre = gelu_backward(dact, gelu_cache)
-    du2, grads["w_up"], grads["b_up"] = linear_backward(dpre, up_cache)
+    dact, grads["w_down"], grads["b_down"] = linear_backward(dh, cache.w_down)
+    dpre = gelu_backward(dact, cache.gelu)
+    du2, grads["w_up"], grads["b_up"] = linear_backward(dpre, cache.w_up)
     # u2 = LayerNorm(h): the residual branch adds to dh
-    dh_norm, grads["ln2.g"], grads["ln2.b"] = layernorm_backward(du2, ln2_cache)
+    dh_norm, grads["ln2.g"], grads["ln2.b"] = layernorm_backward(du2, cache.ln2)
     dh = dh + dh_norm
     # h = h + gated @ w_out + b_out
-    dgated, grads["w_out"], grads["b_out"] = linear_backward(dh, out_cache)
+    dgated, grads["w_out"], grads["b_out"] = linear_backward(dh, cache.w_out)
     return dgated, dh, grads
 
 
@@ -521,16 +539,15 @@ def block_forward(p, h, state):
     vzq, in_cache = block_input_forward(p, h)  # (T, B, 3d)
     gated, mixer_cache, state = mixer_forward(vzq, p["mix"], state)  # (T, B, d)
     h, out_cache = block_output_forward(p, h, gated)  # (T, B, d)
-    return h, (in_cache, mixer_cache, out_cache), state
+    return h, BlockCache(in_cache, mixer_cache, out_cache), state
 
 
 def block_backward(dh, cache):
     """The block's forward read in reverse.  dh: (T, B, d) -> dh, grads of p."""
-    in_cache, mixer_cache, out_cache = cache
-    dgated, dh, grads = block_output_backward(dh, out_cache)
+    dgated, dh, grads = block_output_backward(dh, cache.output)
     # gated = sigmoid(q) * (mix[0] c + mix[1] a + mix[2] e)
-    dvzq, grads["mix"] = mixer_backward(dgated, mixer_cache)
-    dh_norm, input_grads = block_input_backward(dvzq, in_cache)
+    dvzq, grads["mix"] = mixer_backward(dgated, cache.mixer)
+    dh_norm, input_grads = block_input_backward(dvzq, cache.input)
     grads.update(input_grads)
     return dh + dh_norm, grads  # h reaches the output both through LayerNorm1 and past it
 
@@ -552,7 +569,7 @@ def model_forward(params, x, state, keep_cache=True):
         new_state.append(block_state)
     n, final_cache = layernorm_forward(h)  # (T, B, d) the final norm has no parameters
     logits = (n.reshape(-1, d) @ E.T).reshape(*x.shape, V)  # (T, B, V) output layer tied to the embedding
-    cache = (x, block_caches, final_cache, n) if keep_cache else None
+    cache = ModelCache(x, block_caches, final_cache) if keep_cache else None
     return logits, cache, new_state
 
 
@@ -569,28 +586,27 @@ def forward_loss(params, x, y, keep_cache=True):
     logits, cache, _ = model_forward(params, x.T, initial_state(params, x.shape[0]), keep_cache)
     T, B = y.T.shape
     losses, correct, ce_cache = cross_entropy_forward(logits.reshape(-1, V), y.T.reshape(-1))
-    return losses.reshape(T, B), correct.reshape(T, B), (cache, ce_cache) if keep_cache else None
+    return losses.reshape(T, B), correct.reshape(T, B), LossCache(cache, ce_cache) if keep_cache else None
 
 
 def backward(params, cache):
     """Gradients of the mean loss for every parameter: the forward read in reverse."""
-    (x, block_caches, final_cache, n), ce_cache = cache
-    E = params["embed"]
+    E, n = params["embed"], cache.model.final_norm.xhat  # the final norm has no gain: its output n is xhat
     T, B, d = n.shape
     grads = {}
     # loss = mean over the N = T * B positions of cross-entropy(logits, y)
-    dlogits = cross_entropy_backward(1.0 / (T * B), ce_cache)  # (N, V) = (softmax - onehot) / N
+    dlogits = cross_entropy_backward(1.0 / (T * B), cache.cross_entropy)  # (N, V) = (softmax - onehot) / N
     # logits = n @ E^T
     dn = (dlogits @ E).reshape(T, B, d)
     dE = dlogits.T @ n.reshape(T * B, d)  # (V, d)
     # n = LayerNorm(h)
-    dh, _, _ = layernorm_backward(dn, final_cache)
-    for i in reversed(range(len(block_caches))):
-        dh, block_grads = block_backward(dh, block_caches[i])
+    dh, _, _ = layernorm_backward(dn, cache.model.final_norm)
+    for i in reversed(range(len(cache.model.blocks))):
+        dh, block_grads = block_backward(dh, cache.model.blocks[i])
         for name, grad in block_grads.items():
             grads[f"blocks.{i}.{name}"] = grad
     # h = E[x]: the tied embedding collects its second gradient
-    dE += embedding_backward(dh, x)
+    dE += embedding_backward(dh, cache.model.x)
     grads["embed"] = dE
     return {name: grads[name] for name in params}
 
@@ -923,7 +939,7 @@ NO_CUPY = "CuPy is not installed (pip install 'cupy-cuda12x[ctk]', see README)"
 
 
 def gpu_problem(widths=()):
-    """None when CuPy can run here (then the global `cupy` is set), else why not.
+    """None when CuPy can run here (then `cupy` is set, the kernels fused in), else why not.
     Tries a small matmul and compiles the kernels, the block kernels for each model
     width in `widths`, so that a driver without the CUDA libraries, or a width whose
     kernels do not compile, fails here, in one line, rather than at its first launch
@@ -946,8 +962,10 @@ def gpu_problem(widths=()):
             cuda_module(width).get_function("block_input_forward")
     except Exception as exc:  # CuPy raises driver- and library-specific errors here
         cupy = None
+        fuse_kernels(False)
         first_line = (str(exc).splitlines() or [""])[0][:160]
         return f"CuPy cannot use the GPU ({exc.__class__.__name__}: {first_line})"
+    fuse_kernels(True)  # from here the fused layers call their kernels on float32 CuPy arrays (the appendix)
     return None
 
 
@@ -956,6 +974,7 @@ def select_backend(device, widths=()):
     'auto' -> cupy when a GPU works, else numpy.  widths: the model widths the
     command runs, whose kernels are compiled now."""
     if device == "cpu":
+        fuse_kernels(False)  # the plain layers themselves
         return np
     problem = gpu_problem(widths)
     if problem is None:
@@ -2011,7 +2030,7 @@ extern "C" __global__ void mixer_forward(
 }
 
 // mixer_backward: the same threads walk t = T-1 .. 0, carrying dL/dc from later
-// steps (carry) and the reversed running sum of da / (t + 1) (mean_carry).
+// steps (carry) and the reversed running sum of da / (count_init + t + 1) (mean_carry).
 // Writes dvzq: (T, B, 3d) and each thread's share of dmix: (3, B * d).
 extern "C" __global__ void mixer_backward(
         const float* __restrict__ dgated, const float* __restrict__ vzq, const float* __restrict__ mix,
@@ -2329,21 +2348,42 @@ def launch(name, n_threads, args, width=None, block=256):
     cuda_module(width).get_function(name)(((n_threads + block - 1) // block,), (block,), args)
 
 
+FUSED = {}  # a plain layer's name -> (the plain function, the dispatcher that `fuses` made for it)
+
+
 def fuses(layer, when):
-    """Decorator: the one place where the maths above meets the GPU.  From here on the
-    module's name of the plain function `layer` calls the decorated launcher when
+    """Decorator: the one place where the maths above meets the GPU.  It makes a
+    dispatcher for the plain function `layer` that calls the decorated launcher when
     `when(*args)` holds (float32 CuPy arrays, while USE_KERNELS), and the plain code
     otherwise: on NumPy, and on CuPy with USE_KERNELS off, which is how the tests
-    compare each kernel with the plain function that defines it."""
+    compare each kernel with the plain function that defines it.  The dispatcher takes
+    the module's name of `layer` only once a GPU is found (`fuse_kernels`)."""
     def register(launcher):
         @functools.wraps(layer)  # the plain function stays reachable as __wrapped__
         def dispatch(*args, **kwargs):
             if when(*args, **kwargs):
                 return globals()[launcher.__name__](*args, **kwargs)  # looked up by name: a test may swap a launcher
             return layer(*args, **kwargs)
-        globals()[layer.__name__] = dispatch
+        FUSED[layer.__name__] = (layer, dispatch)
         return launcher
     return register
+
+
+def fuse_kernels(on):
+    """Put the dispatchers in place of the fused layers (gpu_problem, once CuPy works),
+    or the plain functions back (on the CPU): there the layers are the maths itself,
+    with no frame between a caller and the plain function."""
+    for name, (plain, dispatch) in FUSED.items():
+        globals()[name] = dispatch if on else plain
+
+
+# The caches of the launchers that keep what their kernels need, which is not what the
+# plain layers keep: the mixer kernel recomputes beta, e and the gate from vzq and c,
+# and a block kernel keeps its own intermediates.  The layer norm and cross-entropy
+# launchers keep what their plain twins keep, in the same types.
+FusedMixerCache = namedtuple("FusedMixerCache", "vzq mix c_init c a count_init")
+FusedBlockInputCache = namedtuple("FusedBlockInputCache", "u xhat rstd p")
+FusedBlockOutputCache = namedtuple("FusedBlockOutputCache", "gated xhat rstd u2 pre t act p")
 
 
 @fuses(mixer_forward, when=lambda vzq, mix, state: on_gpu(vzq))
@@ -2356,16 +2396,16 @@ def gpu_mixer_forward(vzq, mix, state):
     c_last, sum_last = cupy.empty((B, d), np.float32), cupy.empty((B, d), np.float32)
     launch("mixer_forward", B * d, (vzq, mix, c_init, sum_init, np.float32(count_init), np.int32(T),
                                     np.int32(B), np.int32(d), gated, c, a, c_last, sum_last))
-    return gated, (vzq, mix, c_init, c, a, count_init), (c_last, sum_last, count_init + T)
+    return gated, FusedMixerCache(vzq, mix, c_init, c, a, count_init), (c_last, sum_last, count_init + T)
 
 
 @fuses(mixer_backward, when=lambda dgated, cache: on_gpu(dgated))
 def gpu_mixer_backward(dgated, cache):
-    vzq, mix, c_init, c, a, count_init = cache
-    T, B, d = c.shape
-    dvzq = cupy.empty_like(vzq)
+    T, B, d = cache.c.shape
+    dvzq = cupy.empty_like(cache.vzq)
     dmix_parts = cupy.empty((3, B * d), dtype=np.float32)
-    launch("mixer_backward", B * d, (cupy.ascontiguousarray(dgated), vzq, mix, c_init, c, a, np.float32(count_init),
+    launch("mixer_backward", B * d, (cupy.ascontiguousarray(dgated), cache.vzq, cache.mix, cache.c_init, cache.c, cache.a,
+                                     np.float32(cache.count_init),
                                      np.int32(T), np.int32(B), np.int32(d), dvzq, dmix_parts))
     return dvzq, dmix_parts.sum(1)
 
@@ -2378,12 +2418,12 @@ def gpu_layernorm_forward(x, gain=None, bias=None):
     rows = x.size // d
     xhat, rstd = cupy.empty_like(x), cupy.empty((*x.shape[:-1], 1), np.float32)
     launch("layernorm_forward", rows, (x, np.int64(rows), np.int32(d), xhat, rstd))
-    return xhat, (xhat, rstd, None)
+    return xhat, LayerNormCache(xhat, rstd, None)
 
 
-@fuses(layernorm_backward, when=lambda dy, cache: on_gpu(dy) and cache[2] is None)
+@fuses(layernorm_backward, when=lambda dy, cache: on_gpu(dy) and cache.gain is None)
 def gpu_layernorm_backward(dy, cache):
-    xhat, rstd, _ = cache
+    xhat, rstd = cache.xhat, cache.rstd
     d = xhat.shape[-1]
     rows = xhat.size // d
     dx = cupy.empty_like(xhat)
@@ -2403,12 +2443,12 @@ def gpu_block_input_forward(p, h):
     rstd, vzq = cupy.empty((*h.shape[:-1], 1), np.float32), cupy.empty((*h.shape[:-1], 3 * d), np.float32)
     launch("block_input_forward", rows, (h, p["ln1.g"], p["ln1.b"], p["w_in"], p["b_in"], np.int64(rows),
                                          u, xhat, rstd, vzq), width=d, block=BLOCK_THREADS)
-    return vzq, (u, xhat, rstd, p)
+    return vzq, FusedBlockInputCache(u, xhat, rstd, p)
 
 
 @fuses(block_input_backward, when=lambda dvzq, cache: on_gpu(dvzq))
 def gpu_block_input_backward(dvzq, cache):
-    u, xhat, rstd, p = cache
+    u, xhat, rstd, p = cache.u, cache.xhat, cache.rstd, cache.p
     d = u.shape[-1]
     rows = u.size // d
     dvzq = cupy.ascontiguousarray(dvzq)
@@ -2432,25 +2472,25 @@ def gpu_block_output_forward(p, h, gated):
     launch("block_output_forward", rows, (h, gated, p["w_out"], p["b_out"], p["ln2.g"], p["ln2.b"], p["w_up"], p["b_up"],
                                           p["w_down"], p["b_down"], np.int64(rows), h_out, xhat, rstd, u2, pre, t, act),
            width=d, block=BLOCK_THREADS)
-    return h_out, (gated, xhat, rstd, u2, pre, t, act, p)
+    return h_out, FusedBlockOutputCache(gated, xhat, rstd, u2, pre, t, act, p)
 
 
 @fuses(block_output_backward, when=lambda dh, cache: on_gpu(dh))
 def gpu_block_output_backward(dh, cache):
-    gated, xhat, rstd, u2, pre, t, act, p = cache
-    d = gated.shape[-1]
-    rows = gated.size // d
+    p, d = cache.p, cache.gated.shape[-1]
+    rows = cache.gated.size // d
     dh = cupy.ascontiguousarray(dh)
-    dgated, dh_mid, dpre = cupy.empty_like(gated), cupy.empty_like(gated), cupy.empty_like(pre)
+    dgated, dh_mid, dpre = cupy.empty_like(cache.gated), cupy.empty_like(cache.gated), cupy.empty_like(cache.pre)
     partial = cupy.empty((rows, 6 * d), np.float32)
-    launch("block_output_backward", rows, (dh, pre, t, xhat, rstd, p["ln2.g"], p["w_up"], p["w_down"], p["w_out"],
-                                           np.int64(rows), dgated, dh_mid, dpre, partial), width=d, block=BLOCK_THREADS)
+    launch("block_output_backward", rows, (dh, cache.pre, cache.t, cache.xhat, cache.rstd, p["ln2.g"], p["w_up"], p["w_down"],
+                                           p["w_out"], np.int64(rows), dgated, dh_mid, dpre, partial), width=d,
+           block=BLOCK_THREADS)
     sums = partial.sum(0)  # (6d,) one reduction for five gradients
 
     def by_rows(a):
         return a.reshape(rows, -1)
-    grads = {"w_down": by_rows(act).T @ by_rows(dh), "w_up": by_rows(u2).T @ by_rows(dpre),
-             "w_out": by_rows(gated).T @ by_rows(dh_mid), "ln2.g": sums[:d], "ln2.b": sums[d:2 * d],
+    grads = {"w_down": by_rows(cache.act).T @ by_rows(dh), "w_up": by_rows(cache.u2).T @ by_rows(dpre),
+             "w_out": by_rows(cache.gated).T @ by_rows(dh_mid), "ln2.g": sums[:d], "ln2.b": sums[d:2 * d],
              "b_up": sums[2 * d:4 * d], "b_out": sums[4 * d:5 * d], "b_down": sums[5 * d:]}
     return dgated, dh_mid, grads
 
@@ -2462,13 +2502,13 @@ def gpu_cross_entropy_forward(logits, y):
     probs = cupy.empty_like(logits)
     losses, correct = cupy.empty(rows, np.float32), cupy.empty(rows, np.float32)
     launch("cross_entropy_forward", rows, (logits, y, np.int64(rows), np.int32(n_classes), probs, losses, correct))
-    return losses, correct, (probs, y)
+    return losses, correct, CrossEntropyCache(probs, y)
 
 
 # The mean loss's backward (a scalar dlosses); per-position weights take the plain path.
-@fuses(cross_entropy_backward, when=lambda dlosses, cache: on_gpu(cache[0]) and np.ndim(dlosses) == 0)
+@fuses(cross_entropy_backward, when=lambda dlosses, cache: on_gpu(cache.probs) and np.ndim(dlosses) == 0)
 def gpu_cross_entropy_backward(dlosses, cache):
-    probs, y = cache
+    probs, y = cache.probs, cache.y
     dlogits = cupy.empty_like(probs)
     launch("cross_entropy_backward", probs.size, (probs, y, np.int64(probs.size), np.int32(probs.shape[1]),
                                                   np.float32(dlosses), dlogits))

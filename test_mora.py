@@ -221,6 +221,23 @@ def test_memory_backward_document_matches_mora():
                                rtol=1e-12, atol=1e-12)
 
 
+def test_on_the_cpu_the_layers_are_the_plain_functions(stand_in, data_dir, tmp_path):
+    """Once a GPU is found, the fused layers are dispatchers to their kernels; a CPU run
+    puts the plain functions back, so that a debugger step or a traceback lands in the
+    maths, with no frame in between."""
+    fused = {"mixer_forward", "mixer_backward", "layernorm_forward", "layernorm_backward", "block_input_forward",
+             "block_input_backward", "block_output_forward", "block_output_backward", "cross_entropy_forward",
+             "cross_entropy_backward", "adam_update"}
+    assert set(mora.FUSED) == fused and all(hasattr(getattr(mora, name), "__wrapped__") for name in fused)  # on the stand-in
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", tmp_path / "c.npz", *TINY, "--max-steps", 2,
+                    "--eval-every", 0, "--no-final-eval", "--device", "cpu") == 0
+    with open(mora.__file__) as f:
+        lesson_end = f.read().split("\n# Running it for real.")[0].count("\n") + 1
+    for name in fused:
+        layer = getattr(mora, name)
+        assert not hasattr(layer, "__wrapped__") and layer.__code__.co_firstlineno < lesson_end, name
+
+
 # ----------------------------------------------------------------------------
 # The model
 
@@ -1239,6 +1256,7 @@ def stand_in(compiled_kernels, monkeypatch):
     assert mora.select_backend("gpu") is cupy and mora.select_backend("auto") is cupy
     yield cupy
     mora.cuda_module.cache_clear()
+    mora.fuse_kernels(False)  # as in a process with no GPU
 
 
 STAND_IN_MODULE = """# `import cupy` in a child process of test_mora.py: its CPU stand-in for CuPy.
@@ -1306,15 +1324,22 @@ def test_gpu_adam_launcher_matches_plain_adam(stand_in):
 
 def fused_against_plain(device):
     """(loss difference, worst relative gradient gap) between the fused kernels and the
-    plain array code, both on `device`, for a model whose every path matters."""
+    plain array code, both on `device`, for a model whose every path matters.  The
+    fused run must launch every kernel of a forward and backward and the plain run
+    none: a kernel switch stuck on would otherwise compare the kernels with themselves."""
     cfg = mora.Config(d_model=16, n_layers=2)
     params = {k: device.asarray(p) for k, p in mora.init_params(cfg, 0, mix=(0.5, -0.7, 1.0)).items()}
     rng = np.random.default_rng(0)
     x, y = device.asarray(rng.integers(0, 256, (4, 64))), device.asarray(rng.integers(0, 256, (4, 64)))
-    fused_loss, fused = mora.loss_and_grads(params, x, y)
+    launched, plain_launch = [], mora.launch
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mora, "launch", lambda name, *args, **kwargs: launched.append(name) or plain_launch(name, *args, **kwargs))
+        fused_loss, fused = mora.loss_and_grads(params, x, y)
+        fused_launches = len(launched)
         patch.setattr(mora, "USE_KERNELS", False)
         plain_loss, plain = mora.loss_and_grads(params, x, y)
+    kernels = set(re.findall(r'extern "C" __global__ void (\w+)\(', mora.CUDA_SOURCE + mora.BLOCK_SOURCE)) - {"adam_update"}
+    assert set(launched) == kernels and len(launched) == fused_launches, launched  # the plain run launched none
     gaps = [relative_error(device.asnumpy(fused[k]).astype(np.float64), device.asnumpy(plain[k]).astype(np.float64)) for k in plain]
     return abs(fused_loss - plain_loss), max(gaps)
 
@@ -1683,7 +1708,7 @@ def test_layernorm_kernels_match_plain_twin(kernels_on_cpu, real_blocks):
     kernel_xhat, kernel_dx, rstd = room.output(rows, d), room.output(rows, d), room.output(rows, 1)
     kernels_on_cpu("layernorm_forward", rows, room.input(x), rows, d, kernel_xhat, rstd, block=block)
     kernels_on_cpu("layernorm_backward", rows, room.input(dy), kernel_xhat, rstd, rows, d, kernel_dx, block=block)
-    assert np.allclose(kernel_xhat, xhat, atol=1e-5) and np.allclose(rstd, cache[1], rtol=1e-5)
+    assert np.allclose(kernel_xhat, xhat, atol=1e-5) and np.allclose(rstd, cache.rstd, rtol=1e-5)
     assert np.allclose(kernel_dx, mora.layernorm_backward(dy, cache)[0], atol=1e-5) and room.untouched()
 
 
@@ -2489,7 +2514,9 @@ def test_explain_page_shows_the_models_own_bits_and_nothing_external(tmp_path, c
 
 
 def test_explain_reads_beta_and_delta_from_the_forward_cache():
-    """memory_trace against block 0's write rate and delta computed by hand from its parameters."""
+    """memory_trace reads each block's beta and e by name from the forward's cache
+    (cache.blocks[i].mixer): block 0's against the write rate and delta computed by
+    hand from its parameters."""
     import explain
     cfg = mora.Config(d_model=8, n_layers=2)
     params = perturbed_params(cfg, seed=4)
