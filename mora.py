@@ -187,25 +187,23 @@ def trainable_vector(cfg, xp):
 
 # ----------------------------------------------------------------------------
 # Layers: each forward returns (out, cache); its backward, right below, takes
-# (dout, cache) and returns the gradients.  The cache holds only what the
-# backward needs.  Shapes: any leading axes (...), last axis as stated; the
-# leading axes are the positions (T, B) of the model, N = T * B of them.
+# (dout, cache) and returns the gradients.  Shapes: any leading axes (...), last
+# axis as stated; the leading axes are the positions (T, B) of the model, N = T * B.
 #
-# Every body is written as its equation.  On the GPU the fused kernels of the
-# last section take the place of the mixer, the final LayerNorm (no gain),
-# cross-entropy, the block's input and output parts (below the layers) and Adam:
-# each kernel's launcher is marked `@fuses(plain_function, ...)`, and the switch
-# happens when a GPU is found (`gpu_problem`).  On the CPU these functions run as
-# they stand, and they stay the definition of what those kernels compute.
+# Every body is written as its equation.  On a GPU the appendix's kernels, each
+# launcher marked `@fuses(plain_function, ...)`, take the place of the mixer, the
+# final LayerNorm (no gain), cross-entropy, a block's input and output parts (below)
+# and Adam, from when `gpu_problem` finds the GPU; on the CPU these functions run as
+# they stand, and they define what the kernels compute.
 #
-# The caches, by the maths' names, each array held once (an embedding's cache is x
-# itself, a sigmoid's s, the cumulative mean's its divisors: one array needs no name):
-LayerNormCache = namedtuple("LayerNormCache", "xhat rstd gain")  # dx from xhat and 1/std, no second pass over x; gain: dxhat = dy * gain (None: no gain)
+# A cache holds only what its backward reads, under the maths' names, each array once
+# (one array needs no name: an embedding's cache is x, a sigmoid's s, the mean's divisors):
+LayerNormCache = namedtuple("LayerNormCache", "xhat rstd gain")  # xhat, 1/std: dx with no pass over x; gain: dxhat = dy gain
 LinearCache = namedtuple("LinearCache", "x W")  # dW = x^T dy, dx = dy W^T
 GeluCache = namedtuple("GeluCache", "x t")  # the derivative reads x and t = tanh(k (x + a x^3))
 ScanCache = namedtuple("ScanCache", "beta e")  # beta: dc_t/dc_{t-1} = 1 - beta_t and dc_t/dv_t; e: dc_t/dbeta_t
 MixCache = namedtuple("MixCache", "mix c a e")  # dc, da, de scale dm by mix; dmix takes dot products with c, a, e
-MixerCache = namedtuple("MixerCache", "beta e counts mix c a gate")  # the scan's, the mean's and the mix's, and the gate
+MixerCache = namedtuple("MixerCache", "beta e counts mix c a gate")  # the scan's, mean's and mix's caches; gate: dm, dq
 CrossEntropyCache = namedtuple("CrossEntropyCache", "probs y")  # dlogits = softmax - onehot(y)
 
 
@@ -225,8 +223,7 @@ def embedding_backward(dh, x):
 
 def layernorm_forward(x, gain=None, bias=None):
     """y = gain * (x - mean) / sqrt(var + eps) + bias over the last axis; without gain
-    and bias, plain normalisation.  The cache: xhat (the normalised x), rstd = 1 / std
-    (..., 1), gain."""
+    and bias, plain normalisation (gain None in the cache)."""
     xp = array_module(x)
     centred = x - x.mean(-1, keepdims=True)  # (..., d)
     rstd = 1.0 / xp.sqrt((centred * centred).mean(-1, keepdims=True) + LN_EPS)  # (..., 1)
@@ -615,6 +612,53 @@ def loss_and_grads(params, x, y):
     """(mean loss in nats per byte as a float, grads keyed like params) for x, y: (B, T)."""
     losses, _, cache = forward_loss(params, x, y)
     return float(losses.mean()), backward(params, cache)
+
+
+def gradient_check(samples=12, tolerance=1e-6, h=1e-5, seed=0):
+    """`python mora.py check`, as min-char-rnn's gradCheck: the hand-written gradients against central
+    differences (f(w + h) - f(w - h)) / 2h in float64: every parameter's on a tiny model (2 blocks, width 8,
+    3 rows of 6 bytes, random weights and mix) at `samples` entries each, then each layer's backward for a
+    random upstream G (loss sum(out * G)) at every entry.  The error, a tensor's worst |analytic - numeric|
+    over its largest gradient, cannot fail on entries near zero.  A line per tensor; True if all pass."""
+    rng = np.random.default_rng(seed)
+
+    def compare(name, analytic, f, array, n):  # f(): the loss, with an entry of `array` nudged in place
+        flat, entries, numeric = array.reshape(-1), rng.choice(array.size, min(n, array.size), replace=False), []
+        for i in entries:
+            old = flat[i]
+            flat[i] = old + h
+            up = f()
+            flat[i] = old - h
+            numeric.append((up - f()) / (2 * h))
+            flat[i] = old
+        got = analytic.reshape(-1)[entries]
+        error = np.abs(got - numeric).max() / max(np.abs(got).max(), np.abs(numeric).max(), 1e-300)
+        print(f"{name:28} {error:8.1e}  {'PASS' if error < tolerance else 'FAIL'}")
+        return error < tolerance
+
+    params = {k: p + 0.3 * rng.standard_normal(p.shape) for k, p in init_params(Config(8, 2), seed, np.float64).items()}
+    x, y = rng.integers(0, V, (2, 3, 6))  # (B, T) each
+    grads = loss_and_grads(params, x, y)[1]
+    ok = [compare(name, grads[name], lambda: loss_and_grads(params, x, y)[0], params[name], samples) for name in params]
+    u, W, b, g, c_init, sum_init = (rng.standard_normal(s) for s in [(6, 3, 8), (8, 5), 5, 8, (3, 8), (3, 8)])
+    beta, logits, xb = rng.uniform(0.05, 0.95, u.shape), rng.standard_normal((6, V)), rng.integers(0, V, (6, 3))
+    one = lambda backward: lambda *args: [backward(*args)]  # noqa: E731  (a backward of one gradient)
+    layers = [("embedding", "E", lambda E: embedding_forward(E, xb), one(embedding_backward), [params["embed"]]),
+              ("layernorm", "x gain bias", layernorm_forward, layernorm_backward, [u, 1 + g, g]),
+              ("layernorm (no gain)", "x", layernorm_forward, layernorm_backward, [u]),
+              ("linear", "x W b", linear_forward, linear_backward, [u, W, b]),
+              ("gelu", "x", gelu_forward, one(gelu_backward), [u]), ("sigmoid", "x", sigmoid_forward, one(sigmoid_backward), [u]),
+              ("memory_scan", "v beta", lambda v, beta: memory_scan_forward(v, beta, c_init), memory_scan_backward, [u, beta]),
+              ("cumulative_mean", "v", lambda v: cumulative_mean_forward(v, sum_init, 5)[::2], one(cumulative_mean_backward), [u]),
+              ("mix", "mix c a e", mix_forward, mix_backward, [g[:3], u, u * u, beta]),
+              ("cross_entropy", "logits", lambda z: cross_entropy_forward(z, xb[:, 0])[::2], one(cross_entropy_backward), [logits])]
+    for layer, names, forward, backward, inputs in layers:  # forward(*inputs) -> (outputs..., cache)
+        *outs, cache = forward(*inputs)
+        G = [rng.standard_normal(o.shape) for o in outs]
+        f = lambda: sum(float((o * g).sum()) for o, g in zip(forward(*inputs)[:-1], G))  # noqa: E731
+        ok += [compare(f"{layer}: d{name}", grad, f, a, a.size)
+               for name, a, grad in zip(names.split(), inputs, backward(*G, cache)) if grad is not None]
+    return all(ok)
 
 
 # ----------------------------------------------------------------------------
@@ -1882,9 +1926,10 @@ ADJUSTABLE_ON_RESUME = ("max_steps", "eval_every", "eval_bytes", "ckpt_every", "
 
 
 def add_common_flags(p, name, model=False, data=False):
-    """The flags that several commands share."""
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
-                   help="auto: the GPU when CuPy can use one, else the CPU (default auto)")
+    """The flags that several commands share (check, float64 on the CPU, takes none)."""
+    if name != "check":
+        p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                       help="auto: the GPU when CuPy can use one, else the CPU (default auto)")
     if model:
         p.add_argument("--size", choices=sorted(SIZES), help="small: d=64 (284,184 params); large: d=128 (1,092,632) "
                                                              "(default small)")
@@ -1896,9 +1941,9 @@ def add_common_flags(p, name, model=False, data=False):
         p.add_argument("--batch-size", type=positive_int, help=default if model else "default: the checkpoint's")
     if data:
         p.add_argument("--data-dir", default="data", help="the folder holding train.bin and val.bin (default data)")
-    if name != "sample":
+    if name not in ("sample", "check"):
         p.add_argument("--threads", type=positive_int, help="CPU worker threads (default: every core)")
-    if name != "bench":
+    if name not in ("bench", "check"):
         what = "the run to write or --resume; its log goes beside it as .csv" if name == "train" else "the checkpoint to read"
         p.add_argument("--ckpt", default="checkpoints/mora.npz", help=f"{what} (default checkpoints/mora.npz)")
 
@@ -1950,6 +1995,8 @@ COMMANDS = {  # name -> (what it does, the function that runs it, its flags, whi
     "sample": ("generate text from a checkpoint", sample, add_sample_flags, {}),
     "eval": ("loss, accuracy and bits/byte of a checkpoint on a split", evaluate_checkpoint, add_eval_flags, dict(data=True)),
     "bench": ("time training steps on random bytes: ms/step and bytes/s", bench, add_bench_flags, dict(model=True)),
+    "check": ("the gradients against finite differences on a tiny model (exit 1: a failure)", lambda args: int(not gradient_check()),
+              lambda p: None, {}),
 }
 
 

@@ -221,6 +221,40 @@ def test_memory_backward_document_matches_mora():
                                rtol=1e-12, atol=1e-12)
 
 
+def check_lines(capsys, exit_code):
+    """`mora.py check`'s lines as name -> (error, PASS or FAIL), and its exit code."""
+    lines = [re.fullmatch(r"(.*?) +(\S+)  (PASS|FAIL)", line) for line in capsys.readouterr().out.splitlines()]
+    assert all(lines), lines
+    return {m[1]: (float(m[2]), m[3]) for m in lines}, exit_code
+
+
+LAYER_LINES = {"embedding: dE", "layernorm: dx", "layernorm: dgain", "layernorm: dbias", "layernorm (no gain): dx",
+               "linear: dx", "linear: dW", "linear: db", "gelu: dx", "sigmoid: dx", "memory_scan: dv", "memory_scan: dbeta",
+               "cumulative_mean: dv", "mix: dmix", "mix: dc", "mix: da", "mix: de", "cross_entropy: dlogits"}
+
+
+def test_check_passes_with_a_line_per_parameter_and_layer(capsys):
+    lines, code = check_lines(capsys, run_main("check"))
+    assert code == 0 and set(lines) == set(mora.param_shapes(mora.Config(d_model=8, n_layers=2))) | LAYER_LINES
+    assert all(verdict == "PASS" and error < 1e-6 for error, verdict in lines.values())
+
+
+def test_check_catches_a_sign_error_in_the_memory_scan_backward(capsys, monkeypatch):
+    """A learner's edit of one line: `- de[t]` made `+ de[t]`.  The scan fails, and so
+    does every gradient that flows through it: block 1's input part, all of block 0
+    and the embedding; block 1's mix and output part, before the scan in the backward, pass."""
+    source = inspect.getsource(mora.memory_scan_backward)
+    edited, namespace = source.replace("dc_total[t] - de[t]", "dc_total[t] + de[t]"), dict(vars(mora))
+    assert edited != source
+    exec(edited, namespace)
+    monkeypatch.setattr(mora, "memory_scan_backward", namespace["memory_scan_backward"])
+    lines, code = check_lines(capsys, run_main("check"))
+    failed = {name for name, (_, verdict) in lines.items() if verdict == "FAIL"}
+    block_0 = {f"blocks.0.{name}" for name in mora.block_shapes(8)}
+    assert code == 1 and failed == {"memory_scan: dv", "memory_scan: dbeta", "embed", *block_0, "blocks.1.ln1.g",
+                                    "blocks.1.ln1.b", "blocks.1.w_in", "blocks.1.b_in"}
+
+
 def test_on_the_cpu_the_layers_are_the_plain_functions(stand_in, data_dir, tmp_path):
     """Once a GPU is found, the fused layers are dispatchers to their kernels; a CPU run
     puts the plain functions back, so that a debugger step or a traceback lands in the
