@@ -18,8 +18,9 @@ CUDA kernels that make the GPU fast, after the maths they speed up.
     python mora.py sample --prompt "Once upon a time"
 
 Shapes used in the comments: B batch, T time, d width, L blocks, V = 256 bytes,
-N = T * B positions.  Inside the model arrays are time-major, (T, B, ...), so that
-each step of the memory scan reads one contiguous (B, d) slab.
+N = T * B positions.  Inside the model arrays are time-major, (T, B, ...), so that a
+scan step reads one block of memory: v_t is B rows of d, 3d apart, in the t-th (B, 3d)
+block of [v | z | q], and beta_t, c_t, e_t are contiguous (B, d); batch-major, its rows lie T apart.
 """
 import argparse
 import codecs
@@ -314,11 +315,13 @@ def memory_scan_forward(v, beta, c_init):
 
 def memory_scan_backward(dc, de, cache):
     """Reverse-time loop carrying the gradient that reaches c_t from later steps
-    (like min-char-rnn's dhnext).  With dc_total_t the whole dL/dc_t:
-        dc_total_{t-1} = dc_{t-1} + (1 - beta_t) dc_total_t - de_t   (dc_t/dc_{t-1} = 1 - beta_t, de_t/dc_{t-1} = -1)
+    (like min-char-rnn's dhnext).  dc, de (T, B, d): the direct gradients, through m_t
+    alone; dc_total_t: the whole dL/dc_t.  The partials are those of the update written
+    c_t = (1 - beta_t) c_{t-1} + beta_t v_t: 1 - beta_t is the total dc_t/dc_{t-1}, through e_t too:
+        dc_total_{t-1} = dc_{t-1} + (1 - beta_t) dc_total_t - de_t   (de_t/dc_{t-1} = -1)
         dL/dv_t        = beta_t dc_total_t + de_t                   (dc_t/dv_t = beta_t, de_t/dv_t = 1)
         dL/dbeta_t     = dc_total_t e_t                             (dc_t/dbeta_t = e_t)
-    dc, de: (T, B, d).  Returns dv, dbeta (T, B, d).  docs/memory_backward.md derives it."""
+    Returns dv, dbeta (T, B, d).  docs/memory_backward.md derives it."""
     beta, e = cache.beta, cache.e
     dc_total = dc.copy()  # (T, B, d)
     for t in range(len(dc) - 1, 0, -1):
@@ -327,10 +330,10 @@ def memory_scan_backward(dc, de, cache):
 
 
 def cumulative_mean_forward(v, sum_init, count_init):
-    """a_t = (v_0 + ... + v_t) / (t + 1): a running mean with no forgetting.
-    v: (T, B, d); sum_init (B, d) and count_init (an int) carry earlier bytes
-    (zeros in training).  Returns a (T, B, d), the running sum after the last step
-    (B, d), and the cache: the divisors (T, 1, 1)."""
+    """a_t = (sum_init + v_0 + ... + v_t) / k_t,  k_t = count_init + t + 1: a running mean
+    with no forgetting.  v: (T, B, d); sum_init (B, d) and count_init (an int) carry
+    earlier bytes (zeros in training).  Returns a (T, B, d), the running sum after the
+    last step (B, d), and the cache: the divisors k (T, 1, 1)."""
     xp = array_module(v)
     total = xp.empty_like(v)  # (T, B, d) running sums
     running = sum_init  # (B, d)
@@ -341,7 +344,7 @@ def cumulative_mean_forward(v, sum_init, count_init):
 
 
 def cumulative_mean_backward(da, counts):
-    """dL/dv_s = sum over t >= s of da_t / (t + 1): a running sum taken backwards in time."""
+    """dL/dv_s = sum over t >= s of da_t / k_t: a running sum taken backwards in time."""
     dv = da / counts  # (T, B, d)
     for t in range(len(dv) - 2, -1, -1):
         dv[t] += dv[t + 1]
@@ -1006,7 +1009,6 @@ def gpu_problem(widths=()):
             cuda_module(width).get_function("block_input_forward")
     except Exception as exc:  # CuPy raises driver- and library-specific errors here
         cupy = None
-        fuse_kernels(False)
         first_line = (str(exc).splitlines() or [""])[0][:160]
         return f"CuPy cannot use the GPU ({exc.__class__.__name__}: {first_line})"
     fuse_kernels(True)  # from here the fused layers call their kernels on float32 CuPy arrays (the appendix)
@@ -1995,8 +1997,7 @@ COMMANDS = {  # name -> (what it does, the function that runs it, its flags, whi
     "sample": ("generate text from a checkpoint", sample, add_sample_flags, {}),
     "eval": ("loss, accuracy and bits/byte of a checkpoint on a split", evaluate_checkpoint, add_eval_flags, dict(data=True)),
     "bench": ("time training steps on random bytes: ms/step and bytes/s", bench, add_bench_flags, dict(model=True)),
-    "check": ("the gradients against finite differences on a tiny model (exit 1: a failure)", lambda args: int(not gradient_check()),
-              lambda p: None, {}),
+    "check": ("every gradient against finite differences, on a tiny model", lambda args: int(not gradient_check()), lambda p: None, {}),
 }
 
 
