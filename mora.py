@@ -204,7 +204,7 @@ LinearCache = namedtuple("LinearCache", "x W")  # dW = x^T dy, dx = dy W^T
 GeluCache = namedtuple("GeluCache", "x t")  # the derivative reads x and t = tanh(k (x + a x^3))
 ScanCache = namedtuple("ScanCache", "beta e")  # beta: dc_t/dc_{t-1} = 1 - beta_t and dc_t/dv_t; e: dc_t/dbeta_t
 MixCache = namedtuple("MixCache", "mix c a e")  # dc, da, de scale dm by mix; dmix takes dot products with c, a, e
-MixerCache = namedtuple("MixerCache", "beta e counts mix c a gate")  # the scan's, mean's and mix's caches; gate: dm, dq
+MixerCache = namedtuple("MixerCache", "beta e counts mix c a m gate")  # the scan's, mean's and mix's caches; m, gate: dq, dm
 CrossEntropyCache = namedtuple("CrossEntropyCache", "probs y")  # dlogits = softmax - onehot(y)
 
 
@@ -378,7 +378,7 @@ def mixer_forward(vzq, mix, state):
     a, sum_after, counts = cumulative_mean_forward(v, sum_init, count_init)  # (T, B, d)
     m, _ = mix_forward(mix, c, a, e)  # (T, B, d)
     gate, _ = sigmoid_forward(q)  # (T, B, d)
-    cache = MixerCache(beta, e, counts, mix, c, a, gate)  # the layers' caches, each array once
+    cache = MixerCache(beta, e, counts, mix, c, a, m, gate)  # the layers' caches, each array once
     return gate * m, cache, (c[-1], sum_after, count_init + len(vzq))
 
 
@@ -386,12 +386,11 @@ def mixer_backward(dgated, cache):
     """The mixer's forward read in reverse.  dgated: (T, B, d) -> dvzq (T, B, 3d) =
     [dv | dz | dq], dmix (3,)."""
     xp = array_module(dgated)
-    m, mix_cache = mix_forward(cache.mix, cache.c, cache.a, cache.e)  # m again: cheaper to redo than to hold
     # gated = gate * m,  gate = sigmoid(q)
-    dq = sigmoid_backward(dgated * m, cache.gate)
+    dq = sigmoid_backward(dgated * cache.m, cache.gate)
     dm = dgated * cache.gate
     # m = mix[0] c + mix[1] a + mix[2] e
-    dmix, dc, da, de = mix_backward(dm, mix_cache)
+    dmix, dc, da, de = mix_backward(dm, MixCache(cache.mix, cache.c, cache.a, cache.e))
     # c, e = delta-update memory of v at rates beta;  a = running mean of v: v reaches both
     dv_scan, dbeta = memory_scan_backward(dc, de, ScanCache(cache.beta, cache.e))
     dv = dv_scan + cumulative_mean_backward(da, cache.counts)
