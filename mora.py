@@ -819,36 +819,35 @@ class Run:
         self.saved_step = self.step
 
 
-def train_loop(run, end, ckpt, log, stop, slices=None):
-    """The training loop, from run.step to step `end`: a batch, the learning rate, a
-    step, a row of the log; every eval_every steps an evaluation on the start of val,
-    every ckpt_every steps a checkpoint.  What it calls beyond the maths (the log, the
-    stop signals, the progress bar, the checks) is in "Running it for real" below."""
+def train_loop(run, end, report, slices=None):
+    """The training loop, from run.step to step `end`: the step's batch in its epoch's
+    shuffled order, its learning rate, a training step, and then `report` sees it.
+    Everything beyond the maths is in `report` (a `Report`, in "Running it for real"):
+    the finite check, the log, every eval_every steps `evaluate_and_sample`, every
+    ckpt_every a checkpoint, the progress, and a stop signal's request to end early.
+    slices: CPU threads sharing each batch (`Slices`, also there), or None."""
     cfg, s, xp = run.cfg, run.settings, array_module(run.flat)
     gradient = batch_gradient if slices is None else slices.gradient
-    with Progress(run.step, end, cfg.batch_size * cfg.seq_len) as progress:
-        while run.step < end and not stop.requested:
-            started = time.perf_counter()
-            x, y = make_batch(run.train_records, batch_rows(len(run.train_records), cfg.batch_size, s.seed, run.step), xp)
-            lr = learning_rate(run.step, s.max_steps, s.lr, s.warmup, s.final_lr_fraction)
-            result = train_step(run.params, run.flat, run.adam_m, run.adam_v, x, y, run.step, lr, s, run.trainable, gradient)
-            loss, accuracy, grad_norm = (float(a) for a in result)  # the one host sync
-            check_finite(run, loss, grad_norm, ckpt)
-            run.step += 1
-            seconds = time.perf_counter() - started
-            row = log_row(run.step, run.step * cfg.batch_size * cfg.seq_len, lr, loss, accuracy, grad_norm, seconds)
-            final_step = run.step == s.max_steps and s.final_eval  # all of val is evaluated then: not twice
-            if s.eval_every and run.step % s.eval_every == 0 and not final_step:
-                val = evaluate(run.params, run.val_records[:max(1, s.eval_bytes // (cfg.seq_len + 1))], cfg.batch_size, slices,
-                               progress=True)
-                row.update(val_columns(val))
-                progress.write(f"step {run.step:,}: val bits/byte {val['bpb']:.4f} (first {val['bytes']:,} bytes), "
-                               f"accuracy {val['accuracy']:.4f}")
-            log.write(row)
-            if run.step % s.ckpt_every == 0:
-                run.save(ckpt)
-            progress.update(loss, accuracy, lr, grad_norm, seconds)
-    return progress
+    while run.step < end and not report.stop.requested:
+        started = time.perf_counter()
+        x, y = make_batch(run.train_records, batch_rows(len(run.train_records), cfg.batch_size, s.seed, run.step), xp)
+        lr = learning_rate(run.step, s.max_steps, s.lr, s.warmup, s.final_lr_fraction)
+        loss, accuracy, grad_norm = train_step(run.params, run.flat, run.adam_m, run.adam_v, x, y, run.step, lr, s,
+                                               run.trainable, gradient)
+        loss, accuracy, grad_norm = float(loss), float(accuracy), float(grad_norm)  # the one host sync
+        run.step += 1
+        report.step(run, lr, loss, accuracy, grad_norm, seconds=time.perf_counter() - started)
+
+
+def evaluate_and_sample(run, prompt, length, slices=None):
+    """What a run shows every eval_every steps: loss, accuracy and bits/byte on the
+    first eval_bytes of val (evaluate), and `length` bytes continuing `prompt` from a
+    fixed seed (generate), so that a sample at one step compares with the next."""
+    cfg, s = run.cfg, run.settings
+    val = evaluate(run.params, run.val_records[:max(1, s.eval_bytes // (cfg.seq_len + 1))], cfg.batch_size, slices,
+                   progress=True)
+    text = prompt + bytes(generate(run.params, prompt, length, temperature=0.8, top_k=0, seed=0)) if length else b""
+    return val, text.decode("utf-8", errors="replace")
 
 
 # ----------------------------------------------------------------------------
@@ -986,11 +985,9 @@ NO_CUPY = "CuPy is not installed (pip install 'cupy-cuda12x[ctk]', see README)"
 
 def gpu_problem(widths=()):
     """None when CuPy can run here (then `cupy` is set, the kernels fused in), else why not.
-    Tries a small matmul and compiles the kernels, the block kernels for each model
-    width in `widths`, so that a driver without the CUDA libraries, or a width whose
-    kernels do not compile, fails here, in one line, rather than at its first launch
-    in the middle of a run.  Matmuls run in TensorFloat-32 unless the user set
-    CUPY_TF32=0 (CuPy reads it once, at the process's first float32 matmul)."""
+    Tries a small matmul and compiles the kernels (the block kernels for each width in
+    `widths`), so a driver without the CUDA libraries fails here, in one line, not mid-run.
+    Matmuls run in TensorFloat-32 unless the user set CUPY_TF32=0 (read at the first one)."""
     global cupy
     os.environ.setdefault("CUPY_TF32", "1")
     try:
@@ -1419,51 +1416,70 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def log_row(step, bytes_seen, lr, loss, accuracy, grad_norm, seconds):
-    return {"step": step, "bytes": bytes_seen, "lr": f"{lr:.6g}", "loss": f"{loss:.5f}",
-            "bpb": f"{loss / math.log(2):.5f}", "accuracy": f"{accuracy:.5f}",
-            "grad_norm": f"{grad_norm:.4f}", "ms_per_step": f"{1000 * seconds:.2f}"}
-
-
 def val_columns(val):
     return {"val_loss": f"{val['loss']:.5f}", "val_bpb": f"{val['bpb']:.5f}", "val_accuracy": f"{val['accuracy']:.5f}"}
 
 
-class Progress:
-    """Training's progress bar: loss, accuracy, bits/byte, lr, grad norm, and the speed
-    (ms/step, bytes/s) over this call's steps, leaving out its first (it warms
-    caches, and compiles on the GPU)."""
+class Report:
+    """What train_loop hands each step to: the loss checked finite, the log's row, every
+    eval_every steps `evaluate_and_sample` (the sample also to CKPT.samples.txt), every
+    ckpt_every a checkpoint, then the progress: a bar on a terminal, else (a file, a pipe,
+    a job scheduler) a plain line at the first and last step and every PLAIN_SECONDS.  The
+    speed leaves out the first step, which warms caches (and compiles on the GPU)."""
+    PLAIN_SECONDS = 10
 
-    def __init__(self, step, end, bytes_per_step):
+    def __init__(self, run, end, ckpt, log, stop, slices, sample_prompt, sample_length):
+        self.run, self.end, self.ckpt, self.log, self.stop, self.slices = run, end, ckpt, log, stop, slices
+        self.prompt, self.sample_length, self.start = os.fsencode(sample_prompt), sample_length, run.step
+        self.samples = open(os.path.splitext(ckpt)[0] + ".samples.txt", "a" if run.step else "w") if sample_length else None
         from tqdm import tqdm
-        self.bar = tqdm(total=end, initial=step, unit="step", dynamic_ncols=True)
-        self.bytes_per_step, self.steps, self.seconds, self.first = bytes_per_step, 0, 0.0, True
+        self.tqdm = tqdm
+        self.bar = tqdm(total=end, initial=run.step, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
+        self.steps, self.seconds, self.next_line = 0, 0.0, 0.0
 
-    def update(self, loss, accuracy, lr, grad_norm, seconds):
-        if not self.first:
+    def step(self, run, lr, loss, accuracy, grad_norm, seconds):
+        check_finite(run, loss, grad_norm, self.ckpt)
+        s, cfg = run.settings, run.cfg
+        row = {"step": run.step, "bytes": run.step * cfg.batch_size * cfg.seq_len, "lr": f"{lr:.6g}", "loss": f"{loss:.5f}",
+               "bpb": f"{loss / math.log(2):.5f}", "accuracy": f"{accuracy:.5f}", "grad_norm": f"{grad_norm:.4f}",
+               "ms_per_step": f"{1000 * seconds:.2f}"}
+        if s.eval_every and run.step % s.eval_every == 0 and not (run.step == s.max_steps and s.final_eval):  # not twice
+            val, text = evaluate_and_sample(run, self.prompt, self.sample_length, self.slices)
+            row.update(val_columns(val))
+            self.tqdm.write(f"step {run.step:,}: val bits/byte {val['bpb']:.4f} (first {val['bytes']:,} bytes), accuracy "
+                            f"{val['accuracy']:.4f}" + (f"\nstep {run.step:,}: sample: {text!r}" if self.samples else ""))
+            if self.samples:
+                print(f"step {run.step:,}: {text!r}", file=self.samples, flush=True)
+        self.log.write(row)
+        if run.step % s.ckpt_every == 0:
+            run.save(self.ckpt)
+        if run.step > self.start + 1:
             self.steps, self.seconds = self.steps + 1, self.seconds + seconds
-        self.first = False
-        self.bar.set_postfix_str(f"loss {loss:.4f} acc {accuracy:.3f} bpb {loss / math.log(2):.4f} lr {lr:.2e} "
-                                 f"gnorm {grad_norm:.2f} {self}")
-        self.bar.update(1)
+        numbers = f"loss {loss:.4f} acc {accuracy:.3f} bpb {loss / math.log(2):.4f} lr {lr:.2e} gnorm {grad_norm:.2f} {self.speed()}".rstrip()
+        if self.bar is not None:
+            self.bar.set_postfix_str(numbers)
+            self.bar.update(1)
+        elif run.step in (self.start + 1, self.end) or time.monotonic() >= self.next_line:
+            sys.stdout.flush()  # what was printed before this line comes before it in a file that holds both
+            print(f"step {run.step:,}/{s.max_steps:,}: {numbers}", file=sys.stderr, flush=True)
+            self.next_line = time.monotonic() + self.PLAIN_SECONDS
 
-    def write(self, text):
-        self.bar.write(text)
+    def speed(self):
+        bytes_per_s = self.run.cfg.batch_size * self.run.cfg.seq_len * self.steps / (self.seconds or 1)
+        return f"{1000 * self.seconds / self.steps:.1f} ms/step, {bytes_per_s:,.0f} bytes/s" if self.steps else ""
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.bar.close()
-
-    def __str__(self):
-        if not self.steps:
-            return ""
-        return f"{1000 * self.seconds / self.steps:.1f} ms/step, {self.bytes_per_step * self.steps / self.seconds:,.0f} bytes/s"
+        for done in (self.bar, self.samples):
+            if done is not None:
+                done.close()
 
 
 def progress_bar(items, show, **kwargs):
-    if not show:
+    """items, behind a progress bar when `show` and stderr is a terminal (in a file a bar is a flood of lines)."""
+    if not show or not sys.stderr.isatty():
         return items
     from tqdm import tqdm
     return tqdm(items, leave=False, dynamic_ncols=True, **kwargs)
@@ -1516,12 +1532,13 @@ def train(args):
         end = run.settings.max_steps if args.stop_after is None else min(run.settings.max_steps, run.step + args.stop_after)
         print_plan(run, xp, slices, end)
         with TrainingLog(log_path, run.step) as log, StopSignals() as stop:
-            speed = train_and_save(run, end, args.ckpt, log, stop, slices)
+            with Report(run, end, args.ckpt, log, stop, slices, args.sample_prompt, args.sample_length) as report:
+                train_and_save(run, end, report, slices)
             stop.saved = True  # a signal from here on stops at once: nothing is left to save
             try:
                 print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {log_path}")
-                if speed.steps:
-                    print(f"speed: {speed}")
+                if report.steps:
+                    print(f"speed: {report.speed()}")
                 if stop.requested:
                     raise KeyboardInterrupt
                 if run.step == run.settings.max_steps and run.settings.final_eval:
@@ -1558,29 +1575,25 @@ def stopped_line(run, args):
     return f"{saved}, the end of the run"
 
 
-def train_and_save(run, end, ckpt, log, stop, slices):
+def train_and_save(run, end, report, slices):
     """train_loop, then a checkpoint at the step where it ended.  When the log or a
     checkpoint cannot be written, one line says what is on disk and what to do; a log
     that fails still gets the checkpoint saved (else the steps since the last one would
     be lost), and the log keeps no half row (TrainingLog)."""
+    problem = None
     try:
-        speed = train_loop(run, end, ckpt, log, stop, slices)
+        train_loop(run, end, report, slices)
     except LogWriteError as exc:
-        save_or_explain(run, ckpt, problem=str(exc))
-        raise UserError(f"{exc}; the checkpoint {ckpt} is saved at step {run.step:,}: free some disk space, "
-                        f"then continue with --resume") from exc
+        problem = exc
     except SaveError as exc:
-        raise UserError(f"{exc}: {what_is_saved(run, ckpt)}") from exc
-    save_or_explain(run, ckpt)
-    return speed
-
-
-def save_or_explain(run, ckpt, problem=None):
-    """run.save(ckpt), or one line: the problem before (if any), why the save failed, what is on disk."""
+        raise UserError(f"{exc}: {what_is_saved(run, report.ckpt)}") from exc
     try:
-        run.save(ckpt)
+        run.save(report.ckpt)
     except SaveError as exc:
-        raise UserError(f"{problem + '; ' if problem else ''}{exc}: {what_is_saved(run, ckpt)}") from exc
+        raise UserError(f"{problem or ''}{'; ' * bool(problem)}{exc}: {what_is_saved(run, report.ckpt)}") from exc
+    if problem:
+        raise UserError(f"{problem}; the checkpoint {report.ckpt} is saved at step {run.step:,}: free some disk space, "
+                        f"then continue with --resume") from problem
 
 
 def what_is_saved(run, ckpt):
@@ -1601,11 +1614,9 @@ def command_line(args, *words):
     return shlex.join(words)
 
 
-# The streams `eval --stream` reads side by side by default, and the final evaluation
-# of `train` too (so `eval --stream --max-bytes EVAL_BYTES` gives its number again):
-# the fewest that run about as fast as the per-record protocol at batch 256 (on the
-# 2-core VM; fewer run slower, one alone slowest).  A stream of a 22.5 MB val file is
-# then ~350 KB long, so its one cold start costs little.
+# The streams `eval --stream` and train's final evaluation read side by side: the fewest
+# that run about as fast as the per-record protocol at batch 256 on 2 cores (fewer run
+# slower).  A stream of a 22.5 MB val file is then ~350 KB, so its cold start costs little.
 EVAL_STREAMS = 64
 
 
@@ -1733,9 +1744,6 @@ class Slices:
             grad += more
         return np.float64(sum(p[0] for p in parts)), np.float64(sum(p[1] for p in parts)), grad
 
-    def shutdown(self):
-        self.pool.shutdown()
-
 
 def cpu_slices(xp, threads=None, count=None):
     """Slices for the CPU path (None on the GPU): by default a thread per core, and a
@@ -1754,10 +1762,9 @@ def cpu_slices(xp, threads=None, count=None):
 
 
 def keep_freed_memory():
-    """Ask glibc to keep freed memory instead of returning it to the OS.  A training
-    step allocates and frees hundreds of MB of activations; by default glibc gives
-    large blocks back (munmap) and the next step page-faults them in again, which
-    costs about a quarter of a CPU step here.  No effect outside glibc (Linux)."""
+    """Ask glibc to keep freed memory instead of returning it to the OS: a step frees
+    hundreds of MB of activations, and faulting them back in would cost about a quarter
+    of a CPU step.  No effect outside glibc (Linux)."""
     import ctypes
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -1800,10 +1807,9 @@ def step_traffic_bytes(cfg):
 
 
 def time_training_steps(cfg, xp, slices, steps):
-    """Median time of `steps` training steps as `train` runs them (batch, forward,
-    backward, the trainable mask if there is an ablation, clip, Adam) on random bytes, after one untimed step
-    (CuPy compiles its kernels there), and what goes with it: bytes/s, the traffic
-    floor's GB/s, launches (where counted), memory."""
+    """Median time of `steps` training steps as `train` runs them, on random bytes, after
+    an untimed one (CuPy compiles there); bytes/s, the traffic floor's GB/s, launches
+    (where counted), memory."""
     flat, params = flat_parameters(init_params(cfg, 0), xp)
     adam_m, adam_v = xp.zeros_like(flat), xp.zeros_like(flat)
     trainable = trainable_vector(cfg, xp)
@@ -1819,7 +1825,7 @@ def time_training_steps(cfg, xp, slices, steps):
         float(step(k)[0])  # waits for the device
         seconds.append(time.perf_counter() - started)
     ms = 1000 * float(np.median(seconds[1:]))
-    result = {"ms": ms, "min_ms": 1000 * min(seconds[1:]), "bytes_per_s": cfg.batch_size * cfg.seq_len / (ms / 1000),
+    result = {"ms": ms, "bytes_per_s": cfg.batch_size * cfg.seq_len / (ms / 1000),
               "traffic_gb": step_traffic_bytes(cfg) / 1e9, "gb_per_s": step_traffic_bytes(cfg) / 1e6 / ms, "launches": None}
     if hasattr(xp, "launches"):  # the tests' CPU stand-in for CuPy counts launches; CuPy itself does not
         before = xp.launches
@@ -1834,8 +1840,8 @@ def time_training_steps(cfg, xp, slices, steps):
 
 
 def bench(args):
-    """Time training steps; with --report, the small and the large model at the chosen
-    batch and sequence length, as a table (docs/gpu.md)."""
+    """Time training steps of the chosen model, or with --report of the small and the
+    large one at the chosen batch and sequence length, as a table (docs/gpu.md)."""
     configs = [model_config(args)]
     if args.report:
         configs = [Config(**dict(asdict(configs[0]), **SIZES[size])) for size in ("small", "large")]
@@ -1843,26 +1849,15 @@ def bench(args):
     slices = cpu_slices(xp, args.threads, args.slices)
     if slices:
         keep_freed_memory()
-    if args.report:
-        print(f"backend: {describe_backend(xp, slices)}")
-        print("| model | batch x seq | ms/step | bytes/s | traffic floor | achieved | launches/step | memory |")
-        print("|---|---|---|---|---|---|---|---|")
+    print(f"backend: {describe_backend(xp, slices)}; the median of {args.steps} steps after an untimed one")
+    print("| model | batch x seq | ms/step | bytes/s | traffic floor | achieved | launches/step | memory |")
+    print("|---|---|---|---|---|---|---|---|")
     for cfg in configs:
         check_memory(cfg, xp)
-        if not args.report:
-            print_summary(cfg, xp, slices)
         r = time_training_steps(cfg, xp, slices, args.steps)
         launches = "not counted" if r["launches"] is None else r["launches"]
-        if args.report:
-            print(f"| d={cfg.d_model}, L={cfg.n_layers} | {cfg.batch_size} x {cfg.seq_len} | {r['ms']:.2f} | {r['bytes_per_s']:,.0f} "
-                  f"| {r['traffic_gb']:.2f} GB | {r['gb_per_s']:,.0f} GB/s | {launches} | {r['memory']} |")
-            continue
-        print(f"{args.steps} steps of {cfg.batch_size} x {cfg.seq_len}: median {r['ms']:.1f} ms/step "
-              f"(min {r['min_ms']:.1f}), {r['bytes_per_s']:,.0f} bytes/s")
-        if xp is not np:
-            print(f"kernel launches per training step: {launches}")
-        print(f"memory traffic: at least {r['traffic_gb']:.2f} GB a step (step_traffic_bytes): {r['gb_per_s']:,.1f} GB/s achieved")
-        print(f"memory: {r['memory']}")
+        print(f"| d={cfg.d_model}, L={cfg.n_layers} | {cfg.batch_size} x {cfg.seq_len} | {r['ms']:.2f} | {r['bytes_per_s']:,.0f} "
+              f"| {r['traffic_gb']:.2f} GB | {r['gb_per_s']:,.0f} GB/s | {launches} | {r['memory']} |")
     return 0
 
 
@@ -1965,6 +1960,10 @@ def add_train_flags(p):
     p.add_argument("--overwrite", action="store_true", help="start over even if --ckpt exists")
     p.add_argument("--stop-after", type=positive_int, help="stop (and save) after this many steps of this call, "
                                                            "keeping the whole run's schedule")
+    p.add_argument("--sample-prompt", default="Once upon a time", help="with each evaluation, a sample continues this "
+                                                                        "(default: Once upon a time)")
+    p.add_argument("--sample-length", type=nonnegative_int, default=120, help="bytes of that sample, also kept in "
+                                                                              "CKPT.samples.txt (default 120; 0: none)")
 
 
 def add_sample_flags(p):
@@ -1988,7 +1987,7 @@ def add_eval_flags(p):
 def add_bench_flags(p):
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps (default 10)")
     p.add_argument("--slices", type=positive_int, help="cut each batch into this many slices on the CPU (default: one per thread)")
-    p.add_argument("--report", action="store_true", help="the small and the large model, as a table (docs/gpu.md)")
+    p.add_argument("--report", action="store_true", help="the small and the large model (docs/gpu.md)")
 
 
 COMMANDS = {  # name -> (what it does, the function that runs it, its flags, which shared flags)

@@ -518,7 +518,7 @@ def test_batch_sliced_over_threads_equals_the_whole_batch():
         assert relative_error(sliced_grad.astype(np.float64), grad.astype(np.float64)) < 1e-5
         assert np.abs(sliced_grad - grad).max() < 1e-6
         assert mora.evaluate(params, records, 5, slices)["loss"] == pytest.approx(float(loss), abs=1e-6)
-        slices.shutdown()
+        slices.pool.shutdown()
 
 
 def test_a_step_gives_the_same_bits_on_any_number_of_threads():
@@ -530,7 +530,7 @@ def test_a_step_gives_the_same_bits_on_any_number_of_threads():
     for threads in (1, 2, 3):
         slices = mora.cpu_slices(np, threads, 3)
         results.append(slices.gradient(params, x, y))
-        slices.shutdown()
+        slices.pool.shutdown()
     for loss, accuracy, grad in results[1:]:
         assert loss == results[0][0] and accuracy == results[0][1] and np.array_equal(grad, results[0][2])
 
@@ -948,6 +948,57 @@ def test_commands_end_to_end(data_dir, tmp_path):
     assert "Once upon" in run("mora.py", "sample", "--ckpt", ckpt, "--prompt", "Once upon", "--length", 40, "--device", "cpu")
     assert "bits/byte" in run("mora.py", "eval", "--ckpt", ckpt, "--data-dir", out, "--device", "cpu")
     assert "ms/step" in run("mora.py", "bench", *TINY, "--steps", 2, "--device", "cpu")
+
+
+def test_readme_loop_trains_and_samples_as_written(tmp_path):
+    """README's training loop, taken from README.md as it stands and run as it says
+    (`python loop.py story.txt` beside mora.py), trains on a text and samples from it."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    loop = [block for block in blocks if "train_step(" in block]
+    assert len(loop) == 1
+    (tmp_path / "loop.py").write_text(loop[0])
+    (tmp_path / "story.txt").write_bytes(made_up_text(200))
+    result = subprocess.run([sys.executable, "loop.py", "story.txt"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, PYTHONPATH=HERE))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    bits = [float(line.split(": ")[1].split()[0]) for line in lines if re.match(r"step \d+: ", line)]
+    assert len(bits) == 4 and bits[0] > 7.5 and bits[-1] < bits[0] - 4, bits  # 8 bits/byte is a guess at random
+    assert lines[-1].startswith("Once upon a time") and len(lines[-1]) > len("Once upon a time") + 50
+
+
+def test_train_into_a_file_prints_plain_lines_and_samples(data_dir, tmp_path):
+    """`train ... > run.txt 2>&1`: the progress is plain lines, at the first and last
+    step and every Report.PLAIN_SECONDS, with no carriage return and no escape code.
+    Each evaluation prints a sample, appended with its step to CKPT.samples.txt: the
+    bytes `generate` continues the prompt with from that step's weights, at
+    temperature 0.8 and seed 0.  A resume appends; --sample-length 0 samples nothing."""
+    ckpt = tmp_path / "m.npz"
+
+    def train(*flags):
+        with open(tmp_path / "run.txt", "w") as out:
+            command = ["train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 8,
+                       "--eval-every", 4, "--no-final-eval", "--sample-prompt", "Tom had", "--sample-length", 30, *flags]
+            subprocess.run([sys.executable, "mora.py", *map(str, command)], cwd=HERE, stdout=out, stderr=subprocess.STDOUT, check=True, timeout=300)
+        return (tmp_path / "run.txt").read_text()
+
+    def sample_line(step):
+        params = mora.load_checkpoint(str(ckpt))[1]
+        text = (b"Tom had" + bytes(mora.generate(params, b"Tom had", 30, 0.8, 0, 0))).decode("utf-8", "replace")
+        return f"step {step}: {text!r}"
+
+    printed = train("--stop-after", 4)
+    progress = [line for line in printed.splitlines() if re.match(r"step \d+/8: loss", line)]
+    assert "\r" not in printed and "\x1b" not in printed and progress[0].startswith("step 1/8: ")
+    assert progress[-1].startswith("step 4/8: ") and "ms/step" in progress[-1] and len(progress) <= 4
+    assert (tmp_path / "m.samples.txt").read_text() == sample_line(4) + "\n"
+    assert f"step 4: sample: {sample_line(4)[len('step 4: '):]}" in printed
+    printed = train("--resume")
+    assert "\r" not in printed and re.search(r"^step 5/8: loss", printed, re.M) and re.search(r"^step 8/8: loss", printed, re.M)
+    assert (tmp_path / "m.samples.txt").read_text().splitlines()[1] == sample_line(8)
+    (tmp_path / "m.samples.txt").unlink()
+    assert "sample" not in train("--overwrite", "--sample-length", 0) and not (tmp_path / "m.samples.txt").exists()
 
 
 def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path):
@@ -1562,7 +1613,7 @@ def test_bench_counts_and_times_the_step_train_runs(stand_in, data_dir, tmp_path
     in_train = launches[-1]
     assert run_main("bench", "--batch-size", 2, "--seq-len", 8, "--steps", 1, "--device", "gpu") == 0
     out = capsys.readouterr().out
-    assert int(out.split("kernel launches per training step: ")[1].split()[0]) == in_train
+    assert bench_launches(out) == in_train
     assert set(launches) == {in_train}  # every step bench ran, timed or counted, was train's
 
 
@@ -2227,7 +2278,8 @@ def test_file_system_faults_are_one_line(data_dir, tmp_path, capsys, monkeypatch
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(np, "savez", disk_full)
     assert run_main(*train, "--ckpt", tmp_path / "full.npz") == 1
-    err = capsys.readouterr().err.split("\r")[-1].split("\n", 1)[-1]  # after the progress bar
+    err = capsys.readouterr().err
+    err = err[err.rfind("\nerror: ") + 1:]  # after the progress lines
     assert err.startswith("error: ") and err.count("\n") == 1 and "No space left" in err and not (tmp_path / "full.npz.tmp").exists()
     assert "no checkpoint of this run was saved" in err and "start it again" in err  # a first save: nothing to resume
 
@@ -2472,11 +2524,18 @@ def test_bench_torch_helps_without_torch_and_says_what_to_install(monkeypatch, c
         assert "pip install torch" in one_error_line(capsys, bench_torch.main([command]))
 
 
+def bench_launches(out):
+    """The launches/step column of bench's one-model table (its seventh)."""
+    row = [line for line in out.splitlines() if line.startswith("| d=")]
+    assert len(row) == 1, out
+    return int(row[0].split("|")[7])
+
+
 def test_bench_counts_kernel_launches_on_the_stand_in(stand_in, capsys):
     """bench prints the launches of one training step of the small model: at most 150 (the GPU target)."""
     assert run_main("bench", "--batch-size", 2, "--seq-len", 8, "--steps", 1, "--device", "gpu") == 0
     out = capsys.readouterr().out
-    launches = int(out.split("kernel launches per training step: ")[1].split()[0])
+    launches = bench_launches(out)
     assert 0 < launches <= 150, launches
 
 
