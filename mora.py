@@ -836,7 +836,7 @@ def train_loop(run, end, report, slices=None):
                                                run.trainable, gradient)
         loss, accuracy, grad_norm = float(loss), float(accuracy), float(grad_norm)  # the one host sync
         run.step += 1
-        report.step(run, lr, loss, accuracy, grad_norm, seconds=time.perf_counter() - started)
+        report.step(lr, loss, accuracy, grad_norm, seconds=time.perf_counter() - started)
 
 
 def evaluate_and_sample(run, prompt, length, slices=None):
@@ -1437,9 +1437,9 @@ class Report:
         self.bar = tqdm(total=end, initial=run.step, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
         self.steps, self.seconds, self.next_line = 0, 0.0, 0.0
 
-    def step(self, run, lr, loss, accuracy, grad_norm, seconds):
+    def step(self, lr, loss, accuracy, grad_norm, seconds):
+        run, s, cfg = self.run, self.run.settings, self.run.cfg
         check_finite(run, loss, grad_norm, self.ckpt)
-        s, cfg = run.settings, run.cfg
         row = {"step": run.step, "bytes": run.step * cfg.batch_size * cfg.seq_len, "lr": f"{lr:.6g}", "loss": f"{loss:.5f}",
                "bpb": f"{loss / math.log(2):.5f}", "accuracy": f"{accuracy:.5f}", "grad_norm": f"{grad_norm:.4f}",
                "ms_per_step": f"{1000 * seconds:.2f}"}
@@ -1590,7 +1590,7 @@ def train_and_save(run, end, report, slices):
     try:
         run.save(report.ckpt)
     except SaveError as exc:
-        raise UserError(f"{problem or ''}{'; ' * bool(problem)}{exc}: {what_is_saved(run, report.ckpt)}") from exc
+        raise UserError(f"{f'{problem}; ' if problem else ''}{exc}: {what_is_saved(run, report.ckpt)}") from exc
     if problem:
         raise UserError(f"{problem}; the checkpoint {report.ckpt} is saved at step {run.step:,}: free some disk space, "
                         f"then continue with --resume") from problem
