@@ -22,17 +22,21 @@ text, http://mattmahoney.net/dc/textdata.html); the standard split is its first
 90,000,000 bytes for training, the next 5,000,000 for validation, the last 5,000,000
 for testing.
 
-Work already done is skipped: a finished download, and a .bin whose record of its
-sources (the .bin.json beside it: which files, which bytes, their sizes and times)
-still matches; a missing or damaged record means "not known to be done", and the
-.bin is rebuilt.  Every input is checked before anything is written.  Files are
-written as NAME.tmp and renamed once complete, so a full disk or Ctrl-C never leaves
-a partial .bin or record behind (an interrupted download stays as NAME.part, to
-resume).  Needs about 4.5 GB of disk for the full TinyStories (text + bins).
+Work already done is skipped: a finished download, and a .bin whose record (the
+.bin.json beside it: which files, which bytes, their sizes and times, and the .bin's
+SHA-256) still matches; a missing or damaged record, or a .bin whose bytes changed,
+means "not known to be done", and the .bin is rebuilt.  Every input is checked before
+anything is written (it must be a regular file, and not one this run writes).  Files
+are written as NAME.tmp and renamed once complete, so a full disk, Ctrl-C, SIGTERM or
+SIGHUP never leaves a partial .bin or record behind (an interrupted download stays as
+NAME.part, to resume).  Progress bars are drawn on a terminal only.  Needs about
+4.5 GB of disk for the full TinyStories (text + bins).
 """
 import argparse
+import hashlib
 import json
 import os
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -49,10 +53,26 @@ ENWIK8_URL_BASE, ENWIK8_ZIP = "http://mattmahoney.net/dc/", "enwik8.zip"
 ENWIK8_SPLIT = {"train": 90_000_000, "val": 5_000_000, "test": 5_000_000}  # bytes, in this order
 SEPARATOR = b"<|endoftext|>"
 CHUNK = 1 << 22  # 4 MiB: files are streamed, never held in memory
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
 
 
 class PrepareError(Exception):
     """Printed as one line; exit code 1."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler) or SIGHUP (the terminal closed), raised where the
+    run is, as Ctrl-C raises KeyboardInterrupt: the same clean-up removes partial files."""
+
+
+def stop(signum, frame):
+    raise Stopped(signum)
+
+
+def progress_bar(**options):
+    """A tqdm bar on a terminal; none in a file or pipe, where its carriage returns
+    would pile up as one long line."""
+    return tqdm(unit="B", unit_scale=True, disable=not sys.stderr.isatty(), **options)
 
 
 def download(url, dest, limit=None):
@@ -85,7 +105,7 @@ def download(url, dest, limit=None):
         if limit is not None:
             total = limit if total is None else min(total, limit)
         with open(part, "ab" if have else "wb") as f, \
-                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
+                progress_bar(total=total, initial=have, desc=os.path.basename(dest)) as bar:
             try:
                 while (want := CHUNK if total is None else min(CHUNK, total - f.tell())) > 0 and (chunk := response.read(want)):
                     f.write(chunk)
@@ -131,6 +151,22 @@ def source_ranges(sources, start, length):
             return
 
 
+def hashed(chunks, digest):
+    """The chunks, unchanged, each added to digest on its way: the SHA-256 of what is
+    written, without reading it back."""
+    for chunk in chunks:
+        digest.update(chunk)
+        yield chunk
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_chunks(path, start, length):
     with open(path, "rb") as f:
         f.seek(start)
@@ -139,14 +175,31 @@ def read_chunks(path, start, length):
             yield chunk
 
 
-def check_texts(texts):
-    """Each split's source files exist and can be read, and the split is not empty:
-    checked before anything is written, so that a wrong --input-val is found before
-    minutes of converting the train text.  texts: {split name: [file, ...]}."""
+def same_file(path, other):
+    """path (which exists) and other are one file: the same real path (through symbolic
+    links and ..), or, other existing too, one file under two names (a hard link)."""
+    return os.path.realpath(path) == os.path.realpath(other) or (os.path.exists(other) and os.path.samefile(path, other))
+
+
+def check_texts(texts, out_dir):
+    """Each split's source files are regular files that can be read, none is a file
+    this run writes (SPLIT.bin, its record, their .tmp: writing would destroy it), and
+    the split is not empty: checked before anything is written, so that a wrong
+    --input-val is found before minutes of converting the train text.
+    texts: {split name: [file, ...]}."""
+    written = [os.path.join(out_dir, f"{split}.bin{end}") for split in texts for end in ("", ".tmp", ".json", ".json.tmp")]
     for split, paths in texts.items():
         for path in paths:
-            if not os.path.isfile(path):
+            if not os.path.exists(path):
                 raise PrepareError(f"{path}: no such file")
+            if os.path.isdir(path):
+                raise PrepareError(f"{path} is a folder: name the text file(s) in it")
+            if not os.path.isfile(path):  # a FIFO, a socket, a device: never opened, a FIFO would wait for a writer
+                raise PrepareError(f"{path} is not a regular file (a pipe or a device?): give a text file")
+            for output in written:
+                if same_file(path, output):
+                    raise PrepareError(f"{path} is {output}, which this run overwrites: "
+                                       f"copy it out of {out_dir} and give the copy, or choose another --out-dir")
             with open(path, "rb"):  # unreadable: the OSError says why, in main's one line
                 pass
         if sum(os.path.getsize(p) for p in paths) == 0:
@@ -154,16 +207,30 @@ def check_texts(texts):
 
 
 def read_record(record, dest):
-    """What the record says dest was made from, or None when it is missing or damaged
-    (an empty file from a full disk, say): then dest is not known to be done."""
+    """What the record says of dest ({"made_from": ..., "sha256": ...}), or {} when it is
+    missing or damaged (an empty file from a full disk, say): then dest is not known to be done."""
     if not os.path.exists(record):
-        return None
+        return {}
     try:
         with open(record) as f:
-            return json.load(f)
+            recorded = json.load(f)
+        if isinstance(recorded, dict):
+            return recorded
+        problem = "not a record"
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        print(f"{record} is damaged ({exc.__class__.__name__}): rebuilding {dest}")
-        return None
+        problem = exc.__class__.__name__
+    print(f"{record} is damaged ({problem}): rebuilding {dest}")
+    return {}
+
+
+def up_to_date(dest, record, made_from):
+    """dest holds what made_from describes: its record says so, and dest still has the
+    SHA-256 recorded as it was written (a byte damaged in place, at the same size, shows).
+    The hash, a full read of dest, comes last."""
+    if not os.path.exists(dest) or os.path.getsize(dest) != made_from["length"]:
+        return False
+    recorded = read_record(record, dest)
+    return recorded.get("made_from") == made_from and recorded.get("sha256") == file_sha256(dest)
 
 
 def convert(sources, dest, start=0, length=None):
@@ -175,16 +242,17 @@ def convert(sources, dest, start=0, length=None):
     made_from = {"sources": [[os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)] for p in sources],
                  "start": start, "length": length}
     record = dest + ".json"
-    if os.path.exists(dest) and os.path.getsize(dest) == length and read_record(record, dest) == made_from:
+    if up_to_date(dest, record, made_from):
         print(f"{dest}: up to date ({length:,} bytes), skipped")
         return
     if os.path.exists(record):  # dest is about to change: its old record must never vouch for the new bytes
         os.remove(record)
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    with written_atomically(dest) as out, tqdm(total=length, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
-        stories = sum(copy_counting_stories(chunks, out, bar) for chunks in source_ranges(sources, start, length))
+    digest = hashlib.sha256()
+    with written_atomically(dest) as out, progress_bar(total=length, desc=os.path.basename(dest)) as bar:
+        stories = sum(copy_counting_stories(hashed(chunks, digest), out, bar) for chunks in source_ranges(sources, start, length))
     with written_atomically(record, "w") as f:  # last: a record means dest is complete
-        json.dump(made_from, f)
+        json.dump({"made_from": made_from, "sha256": digest.hexdigest()}, f)
     counted = f"{stories:,} stories (<|endoftext|> separators)" if stories else "no <|endoftext|> separators, stories not counted"
     print(f"{dest}: {length:,} bytes, {counted}")
 
@@ -202,7 +270,8 @@ def prepare_enwik8(args):
                     out.write(chunk)
         except (zipfile.BadZipFile, KeyError, zlib.error, EOFError) as exc:  # not a zip, no enwik8 in it, damaged data
             os.remove(archive)  # else every later run would find the same damage
-            raise PrepareError(f"{archive} is damaged or not the enwik8 archive ({exc.__class__.__name__}: {exc}): "
+            what = "damaged compressed data" if isinstance(exc, zlib.error) else exc.__class__.__name__
+            raise PrepareError(f"{archive} is damaged or not the enwik8 archive ({what}: {exc}): "
                                f"it was removed; run the same command to download it again")
     if os.path.getsize(text) != size:
         raise PrepareError(f"{text} holds {os.path.getsize(text):,} bytes, enwik8 has {size:,}: delete it and {ENWIK8_ZIP}, then run again")
@@ -227,7 +296,7 @@ def prepare_tinystories(args):
         else:
             train_sources = [full_train]
             download(url_base + TRAIN_FILE, full_train)
-    check_texts({"train": train_sources, "val": val_sources})
+    check_texts({"train": train_sources, "val": val_sources}, args.out_dir)
     convert(train_sources, os.path.join(args.out_dir, "train.bin"), length=args.train_bytes)
     convert(val_sources, os.path.join(args.out_dir, "val.bin"))
 
@@ -248,6 +317,7 @@ def main(argv=None):
                                            f"{ENWIK8_URL_BASE} for enwik8)")
     parser.add_argument("--train-bytes", type=positive_int, help="only the first N bytes of the train text (downloads only those)")
     args = parser.parse_args(argv)
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         if bool(args.input_train) != bool(args.input_val):
             raise PrepareError("give both --input-train and --input-val (or neither, to download TinyStories)")
@@ -264,10 +334,14 @@ def main(argv=None):
     except OSError as exc:  # unreadable input, unwritable folder, disk full: one line
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: the partial files are already removed (a .part is kept)
-        print("\ninterrupted: no partial .bin is left; run the same command again to finish "
-              "(a download resumes where it stopped)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: the partial files are already removed (a .part is kept)
+        signum = exc.args[0] if isinstance(exc, Stopped) else signal.SIGINT
+        print(f"\ninterrupted by {signal.Signals(signum).name}: no partial .bin is left; run the same command again "
+              f"to finish (a download resumes where it stopped)", file=sys.stderr)
+        return 128 + signum  # as a shell reports a run a signal ended: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
+    finally:  # main may be called from Python (the tests): leave the signals as they were
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0
 
 
