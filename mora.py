@@ -35,8 +35,10 @@ import math
 import os
 import shlex
 import signal
+import stat
 import sys
 import time
+import zlib
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -45,10 +47,12 @@ from dataclasses import asdict, dataclass, fields
 # "CPU threads"), so each may use only one BLAS thread: BLAS's own threads would
 # fight them for the cores.  This must be set before NumPy is imported; a value the
 # user set in the environment is kept.
-for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+BLAS_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+for _variable in BLAS_VARIABLES:
     os.environ.setdefault(_variable, "1")
 
 import numpy as np  # noqa: E402  (after the BLAS settings above)
+from tqdm import tqdm  # noqa: E402
 
 V = 256  # the vocabulary: one token per byte value
 LN_EPS = 1e-5
@@ -727,16 +731,17 @@ def learning_rate(step, total_steps, peak, warmup, final_fraction):
 # of epoch k is a function of (seed, k) alone, so the step number is the cursor.
 
 def open_bytes(path):
-    """A read-only uint8 view of a .bin file (memory-mapped: only what is read is loaded)."""
+    """The bytes of a .bin file as a uint8 array, read whole into memory (2.2 GB for all of
+    TinyStories): a file changed or cut short while a run trains cannot change the run."""
     if not os.path.exists(path):
         raise UserError(f"{path} not found: run `python prepare_data.py` first, or point --data-dir at the folder holding train.bin and val.bin")
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         raise UserError(f"{path} is {'empty' if os.path.isfile(path) else 'not a file'}: run `python prepare_data.py` again")
-    return np.memmap(path, dtype=np.uint8, mode="r")
+    return np.fromfile(path, dtype=np.uint8)
 
 
 def open_records(path, seq_len, fix="use more text or a smaller --seq-len"):
-    """A read-only (n_records, seq_len + 1) uint8 view of a .bin file."""
+    """The records of a .bin file: a (n_records, seq_len + 1) uint8 array."""
     data = open_bytes(path)
     record = seq_len + 1
     if len(data) < record:
@@ -760,7 +765,7 @@ def batch_rows(n_records, batch_size, seed, step):
 
 def make_batch(records, rows, xp):
     """Records (B, T+1) -> inputs x and targets y, (B, T) int32 arrays on xp."""
-    batch = xp.asarray(records[np.sort(rows)].astype(np.int32))  # sorted: memmap reads go forward
+    batch = xp.asarray(records[np.sort(rows)].astype(np.int32))  # sorted: in file order
     return batch[:, :-1], batch[:, 1:]
 
 
@@ -984,10 +989,8 @@ NO_CUPY = "CuPy is not installed (pip install 'cupy-cuda12x[ctk]', see README)"
 
 
 def gpu_problem(widths=()):
-    """None when CuPy can run here (then `cupy` is set, the kernels fused in), else why not.
-    Tries a small matmul and compiles the kernels (the block kernels for each width in
-    `widths`), so a driver without the CUDA libraries fails here, in one line, not mid-run.
-    Matmuls run in TensorFloat-32 unless the user set CUPY_TF32=0 (read at the first one)."""
+    """None when CuPy can run here (then `cupy` is set, the kernels fused in, matmuls in TF32 unless CUPY_TF32=0),
+    else why not.  A small matmul and the kernels (for each width) run now, so a broken driver fails here."""
     global cupy
     os.environ.setdefault("CUPY_TF32", "1")
     try:
@@ -1012,9 +1015,8 @@ def gpu_problem(widths=()):
 
 
 def select_backend(device, widths=()):
-    """'cpu' -> numpy; 'gpu' -> cupy (an error saying why if it cannot run);
-    'auto' -> cupy when a GPU works, else numpy.  widths: the model widths the
-    command runs, whose kernels are compiled now."""
+    """'cpu' -> numpy; 'gpu' -> cupy (else an error saying why); 'auto' -> cupy when a GPU works, else numpy.
+    widths: the model widths the command runs, whose kernels are compiled now."""
     if device == "cpu":
         fuse_kernels(False)  # the plain layers themselves
         return np
@@ -1039,11 +1041,9 @@ def describe_backend(xp, slices=None):
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints: one .npz.  Every parameter under its own name (any NumPy user can
-# load the weights), the flat Adam moments under "adam.m" and "adam.v", and a
-# JSON "meta" with the config, the step (which is also the data cursor), the seed
-# and the training settings.  Written to a temporary file and renamed, so a crash
-# mid-write never leaves a broken checkpoint.
+# Checkpoints: one .npz.  Every parameter under its own name (any NumPy user can load the weights), the
+# flat Adam moments as "adam.m" and "adam.v", and a JSON "meta": the config, the step (also the data
+# cursor), the settings, the data's identity.  Written to a temporary file and renamed (written_atomically).
 
 
 class SaveError(UserError):
@@ -1052,9 +1052,9 @@ class SaveError(UserError):
 
 @contextlib.contextmanager
 def written_atomically(path, mode="wb", **open_args):
-    """A file opened as path.tmp and renamed to path once fully written.  On any
-    failure (a full disk, Ctrl-C) the partial file is removed, so that nothing
-    half-written stands at path or keeps the disk full; the error itself goes on."""
+    """A file opened as path.tmp and renamed to path once fully written.  On any failure (a full disk,
+    Ctrl-C) the partial file is removed, so nothing half-written stands at path; the error goes on."""
+    path = os.path.realpath(path)  # through a symbolic link: the link stays, the file it names is replaced
     tmp = path + ".tmp"
     try:
         with open(tmp, mode, **open_args) as f:
@@ -1079,73 +1079,113 @@ def save_checkpoint(path, params, meta, adam_m=None, adam_v=None):
 
 
 def load_checkpoint(path):
-    """-> (Config, params as NumPy float32 arrays, meta dict, {"adam.m", "adam.v"} or {})."""
-    if os.path.isdir(path):
-        raise UserError(f"{path} is a folder: --ckpt names the checkpoint file, e.g. {os.path.join(path, 'mora.npz')}")
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}: train one with `python mora.py train`, or pass --ckpt PATH")
+    """-> (Config, float32 params, meta, {"adam.m", "adam.v"} or {}); every command reads (and refuses) one here."""
+    problem = path_problem(path)
+    if problem or not os.path.exists(path):
+        raise UserError(problem or f"no checkpoint at {path}: train one with `python mora.py train`, or pass --ckpt PATH")
     try:
-        file = open(path, "rb")
-    except OSError as exc:
-        raise UserError(f"cannot read {path} ({exc.strerror}): check that it is yours to read") from exc
-    try:
-        with file, np.load(file, allow_pickle=False) as f:
+        with open(path, "rb") as file, np.load(file, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
         meta = json.loads(str(arrays.pop("meta")))
-    except Exception as exc:  # zipfile, ValueError, KeyError, JSON: the bytes are not a checkpoint
-        raise UserError(f"{path} is not a MORA checkpoint, or is cut short or corrupt ({exc.__class__.__name__}): "
-                        f"retrain, or use another copy")
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} has checkpoint format {meta.get('format')!r}, this mora.py reads {CHECKPOINT_FORMAT!r}: use the mora.py that wrote it")
+    except PermissionError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror}): check that it is yours to read") from exc
+    except Exception as exc:  # zipfile, zlib, ValueError, KeyError, JSON: the bytes are not a checkpoint
+        raise UserError(f"{path} is not a MORA checkpoint, or is cut short or corrupt ("
+                        f"{'damaged compressed data' if isinstance(exc, zlib.error) else type(exc).__name__}): retrain, or use another copy")
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} has checkpoint format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                        f"this mora.py reads {CHECKPOINT_FORMAT!r}: use the mora.py that wrote it")
+    problem = meta_problem(meta)
+    if problem:
+        raise UserError(f"{path} is damaged or has settings this mora.py does not know ({problem}): use the mora.py that "
+                        f"wrote it, an earlier copy, or retrain")
+    cfg, n = Config(**meta["config"]), count_params(Config(**meta["config"]))
+    if cfg.n_layers > len(arrays):  # more blocks than arrays: damaged (and not a list of blocks to build)
+        raise UserError(f"{path} does not match its own config (n_layers {cfg.n_layers:,}): the file is damaged")
+    shapes = dict(param_shapes(cfg), **{k: (n,) for k in ("adam.m", "adam.v") if k in arrays})
+    for name, shape in shapes.items():
+        if name not in arrays or arrays[name].shape != shape or arrays[name].dtype.kind != "f":
+            raise UserError(f"{path} does not match its own config ({name}: not {shape} floats): the file is damaged")
+        arrays[name] = arrays[name].astype(np.float32)
+        if not np.isfinite(arrays[name]).all():
+            raise UserError(f"{path} holds non-finite numbers (NaN or inf in {name}): that run diverged; use an earlier "
+                            f"checkpoint or retrain")
+    return cfg, {k: arrays[k] for k in param_shapes(cfg)}, meta, {k: arrays[k] for k in shapes if k.startswith("adam.")}
+
+
+def meta_problem(meta):
+    """What in a checkpoint's meta is not what `train` writes, in words (None: nothing).  A weights-only one has a
+    config and a step, a run's its settings and data too; each value is held to its flag's rule, then to each other."""
+    config, train, data = meta.get("config"), meta.get("train", {}), meta.get("data", {})
+    if not (isinstance(config, dict) and isinstance(train, dict) and isinstance(data, dict) and "step" in meta):
+        return "no config or step"
+    for given, known in ((config, fields(Config)), (train, fields(TrainSettings) if train else [])):
+        if set(given) != {f.name for f in known}:
+            return f"the keys {sorted(set(given) ^ {f.name for f in known})}"
+    files = data.get("files", {})
+    if not (isinstance(files, dict) and all(isinstance(f, dict) and isinstance(f.get("bytes"), int) for f in files.values())
+            and set(files) == ({"train.bin", "val.bin"} if train else set(files))):
+        return "the record of its data files"
+    for name, value in dict(config, **train, step=meta["step"], train_records=data.get("train_records", 0)).items():
+        if not follows_flag_rule(name, value):
+            return f"{name} {value!r}"
+    return settings_problem(Config(**config), TrainSettings(**train), meta["step"]) if train else None
+
+
+def follows_flag_rule(name, value):
+    """Whether setting `name` may be `value` by the rule of the flag that sets it, the JSON read as the flag's
+    text: so "7" is no step, 7.0 no batch size and true no learning rate."""
+    if name == "ablate":
+        return value in list(ABLATIONS)
+    if name == "final_eval":
+        return isinstance(value, bool)
+    if name == "mix_init":
+        return isinstance(value, list) and len(value) == 3 and all(follows_flag_rule("mix", v) for v in value)
+    rules = dict({k: kind for k, (kind, _) in SETTING_FLAGS.items()}, beta1=decay, eps=positive_float, mix=finite_float,
+                 step=nonnegative_int, train_records=nonnegative_int, **dict.fromkeys(MODEL_FLAGS, positive_int))
     try:
-        cfg = Config(**meta["config"])
-        TrainSettings(**meta.get("train", {}))
-    except (TypeError, KeyError) as exc:
-        raise UserError(f"{path} has settings this mora.py does not know ({exc}): use the mora.py that wrote it")
-    params = {}
-    for name, shape in param_shapes(cfg).items():
-        if name not in arrays or arrays[name].shape != shape:
-            raise UserError(f"{path} does not match its own config (parameter {name}): the file is damaged")
-        params[name] = arrays[name].astype(np.float32)
-        if not np.isfinite(params[name]).all():
-            raise UserError(f"{path} holds non-finite weights (NaN or inf in {name}): that run diverged; use an earlier checkpoint or retrain")
-    optimizer = {k: arrays[k] for k in ("adam.m", "adam.v") if k in arrays}
-    if any(m.shape != (count_params(cfg),) for m in optimizer.values()):
-        raise UserError(f"{path} has an Adam state of the wrong size for its model: the file is damaged")
-    return cfg, params, meta, optimizer
+        return (value is None and name == "slices") or rules[name](json.dumps(value)) is not None
+    except (argparse.ArgumentTypeError, ValueError):
+        return False
+
+
+def settings_problem(cfg, settings, step):
+    """What keeps a run's settings from meaning what they say, in words (None: nothing)."""
+    s, record = settings, cfg.seq_len + 1
+    if step > s.max_steps:
+        return f"the run is at step {step:,}, past its end (--max-steps {s.max_steps:,}): give a larger --max-steps"
+    if s.warmup > s.max_steps:
+        return f"--warmup {s.warmup:,} is longer than the run ({s.max_steps:,} steps): give at most the run's steps"
+    if s.eval_bytes < record:
+        return f"--eval-bytes {s.eval_bytes:,} is less than one record of seq_len + 1 = {record} bytes: give at least {record}"
+    return None
 
 
 # ----------------------------------------------------------------------------
-# Starting or resuming a run, and keeping it safe: the output checked before step 1,
-# a lock per checkpoint, stop signals that save, the log on disk as it happens.
+# Starting or resuming a run, and keeping it safe: outputs checked first, a lock, signals that save, the log.
 
 
 def print_summary(cfg, xp, slices=None):
-    d = cfg.d_model
-    block = sum(math.prod(s) for s in block_shapes(d).values())
-    rows = [("embed (tied with the output layer)", f"({V}, {d})", V * d)]
-    rows += [(f"blocks.0.{name}", str(shape), math.prod(shape)) for name, shape in block_shapes(d).items()]
-    rows += [(f"blocks.{i}  (as blocks.0)", "", block) for i in range(1, cfg.n_layers)]
-    rows += [("final LayerNorm (no parameters)", "", 0)]
+    d, shapes = cfg.d_model, block_shapes(cfg.d_model)
+    block = sum(math.prod(s) for s in shapes.values())
+    rows = [("embed (tied with the output layer)", (V, d), V * d)] + [(f"blocks.0.{k}", s, math.prod(s)) for k, s in shapes.items()]
+    rows += [(f"blocks.{i}  (as blocks.0)", "", block) for i in range(1, cfg.n_layers)] + [("final LayerNorm (no parameters)", "", 0)]
     print(f"MORA  d_model={d}  n_layers={cfg.n_layers}  seq_len={cfg.seq_len}  batch_size={cfg.batch_size}")
     print(f"backend: {describe_backend(xp, slices)}")
     print(f"{'parameter':<38}{'shape':>12}{'count':>12}")
     for name, shape, count in rows:
-        print(f"{name:<38}{shape:>12}{count:>12,}")
+        print(f"{name:<38}{str(shape):>12}{count:>12,}")
     print(f"{'total':<38}{'':>12}{count_params(cfg):>12,}   (one block: {block:,})")
 
 
 def resumed_settings(args, meta, chosen):
-    """The run's own settings, with what a resume may change: how it logs, and a
-    longer run (--max-steps), which stretches the cosine decay (said in one line)."""
+    """The run's own settings, with what a resume may change: how it logs, and a longer run (--max-steps)."""
     settings = TrainSettings(**meta["train"])
     changed = {k: v for k, v in chosen.items() if getattr(settings, k) != (tuple(v) if k == "mix_init" else v)}
     refused = {k: v for k, v in changed.items() if k not in ADJUSTABLE_ON_RESUME}
     if refused:
         raise UserError(f"--resume continues the run with its own settings {asdict(settings)}; these flags differ: {refused}")
-    if "max_steps" in changed:
-        if changed["max_steps"] <= meta["step"]:
-            raise UserError(f"--max-steps {changed['max_steps']}: the run is already at step {meta['step']}")
+    if changed.get("max_steps", 0) > meta["step"]:  # (one below the step is refused by settings_problem)
         print(f"schedule: the run now ends at step {changed['max_steps']:,} instead of {settings.max_steps:,}; warmup stays "
               f"{settings.warmup}, the cosine decay is stretched to the new end")
     for k, v in changed.items():
@@ -1154,8 +1194,7 @@ def resumed_settings(args, meta, chosen):
 
 
 def start_or_resume(args, xp, checkpoint):
-    """A new run from the flags, or the run in --ckpt with its own settings (--resume;
-    checkpoint: what load_checkpoint read from --ckpt, which `train` reads first)."""
+    """A new run from the flags, or (--resume) the run in `checkpoint`, load_checkpoint's reading of --ckpt."""
     chosen = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None}
     if args.resume:
         if args.overwrite:
@@ -1164,8 +1203,8 @@ def start_or_resume(args, xp, checkpoint):
         asked = model_config(args, base=cfg)
         if asked != cfg:
             raise UserError(f"--resume: {args.ckpt} is a {asdict(cfg)} model, the flags ask for {asdict(asked)}: drop the size flags or use another --ckpt")
-        if not adam_state:
-            raise UserError(f"{args.ckpt} holds weights only (no optimizer state): it cannot be resumed")
+        if not adam_state or "train" not in meta or "data" not in meta:
+            raise UserError(f"{args.ckpt} holds weights only (no optimizer state or settings): it cannot be resumed")
         settings, step = resumed_settings(args, meta, chosen), meta["step"]
     else:
         if os.path.exists(args.ckpt) and not args.overwrite:
@@ -1181,6 +1220,8 @@ def start_or_resume(args, xp, checkpoint):
         settings.max_steps = settings.epochs * steps_per_epoch
     if settings.warmup is None:
         settings.warmup = default_warmup(settings.max_steps)
+    if problem := settings_problem(cfg, settings, step):
+        raise UserError(problem)
     trainable = trainable_vector(cfg, xp)
     flat, params = flat_parameters(params_np, xp)
     if trainable is not None:
@@ -1191,53 +1232,45 @@ def start_or_resume(args, xp, checkpoint):
                saved_step=step if args.resume else None)
 
 
-# A train.bin of gigabytes is not hashed whole at every start and resume: a file rebuilt
-# with other content (other texts, or the same stories in another order) differs in
-# nearly every block, so the size and a few sampled blocks tell it apart at once.
-FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK_BYTES = 16, 4096
-
-
-def data_fingerprint(path):
-    """A file's size and the SHA-256 of FINGERPRINT_BLOCKS blocks of 4 KiB spread evenly
-    over it, the first and the last included."""
-    size = os.path.getsize(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for offset in np.linspace(0, max(0, size - FINGERPRINT_BLOCK_BYTES), FINGERPRINT_BLOCKS).astype(np.int64):
-            f.seek(int(offset))
-            digest.update(f.read(FINGERPRINT_BLOCK_BYTES))
-    return {"bytes": size, "sampled_sha256": digest.hexdigest()}
-
-
 def open_run_data(args, cfg, meta):
-    """train.bin and val.bin of --data-dir as records, and their fingerprints.  On
-    --resume (meta: the checkpoint's) only the run's own data is accepted: its step is
-    a cursor into train.bin's shuffled records, and its evaluations compare only on
-    the same val.bin.  A checkpoint that predates the fingerprints is checked by its
-    number of train records alone."""
+    """train.bin and val.bin as records, and the size and SHA-256 of each (of its records, all the run reads).  On
+    --resume (meta: the checkpoint's) only the run's own data will do: its step is a cursor into train.bin."""
     records, files = {}, {}
-    recorded = (meta["data"].get("files") or {}) if meta else {}
+    recorded = meta["data"]["files"] if meta else {}
     for name in ("train.bin", "val.bin"):
         path = os.path.join(args.data_dir, name)
-        records[name], files[name] = open_records(path, cfg.seq_len), data_fingerprint(path)
-        if name in recorded and recorded[name] != files[name]:
+        records[name] = open_records(path, cfg.seq_len)
+        files[name] = {"bytes": os.path.getsize(path), "sha256": hashlib.sha256(records[name]).hexdigest()}
+        if meta and recorded[name] != files[name]:
             size = recorded[name]["bytes"]
             differs = "other bytes of the same size" if size == files[name]["bytes"] else f"{files[name]['bytes']:,} bytes"
             raise UserError(f"--resume: {args.ckpt} was trained on another {name} ({size:,} bytes) than {path} ({differs}): "
                             f"point --data-dir at the data it was trained on")
-    if meta and "train.bin" not in recorded and meta["data"]["train_records"] != len(records["train.bin"]):
-        raise UserError(f"--resume: {args.ckpt} was trained on {meta['data']['train_records']:,} records, "
-                        f"{os.path.join(args.data_dir, 'train.bin')} now has {len(records['train.bin']):,}: "
-                        f"point --data-dir at the data it was trained on")
     return records["train.bin"], records["val.bin"], files
 
 
+def path_problem(path, ckpt=None):
+    """Why a checkpoint, or a file of the run of `ckpt`, cannot be at `path` (None: a regular file, writable for a
+    run, or nothing).  A folder, a device or a FIFO (whose read would hang) is never opened or replaced."""
+    if not os.path.basename(path):
+        return f"--ckpt {shlex.quote(path)} names no file: give a file name, e.g. checkpoints/mora.npz"
+    if os.path.isdir(path):
+        fix = f"--ckpt names the checkpoint file, e.g. {os.path.join(path, 'mora.npz')}" if path == (ckpt or path) else \
+            f"the run of --ckpt {ckpt} writes a file there: move it, or choose another --ckpt"
+        return f"{path} is a folder: {fix}"
+    if os.path.exists(path) and not os.path.isfile(path):
+        return f"{path} is not a regular file (a device or a FIFO, say): choose another --ckpt"
+    if ckpt and os.path.isfile(path) and not os.stat(path).st_mode & stat.S_IWUSR:
+        return f"{path} is read-only: make it writable (chmod u+w) for this run to write it, or choose another --ckpt"
+    return None
+
+
 def prepare_output(ckpt):
-    """Check, before step 1, that the checkpoint and its log can be written; returns
-    the log's path.  A run that trains for hours must not fail at its first save."""
-    if not os.path.basename(ckpt):
-        raise UserError(f"--ckpt {shlex.quote(ckpt)} names no file: give a file name, e.g. checkpoints/mora.npz")
+    """The log's path, once the checkpoint and the files beside it are known writable: before step 1, not at a save."""
     log_path = os.path.splitext(ckpt)[0] + ".csv"
+    for path in (ckpt, log_path, ckpt + ".lock", os.path.splitext(ckpt)[0] + ".samples.txt"):
+        if problem := path_problem(path, ckpt):
+            raise UserError(problem)
     if log_path == ckpt:
         raise UserError(f"--ckpt {ckpt} would be overwritten by its own log: name the checkpoint .npz")
     folder = os.path.dirname(os.path.abspath(ckpt))
@@ -1245,19 +1278,14 @@ def prepare_output(ckpt):
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create the folder {folder} for --ckpt ({exc.strerror}): choose another --ckpt")
-    for path in (ckpt, log_path):
-        if os.path.isdir(path):
-            raise UserError(f"{path} is a folder: --ckpt must name a file, e.g. {os.path.join(ckpt, 'mora.npz')}")
     if not os.access(folder, os.W_OK):
         raise UserError(f"cannot write to {folder}: choose another --ckpt")
     return log_path
 
 
 def lock_checkpoint(ckpt):
-    """Hold an exclusive lock on CKPT.lock for as long as this process trains, so that
-    a second run on the same checkpoint stops at once, in one line.  The operating
-    system drops the lock when the process ends, however it ends: a stale lock never
-    blocks.  (No lock where fcntl is missing, on Windows.)"""
+    """An exclusive lock on CKPT.lock while this process trains: a second run on it stops at once.  The system drops
+    it however the process ends, so a stale lock never blocks.  (None where fcntl is missing, on Windows.)"""
     lock = open(ckpt + ".lock", "a+")
     try:
         import fcntl
@@ -1270,10 +1298,13 @@ def lock_checkpoint(ckpt):
         holder = lock.read().strip() or "?"
         lock.close()
         raise UserError(f"{ckpt} is being trained by process {holder}: wait for it to end (or stop it), or use another --ckpt")
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
+    try:
+        os.ftruncate(lock.fileno(), 0)
+        os.pwrite(lock.fileno(), f"{os.getpid()}\n".encode(), 0)
+    except OSError as exc:  # a full disk: leave nothing behind
+        lock.close()
+        os.remove(lock.name)
+        raise UserError(f"cannot write {lock.name} ({exc.strerror}): free some disk space, or choose another --ckpt") from exc
     return lock
 
 
@@ -1285,36 +1316,26 @@ class LogWriteError(UserError):
     """The log could not be written (a full disk, say): the run still saves its checkpoint."""
 
 
-def csv_line(values):
-    """One CSV line, ending in '\n' (the csv module's own default is '\r\n')."""
+def log_line(row):
+    """A row of the log (a dict; columns left out are empty) as one CSV line ending in '\n' (csv's default: '\r\n')."""
     text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerow(values)
+    csv.writer(text, lineterminator="\n").writerow([row.get(k, "") for k in LOG_FIELDS])
     return text.getvalue()
 
 
-def log_line(row):
-    """A row of the log (a dict; columns left out are empty) as one CSV line."""
-    return csv_line([row.get(k, "") for k in LOG_FIELDS])
-
-
 def row_is_complete(header, row):
-    """A log row with every column of the header, a whole-number step, and numbers (or
-    nothing) in the other columns."""
-    if len(row) != len(header):
-        return False
+    """A log row with every column of the header, a whole-number step, and numbers (or nothing) elsewhere."""
     try:
         int(row[header.index("step")])
-        for value in filter(None, row):
-            float(value)
-    except ValueError:
+        list(map(float, filter(None, row)))  # each a number, or a ValueError
+    except (ValueError, IndexError):
         return False
-    return True
+    return len(row) == len(header)
 
 
 def complete_rows(text):
-    """(the rows of a CSV log up to the first one cut short or unreadable, as dicts;
-    whether that is all of them; whether the text is a log at all).  The last row is
-    complete only if the text ends with its line end."""
+    """(the rows of a CSV log before the first one cut short or unreadable, as dicts; whether that is all of them;
+    whether the text is a log at all).  The last row is complete only if the text ends with its line end."""
     lines = list(csv.reader(io.StringIO(text)))
     header = lines[0] if lines else []
     if "step" not in header or not set(header) <= set(LOG_FIELDS):
@@ -1325,21 +1346,18 @@ def complete_rows(text):
 
 
 class TrainingLog:
-    """The CSV log beside the checkpoint: a row per step, written unbuffered as it
-    happens, so the log never lags the checkpoint; a write that fails (a full disk) is
-    cut back, so the log never holds half a row.  On --resume the rows after the
-    checkpoint's step (from a run that crashed after its last save) are dropped: the
-    rows kept go to a new file that replaces the old one in one rename, so no crash can
-    leave the log empty.  A log with a row cut short or unreadable keeps the rows
-    before it, a file that is no log keeps none, and either is set aside whole as .bad:
-    never a reason not to resume the weights."""
+    """The CSV log beside the checkpoint: a row per step, written unbuffered, never lagging the checkpoint, never
+    half a row.  On --resume the rows after the checkpoint's step are dropped, the rest rewritten in one rename;
+    a log with a row cut short keeps the rows before it, a file that is no log none, either set aside as .bad."""
 
     def __init__(self, path, step):
         self.path = path
         rows = self.rows_to_keep(step) if step > 0 and os.path.exists(path) else []
+        if step > 0 and not os.path.exists(path):
+            print(f"warning: {path} is missing: a new log starts at step {step:,}", file=sys.stderr)
         try:
             with written_atomically(path, "w", newline="") as f:
-                f.writelines([csv_line(LOG_FIELDS)] + [log_line(row) for row in rows])
+                f.writelines([log_line({k: k for k in LOG_FIELDS})] + [log_line(row) for row in rows])  # the header, the rows
         except OSError as exc:  # a full disk, say: the old log stays as it was
             raise LogWriteError(f"cannot write the log {path} ({exc.strerror or exc}); no step was taken") from exc
         self.file = open(path, "ab", buffering=0)
@@ -1360,8 +1378,7 @@ class TrainingLog:
         return rows
 
     def write(self, row):
-        """Append one row.  However the write stops (a full disk, a second Ctrl-C), the
-        file is cut back to where the row began."""
+        """Append one row; however the write stops (a full disk, a second Ctrl-C), the file is cut back to its start."""
         line, start = log_line(row).encode(), self.file.tell()
         try:
             while line:
@@ -1380,11 +1397,9 @@ class TrainingLog:
 
 
 class StopSignals:
-    """Ctrl-C (SIGINT), SIGTERM (`kill`, job schedulers) and SIGHUP (the terminal
-    closed) while training: the first asks the loop to stop after the step under way,
-    and says so at once; a second stops at once (KeyboardInterrupt), leaving the last
-    checkpoint as it was.  Once the run is saved for good (`saved`: its final
-    evaluation), the first stops at once: only the evaluation is lost."""
+    """SIGINT (Ctrl-C), SIGTERM (`kill`, schedulers) and SIGHUP (terminal closed) while training: the first stops
+    the loop after the step under way, said at once; a second stops at once (KeyboardInterrupt), the last
+    checkpoint as it was.  Once the run is `saved` (its final evaluation), the first stops at once."""
     NAMES = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
 
     def __enter__(self):
@@ -1403,8 +1418,7 @@ class StopSignals:
               f"(send it again to stop at once, without saving)", file=sys.stderr, flush=True)
 
     def leave_closed_terminals(self):
-        """A closed terminal fails every write (EIO), which would end the run before it
-        saves: what was printed to it goes to the null device instead."""
+        """A closed terminal fails every write (EIO), which would end the run unsaved: write to the null device."""
         for fd in self.terminals:
             if not os.isatty(fd):  # a terminal that hung up answers no more
                 null = os.open(os.devnull, os.O_WRONLY)
@@ -1421,19 +1435,15 @@ def val_columns(val):
 
 
 class Report:
-    """What train_loop hands each step to: the loss checked finite, the log's row, every
-    eval_every steps `evaluate_and_sample` (the sample also to CKPT.samples.txt), every
-    ckpt_every a checkpoint, then the progress: a bar on a terminal, else (a file, a pipe,
-    a job scheduler) a plain line at the first and last step and every PLAIN_SECONDS.  The
-    speed leaves out the first step, which warms caches (and compiles on the GPU)."""
+    """Each step of train_loop: the loss checked finite, the log's row, an evaluation and sample (also to
+    CKPT.samples.txt) every eval_every, a checkpoint every ckpt_every, then a bar on a terminal, else a line every
+    PLAIN_SECONDS.  The speed leaves out the first step, which warms caches (and compiles on the GPU)."""
     PLAIN_SECONDS = 10
 
     def __init__(self, run, end, ckpt, log, stop, slices, sample_prompt, sample_length):
         self.run, self.end, self.ckpt, self.log, self.stop, self.slices = run, end, ckpt, log, stop, slices
         self.prompt, self.sample_length, self.start = os.fsencode(sample_prompt), sample_length, run.step
         self.samples = open(os.path.splitext(ckpt)[0] + ".samples.txt", "a" if run.step else "w") if sample_length else None
-        from tqdm import tqdm
-        self.tqdm = tqdm
         self.bar = tqdm(total=end, initial=run.step, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
         self.steps, self.seconds, self.next_line = 0, 0.0, 0.0
 
@@ -1446,10 +1456,13 @@ class Report:
         if s.eval_every and run.step % s.eval_every == 0 and not (run.step == s.max_steps and s.final_eval):  # not twice
             val, text = evaluate_and_sample(run, self.prompt, self.sample_length, self.slices)
             row.update(val_columns(val))
-            self.tqdm.write(f"step {run.step:,}: val bits/byte {val['bpb']:.4f} (first {val['bytes']:,} bytes), accuracy "
+            tqdm.write(f"step {run.step:,}: val bits/byte {val['bpb']:.4f} (first {val['bytes']:,} bytes), accuracy "
                             f"{val['accuracy']:.4f}" + (f"\nstep {run.step:,}: sample: {text!r}" if self.samples else ""))
-            if self.samples:
-                print(f"step {run.step:,}: {text!r}", file=self.samples, flush=True)
+            try:
+                if self.samples:
+                    print(f"step {run.step:,}: {text!r}", file=self.samples, flush=True)
+            except OSError as exc:  # a full disk: saved as the log's failure is (train_and_save)
+                raise LogWriteError(f"cannot write the samples {self.samples.name} ({exc.strerror or exc})") from exc
         self.log.write(row)
         if run.step % s.ckpt_every == 0:
             run.save(self.ckpt)
@@ -1481,7 +1494,6 @@ def progress_bar(items, show, **kwargs):
     """items, behind a progress bar when `show` and stderr is a terminal (in a file a bar is a flood of lines)."""
     if not show or not sys.stderr.isatty():
         return items
-    from tqdm import tqdm
     return tqdm(items, leave=False, dynamic_ncols=True, **kwargs)
 
 
@@ -1497,7 +1509,8 @@ def warn_if_long(run, slices):
     seconds = ((run.settings.max_steps - run.step) * run.cfg.batch_size * run.cfg.seq_len * count_params(run.cfg)
                * CPU_SECONDS_PER_PARAM_BYTE / slices.threads)
     if seconds > 3600:
-        print(f"note: on this CPU ({slices.threads} threads) this run will take about {seconds / 3600:.0f} hours. "
+        hours = f"about {seconds / 3600:,.0f} hours" if seconds < 3600e6 else "more than a hundred years"
+        print(f"note: on this CPU ({slices.threads} threads) this run will take {hours}. "
               f"A good small model in minutes: --batch-size 32 --max-steps 3000 (README: Quick start)")
 
 
@@ -1576,10 +1589,8 @@ def stopped_line(run, args):
 
 
 def train_and_save(run, end, report, slices):
-    """train_loop, then a checkpoint at the step where it ended.  When the log or a
-    checkpoint cannot be written, one line says what is on disk and what to do; a log
-    that fails still gets the checkpoint saved (else the steps since the last one would
-    be lost), and the log keeps no half row (TrainingLog)."""
+    """train_loop, then a checkpoint where it ended.  A log or a checkpoint that cannot be written gets one line
+    saying what is on disk and what to do; a log that fails still gets the checkpoint saved."""
     problem = None
     try:
         train_loop(run, end, report, slices)
@@ -1604,8 +1615,7 @@ def what_is_saved(run, ckpt):
 
 
 def command_line(args, *words):
-    """`python mora.py WORDS` for this run (its checkpoint, data folder, and the device
-    and threads where given), quoted for the shell; the checkpoint holds the rest."""
+    """`python mora.py WORDS` for this run (--ckpt, --data-dir, --device, --threads), quoted for the shell."""
     words = ["python", os.path.relpath(__file__), *words, "--ckpt", args.ckpt, "--data-dir", args.data_dir]
     if args.device != "auto":
         words += ["--device", args.device]
@@ -1614,15 +1624,13 @@ def command_line(args, *words):
     return shlex.join(words)
 
 
-# The streams `eval --stream` and train's final evaluation read side by side: the fewest
-# that run about as fast as the per-record protocol at batch 256 on 2 cores (fewer run
-# slower).  A stream of a 22.5 MB val file is then ~350 KB, so its cold start costs little.
+# The streams `eval --stream` and the final evaluation read side by side: the fewest that run about as fast as
+# the per-record protocol at batch 256 on 2 cores; a stream of the 22.5 MB val is ~350 KB, its cold start small.
 EVAL_STREAMS = 64
 
 
 def final_evaluation(run, slices, log):
-    """The end of a run: all of val by the published protocol (the state reset every
-    record), and the start of val read as EVAL_STREAMS texts (the state carried)."""
+    """All of val by the published protocol (state reset every record), and its start as EVAL_STREAMS texts."""
     cfg = run.cfg
     full = evaluate(run.params, run.val_records, cfg.batch_size, slices, progress=True)
     text = run.val_records.reshape(-1)[:run.settings.eval_bytes]
@@ -1646,8 +1654,6 @@ def print_evaluation(name, result):
 
 
 def evaluate_checkpoint(args):
-    if args.streams and not args.stream:
-        raise UserError("--streams is how many texts --stream reads side by side: add --stream")
     cfg, params_np, meta, _ = load_checkpoint(args.ckpt)
     xp = select_backend(args.device, [cfg.d_model])
     path = os.path.join(args.data_dir, f"{args.split}.bin")
@@ -1657,7 +1663,7 @@ def evaluate_checkpoint(args):
     params = {k: xp.asarray(p) for k, p in params_np.items()}
     slices, record = cpu_slices(xp, args.threads), cfg.seq_len + 1
     started = time.perf_counter()
-    if args.stream:
+    if args.stream or args.streams:
         data = open_bytes(path)
         data = data[:args.max_bytes or len(data)]
         if len(data) < 2:
@@ -1697,12 +1703,10 @@ def sample(args):
 
 
 # ----------------------------------------------------------------------------
-# CPU threads.  NumPy runs one operation on one core, and on arrays this thin BLAS
-# gains little from threads of its own, so the CPU path cuts the batch into slices
-# of rows and runs each slice's forward and backward in a thread (NumPy and BLAS
-# release the GIL).  The number of slices is part of a run (saved in its
-# checkpoint); the threads only share the slices out, so a step gives the same
-# bits on any number of threads or cores.
+# CPU threads.  NumPy runs an operation on one core, and on arrays this thin BLAS gains little from threads, so
+# the CPU path cuts the batch into slices of rows, each slice's forward and backward in a thread (NumPy and BLAS
+# release the GIL).  The slices are part of a run (saved in its checkpoint) and the threads only share them out,
+# so a step gives the same bits on any number of threads, with one BLAS thread each.
 
 def row_slices(n, count):
     """The rows 0..n-1 cut into `count` contiguous slices (at most n)."""
@@ -1716,9 +1720,8 @@ class Slices:
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.threads - 1))
 
     def map(self, function, n):
-        """[function(rows) for each slice of the rows 0..n-1], in slice order.  Thread k
-        computes slices k, k + threads, ...; thread 0 is this, the main, thread, which
-        so keeps running Python and answers Ctrl-C at once."""
+        """[function(rows) for each slice of the rows 0..n-1], in order.  Thread k computes slices k, k + threads,
+        ...; thread 0 is the main thread, which so keeps running Python and answers Ctrl-C at once."""
         slices = row_slices(n, self.count)
 
         def work(k):
@@ -1730,9 +1733,8 @@ class Slices:
         return [results[i] for i in range(len(slices))]
 
     def gradient(self, params, x, y):
-        """batch_gradient, slice by slice: each slice's loss, accuracy and gradient
-        weighted by its share of the batch and summed in slice order, which is the
-        whole batch's mean to float rounding."""
+        """batch_gradient, slice by slice: each slice's loss, accuracy and gradient weighted by its share of the
+        batch and summed in slice order, which is the whole batch's mean to float rounding."""
         def slice_gradient(rows):
             loss, accuracy, grad = batch_gradient(params, x[rows], y[rows])
             share = (rows.stop - rows.start) / len(x)
@@ -1746,14 +1748,15 @@ class Slices:
 
 
 def cpu_slices(xp, threads=None, count=None):
-    """Slices for the CPU path (None on the GPU): by default a thread per core, and a
-    slice per thread (fastest of one to eight slices a thread: docs/results.md)."""
+    """Slices for the CPU (None on the GPU): a thread per core, a slice per thread by default (docs/results.md)."""
     if xp is not np:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if threads and threads > cores:
-        print(f"note: --threads {threads} is more than the {cores} cores here: the threads take turns, which is slower "
-              f"than --threads {cores}", file=sys.stderr)
+    blas = max(int(v) if v.isdigit() else 1 for v in (os.environ[name] for name in BLAS_VARIABLES))
+    if (threads or cores) * blas > cores:
+        fix = f"unset {' '.join(BLAS_VARIABLES)} (MORA gives each thread one BLAS thread)" if blas > 1 else f"--threads {cores}"
+        print(f"note: {threads or cores} threads x {blas} BLAS threads is more than the {cores} cores here: they take turns, "
+              f"which can be several times slower; {fix}", file=sys.stderr)
     return Slices(count or threads or cores, threads or cores)
 
 
@@ -1762,9 +1765,8 @@ def cpu_slices(xp, threads=None, count=None):
 
 
 def keep_freed_memory():
-    """Ask glibc to keep freed memory instead of returning it to the OS: a step frees
-    hundreds of MB of activations, and faulting them back in would cost about a quarter
-    of a CPU step.  No effect outside glibc (Linux)."""
+    """Ask glibc (Linux) to keep freed memory: a step frees hundreds of MB of activations, and faulting them back
+    in from the OS would cost about a quarter of a CPU step."""
     import ctypes
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -1775,9 +1777,8 @@ def keep_freed_memory():
 
 
 def step_memory_bytes(cfg):
-    """About what a training step holds: per position ~20 d floats a block kept for
-    the backward, and the logits twice; then parameters, gradient and Adam's two
-    moments.  (Measured peaks: docs/results.md.)"""
+    """About what a training step holds: per position ~20 d floats a block kept for the backward and the logits
+    twice; then parameters, gradient and Adam's two moments (measured peaks: docs/results.md)."""
     positions = cfg.batch_size * cfg.seq_len
     return 4 * positions * (20 * cfg.n_layers * cfg.d_model + 2 * V) + 16 * count_params(cfg)
 
@@ -1799,17 +1800,15 @@ def check_memory(cfg, xp):
 
 
 def step_traffic_bytes(cfg):
-    """A floor on a training step's memory traffic in bytes: per position and block,
-    the 16 d floats the backward needs are written once, read once, and so are their
-    gradients (4 passes); the (N, V) logits take 6 passes.  Parameters are left out."""
+    """A floor on a step's memory traffic in bytes: per position and block the backward's 16 d floats and their
+    gradients are each written once and read once (4 passes); the (N, V) logits take 6; parameters left out."""
     positions = cfg.batch_size * cfg.seq_len
     return 4 * positions * (cfg.n_layers * 16 * cfg.d_model * 4 + 6 * V)
 
 
 def time_training_steps(cfg, xp, slices, steps):
-    """Median time of `steps` training steps as `train` runs them, on random bytes, after
-    an untimed one (CuPy compiles there); bytes/s, the traffic floor's GB/s, launches
-    (where counted), memory."""
+    """Median time of `steps` training steps as `train` runs them on random bytes, after an untimed one (CuPy
+    compiles there); bytes/s, the traffic floor's GB/s, launches (where counted), memory."""
     flat, params = flat_parameters(init_params(cfg, 0), xp)
     adam_m, adam_v = xp.zeros_like(flat), xp.zeros_like(flat)
     trainable = trainable_vector(cfg, xp)
@@ -1840,8 +1839,7 @@ def time_training_steps(cfg, xp, slices, steps):
 
 
 def bench(args):
-    """Time training steps of the chosen model, or with --report of the small and the
-    large one at the chosen batch and sequence length, as a table (docs/gpu.md)."""
+    """A table of the chosen model's step time, or (--report) the small and large model's (docs/gpu.md)."""
     configs = [model_config(args)]
     if args.report:
         configs = [Config(**dict(asdict(configs[0]), **SIZES[size])) for size in ("small", "large")]
@@ -1887,19 +1885,20 @@ decay = number_parser(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 finite_float = number_parser(float, math.isfinite, "a finite number")
 
 
+MODEL_FLAGS = ("d_model", "n_layers", "seq_len", "batch_size")  # each a positive integer
+
+
 def model_config(args, base=None):
-    """Config from --size, --d-model, --n-layers, --seq-len, --batch-size; flags left
-    out take their value from `base` (a checkpoint's config) or the size's default."""
+    """Config from the model flags; those left out from `base` (a checkpoint's config) or the size's default."""
     base = base or Config(**SIZES[args.size or "small"])
     if args.size:
         base = Config(**dict(asdict(base), **SIZES[args.size]))
-    given = {k: getattr(args, k, None) for k in ("d_model", "n_layers", "seq_len", "batch_size", "ablate")}
+    given = {k: getattr(args, k, None) for k in (*MODEL_FLAGS, "ablate")}
     given = {k: v for k, v in given.items() if v is not None}
     return Config(**dict(asdict(base), **given))
 
 
-# The TrainSettings a flag may set: name -> (type, help); the help's default is read
-# off TrainSettings itself, so it cannot disagree with the code.
+# The TrainSettings a flag may set: name -> (type, help); the help's default is read off TrainSettings.
 SETTING_FLAGS = {
     "lr": (positive_float, "peak learning rate"),
     "warmup": (nonnegative_int, "warmup steps"),
@@ -1979,7 +1978,7 @@ def add_eval_flags(p):
     p.add_argument("--max-bytes", type=nonnegative_int, default=0, help="only the first N bytes of the split (default 0: all)")
     p.add_argument("--stream", action="store_true", help="read the split as long texts, the state carried across chunks "
                                                          "(default: every record on its own, the published protocol)")
-    p.add_argument("--streams", type=positive_int, help=f"with --stream: the split cut into N contiguous parts read side by "
+    p.add_argument("--streams", type=positive_int, help=f"(implies --stream) the split cut into N contiguous parts read side by "
                                                         f"side, each with its own state (1: one text; default {EVAL_STREAMS}, "
                                                         f"about as fast as the per-record protocol)")
 
@@ -2013,6 +2012,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     command = COMMANDS[args.command][1]
     try:
+        if sys.stdout is None:  # started with its output closed (`>&-`): what it says would be lost
+            raise UserError("the standard output is closed: give it a file, e.g. > out.txt (or /dev/null)")
         return command(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -2021,7 +2022,7 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     except OSError as exc:  # the file system said no: say what and where, in one line
-        print(f"error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        print(f"error: {exc.strerror or exc}: {exc.filename or 'the output'}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C in training, or one elsewhere: nothing more to save
         print("\ninterrupted", file=sys.stderr)

@@ -11,10 +11,12 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -478,6 +480,18 @@ def test_clip_leaves_a_gradient_under_the_limit_untouched_and_cuts_one_over_it_t
         assert np.allclose(3 * over, g, rtol=tolerance, atol=0)  # the direction kept
 
 
+def test_the_default_warmup_is_a_third_of_the_run_capped(data_dir, tmp_path, capsys):
+    """The rule written out: a third of the run's steps (rounded down), at least 1, at most
+    1,000; checked on the function and on what a run started without --warmup keeps."""
+    for steps, warmup in ((1, 1), (2, 1), (5, 1), (9, 3), (300, 100), (2999, 999), (3003, 1000), (10 ** 6, 1000)):
+        assert mora.default_warmup(steps) == warmup, steps
+    for steps, warmup in ((7, 2), (12, 4)):
+        ckpt = tmp_path / f"w{steps}.npz"
+        assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", steps,
+                        "--stop-after", 1, "--eval-every", 0) == 0
+        assert mora.load_checkpoint(str(ckpt))[2]["train"]["warmup"] == warmup
+
+
 def test_learning_rate_warms_up_linearly_then_decays_from_the_peak_by_cosine():
     peak, warmup, total, final = 2.0, 8, 108, 0.25
 
@@ -635,7 +649,6 @@ def test_train_bytes_downloads_only_the_start(tmp_path, http_server, capsys):
 def enwik8_zip(text, compression=0):
     """A zip archive holding `text` as its member enwik8 (compression 0: stored, 8: deflated)."""
     import io
-    import zipfile
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w", compression) as z:
         z.writestr("enwik8", text)
@@ -682,7 +695,7 @@ def test_a_damaged_enwik8_zip_is_removed_and_downloaded_again(tmp_path, http_ser
     (out / "enwik8.zip").write_bytes(bytes(damaged))  # a download that arrived damaged
     args = ["--dataset", "enwik8", "--out-dir", str(out), "--url-base", http_server]
     err = one_error_line(capsys, prepare_data.main(args))
-    assert "enwik8.zip" in err and "removed" in err and "download it again" in err
+    assert "enwik8.zip" in err and "removed" in err and "download it again" in err and "damaged compressed data" in err
     assert not (out / "enwik8.zip").exists() and not (out / "enwik8.tmp").exists() and not (out / "enwik8").exists()
     RangeHandler.FILES = {"enwik8.zip": good}
     assert prepare_data.main(args) == 0  # the next run downloads it again
@@ -754,7 +767,6 @@ def test_prepare_input_faults_are_one_line(tmp_path, capsys):
     text.write_bytes(made_up_text(3))
     assert "not a URL" in error_of("--out-dir", tmp_path / "o", "--url-base", "huggingface.co/x")
     assert "is a file" in error_of("--out-dir", text, "--input-train", text, "--input-val", text)
-    assert "no such file" in error_of("--out-dir", tmp_path / "o", "--input-train", tmp_path, "--input-val", text)
 
 
 def test_every_input_is_checked_before_anything_is_written(tmp_path, monkeypatch, capsys):
@@ -828,15 +840,142 @@ def test_ctrl_c_in_prepare_data_is_one_line_and_leaves_nothing_half_done(tmp_pat
     assert sorted(os.listdir(out)) == ["train.bin", "train.bin.json", "val.bin"]  # no record: rebuilt next time
 
 
+def local_args(out, train, val):
+    return ["--out-dir", str(out), "--input-train", str(train), "--input-val", str(val)]
+
+
+@pytest.mark.parametrize("name", ["train.bin.tmp", "train.bin", "val.bin.json", "val.bin.json.tmp"])
+@pytest.mark.parametrize("given_as", ["train", "val"])
+def test_an_input_that_this_run_writes_is_refused_before_anything_is_written(tmp_path, capsys, name, given_as):
+    out, text = tmp_path / "out", tmp_path / "story.txt"
+    out.mkdir()
+    text.write_bytes(made_up_text(5))
+    victim = out / name
+    victim.write_bytes(text.read_bytes())
+    train, val = (victim, text) if given_as == "train" else (text, victim)
+    err = one_error_line(capsys, prepare_data.main(local_args(out, train, val)))
+    assert f"{victim} is {victim}" in err and "--out-dir" in err
+    assert os.listdir(out) == [name] and victim.read_bytes() == text.read_bytes()
+
+
+def test_an_input_reaching_an_output_by_a_link_or_another_spelling_is_refused(tmp_path, capsys):
+    out, text = tmp_path / "out", tmp_path / "story.txt"
+    out.mkdir()
+    text.write_bytes(made_up_text(5))
+    os.link(text, out / "train.bin.tmp")  # opening train.bin.tmp to write would empty story.txt
+    err = one_error_line(capsys, prepare_data.main(local_args(out, text, text)))
+    assert f"{text} is {out / 'train.bin.tmp'}" in err
+    (out / "train.bin.tmp").unlink()
+    (tmp_path / "same").symlink_to(out)  # another name for the folder
+    (out / "val.bin.tmp").write_bytes(text.read_bytes())
+    (out / "sub").mkdir()
+    err = one_error_line(capsys, prepare_data.main(local_args(tmp_path / "same", text, out / "sub" / ".." / "val.bin.tmp")))
+    assert "val.bin.tmp is" in err and text.read_bytes() == made_up_text(5)
+    assert sorted(os.listdir(out)) == ["sub", "val.bin.tmp"] and (out / "val.bin.tmp").read_bytes() == text.read_bytes()
+
+
+def test_a_folder_as_input_says_it_is_a_folder(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_bytes(made_up_text(3))
+    for args in ((text, tmp_path), (tmp_path, text)):
+        err = one_error_line(capsys, prepare_data.main(local_args(tmp_path / "o", *args)))
+        assert f"{tmp_path} is a folder" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_as_input_is_refused_without_opening_it(tmp_path):
+    text, fifo = tmp_path / "t.txt", tmp_path / "v.fifo"
+    text.write_bytes(made_up_text(3))
+    os.mkfifo(fifo)
+    done = subprocess.run([sys.executable, "prepare_data.py", *local_args(tmp_path / "o", text, fifo)], cwd=HERE,
+                          capture_output=True, text=True, timeout=60)  # opening the FIFO would wait here for ever
+    assert done.returncode == 1 and done.stderr == f"error: {fifo} is not a regular file (a pipe or a device?): give a text file\n"
+    assert not (tmp_path / "o").exists()
+
+
+SLOW_PREPARE = """
+import sys, time
+import prepare_data
+read_chunks = prepare_data.read_chunks
+
+def slow_read_chunks(*args):  # a slow disk: the signal surely comes mid-copy, after the first chunk is written
+    for chunk in read_chunks(*args):
+        yield chunk
+        time.sleep(10)
+prepare_data.read_chunks = slow_read_chunks
+sys.exit(prepare_data.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("name", [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)])
+def test_sigterm_and_sighup_in_prepare_data_are_one_line_and_leave_nothing_half_done(tmp_path, name):
+    signum = getattr(signal, name)
+    text, out = tmp_path / "t.txt", tmp_path / "o"
+    text.write_bytes(made_up_text(60) * 1500)  # about 14 MB: four chunks
+    assert text.stat().st_size > 3 * prepare_data.CHUNK
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, *local_args(out, text, text)], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial, deadline = out / "train.bin.tmp", time.time() + 60
+    while not (partial.exists() and partial.stat().st_size >= prepare_data.CHUNK) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, (proc.returncode, stderr)
+    assert stderr.strip().startswith(f"interrupted by {name}: no partial .bin is left") and "\n" not in stderr.strip()
+    assert os.listdir(out) == []  # no partial .bin, .tmp or record
+
+
+def test_a_bin_damaged_in_place_is_rebuilt_not_skipped(tmp_path, capsys):
+    text, out = tmp_path / "t.txt", tmp_path / "o"
+    text.write_bytes(made_up_text(5))
+    args = local_args(out, text, text)
+    assert prepare_data.main(args) == 0
+    with open(out / "train.bin.json") as f:
+        assert json.load(f)["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+    with open(out / "train.bin", "r+b") as f:  # one byte flipped: the same size, the same sources
+        f.seek(100)
+        f.write(bytes([f.read(1)[0] ^ 1]))
+    capsys.readouterr()
+    assert prepare_data.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "train.bin: up to date" not in printed and "val.bin: up to date" in printed
+    assert (out / "train.bin").read_bytes() == text.read_bytes()
+
+
+def test_a_record_that_is_not_a_record_means_rebuild(tmp_path, capsys):
+    text, out = tmp_path / "t.txt", tmp_path / "o"
+    text.write_bytes(made_up_text(5))
+    assert prepare_data.main(local_args(out, text, text)) == 0
+    (out / "train.bin.json").write_text("[]")  # valid JSON, but no record
+    capsys.readouterr()
+    assert prepare_data.main(local_args(out, text, text)) == 0
+    assert "train.bin.json is damaged (not a record): rebuilding" in capsys.readouterr().out
+
+
+def test_prepare_data_into_a_pipe_draws_no_bars_and_prints_its_summaries(tmp_path):
+    text, out = tmp_path / "t.txt", tmp_path / "o"
+    text.write_bytes(made_up_text(5))
+    done = subprocess.run([sys.executable, "prepare_data.py", *local_args(out, text, text)], cwd=HERE,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "\r" not in done.stdout + done.stderr and done.stderr == ""
+    assert f"train.bin: {text.stat().st_size:,} bytes, 5 stories" in done.stdout and "val.bin:" in done.stdout
+
+
 def test_ctrl_c_in_a_download_leaves_it_resumable(tmp_path, http_server, monkeypatch, capsys):
     train, val = made_up_text(30, seed=5), made_up_text(10, seed=6)
     RangeHandler.FILES = {prepare_data.TRAIN_FILE: train, prepare_data.VAL_FILE: val}
     monkeypatch.setattr(prepare_data, "CHUNK", 1000)
 
     class InterruptedBar(prepare_data.tqdm):  # Ctrl-C after the second chunk of the train text
+        def __init__(self, **options):  # the bar is disabled in a test (no terminal): count here
+            super().__init__(**options)
+            self.name, self.done = options["desc"], options["initial"]
+
         def update(self, n=1):
             super().update(n)
-            if self.desc == prepare_data.TRAIN_FILE and self.n >= 2000:
+            self.done += n
+            if self.name == prepare_data.TRAIN_FILE and self.done >= 2000:
                 raise KeyboardInterrupt
     monkeypatch.setattr(prepare_data, "tqdm", InterruptedBar)
     out = tmp_path / "data"
@@ -1041,6 +1180,7 @@ def test_bad_input_errors(data_dir, tmp_path, capsys):
     assert "--resume" in error_of(*train, "--max-steps", 2)  # never silently overwrite a run
     assert "drop the size flags" in error_of(*train, "--resume", "--d-model", 16)
     assert "differ" in error_of(*train, "--resume", "--lr", 0.5)
+    assert "past its end (--max-steps 1): give a larger --max-steps" in error_of(*train, "--resume", "--max-steps", 1)
     for split in ("train.bin", "val.bin"):  # other data: the order would not continue
         (short / split).write_bytes(made_up_text(200, seed=9))
     assert "trained on" in error_of("train", "--data-dir", short, "--ckpt", ckpt, "--resume", "--device", "cpu")
@@ -1052,6 +1192,13 @@ def test_bad_input_errors(data_dir, tmp_path, capsys):
     assert "corrupt" in error_of("eval", "--ckpt", tmp_path / "cut.npz", "--data-dir", data_dir, "--device", "cpu")
     (tmp_path / "junk.npz").write_bytes(b"not a checkpoint")
     assert "corrupt" in error_of("sample", "--ckpt", tmp_path / "junk.npz", "--device", "cpu")
+    with np.load(ckpt) as f:  # the same arrays compressed, the first one's deflate block header damaged
+        np.savez_compressed(tmp_path / "zipped.npz", **{k: f[k] for k in f.files})
+    zipped = bytearray((tmp_path / "zipped.npz").read_bytes())
+    name_length, extra_length = np.frombuffer(zipped[26:30], "<u2")  # the first member's local header
+    zipped[30 + name_length + extra_length] ^= 0xFF
+    (tmp_path / "zipped.npz").write_bytes(bytes(zipped))
+    assert "damaged compressed data" in error_of("sample", "--ckpt", tmp_path / "zipped.npz", "--device", "cpu")
     if mora.select_backend("auto") is np:
         assert "--device cpu" in error_of("bench", "--device", "gpu")
     for flags in (["--batch-size", "0"], ["--lr", "-1"], ["--seq-len", "0"], ["--size", "huge"], ["--beta2", "1"],
@@ -1390,18 +1537,23 @@ def test_gpu_matches_cpu(gpu):
 
 def test_gpu_adam_launcher_matches_plain_adam(stand_in):
     """mora.adam_update on device arrays (the launcher: its bias corrections and
-    argument order) against the plain update, with beta1 != beta2, over several
-    steps, on gradients from 1e-9 (where eps shows) to 1."""
+    argument order) against Adam's equations written out here in float64, with beta1 !=
+    beta2, over several steps, on gradients from 1e-9 (where eps shows) to 1.  The
+    reference is not mora's own code, so a kernel switch stuck on cannot compare the
+    kernel with itself; and the launcher must launch."""
     rng = np.random.default_rng(5)
-    n = 300
-    p = rng.standard_normal(n).astype(np.float32)
-    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    on_device = [stand_in.asarray(a) for a in (p, m, v)]
+    n, lr, beta1, beta2, eps = 300, 0.01, 0.8, 0.95, 1e-8
+    p = rng.standard_normal(n).astype(np.float32).astype(np.float64)
+    m, v = np.zeros(n), np.zeros(n)
+    on_device = [stand_in.asarray(a.astype(np.float32)) for a in (p, m, v)]
     scale = 10.0 ** rng.uniform(-9, 0, n)
     for step in range(1, 5):
         g = (rng.standard_normal(n) * scale).astype(np.float32)
-        mora.adam_update(p, g, m, v, step, 0.01, 0.8, 0.95, 1e-8)
-        mora.adam_update(on_device[0], stand_in.asarray(g), on_device[1], on_device[2], step, 0.01, 0.8, 0.95, 1e-8)
+        m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g.astype(np.float64) ** 2
+        p = p - lr * (m / (1 - beta1 ** step)) / (np.sqrt(v / (1 - beta2 ** step)) + eps)
+        g_on_device, launches = stand_in.asarray(g), stand_in.launches
+        mora.adam_update(on_device[0], g_on_device, on_device[1], on_device[2], step, lr, beta1, beta2, eps)
+        assert stand_in.launches - launches == 1  # one fused kernel, not the plain code's dozen array operations
         assert np.allclose(on_device[0].get(), p, rtol=1e-5, atol=1e-6), step
         # float32 rounding relative to each entry's own scale (m, v may cancel to near 0)
         assert np.all(np.abs(on_device[1].get() - m) <= 1e-5 * scale) and np.all(np.abs(on_device[2].get() - v) <= 1e-5 * scale ** 2)
@@ -2202,8 +2354,8 @@ def test_records_do_not_overlap_and_targets_are_the_next_bytes(tmp_path):
 
 
 def test_resume_refuses_other_data_of_the_same_size(tmp_path, capsys):
-    """train.bin rebuilt from the same files in another order (same size), or another val.bin, is refused;
-    a checkpoint written without a record of its data still resumes on data of the right size."""
+    """train.bin rebuilt from the same files in another order (same size), two of its records swapped in place,
+    or another val.bin, is refused; so is a checkpoint without the record of its data."""
     stories = [tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "v.txt"]
     for i, path in enumerate(stories):
         path.write_bytes(made_up_text(40, seed=10 + i))
@@ -2222,11 +2374,20 @@ def test_resume_refuses_other_data_of_the_same_size(tmp_path, capsys):
     for folder, name in ((reordered, "train.bin"), (other_val, "val.bin")):
         err = one_error_line(capsys, run_main(*train, "--data-dir", folder, "--resume"))
         assert "trained on" in err and name in err and "--data-dir" in err
-    cfg, params, meta, adam = mora.load_checkpoint(str(ckpt))
-    del meta["data"]["files"]  # as a checkpoint written before checkpoints recorded their data
-    mora.save_checkpoint(str(ckpt), params, meta, adam["adam.m"], adam["adam.v"])
-    assert run_main(*train, "--data-dir", reordered, "--resume", "--stop-after", 1) == 0  # only the size can be checked
+    swapped = tmp_path / "swapped"  # two records swapped in place, at the end of train.bin, far from its start
+    swapped.mkdir()
+    records = mora.open_records(str(data / "train.bin"), 16).copy()
+    records[[-1, -2]] = records[[-2, -1]]
+    (swapped / "train.bin").write_bytes(records.tobytes() + (data / "train.bin").read_bytes()[records.size:])
+    (swapped / "val.bin").write_bytes((data / "val.bin").read_bytes())
+    assert "other bytes of the same size" in one_error_line(capsys, run_main(*train, "--data-dir", swapped, "--resume"))
+    assert run_main(*train, "--data-dir", data, "--resume", "--stop-after", 1) == 0
     assert mora.load_checkpoint(str(ckpt))[2]["step"] == 3
+    capsys.readouterr()
+    cfg, params, meta, adam = mora.load_checkpoint(str(ckpt))
+    del meta["data"]["files"]  # a run's checkpoint without the record of its data cannot be checked: refused
+    mora.save_checkpoint(str(ckpt), params, meta, adam["adam.m"], adam["adam.v"])
+    assert "record of its data files" in one_error_line(capsys, run_main(*train, "--data-dir", data, "--resume"))
 
 
 def test_resuming_a_finished_run_says_so(data_dir, tmp_path, capsys):
@@ -2319,7 +2480,7 @@ def test_damaged_checkpoints_and_contradictions_are_one_line(data_dir, tmp_path,
     mora.save_checkpoint(str(tmp_path / "key.npz"), params, dict(meta, config=dict(meta["config"], colour="red")))
     assert "does not know" in error_of("sample", "--ckpt", tmp_path / "key.npz", "--device", "cpu")
     mora.save_checkpoint(str(tmp_path / "adam.npz"), params, meta, adam["adam.m"][:-1], adam["adam.v"])
-    assert "wrong size" in error_of("train", "--data-dir", data_dir, "--ckpt", tmp_path / "adam.npz", "--resume", "--device", "cpu")
+    assert "does not match" in error_of("train", "--data-dir", data_dir, "--ckpt", tmp_path / "adam.npz", "--resume", "--device", "cpu")
     short = tmp_path / "short"
     short.mkdir()
     (short / "val.bin").write_bytes(b"x" * 10)
@@ -2327,6 +2488,68 @@ def test_damaged_checkpoints_and_contradictions_are_one_line(data_dir, tmp_path,
     assert "evaluate on more text" in err and "--seq-len" not in err  # eval has no --seq-len to suggest
     assert "--d-model" in error_of("train", "--data-dir", data_dir, "--ckpt", tmp_path / "huge.npz", "--device", "cpu",
                                    "--d-model", 100000)
+
+
+ODD_VALUES = [-5, 0, 1, 3, 2.5, -1e-3, 1e308, float("nan"), 10 ** 30, "7", "fast", "", None, True, False, [], {}, [1, 2, 3]]
+
+
+def tampered(meta, arrays, rng):
+    """One random tampering of a checkpoint's meta (a value replaced, a key removed or
+    added, the whole meta replaced) or of its arrays (a dtype, a shape, one removed);
+    and whether it must be refused (numbers that are not floats: the cast would be lossy)."""
+    meta, arrays = json.loads(json.dumps(meta)), dict(arrays)
+    places = [meta, meta["config"], meta["train"], meta["data"], meta["data"]["files"], meta["data"]["files"]["train.bin"]]
+    where, kind = places[rng.integers(len(places))], rng.integers(6)
+    key = sorted(where)[rng.integers(len(where))]
+    name = sorted(arrays)[rng.integers(len(arrays))]
+    if kind == 0:
+        where[key] = ODD_VALUES[rng.integers(len(ODD_VALUES))]
+    elif kind == 1:
+        del where[key]
+    elif kind == 2:
+        where["colour"] = "red"
+    elif kind == 3:
+        arrays[name] = arrays[name].astype([np.int32, np.float64, np.float16, "U4", bool, np.uint8][rng.integers(6)])
+        return meta, arrays, arrays[name].dtype.kind != "f"
+    elif kind == 4:
+        arrays[name] = [arrays[name][..., :-1], arrays[name].reshape(-1), arrays[name][None], arrays[name].T][rng.integers(4)]
+    elif rng.integers(2):
+        del arrays[name]
+    else:
+        meta = [[1, 2], "meta", 7, None][rng.integers(4)]
+    return meta, arrays, False
+
+
+def test_every_command_refuses_a_tampered_checkpoint_in_one_line_or_runs_it(data_dir, tmp_path, capsys):
+    """A fuzz: 240 checkpoints, each tampered at random, given to sample, eval and train
+    --resume, in this process through main.  Each either runs (train: one more step, its
+    checkpoint then loads with the settings it was given) or prints one line `error: ...`
+    and exits 1.  Never a traceback (it would fail this test), never a hang."""
+    ckpt = tmp_path / "run.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 5,
+                    "--stop-after", 2, "--eval-every", 0) == 0
+    with np.load(ckpt) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    rng, outcomes = np.random.default_rng(0), {0: 0, 1: 0}
+    commands = [("sample", "--length", 3), ("eval", "--data-dir", data_dir, "--max-bytes", 100),
+                ("train", "--data-dir", data_dir, "--resume", "--stop-after", 1, "--eval-every", 0)]
+    for case in range(240):
+        path = tmp_path / f"t{case}.npz"
+        bad_meta, bad_arrays, refused = tampered(meta, arrays, rng)
+        np.savez(path, meta=np.array(json.dumps(bad_meta)), **bad_arrays)
+        capsys.readouterr()
+        for command in commands:
+            code = run_main(*command, "--ckpt", path, "--device", "cpu")
+            err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith(("step ", "warning: "))]
+            assert code in (0, 1) and (err == [] if code == 0 else len(err) == 1 and err[0].startswith("error: ")), \
+                (case, command, bad_meta, err)
+            assert code == 1 or not refused, (case, command, bad_arrays)
+            outcomes[code] += 1
+            if code == 0 and command[0] == "train" and bad_meta["step"] < bad_meta["train"]["max_steps"]:
+                after = mora.load_checkpoint(str(path))[2]
+                assert after["step"] == bad_meta["step"] + 1 and after["train"] == dict(bad_meta["train"]), case
+    assert min(outcomes.values()) > 50, outcomes  # both outcomes were tried often
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow on the way to NaN
@@ -2450,7 +2673,7 @@ def test_eval_reports_its_streams_and_reads_no_more_than_asked(data_dir, tmp_pat
     out = capsys.readouterr().out
     assert f"{mora.EVAL_STREAMS} streams side by side" in out  # the final evaluation's streamed part
     evaluate = ["eval", "--ckpt", ckpt, "--data-dir", data_dir, "--device", "cpu"]
-    assert run_main(*evaluate, "--stream", "--streams", 3, "--max-bytes", 1000) == 0
+    assert run_main(*evaluate, "--streams", 3, "--max-bytes", 1000) == 0  # --streams implies --stream
     out = capsys.readouterr().out
     assert "3 streams side by side" in out and "999 bytes predicted" in out
     assert run_main(*evaluate, "--stream", "--max-bytes", 10, "--streams", 1) == 0  # shorter than a chunk of 16
