@@ -248,13 +248,16 @@ def main(argv=None):
                 + text_section(data, chars, bits, top) + memory_section(chars, beta, delta)
                 + summary_section(cfg, meta, params, data, bits, beta, cut_note) + "</body></html>\n")
         try:
-            with open(args.out, "w", encoding="utf-8") as f:
+            with mora.written_atomically(args.out, "w", encoding="utf-8") as f:  # never half a page at --out
                 f.write(page)
         except OSError as exc:
             raise mora.UserError(f"cannot write --out {args.out} ({exc.strerror}): choose a path in a folder you can write to")
     except mora.UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: no page was written ({args.out} is as it was)", file=sys.stderr)
+        return 130
     print(f"wrote {args.out}: {np.nanmean(bits):.3f} bits/byte over {len(data) - 1:,} predicted bytes")
     return 0
 

@@ -2,7 +2,7 @@
 
     python plot_log.py checkpoints/mora.csv [more.csv ...] --out curve.svg
 
-Plots bits/byte against bytes seen: each log's training loss (a running mean over
+Plots bits/byte against bytes seen (or, with --x time, minutes of training): each log's training loss (a running mean over
 --smooth steps) as a line, its periodic validation (on the start of val) as dots,
 and the final validation on all of val as a ring.
 """
@@ -16,22 +16,32 @@ import sys
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#17becf", "#bcbd22"]
 
 
-def read_log(path):
-    """(train, val, full_val) points (bytes seen, bits/byte) of one log; SystemExit with
-    one line when the log is missing, empty or not a training log."""
+def read_log(path, axis="bytes"):
+    """(train, val, full_val) points (x, bits/byte) of one log, x the bytes seen or (axis
+    "time") the minutes of training so far, summed from the log's own ms_per_step.  Rows
+    whose bits/byte is not a number (a run that diverged) are left out, said in one line;
+    SystemExit with one line when the log is missing, empty or not a training log."""
+    points, minutes, dropped = ([], [], []), 0.0, 0
     try:
         with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        train = [(int(r["bytes"]), float(r["bpb"])) for r in rows if r["bpb"]]
-        val = [(int(r["bytes"]), float(r["val_bpb"])) for r in rows if r["val_bpb"] and r["bpb"]]
-        full_val = [(int(r["bytes"]), float(r["val_bpb"])) for r in rows if r["val_bpb"] and not r["bpb"]]
+            for r in csv.DictReader(f):
+                minutes += float(r["ms_per_step"] or 0) / 60000  # the final evaluation's row has no step time
+                x = minutes if axis == "time" else int(r["bytes"])
+                for kind, y in ((0, r["bpb"]), (1 if r["bpb"] else 2, r["val_bpb"])):  # train, val, all of val
+                    if y and math.isfinite(float(y)):
+                        points[kind].append((x, float(y)))
+                    elif y:
+                        dropped += 1
     except OSError as exc:
         sys.exit(f"error: {path}: {exc.strerror}")
     except (KeyError, TypeError, ValueError, csv.Error, UnicodeDecodeError) as exc:
         sys.exit(f"error: {path} is not a mora.py training log ({exc.__class__.__name__}: {exc})")
-    if not train:
-        sys.exit(f"error: {path} has no training rows yet: plot it after a step has been logged")
-    return train, val, full_val
+    if dropped:
+        print(f"note: {path}: {dropped} bits/byte values that are not numbers (a run that diverged) are left out",
+              file=sys.stderr)
+    if not points[0]:
+        sys.exit(f"error: {path} has no training rows with a bits/byte yet: plot it after a step has been logged")
+    return points
 
 
 def positive(kind):
@@ -66,15 +76,17 @@ def main(argv=None):
     parser.add_argument("--ymin", type=positive(float), help="bottom of the bits/byte axis (default: the lowest "
                         "value, rounded down to a multiple of 0.5); values beyond either end are drawn at it")
     parser.add_argument("--labels", nargs="+", help="one name per log (default: the file names)")
+    parser.add_argument("--x", choices=["bytes", "time"], default="bytes", help="the x-axis: bytes seen, or minutes of "
+                        "training summed from the log's ms_per_step, evaluations left out (default bytes)")
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.logs):  # zip() would drop the logs without a label
         parser.error(f"--labels: give one per log ({len(args.logs)} logs, {len(args.labels)} labels)")
     if args.ymin is not None and args.ymin >= args.ymax:
         parser.error(f"--ymin {args.ymin:g} must be below --ymax {args.ymax:g}")
     labels = args.labels or [os.path.splitext(os.path.basename(p))[0] for p in args.logs]
-    curves = [(label, *read_log(p)) for label, p in zip(labels, args.logs)]
+    curves = [(label, *read_log(p, args.x)) for label, p in zip(labels, args.logs)]
     width, height, left, right, top, bottom = 720, 420, 60, 20, 40, 50
-    x_max = max(x for _, train, val, full in curves for x, _ in train + val + full)
+    x_max = max(x for _, train, val, full in curves for x, _ in train + val + full) or 1  # a log at 0 bytes: still an axis
     y_min = args.ymin
     if y_min is None:
         lowest = min(y for _, train, val, full in curves for _, y in train + val + full)
@@ -91,8 +103,10 @@ def main(argv=None):
                    f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{k * tick:.1f}</text>')
     for i in range(6):
         x = x_max * i / 5
-        svg.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 18}" text-anchor="middle">{x / 1e6:.1f}M</text>')
-    svg.append(f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle">bytes seen</text>'
+        tick_label = f"{x:.1f}" if args.x == "time" else f"{x / 1e6:.1f}M"
+        svg.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 18}" text-anchor="middle">{tick_label}</text>')
+    x_name = "minutes of training" if args.x == "time" else "bytes seen"
+    svg.append(f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle">{x_name}</text>'
                f'<text x="16" y="{height / 2}" transform="rotate(-90 16 {height / 2})" text-anchor="middle">bits/byte</text>')
     for k, (name, train, val, full) in enumerate(curves):
         colour = COLOURS[k % len(COLOURS)]

@@ -3,6 +3,7 @@ full forward, Adam against its formula, data preparation, training end to end,
 exact resume, and the errors a user sees.  Run: python -m pytest -q test_mora.py
 
 Everything here makes its own small text: no network, no downloaded data."""
+import contextlib
 import hashlib
 import html.parser
 import http.server
@@ -2762,6 +2763,33 @@ def test_bench_counts_kernel_launches_on_the_stand_in(stand_in, capsys):
     assert 0 < launches <= 150, launches
 
 
+def test_plot_log_leaves_out_what_is_no_number_and_draws_against_time(tmp_path, capsys):
+    """A diverged run's NaN bits/byte is left out, said in one line; a log at 0 bytes still
+    draws; --x time places each row at the minutes summed from ms_per_step (the rows: 1.5
+    and 4.5 s of steps, so the last point is at 0.1 min and the axis's last tick says so)."""
+    import plot_log
+    header = "step,bytes,lr,loss,bpb,accuracy,grad_norm,ms_per_step,val_loss,val_bpb,val_accuracy\n"
+    log, out = tmp_path / "m.csv", str(tmp_path / "c.svg")
+    log.write_text(header + "1,100,0.1,2,3.0,0,1,1500,,,\n2,200,0.1,2,nan,0,1,4500,2,2.8,0\n")
+    plot_log.main([str(log), "--out", out])
+    assert "1 bits/byte values that are not numbers" in capsys.readouterr().err
+    svg = open(out).read()
+    assert "nan" not in svg and svg.count("<circle") == 1  # the val dot of step 2 is a number: kept
+    plot_log.main([str(log), "--out", out, "--x", "time"])
+    svg = open(out).read()
+    ticks = re.findall(r'text-anchor="middle">([0-9.]+)</text>', svg)
+    assert ticks == ["0.0", "0.0", "0.0", "0.1", "0.1", "0.1"] and "minutes of training" in svg
+    circle_x = float(re.search(r'<circle cx="([0-9.]+)"', svg).group(1))
+    assert circle_x == pytest.approx(720 - 20)  # step 2 ends at 6 s = 0.1 min, the right end of the axis
+    log.write_text(header + "0,0,0.1,2,3.0,0,1,,,,\n")
+    plot_log.main([str(log), "--out", out])
+    assert open(out).read().count("<polyline") == 1
+    log.write_text(header + "1,100,0.1,2,nan,0,1,1,,,\n")
+    with pytest.raises(SystemExit) as exit_info:
+        plot_log.main([str(log), "--out", out])
+    assert str(exit_info.value.code).startswith("error: ") and "no training rows with a bits/byte" in str(exit_info.value.code)
+
+
 # ----------------------------------------------------------------------------
 # explain.py: a text's bits and each block's memory, as one HTML page
 
@@ -2870,6 +2898,66 @@ def test_explain_caps_long_texts_and_bad_input_is_one_line(tmp_path, capsys):
     assert "cannot read --file" in error_of("--ckpt", ckpt, "--file", tmp_path / "none.txt", "--out", out)
     assert "cannot write --out" in error_of("--ckpt", ckpt, "--text", "Once", "--out", tmp_path / "no" / "page.html")
     assert "--max-bytes 1" in error_of("--ckpt", ckpt, "--text", "Once", "--max-bytes", 1, "--out", out)
+
+
+def test_explain_summary_and_strips_follow_their_definitions(tmp_path):
+    """The summary's bits/byte is the mean of -log2 p over every byte but the first (the
+    model reading the text as one sequence); β's heat map shades beta and |e|'s shades
+    delta, each block's strip scaled from its 2nd to its 98th percentile on the text,
+    averaged over a character's bytes and cut at STRIP_EDGES."""
+    import explain
+    text = "Once upon a time, a café.\nThe end.".encode("utf-8")
+    ckpt, out = tiny_checkpoint(tmp_path / "m.npz"), tmp_path / "page.html"
+    assert explain.main(["--ckpt", ckpt, "--text", text.decode("utf-8"), "--out", str(out)]) == 0
+    _, params, _, _ = mora.load_checkpoint(ckpt)
+    x = np.frombuffer(text, np.uint8).astype(np.int64)
+    z = mora.forward(params, x[None, :-1])[0].astype(np.float64)  # (T - 1, V) logits of the bytes after the first
+    z -= z.max(1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    mean_bits = -log_p[np.arange(len(x) - 1), x[1:]].mean() / math.log(2)
+    assert f"<b>{mean_bits:.3f} bits/byte</b> over the {len(x) - 1:,} bytes predicted" in out.read_text(encoding="utf-8")
+
+    chars = explain.characters(text)
+    beta, delta = np.random.default_rng(5).random((2, 2, len(text)))  # independent: a strip drawn from the other shows
+    page = explain.memory_section(chars, beta, delta)
+
+    def shades(values, kind, i, line):
+        low, high = np.percentile(values[i], [2, 98])
+        scaled = np.clip((values[i] - low) / (high - low), 0, 1)
+        return [f"{kind}{np.sum(explain.STRIP_EDGES <= scaled[start:end].mean())}" for start, end, _ in line]
+    expected = [shade for line in explain.lines_of(chars) for kind, values in (("r", beta), ("e", delta))
+                for i in range(2) for shade in shades(values, kind, i, line)]  # per line: β's strips, then |e|'s
+    assert re.findall(r'<i class="([re]\d)"></i>', page) == expected
+
+
+def test_explain_ctrl_c_is_one_line_and_leaves_the_page_as_it_was(tmp_path, monkeypatch, capsys):
+    import explain
+    ckpt, out = tiny_checkpoint(tmp_path / "m.npz"), tmp_path / "page.html"
+    out.write_text("an earlier page")
+    explain_once = ["--ckpt", ckpt, "--text", "Once upon a time", "--out", str(out)]
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(explain, "read_text", interrupted)  # Ctrl-C while the model reads the text
+    assert explain.main(explain_once) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted: no page was written") and "\n" not in err
+    assert out.read_text() == "an earlier page" and sorted(os.listdir(tmp_path)) == ["m.npz", "page.html"]
+    monkeypatch.undo()
+
+    class Interrupting:
+        def write(self, text):
+            raise KeyboardInterrupt
+    real = mora.written_atomically
+
+    @contextlib.contextmanager
+    def interrupted_while_writing(path, *args, **kwargs):
+        with real(path, *args, **kwargs) as f:
+            f.write("half a pa")  # into the temporary file, then Ctrl-C
+            yield Interrupting()
+    monkeypatch.setattr(mora, "written_atomically", interrupted_while_writing)
+    assert explain.main(explain_once) == 130
+    assert out.read_text() == "an earlier page" and sorted(os.listdir(tmp_path)) == ["m.npz", "page.html"]
 
 
 if __name__ == "__main__":
