@@ -1099,10 +1099,10 @@ def load_checkpoint(path):
     if problem:
         raise UserError(f"{path} is damaged or has settings this mora.py does not know ({problem}): use the mora.py that "
                         f"wrote it, an earlier copy, or retrain")
-    cfg, n = Config(**meta["config"]), count_params(Config(**meta["config"]))
+    cfg = Config(**meta["config"])
     if cfg.n_layers > len(arrays):  # more blocks than arrays: damaged (and not a list of blocks to build)
         raise UserError(f"{path} does not match its own config (n_layers {cfg.n_layers:,}): the file is damaged")
-    shapes = dict(param_shapes(cfg), **{k: (n,) for k in ("adam.m", "adam.v") if k in arrays})
+    shapes = dict(param_shapes(cfg), **{k: (count_params(cfg),) for k in ("adam.m", "adam.v") if k in arrays})
     for name, shape in shapes.items():
         if name not in arrays or arrays[name].shape != shape or arrays[name].dtype.kind != "f":
             raise UserError(f"{path} does not match its own config ({name}: not {shape} floats): the file is damaged")
@@ -1241,6 +1241,9 @@ def open_run_data(args, cfg, meta):
         path = os.path.join(args.data_dir, name)
         records[name] = open_records(path, cfg.seq_len)
         files[name] = {"bytes": os.path.getsize(path), "sha256": hashlib.sha256(records[name]).hexdigest()}
+        if meta and "sha256" not in recorded[name]:  # a record of its size alone, or of sampled blocks
+            raise UserError(f"--resume: {args.ckpt} records no SHA-256 of its {name}, so this mora.py cannot check the data: "
+                            f"resume it with the mora.py that wrote it, or retrain")
         if meta and recorded[name] != files[name]:
             size = recorded[name]["bytes"]
             differs = "other bytes of the same size" if size == files[name]["bytes"] else f"{files[name]['bytes']:,} bytes"
@@ -1457,7 +1460,7 @@ class Report:
             val, text = evaluate_and_sample(run, self.prompt, self.sample_length, self.slices)
             row.update(val_columns(val))
             tqdm.write(f"step {run.step:,}: val bits/byte {val['bpb']:.4f} (first {val['bytes']:,} bytes), accuracy "
-                            f"{val['accuracy']:.4f}" + (f"\nstep {run.step:,}: sample: {text!r}" if self.samples else ""))
+                       f"{val['accuracy']:.4f}" + (f"\nstep {run.step:,}: sample: {text!r}" if self.samples else ""))
             try:
                 if self.samples:
                     print(f"step {run.step:,}: {text!r}", file=self.samples, flush=True)
@@ -1492,9 +1495,7 @@ class Report:
 
 def progress_bar(items, show, **kwargs):
     """items, behind a progress bar when `show` and stderr is a terminal (in a file a bar is a flood of lines)."""
-    if not show or not sys.stderr.isatty():
-        return items
-    return tqdm(items, leave=False, dynamic_ncols=True, **kwargs)
+    return tqdm(items, leave=False, dynamic_ncols=True, **kwargs) if show and sys.stderr.isatty() else items
 
 
 # Core-seconds a CPU spends per parameter and byte of a training step (the small
@@ -1664,8 +1665,7 @@ def evaluate_checkpoint(args):
     slices, record = cpu_slices(xp, args.threads), cfg.seq_len + 1
     started = time.perf_counter()
     if args.stream or args.streams:
-        data = open_bytes(path)
-        data = data[:args.max_bytes or len(data)]
+        data = open_bytes(path)[:args.max_bytes or None]
         if len(data) < 2:
             raise UserError(f"--max-bytes {args.max_bytes}: at least 2 bytes are needed, one to read and one to predict")
         result = evaluate_stream(params, data, cfg.seq_len, args.streams or EVAL_STREAMS, slices, progress=True)

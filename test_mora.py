@@ -1185,6 +1185,14 @@ def test_bad_input_errors(data_dir, tmp_path, capsys):
     for split in ("train.bin", "val.bin"):  # other data: the order would not continue
         (short / split).write_bytes(made_up_text(200, seed=9))
     assert "trained on" in error_of("train", "--data-dir", short, "--ckpt", ckpt, "--resume", "--device", "cpu")
+    _, weights, meta, adam = mora.load_checkpoint(str(ckpt))
+    unhashed = dict(meta, data=dict(meta["data"], files={name: {"bytes": record["bytes"], "sampled_sha256": "0" * 64}
+                                                         for name, record in meta["data"]["files"].items()}))
+    mora.save_checkpoint(str(tmp_path / "unhashed.npz"), weights, unhashed, adam["adam.m"], adam["adam.v"])
+    assert "records no SHA-256 of its train.bin" in error_of("train", "--data-dir", data_dir, "--ckpt",
+                                                             tmp_path / "unhashed.npz", "--resume", "--device", "cpu")
+    assert run_main("sample", "--ckpt", tmp_path / "unhashed.npz", "--length", 5, "--device", "cpu") == 0  # its weights still serve
+    capsys.readouterr()
     assert "empty" in error_of("sample", "--ckpt", ckpt, "--prompt", "", "--device", "cpu")
     assert run_main("sample", "--ckpt", ckpt, "--prompt", "\udcffé", "--length", 5, "--device", "cpu") == 0  # any bytes
     capsys.readouterr()
