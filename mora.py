@@ -1035,7 +1035,7 @@ def describe_backend(xp, slices=None):
         blas = os.environ.get("OPENBLAS_NUM_THREADS", "?")
         threads, count = (slices.threads, slices.count) if slices else (1, 1)
         return (f"numpy {np.__version__} on the CPU: the batch in {count} slice{'s' * (count > 1)} over {threads} "
-                f"thread{'s' * (threads > 1)} x {blas} BLAS thread (of {os.cpu_count()} cores)")
+                f"thread{'s' * (threads > 1)} x {blas} BLAS thread{'s' * (blas != '1')} (of {os.cpu_count()} cores)")
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     return f"cupy {cupy.__version__} on {props['name'].decode()} (TF32 matmuls: CUPY_TF32={os.environ.get('CUPY_TF32')})"
 
