@@ -9,12 +9,14 @@
         parameters), and of mora.py itself, back to back on the same machine
     python bench_torch.py lstm --data-dir DIR [--max-steps 300 --batch-size 32 --lr 3e-2 --beta2 0.95]
         trains the LSTM on the same records, in the same order and with the same
-        schedule and clipping as `mora.py train`, and reports val bits/byte
+        schedule and clipping as `mora.py train`, and reports val bits/byte;
+        --log FILE writes its steps as mora.py's CSV log, for plot_log.py
 
 The twin is the model as a PyTorch user would write it: the memory scan a Python
 loop over time, autograd for the backward.
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -150,28 +152,37 @@ def lstm(args):
     model = lstm_peer()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, args.beta2))
     order_epoch, seconds = None, []
-    for step in range(args.max_steps):
-        epoch, k = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            order, order_epoch = mora.epoch_order(len(train_records), args.seed, epoch), epoch
-        x, y = (torch.tensor(a, dtype=torch.long) for a in mora.make_batch(train_records, order[k * B:(k + 1) * B], np))
-        started = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = mora.learning_rate(step, args.max_steps, args.lr, warmup, args.final_lr_fraction)
-        optimizer.zero_grad()
-        loss = F.cross_entropy(lstm_forward(model, x).reshape(-1, mora.V), y.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
-        seconds.append(time.perf_counter() - started)
-        if (step + 1) % 50 == 0:
-            print(f"step {step + 1}: train bits/byte {loss.item() / math.log(2):.4f}")
-    with torch.no_grad():
-        total = 0.0
-        for start in range(0, len(val_records), B):
-            x, y = (torch.tensor(a, dtype=torch.long) for a in mora.make_batch(val_records, np.arange(start, min(len(val_records), start + B)), np))
-            total += F.cross_entropy(lstm_forward(model, x).reshape(-1, mora.V), y.reshape(-1)).item() * len(x)
-    bpb = total / len(val_records) / math.log(2)
+    with mora.TrainingLog(args.log, 0) if args.log else contextlib.nullcontext() as log:
+        for step in range(args.max_steps):
+            started = time.perf_counter()
+            epoch, k = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = mora.epoch_order(len(train_records), args.seed, epoch), epoch
+            x, y = (torch.tensor(a, dtype=torch.long) for a in mora.make_batch(train_records, order[k * B:(k + 1) * B], np))
+            lr = mora.learning_rate(step, args.max_steps, args.lr, warmup, args.final_lr_fraction)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad()
+            loss = F.cross_entropy(lstm_forward(model, x).reshape(-1, mora.V), y.reshape(-1))
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            optimizer.step()
+            seconds.append(time.perf_counter() - started)
+            if log:
+                log.write({"step": step + 1, "bytes": (step + 1) * B * T, "lr": f"{lr:.6g}", "loss": f"{loss.item():.5f}",
+                           "bpb": f"{loss.item() / math.log(2):.5f}", "grad_norm": f"{grad_norm.item():.4f}",
+                           "ms_per_step": f"{1000 * seconds[-1]:.2f}"})
+            if (step + 1) % 50 == 0:
+                print(f"step {step + 1}: train bits/byte {loss.item() / math.log(2):.4f}")
+        with torch.no_grad():
+            total = 0.0
+            for start in range(0, len(val_records), B):
+                x, y = (torch.tensor(a, dtype=torch.long) for a in mora.make_batch(val_records, np.arange(start, min(len(val_records), start + B)), np))
+                total += F.cross_entropy(lstm_forward(model, x).reshape(-1, mora.V), y.reshape(-1)).item() * len(x)
+        val_loss = total / len(val_records)
+        bpb = val_loss / math.log(2)
+        if log:
+            log.write({"step": args.max_steps, "bytes": args.max_steps * B * T, "val_loss": f"{val_loss:.5f}", "val_bpb": f"{bpb:.5f}"})
     print(f"LSTM lr {args.lr:g}, warmup {warmup}, beta2 {args.beta2:g}: val bits/byte {bpb:.4f} on {len(val_records) * (T + 1):,} bytes, "
           f"{1000 * np.median(seconds[1:]):.0f} ms/step")
     return 0
@@ -198,6 +209,7 @@ def main(argv=None):
     p.add_argument("--beta2", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-bytes", type=int, default=65536)
+    p.add_argument("--log", help="also write a row per step to this CSV, in mora.py's log format (for plot_log.py)")
     args = parser.parse_args(argv)
     if torch is None:
         print("error: bench_torch.py needs PyTorch, which MORA itself does not: pip install torch "
