@@ -849,7 +849,7 @@ def evaluate_and_sample(run, prompt, length, slices=None):
     first eval_bytes of val (evaluate), and `length` bytes continuing `prompt` from a
     fixed seed (generate), so that a sample at one step compares with the next."""
     cfg, s = run.cfg, run.settings
-    val = evaluate(run.params, run.val_records[:max(1, s.eval_bytes // (cfg.seq_len + 1))], cfg.batch_size, slices,
+    val = evaluate(run.params, run.val_records[:max(1, s.eval_bytes // (cfg.seq_len + 1))], EVAL_BATCH, slices,
                    progress=True)
     text = prompt + bytes(generate(run.params, prompt, length, temperature=0.8, top_k=0, seed=0)) if length else b""
     return val, text.decode("utf-8", errors="replace")
@@ -912,18 +912,35 @@ def evaluation_result(position_loss, positions_each, total_correct):
             "bytes": int(n), "by_position": position_report(position_loss, positions_each)}
 
 
+# An evaluation batch holds EVAL_BATCH records whatever the training batch: the records
+# are independent, so the batch changes only the speed.  On the CPU each thread reads
+# its rows EVAL_CHUNK positions at a time with the state carried, which gives the same
+# logits as the whole record (model_forward).  Both pay: the recurrence steps through
+# time over all of a thread's rows at once, so more rows share each step's Python, and
+# 32 positions of them make arrays that stay in the core's cache, where whole records of
+# as many rows spill to memory (docs/results.md, "Evaluation speed").
+EVAL_BATCH, EVAL_CHUNK = 256, 32
+
+
 def evaluate(params, records, batch_size, slices=None, progress=False):
     """Loss, accuracy and bits/byte over every record, in order, in batches of
     batch_size (the last one may be smaller); the recurrent state starts at zero in
     every record (the published protocol).  Forward only: no backward cache.  With
-    CPU slices (see "CPU threads") each batch's rows are shared out over the threads."""
+    CPU slices (see "CPU threads") each batch's rows are shared out over the threads,
+    and read in chunks of EVAL_CHUNK positions."""
     xp = array_module(params["embed"])
     n, T = len(records), records.shape[1] - 1
+    chunk = T if slices is None else EVAL_CHUNK
     starts = progress_bar(range(0, n, batch_size), progress, desc="eval (records)", unit="batch")
 
-    def sums(x, y):  # per position (T,): summed loss and right predictions over the rows of x, y
-        losses, correct, _ = forward_loss(params, x, y, keep_cache=False)
-        return to_numpy(losses.sum(1)).astype(np.float64), float(correct.sum())
+    def sums(x, y):  # per position (T,): summed loss and right predictions over the rows of x, y (B, T)
+        state, position_loss, correct = initial_state(params, len(x)), [], 0.0
+        for t0 in range(0, T, chunk):
+            logits, _, state = model_forward(params, x[:, t0:t0 + chunk].T, state, keep_cache=False)  # (t, B, V)
+            losses, right, _ = cross_entropy_forward(logits.reshape(-1, V), y[:, t0:t0 + chunk].T.reshape(-1))
+            position_loss.append(to_numpy(losses.reshape(-1, len(x)).sum(1)))  # (t,)
+            correct += float(right.sum())
+        return np.concatenate(position_loss).astype(np.float64), correct
 
     position_loss, total_correct = np.zeros(T), 0.0
     for start in starts:
@@ -1633,7 +1650,7 @@ EVAL_STREAMS = 64
 def final_evaluation(run, slices, log):
     """All of val by the published protocol (state reset every record), and its start as EVAL_STREAMS texts."""
     cfg = run.cfg
-    full = evaluate(run.params, run.val_records, cfg.batch_size, slices, progress=True)
+    full = evaluate(run.params, run.val_records, EVAL_BATCH, slices, progress=True)
     text = run.val_records.reshape(-1)[:run.settings.eval_bytes]
     stream = evaluate_stream(run.params, text, cfg.seq_len, EVAL_STREAMS, slices, progress=True)
     log.write({"step": run.step, "bytes": run.step * cfg.batch_size * cfg.seq_len, **val_columns(full),
@@ -1677,7 +1694,7 @@ def evaluate_checkpoint(args):
         fix = f"this checkpoint reads records of seq_len + 1 = {record} bytes: evaluate on more text"
         records = open_records(path, cfg.seq_len, fix)
         records = records[:args.max_bytes // record or len(records)]
-        result = evaluate(params, records, args.batch_size or cfg.batch_size, slices, progress=True)
+        result = evaluate(params, records, args.batch_size or EVAL_BATCH, slices, progress=True)
         protocol = f"{len(records):,} records, the state reset every record"
     seconds = time.perf_counter() - started
     print_evaluation(f"{args.ckpt} (step {meta['step']:,}) on {args.split}, {result['bytes']:,} bytes predicted, "
@@ -1933,7 +1950,7 @@ def add_common_flags(p, name, model=False, data=False):
         p.add_argument("--seq-len", type=positive_int, help=f"default {Config.seq_len}")
     if model or data:
         default = f"default {Config.batch_size}" + ("; with --resume, the checkpoint's" if data else "")
-        p.add_argument("--batch-size", type=positive_int, help=default if model else "default: the checkpoint's")
+        p.add_argument("--batch-size", type=positive_int, help=default if model else f"records a batch (default {EVAL_BATCH})")
     if data:
         p.add_argument("--data-dir", default="data", help="the folder holding train.bin and val.bin (default data)")
     if name not in ("sample", "check"):

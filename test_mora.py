@@ -2650,6 +2650,24 @@ def test_streamed_evaluation_reads_the_text_as_one_sequence(tmp_path):
     assert per_record["by_position"].startswith("bits/byte by position: 0: ")
 
 
+def test_the_cpu_evaluation_in_chunks_gives_the_numbers_of_whole_records():
+    """With CPU slices, evaluate reads records EVAL_CHUNK positions at a time, the state
+    carried: the loss, accuracy and loss by position of one forward pass over each
+    whole record, to float32 rounding, here over two and a half chunks."""
+    params = perturbed_params(mora.Config(d_model=8, n_layers=2), seed=7)
+    T = 5 * mora.EVAL_CHUNK // 2
+    records = np.random.default_rng(1).integers(0, 256, (7, T + 1)).astype(np.uint8)
+    x, y = mora.make_batch(records, np.arange(7), np)
+    losses, correct, _ = mora.forward_loss(params, x, y, keep_cache=False)  # (T, B) each, whole records
+    by_position = mora.position_report(losses.sum(1).astype(np.float64), np.full(T, 7))
+    for threads in (1, 2):
+        slices = mora.cpu_slices(np, threads)
+        chunked = mora.evaluate(params, records, 4, slices)
+        assert chunked["loss"] == pytest.approx(float(losses.mean()), rel=1e-6) and chunked["bytes"] == 7 * T
+        assert chunked["accuracy"] == float(correct.mean()) and chunked["by_position"] == by_position
+        slices.pool.shutdown()
+
+
 def test_one_stream_is_one_text_and_more_streams_are_its_parts_side_by_side():
     cfg = mora.Config(d_model=8, n_layers=2)
     params = perturbed_params(cfg, seed=6)
