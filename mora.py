@@ -1527,9 +1527,9 @@ def warn_if_long(run, slices):
     seconds = ((run.settings.max_steps - run.step) * run.cfg.batch_size * run.cfg.seq_len * count_params(run.cfg)
                * CPU_SECONDS_PER_PARAM_BYTE / slices.threads)
     if seconds > 3600:
-        hours = f"about {seconds / 3600:,.0f} hours" if seconds < 3600e6 else "more than a hundred years"
+        hours = f"about {seconds / 3600:,.1f} hours" if seconds < 3600e6 else "more than a hundred years"
         print(f"note: on this CPU ({slices.threads} threads) this run will take {hours}. "
-              f"A good small model in minutes: --batch-size 32 --max-steps 3000 (README: Quick start)")
+              f"A good small model in minutes: --batch-size 32 --max-steps 3000 (README: The reference CPU run)")
 
 
 def check_finite(run, loss, grad_norm, ckpt):
