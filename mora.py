@@ -1679,20 +1679,21 @@ def evaluate_checkpoint(args):
         raise UserError(f"{path} not found: prepare_data.py makes a test split for enwik8 alone (--dataset enwik8; "
                         f"TinyStories has train and val): use --split val, or --data-dir the enwik8 folder")
     params = {k: xp.asarray(p) for k, p in params_np.items()}
-    slices, record = cpu_slices(xp, args.threads), cfg.seq_len + 1
+    seq_len = args.seq_len or cfg.seq_len  # a recurrent model reads records of any length
+    slices, record = cpu_slices(xp, args.threads), seq_len + 1
     started = time.perf_counter()
     if args.stream or args.streams:
         data = open_bytes(path)[:args.max_bytes or None]
         if len(data) < 2:
             raise UserError(f"--max-bytes {args.max_bytes}: at least 2 bytes are needed, one to read and one to predict")
-        result = evaluate_stream(params, data, cfg.seq_len, args.streams or EVAL_STREAMS, slices, progress=True)
-        protocol = f"read as {stream_protocol(result['streams'], cfg.seq_len)}"
+        result = evaluate_stream(params, data, seq_len, args.streams or EVAL_STREAMS, slices, progress=True)
+        protocol = f"read as {stream_protocol(result['streams'], seq_len)}"
     else:
         if 0 < args.max_bytes < record:
             raise UserError(f"--max-bytes {args.max_bytes} is less than one record of seq_len + 1 = {record} bytes: "
                             f"pass at least {record}, or --stream to read any number of bytes")
         fix = f"this checkpoint reads records of seq_len + 1 = {record} bytes: evaluate on more text"
-        records = open_records(path, cfg.seq_len, fix)
+        records = open_records(path, seq_len, fix)
         records = records[:args.max_bytes // record or len(records)]
         result = evaluate(params, records, args.batch_size or EVAL_BATCH, slices, progress=True)
         protocol = f"{len(records):,} records, the state reset every record"
@@ -1998,6 +1999,8 @@ def add_eval_flags(p):
     p.add_argument("--streams", type=positive_int, help=f"(implies --stream) the split cut into N contiguous parts read side by "
                                                         f"side, each with its own state (1: one text; default {EVAL_STREAMS}, "
                                                         f"about as fast as the per-record protocol)")
+    p.add_argument("--seq-len", type=positive_int, help="records of N + 1 bytes, or chunks of N with --stream (default: the "
+                                                        "checkpoint's seq_len; 64 reads val as nanoGPT's windows of 64 do)")
 
 
 def add_bench_flags(p):

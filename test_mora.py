@@ -2708,6 +2708,9 @@ def test_eval_reports_its_streams_and_reads_no_more_than_asked(data_dir, tmp_pat
     assert "nan" not in out and "1 stream," in out and "9 bytes predicted" in out
     err = one_error_line(capsys, run_main(*evaluate, "--max-bytes", 10))  # less than one record of 17 bytes
     assert "--max-bytes 10" in err and "17" in err and "--stream" in err
+    assert run_main(*evaluate, "--seq-len", 7, "--max-bytes", 80) == 0  # records of 8 bytes, whatever the checkpoint's
+    out = capsys.readouterr().out
+    assert "10 records" in out and "70 bytes predicted" in out
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert run_main(*evaluate, "--max-bytes", 100, "--threads", 4 * cores) == 0
     assert f"more than the {cores} cores" in capsys.readouterr().err
