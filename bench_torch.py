@@ -11,6 +11,11 @@
         trains the LSTM on the same records, in the same order and with the same
         schedule and clipping as `mora.py train`, and reports val bits/byte;
         --log FILE writes its steps as mora.py's CSV log, for plot_log.py
+    python bench_torch.py gpt --data-dir DIR [--max-steps 2000 --batch-size 12 --seq-len 64 --log FILE]
+        nanoGPT's GPT at the shape of its CPU run on tiny Shakespeare (4 layers, 4 heads,
+        width 128, context 64), trained as nanoGPT trains it (random windows, AdamW with
+        weight decay 0.1 on the matrices, 100 warmup steps, cosine to 1e-4); val bits/byte
+        over all of val in windows of seq_len + 1 bytes, every position predicted
 
 The twin is the model as a PyTorch user would write it: the memory scan a Python
 loop over time, autograd for the backward.
@@ -69,6 +74,57 @@ def lstm_forward(model, x):
     """x: (B, T) long -> logits (B, T, V), through the embedding's own weights."""
     h, _ = model["lstm"](model["embed"](x))
     return h @ model["embed"].weight.T
+
+
+class GPT(torch.nn.Module if torch else object):
+    """nanoGPT's model.py with bias=False: pre-LayerNorm blocks of causal self-attention and a 4x GELU MLP,
+    learned positions, the output layer tied to the embedding.  4 x 128 at V = 256: 828,544 parameters."""
+
+    def __init__(self, width=128, layers=4, heads=4, context=64):
+        super().__init__()
+        nn, self.heads = torch.nn, heads
+        self.embed, self.position = nn.Embedding(mora.V, width), nn.Embedding(context, width)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "ln1": nn.LayerNorm(width, bias=False), "qkv": nn.Linear(width, 3 * width, bias=False),
+            "proj": nn.Linear(width, width, bias=False), "ln2": nn.LayerNorm(width, bias=False),
+            "up": nn.Linear(width, 4 * width, bias=False), "down": nn.Linear(4 * width, width, bias=False)})
+            for _ in range(layers))
+        self.ln_f = nn.LayerNorm(width, bias=False)
+        for name, p in self.named_parameters():  # nanoGPT's start: N(0, 0.02), residual outputs / sqrt(2L)
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * layers) if name.endswith(("proj.weight", "down.weight")) else 0.02
+                torch.nn.init.normal_(p, 0.0, std)
+
+    def forward(self, x):
+        """x: (B, T) long -> logits (B, T, V)."""
+        B, T = x.shape
+        h = self.embed(x) + self.position(torch.arange(T))                        # (B, T, d)
+        for b in self.blocks:
+            q, k, v = b["qkv"](b["ln1"](h)).split(h.shape[-1], dim=-1)
+            q, k, v = (a.view(B, T, self.heads, -1).transpose(1, 2) for a in (q, k, v))  # (B, heads, T, d / heads)
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            h = h + b["proj"](attended.transpose(1, 2).reshape(B, T, -1))
+            h = h + b["down"](F.gelu(b["up"](b["ln2"](h))))
+        return self.ln_f(h) @ self.embed.weight.T
+
+
+def nanogpt_learning_rate(step, peak, warmup=100, decay_steps=2000, floor=1e-4):
+    """nanoGPT's get_lr: linear warmup, then cosine from peak to floor over decay_steps, then floor."""
+    if step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    ratio = min(1.0, (step - warmup) / (decay_steps - warmup))
+    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak - floor)
+
+
+def val_bits_per_byte(forward, records, batch_size):
+    """Mean val loss over whole records (each from a fresh start), in bits/byte."""
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(records), batch_size):
+            rows = np.arange(start, min(len(records), start + batch_size))
+            x, y = (torch.tensor(a, dtype=torch.long) for a in mora.make_batch(records, rows, np))
+            total += F.cross_entropy(forward(x).reshape(-1, mora.V), y.reshape(-1)).item() * len(x)
+    return total / len(records) / math.log(2)
 
 
 def check(args):
@@ -174,17 +230,57 @@ def lstm(args):
                            "ms_per_step": f"{1000 * seconds[-1]:.2f}"})
             if (step + 1) % 50 == 0:
                 print(f"step {step + 1}: train bits/byte {loss.item() / math.log(2):.4f}")
-        with torch.no_grad():
-            total = 0.0
-            for start in range(0, len(val_records), B):
-                x, y = (torch.tensor(a, dtype=torch.long) for a in mora.make_batch(val_records, np.arange(start, min(len(val_records), start + B)), np))
-                total += F.cross_entropy(lstm_forward(model, x).reshape(-1, mora.V), y.reshape(-1)).item() * len(x)
-        val_loss = total / len(val_records)
-        bpb = val_loss / math.log(2)
+        bpb = val_bits_per_byte(lambda x: lstm_forward(model, x), val_records, B)
         if log:
-            log.write({"step": args.max_steps, "bytes": args.max_steps * B * T, "val_loss": f"{val_loss:.5f}", "val_bpb": f"{bpb:.5f}"})
+            log.write({"step": args.max_steps, "bytes": args.max_steps * B * T, "val_loss": f"{bpb * math.log(2):.5f}",
+                       "val_bpb": f"{bpb:.5f}"})
     print(f"LSTM lr {args.lr:g}, warmup {warmup}, beta2 {args.beta2:g}: val bits/byte {bpb:.4f} on {len(val_records) * (T + 1):,} bytes, "
           f"{1000 * np.median(seconds[1:]):.0f} ms/step")
+    return 0
+
+
+def gpt(args):
+    """Train the GPT peer as nanoGPT trains it: random windows of the train text, nanoGPT's schedule."""
+    torch.manual_seed(args.seed)
+    T, B = args.seq_len, args.batch_size
+    text = torch.from_numpy(np.array(mora.open_bytes(os.path.join(args.data_dir, "train.bin")), dtype=np.int64))
+    val_records = mora.open_records(os.path.join(args.data_dir, "val.bin"), T)  # all of val, T predictions a window
+    model = GPT(context=T)
+    matrices = [p for p in model.parameters() if p.dim() >= 2]  # nanoGPT decays matrices, not gains
+    gains = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": args.weight_decay},
+                                   {"params": gains, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.99))
+    windows = torch.Generator().manual_seed(args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    train_seconds, best = 0.0, math.inf
+    with mora.TrainingLog(args.log, 0) if args.log else contextlib.nullcontext() as log:
+        for step in range(args.max_steps):
+            started = time.perf_counter()
+            starts = torch.randint(len(text) - T, (B,), generator=windows)
+            x = torch.stack([text[i:i + T] for i in starts])
+            y = torch.stack([text[i + 1:i + 1 + T] for i in starts])
+            lr = nanogpt_learning_rate(step, args.lr, decay_steps=args.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x).reshape(-1, mora.V), y.reshape(-1))
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            train_seconds += time.perf_counter() - started
+            row = {"step": step + 1, "bytes": (step + 1) * B * T, "lr": f"{lr:.6g}", "loss": f"{loss.item():.5f}",
+                   "bpb": f"{loss.item() / math.log(2):.5f}", "grad_norm": f"{grad_norm.item():.4f}",
+                   "ms_per_step": f"{1000 * (time.perf_counter() - started):.2f}"}
+            if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
+                bpb = val_bits_per_byte(model, val_records, 64)
+                best = min(best, bpb)
+                row.update(val_loss=f"{bpb * math.log(2):.5f}", val_bpb=f"{bpb:.5f}")
+                print(f"step {step + 1}: train {loss.item() / math.log(2):.4f}, val {bpb:.4f} bits/byte, "
+                      f"{train_seconds:.0f} s of training")
+            if log:
+                log.write(row)
+    print(f"GPT {n_params:,} params, {args.max_steps:,} steps of {B} x {T}: val bits/byte {bpb:.4f} at the end, "
+          f"{best:.4f} at best, on {len(val_records) * T:,} bytes predicted; {train_seconds:.0f} s of training steps")
     return 0
 
 
@@ -210,6 +306,16 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-bytes", type=int, default=65536)
     p.add_argument("--log", help="also write a row per step to this CSV, in mora.py's log format (for plot_log.py)")
+    p = commands.add_parser("gpt")
+    p.add_argument("--data-dir", default="data/shakespeare")
+    p.add_argument("--batch-size", type=int, default=12)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--max-steps", type=int, default=2000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--eval-every", type=int, default=250, help="all of val every N steps and at the end (default 250)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log", help="also write a row per step to this CSV, in mora.py's log format (for plot_log.py)")
     args = parser.parse_args(argv)
     if torch is None:
         print("error: bench_torch.py needs PyTorch, which MORA itself does not: pip install torch "
@@ -217,7 +323,7 @@ def main(argv=None):
         return 1
     torch.set_num_threads(os.cpu_count())  # PyTorch on every core, whatever mora set for BLAS
     try:
-        return {"check": check, "speed": speed, "lstm": lstm}[args.command](args)
+        return {"check": check, "speed": speed, "lstm": lstm, "gpt": gpt}[args.command](args)
     except mora.UserError as exc:  # no data at --data-dir, say: mora's own one line
         print(f"error: {exc}", file=sys.stderr)
         return 1
