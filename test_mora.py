@@ -2630,6 +2630,50 @@ def test_readme_install_line_installs_the_test_runner():
     assert any(line.startswith("pytest") for line in requirements.splitlines())
 
 
+def table_cells(line):
+    """The cells of one markdown table row; `\\|` is a pipe inside a cell."""
+    return [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+
+
+def readme_figures(text):
+    """Numbers with a decimal point or a thousands separator, outside code blocks,
+    link targets and inline code: what a reader has to take in."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"\(http[^)]*\)|\(docs/[^)]*\)|`[^`]*`", "", text)
+    return re.findall(r"(?<![\w.])\d{1,3}(?:,\d{3})+(?:\.\d+)?|(?<![\w.])\d+\.\d+", text)
+
+
+def readme_sentences(text):
+    """The sentences of the prose: each paragraph, list item, heading and table cell read
+    apart, a link read as its text, code blocks and comments left out."""
+    text = re.sub(r"```.*?```|<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"\]\([^)]*\)", "]", text)
+    units = []
+    for block in re.split(r"\n\s*\n", text):
+        if block.lstrip().startswith("|"):
+            rows = [line for line in block.splitlines() if not re.fullmatch(r"[|:\- ]+", line)]  # not |---|
+            units += [cell for row in rows for cell in table_cells(row)]
+        else:
+            units += re.split(r"\n(?=\s*(?:[-*] |\d+\. |#))", block)
+    return [s for unit in units for s in re.split(r"(?<=[.!?])\s+", " ".join(unit.split())) if s]
+
+
+def test_readme_is_a_guide_not_a_lab_notebook():
+    """README in nanoGPT's shape: at most 200 lines and 30 figures, no sentence over 40
+    words, no table cell over 200 characters; the measurements live in docs/results.md."""
+    assert readme_figures("1.5 and 2,000 and 30 and `3.5` [a](docs/r.md#v1.2)\n```\n4.5\n```") == ["1.5", "2,000"]
+    assert readme_sentences("One two. Three\n\n| a `x\\|y` | b. c |\n|---|---|") == ["One two.", "Three", "a `x\\|y`", "b.", "c"]
+    text = open(os.path.join(HERE, "README.md")).read()
+    assert len(text.splitlines()) <= 200
+    figures = readme_figures(text)
+    assert len(figures) <= 30, figures
+    long = [sentence for sentence in readme_sentences(text) if len(sentence.split()) > 40]
+    assert not long, long
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    wide = [cell for row in rows for cell in table_cells(row) if len(cell) > 200]
+    assert not wide, wide
+
+
 # ----------------------------------------------------------------------------
 # Evaluation protocols
 
