@@ -958,9 +958,10 @@ def test_prepare_data_into_a_pipe_draws_no_bars_and_prints_its_summaries(tmp_pat
     text, out = tmp_path / "t.txt", tmp_path / "o"
     text.write_bytes(made_up_text(5))
     done = subprocess.run([sys.executable, "prepare_data.py", *local_args(out, text, text)], cwd=HERE,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "\r" not in done.stdout + done.stderr and done.stderr == ""
-    assert f"train.bin: {text.stat().st_size:,} bytes, 5 stories" in done.stdout and "val.bin:" in done.stdout
+                          capture_output=True, timeout=60)  # bytes: text mode would turn each \r into \n
+    assert done.returncode == 0 and b"\r" not in done.stdout + done.stderr and done.stderr == b""
+    printed = done.stdout.decode()
+    assert f"train.bin: {text.stat().st_size:,} bytes, 5 stories" in printed and "val.bin:" in printed
 
 
 def test_ctrl_c_in_a_download_leaves_it_resumable(tmp_path, http_server, monkeypatch, capsys):
@@ -1121,7 +1122,7 @@ def test_train_into_a_file_prints_plain_lines_and_samples(data_dir, tmp_path):
             command = ["train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 8,
                        "--eval-every", 4, "--no-final-eval", "--sample-prompt", "Tom had", "--sample-length", 30, *flags]
             subprocess.run([sys.executable, "mora.py", *map(str, command)], cwd=HERE, stdout=out, stderr=subprocess.STDOUT, check=True, timeout=300)
-        return (tmp_path / "run.txt").read_text()
+        return (tmp_path / "run.txt").read_bytes().decode()  # not read_text(): it would turn each \r into \n
 
     def sample_line(step):
         params = mora.load_checkpoint(str(ckpt))[1]
