@@ -1236,6 +1236,47 @@ def test_plain_progress_lines_come_at_the_first_and_last_step_and_every_ten_seco
     assert steps[0] == 1 and steps[-1] == 30 and len(steps) >= 8 and set(gaps) <= {3, 4} and 1 <= steps[-1] - steps[-2] <= 4
 
 
+def run_beside_a_terminal(data_dir, tmp_path, terminal_for):
+    """A short training run with `terminal_for` ("stdout" or "stderr") on a terminal (a pty) and the
+    other stream in a file: (what the terminal received, what the file holds), as bytes."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    main, side = pty.openpty()
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 rows of 100 columns, as a window has
+    with open(tmp_path / "file.txt", "wb") as file:
+        streams = {"stdout": file, "stderr": file, terminal_for: side}
+        proc = subprocess.Popen([sys.executable, "mora.py", "train", "--data-dir", data_dir, "--ckpt", str(tmp_path / "m.npz"),
+                                 *TINY, "--device", "cpu", "--max-steps", "30", "--eval-every", "0", "--no-final-eval", "--overwrite"],
+                                cwd=HERE, **streams)
+    os.close(side)
+    received = b""
+    while True:  # read as a terminal does, so that the run never waits on a full terminal
+        try:
+            chunk = os.read(main, 1 << 16)
+        except OSError:  # EIO: the run has ended and closed its end
+            break
+        if not chunk:
+            break
+        received += chunk
+    os.close(main)
+    assert proc.wait(timeout=60) == 0
+    return received, (tmp_path / "file.txt").read_bytes()
+
+
+def test_the_progress_bar_is_drawn_only_on_a_terminal(data_dir, tmp_path):
+    """The bar and the plain lines follow the stream they are written to (stderr), whatever stdout
+    is: a bar (redrawn with a carriage return) on a terminal, plain lines in a file."""
+    plain_line = re.compile(rb"^step 1/30: loss", re.M)
+    terminal, file = run_beside_a_terminal(data_dir, tmp_path, "stderr")
+    assert re.search(rb"\r(?!\n)", terminal) and b"30/30" in terminal and not plain_line.search(terminal)
+    assert b"\r" not in file and b"checkpoint:" in file
+    terminal, file = run_beside_a_terminal(data_dir, tmp_path, "stdout")
+    assert b"\r" not in file and plain_line.search(file) and re.search(rb"^step 30/30: loss", file, re.M)
+    assert not re.search(rb"\r(?!\n)", terminal) and b"checkpoint:" in terminal  # a terminal ends lines with \r\n
+
+
 def test_the_samples_file_is_written_as_the_run_goes(data_dir, tmp_path):
     """A run killed outright (SIGKILL: no handler runs) leaves in CKPT.samples.txt every sample it
     made: one a step here, at least one for each step in the log, in order."""
