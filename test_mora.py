@@ -2887,6 +2887,45 @@ def test_a_long_cpu_run_is_announced(data_dir, tmp_path, capsys):
     assert "hours" in out and "--batch-size 32 --max-steps 3000" in out
 
 
+def test_the_hour_estimate_says_its_figure_and_divides_by_the_threads(data_dir, tmp_path, capsys, monkeypatch):
+    """Before step 1 a CPU run that will take hours says how many: its steps x bytes a step (batch x
+    seq_len) x parameters at the CPU's measured core-seconds per parameter and byte, over its threads.
+    The speed is set here so that the run's 100,000 steps take 2.6 core-hours."""
+    params = mora.count_params(mora.Config(d_model=8, n_layers=2, seq_len=16, batch_size=4))
+    monkeypatch.setattr(mora, "CPU_SECONDS_PER_PARAM_BYTE", 2.6 * 3600 / (100_000 * 4 * 16 * params))
+
+    def note(threads):
+        assert run_main("train", "--data-dir", data_dir, "--ckpt", tmp_path / "m.npz", *TINY, "--device", "cpu",
+                        "--max-steps", 100_000, "--stop-after", 1, "--eval-every", 0, "--threads", threads,
+                        "--overwrite") == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+
+    one, two = note(1), note(2)
+    assert len(one) == len(two) == 1 and "about 2.6 hours" in one[0] and "about 1.3 hours" in two[0]
+    assert re.search(r"\b1 thread", one[0]) and re.search(r"\b2 threads", two[0])
+    monkeypatch.setattr(mora, "CPU_SECONDS_PER_PARAM_BYTE", 0.9 * 3600 / (100_000 * 4 * 16 * params))
+    assert note(1) == []  # under an hour: nothing to say
+
+
+def blas_note(env, threads):
+    """The BLAS-thread note of `bench --threads N` run with the BLAS variables of `env` (others unset)."""
+    env = dict({k: v for k, v in os.environ.items() if k not in mora.BLAS_VARIABLES}, **env)
+    done = subprocess.run([sys.executable, "mora.py", "bench", *TINY, "--steps", "1", "--device", "cpu", "--threads",
+                           str(threads)], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("note:") and "BLAS" in line]
+
+
+def test_the_blas_thread_note_comes_when_blas_threads_would_fight_the_workers(tmp_path):
+    """A worker per core, each running BLAS with more than one thread: the note, which names the
+    variable to unset.  A worker per core with BLAS on one thread (MORA's default, or set so): none."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    notes = blas_note({"OPENBLAS_NUM_THREADS": "2"}, cores)
+    assert len(notes) == 1 and "unset" in notes[0] and "OPENBLAS_NUM_THREADS" in notes[0]
+    assert blas_note({}, cores) == []
+    assert blas_note({name: "1" for name in mora.BLAS_VARIABLES}, cores) == []
+
+
 def test_readme_install_line_installs_the_test_runner():
     readme, requirements = (open(os.path.join(HERE, f)).read() for f in ("README.md", "requirements.txt"))
     assert "pip install -r requirements.txt" in readme and "python -m pytest" in readme
