@@ -1234,7 +1234,8 @@ def test_plain_progress_lines_come_at_the_first_and_last_step_and_every_ten_seco
         monkeypatch.setattr(time, clock, lambda: now[0])
     steps = progress_steps("--max-steps", 30)
     gaps = np.diff(steps[:-1])
-    assert steps[0] == 1 and steps[-1] == 30 and len(steps) >= 8 and set(gaps) <= {3, 4} and 1 <= steps[-1] - steps[-2] <= 4
+    assert steps[0] == 1 and steps[-1] == 30 and len(steps) >= 8
+    assert set(gaps) <= {3, 4} and 1 <= steps[-1] - steps[-2] <= 4
 
 
 def run_beside_a_terminal(data_dir, tmp_path, terminal_for):
@@ -1248,9 +1249,9 @@ def run_beside_a_terminal(data_dir, tmp_path, terminal_for):
     fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 rows of 100 columns, as a window has
     with open(tmp_path / "file.txt", "wb") as file:
         streams = {"stdout": file, "stderr": file, terminal_for: side}
-        proc = subprocess.Popen([sys.executable, "mora.py", "train", "--data-dir", data_dir, "--ckpt", str(tmp_path / "m.npz"),
-                                 *TINY, "--device", "cpu", "--max-steps", "30", "--eval-every", "0", "--no-final-eval", "--overwrite"],
-                                cwd=HERE, **streams)
+        proc = subprocess.Popen([sys.executable, "mora.py", "train", "--data-dir", data_dir, "--ckpt",
+                                 str(tmp_path / "m.npz"), *TINY, "--device", "cpu", "--max-steps", "30",
+                                 "--eval-every", "0", "--no-final-eval", "--overwrite"], cwd=HERE, **streams)
     os.close(side)
     received = b""
     while True:  # read as a terminal does, so that the run never waits on a full terminal
@@ -2708,7 +2709,8 @@ def test_a_learning_rate_of_zero_is_refused_by_the_flag(data_dir, tmp_path, caps
         with pytest.raises(SystemExit) as exit_info:
             run_main("train", "--data-dir", data_dir, "--ckpt", tmp_path / "m.npz", "--lr", value)
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-        assert exit_info.value.code == 2 and len(errors) == 1 and "--lr" in errors[0] and "positive" in errors[0], errors
+        assert exit_info.value.code == 2 and len(errors) == 1, errors
+        assert "--lr" in errors[0] and "positive" in errors[0], errors
     assert not (tmp_path / "m.npz").exists()
 
 
@@ -2722,8 +2724,8 @@ def test_eval_bytes_may_be_one_record_and_no_less(data_dir, tmp_path, capsys):
     assert "--eval-bytes 16" in err and "17" in err and not ckpt.exists()
     assert run_main(*train, "--max-steps", 2, "--eval-bytes", 17, "--no-final-eval") == 0
     assert re.search(r"^step 2: val bits/byte [\d.]+", capsys.readouterr().out, re.M)
-    err = one_error_line(capsys, run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, "--device", "cpu", "--resume",
-                                          "--max-steps", 3, "--eval-bytes", 16))
+    err = one_error_line(capsys, run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, "--device", "cpu",
+                                          "--resume", "--max-steps", 3, "--eval-bytes", 16))
     assert "--eval-bytes 16" in err and "17" in err and mora.load_checkpoint(str(ckpt))[2]["step"] == 2
 
 
@@ -2758,7 +2760,8 @@ def test_a_fifo_or_a_device_as_the_checkpoint_is_refused_in_one_line_without_wai
         for command in commands:
             with TimeLimit(10):
                 err = one_error_line(capsys, run_main(*command, "--ckpt", path, "--device", "cpu"))
-            assert str(path) in err and re.search("regular file|FIFO|device", err.replace(str(path), "")), (command, err)
+            said = err.replace(str(path), "")
+            assert str(path) in err and re.search("regular file|FIFO|device", said), (command, err)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(os.listdir(tmp_path)) == ["fifo.npz"]
 
 
