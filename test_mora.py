@@ -13,6 +13,7 @@ import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -251,6 +252,18 @@ def test_check_catches_a_sign_error_in_the_memory_scan_backward(capsys, monkeypa
     assert edited != source
     exec(edited, namespace)
     monkeypatch.setattr(mora, "memory_scan_backward", namespace["memory_scan_backward"])
+    lines, code = check_lines(capsys, run_main("check"))
+    failed = {name for name, (_, verdict) in lines.items() if verdict == "FAIL"}
+    block_0 = {f"blocks.0.{name}" for name in mora.block_shapes(8)}
+    assert code == 1 and failed == {"memory_scan: dv", "memory_scan: dbeta", "embed", *block_0, "blocks.1.ln1.g",
+                                    "blocks.1.ln1.b", "blocks.1.w_in", "blocks.1.b_in"}
+
+
+def test_check_fails_a_gradient_off_by_one_part_in_ten_thousand(capsys, monkeypatch):
+    """A slip far smaller than a sign error: the memory scan's gradients scaled by 1 + 1e-4.  The check
+    fails exactly the tensors that gradient reaches (those of the sign error above), and exits 1."""
+    scan_backward = mora.memory_scan_backward
+    monkeypatch.setattr(mora, "memory_scan_backward", lambda *args: [g * (1 + 1e-4) for g in scan_backward(*args)])
     lines, code = check_lines(capsys, run_main("check"))
     failed = {name for name, (_, verdict) in lines.items() if verdict == "FAIL"}
     block_0 = {f"blocks.0.{name}" for name in mora.block_shapes(8)}
@@ -944,6 +957,42 @@ def test_a_bin_damaged_in_place_is_rebuilt_not_skipped(tmp_path, capsys):
     assert (out / "train.bin").read_bytes() == text.read_bytes()
 
 
+def test_the_whole_bin_is_hashed_not_its_first_chunk(tmp_path, monkeypatch, capsys):
+    """A byte damaged past the first chunk that prepare_data reads at a time is found too (the
+    chunk made small here: every test text is smaller than a real one)."""
+    monkeypatch.setattr(prepare_data, "CHUNK", 64)
+    text, out = tmp_path / "t.txt", tmp_path / "o"
+    text.write_bytes(made_up_text(5))
+    args = local_args(out, text, text)
+    assert prepare_data.main(args) == 0
+    with open(out / "train.bin", "r+b") as f:  # a byte in the fourth chunk flipped: the same size, the same sources
+        f.seek(3 * 64 + 5)
+        f.write(bytes([f.read(1)[0] ^ 1]))
+    capsys.readouterr()
+    assert prepare_data.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "train.bin: up to date" not in printed and "val.bin: up to date" in printed
+    assert (out / "train.bin").read_bytes() == text.read_bytes()
+
+
+def test_prepare_data_leaves_the_signal_handlers_as_it_found_them(tmp_path):
+    """main called from Python (a notebook, a test) hands back the handlers it had on entry, after a
+    success and after an error alike."""
+    text = tmp_path / "t.txt"
+    text.write_bytes(made_up_text(5))
+    names = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    mine = {name: (lambda signum, frame: None) for name in names}
+    before = {name: signal.signal(getattr(signal, name), handler) for name, handler in mine.items()}
+    try:
+        assert prepare_data.main(local_args(tmp_path / "o", text, text)) == 0
+        assert {name: signal.getsignal(getattr(signal, name)) for name in names} == mine
+        assert prepare_data.main(local_args(tmp_path / "o", tmp_path / "none.txt", text)) == 1
+        assert {name: signal.getsignal(getattr(signal, name)) for name in names} == mine
+    finally:
+        for name, handler in before.items():
+            signal.signal(getattr(signal, name), handler)
+
+
 def test_a_record_that_is_not_a_record_means_rebuild(tmp_path, capsys):
     text, out = tmp_path / "t.txt", tmp_path / "o"
     text.write_bytes(made_up_text(5))
@@ -958,9 +1007,10 @@ def test_prepare_data_into_a_pipe_draws_no_bars_and_prints_its_summaries(tmp_pat
     text, out = tmp_path / "t.txt", tmp_path / "o"
     text.write_bytes(made_up_text(5))
     done = subprocess.run([sys.executable, "prepare_data.py", *local_args(out, text, text)], cwd=HERE,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "\r" not in done.stdout + done.stderr and done.stderr == ""
-    assert f"train.bin: {text.stat().st_size:,} bytes, 5 stories" in done.stdout and "val.bin:" in done.stdout
+                          capture_output=True, timeout=60)  # bytes: text mode would turn each \r into \n
+    assert done.returncode == 0 and b"\r" not in done.stdout + done.stderr and done.stderr == b""
+    printed = done.stdout.decode()
+    assert f"train.bin: {text.stat().st_size:,} bytes, 5 stories" in printed and "val.bin:" in printed
 
 
 def test_ctrl_c_in_a_download_leaves_it_resumable(tmp_path, http_server, monkeypatch, capsys):
@@ -1121,7 +1171,7 @@ def test_train_into_a_file_prints_plain_lines_and_samples(data_dir, tmp_path):
             command = ["train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 8,
                        "--eval-every", 4, "--no-final-eval", "--sample-prompt", "Tom had", "--sample-length", 30, *flags]
             subprocess.run([sys.executable, "mora.py", *map(str, command)], cwd=HERE, stdout=out, stderr=subprocess.STDOUT, check=True, timeout=300)
-        return (tmp_path / "run.txt").read_text()
+        return (tmp_path / "run.txt").read_bytes().decode()  # not read_text(): it would turn each \r into \n
 
     def sample_line(step):
         params = mora.load_checkpoint(str(ckpt))[1]
@@ -1139,6 +1189,123 @@ def test_train_into_a_file_prints_plain_lines_and_samples(data_dir, tmp_path):
     assert (tmp_path / "m.samples.txt").read_text().splitlines()[1] == sample_line(8)
     (tmp_path / "m.samples.txt").unlink()
     assert "sample" not in train("--overwrite", "--sample-length", 0) and not (tmp_path / "m.samples.txt").exists()
+
+
+def log_rows(log):
+    import csv
+    with open(log, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_each_step_trains_at_the_scheduled_learning_rate(data_dir, tmp_path):
+    """The log's lr column is the rate each step was taken at: learning_rate(step - 1, ...) for the
+    logged step (which counts from 1), lr / warmup at the first, the peak at the end of warmup,
+    and the same schedule after a resume."""
+    ckpt = tmp_path / "m.npz"
+    flags = ["--data-dir", data_dir, "--ckpt", ckpt, "--device", "cpu", "--eval-every", 0, "--no-final-eval"]
+    assert run_main("train", *flags, *TINY, "--max-steps", 10, "--warmup", 4, "--lr", 0.01, "--final-lr-fraction", 0.1,
+                    "--stop-after", 5) == 0
+    assert run_main("train", *flags, "--resume") == 0
+    rows = log_rows(tmp_path / "m.csv")
+    assert [int(row["step"]) for row in rows] == list(range(1, 11))
+    expected = [mora.learning_rate(step, 10, 0.01, 4, 0.1) for step in range(10)]
+    assert [float(row["lr"]) for row in rows] == pytest.approx(expected, rel=1e-5)
+    assert float(rows[0]["lr"]) == pytest.approx(0.01 / 4) and float(rows[3]["lr"]) == pytest.approx(0.01)
+
+
+def test_plain_progress_lines_come_at_the_first_and_last_step_and_every_ten_seconds(data_dir, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """Into a file (here: not a terminal) a run prints the first and the last step, and a line each
+    time 10 s have passed since the last one.  A short run: two lines.  Then a clock that moves 3 s
+    a step: a line every 3 or 4 steps, never more often, never less."""
+    def progress_steps(*flags):
+        assert run_main("train", "--data-dir", data_dir, "--ckpt", tmp_path / "m.npz", *TINY, "--device", "cpu",
+                        "--eval-every", 0, "--no-final-eval", "--overwrite", *flags) == 0
+        return [int(m[1]) for m in re.finditer(r"^step (\d+)/\d+: loss", capsys.readouterr().err, re.M)]
+
+    assert progress_steps("--max-steps", 6) == [1, 6]
+    now, train_step = [1000.0], mora.train_step
+
+    def three_seconds_a_step(*args, **kwargs):
+        now[0] += 3.0
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(mora, "train_step", three_seconds_a_step)
+    for clock in ("monotonic", "perf_counter", "time"):
+        monkeypatch.setattr(time, clock, lambda: now[0])
+    steps = progress_steps("--max-steps", 30)
+    gaps = np.diff(steps[:-1])
+    assert steps[0] == 1 and steps[-1] == 30 and len(steps) >= 8
+    assert set(gaps) <= {3, 4} and 1 <= steps[-1] - steps[-2] <= 4
+
+
+def run_beside_a_terminal(data_dir, tmp_path, terminal_for):
+    """A short training run with `terminal_for` ("stdout" or "stderr") on a terminal (a pty) and the
+    other stream in a file: (what the terminal received, what the file holds), as bytes."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    main, side = pty.openpty()
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 rows of 100 columns, as a window has
+    with open(tmp_path / "file.txt", "wb") as file:
+        streams = {"stdout": file, "stderr": file, terminal_for: side}
+        proc = subprocess.Popen([sys.executable, "mora.py", "train", "--data-dir", data_dir, "--ckpt",
+                                 str(tmp_path / "m.npz"), *TINY, "--device", "cpu", "--max-steps", "30",
+                                 "--eval-every", "0", "--no-final-eval", "--overwrite"], cwd=HERE, **streams)
+    os.close(side)
+    received = b""
+    while True:  # read as a terminal does, so that the run never waits on a full terminal
+        try:
+            chunk = os.read(main, 1 << 16)
+        except OSError:  # EIO: the run has ended and closed its end
+            break
+        if not chunk:
+            break
+        received += chunk
+    os.close(main)
+    assert proc.wait(timeout=60) == 0
+    return received, (tmp_path / "file.txt").read_bytes()
+
+
+def test_the_progress_bar_is_drawn_only_on_a_terminal(data_dir, tmp_path):
+    """The bar and the plain lines follow the stream they are written to (stderr), whatever stdout
+    is: a bar (redrawn with a carriage return) on a terminal, plain lines in a file."""
+    plain_line = re.compile(rb"^step 1/30: loss", re.M)
+    terminal, file = run_beside_a_terminal(data_dir, tmp_path, "stderr")
+    assert re.search(rb"\r(?!\n)", terminal) and b"30/30" in terminal and not plain_line.search(terminal)
+    assert b"\r" not in file and b"checkpoint:" in file
+    terminal, file = run_beside_a_terminal(data_dir, tmp_path, "stdout")
+    assert b"\r" not in file and plain_line.search(file) and re.search(rb"^step 30/30: loss", file, re.M)
+    assert not re.search(rb"\r(?!\n)", terminal) and b"checkpoint:" in terminal  # a terminal ends lines with \r\n
+
+
+def test_the_samples_file_is_written_as_the_run_goes(data_dir, tmp_path):
+    """A run killed outright (SIGKILL: no handler runs) leaves in CKPT.samples.txt every sample it
+    made: one a step here, at least one for each step in the log, in order."""
+    ckpt, log, samples = tmp_path / "m.npz", tmp_path / "m.csv", tmp_path / "m.samples.txt"
+    proc = start_training(data_dir, ckpt, "--max-steps", 100000, "--eval-every", 1, "--eval-bytes", 17,
+                          "--sample-length", 8, "--ckpt-every", 100000)
+    wait_for_rows(log, 4)
+    proc.kill()
+    proc.wait()
+    sampled = [int(m[1]) for m in re.finditer(r"^step (\d+): '", samples.read_text(), re.M)]
+    assert len(samples.read_text().splitlines()) == len(sampled)
+    assert sampled == list(range(1, len(sampled) + 1)) and len(sampled) >= len(logged_steps(log)) >= 4
+
+
+def test_a_new_run_starts_its_samples_file_afresh(data_dir, tmp_path):
+    """--overwrite, or a new run where only the old samples file is left: the old run's samples go."""
+    ckpt, samples = tmp_path / "m.npz", tmp_path / "m.samples.txt"
+
+    def train(*flags):
+        assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--eval-every", 2,
+                        "--eval-bytes", 17, "--no-final-eval", "--sample-length", 8, *flags) == 0
+        return [line.split(":")[0] for line in samples.read_text().splitlines()]
+
+    assert train("--max-steps", 4) == ["step 2", "step 4"]
+    assert train("--max-steps", 2, "--overwrite") == ["step 2"]
+    ckpt.unlink()
+    assert train("--max-steps", 2) == ["step 2"]
 
 
 def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path):
@@ -2499,6 +2666,105 @@ def test_damaged_checkpoints_and_contradictions_are_one_line(data_dir, tmp_path,
                                    "--d-model", 100000)
 
 
+def refusal_names(err, name):
+    """Whether a one-line refusal names the setting `name`, as the checkpoint spells it or as its flag."""
+    return re.search(rf"\b{name}\b|--{name.replace('_', '-')}\b", err)
+
+
+OUT_OF_RANGE = [("step", -1), ("step", 2.5), ("step", 6), ("train_records", -1), ("lr", 0), ("lr", -0.01),
+                ("warmup", -1), ("warmup", 6), ("final_lr_fraction", 1.5), ("clip", 0), ("beta1", 1.0), ("beta2", 1.0),
+                ("eps", 0), ("seed", -1), ("epochs", 0), ("max_steps", 0), ("eval_every", -1), ("eval_bytes", 0),
+                ("eval_bytes", 16), ("ckpt_every", 0), ("slices", 0), ("d_model", 0), ("seq_len", 0), ("batch_size", 0)]
+
+
+def test_a_checkpoint_out_of_its_settings_range_is_refused_in_one_line_naming_the_setting(data_dir, tmp_path, capsys):
+    """Each value a flag would refuse, or that contradicts the run (a step past --max-steps 5, a
+    warmup longer than the run, eval bytes under one record of 17), written into a checkpoint's
+    meta: sample, eval and train --resume each refuse it in one line that names the setting."""
+    ckpt = tmp_path / "run.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 5,
+                    "--stop-after", 2, "--eval-every", 0) == 0
+    with np.load(ckpt) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    commands = [("sample", "--length", 3), ("eval", "--data-dir", data_dir, "--max-bytes", 100),
+                ("train", "--data-dir", data_dir, "--resume", "--stop-after", 1, "--eval-every", 0)]
+    for case, (name, value) in enumerate(OUT_OF_RANGE):
+        bad = json.loads(json.dumps(meta))
+        place = next(where for where in (bad, bad["config"], bad["train"], bad["data"]) if name in where)
+        place[name] = value
+        path = tmp_path / f"case{case}.npz"
+        np.savez(path, meta=np.array(json.dumps(bad)), **arrays)
+        capsys.readouterr()
+        for command in commands:
+            err = one_error_line(capsys, run_main(*command, "--ckpt", path, "--device", "cpu"))
+            assert refusal_names(err.replace(str(path), ""), name), (name, value, command, err)
+        assert mora.load_checkpoint(str(ckpt))[2]["step"] == 2 and json.loads(str(np.load(path)["meta"])) == bad
+
+
+def test_a_learning_rate_of_zero_is_refused_by_the_flag(data_dir, tmp_path, capsys):
+    """--lr 0 would train nothing for the whole run: the command line refuses it (exit 2), in one
+    error line that names the flag, under argparse's usage."""
+    for value in ("0", "0.0", "-0"):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main("train", "--data-dir", data_dir, "--ckpt", tmp_path / "m.npz", "--lr", value)
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert exit_info.value.code == 2 and len(errors) == 1, errors
+        assert "--lr" in errors[0] and "positive" in errors[0], errors
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_eval_bytes_may_be_one_record_and_no_less(data_dir, tmp_path, capsys):
+    """Evaluations during training read --eval-bytes of val: one record of seq_len + 1 = 17 bytes will
+    do, 16 is refused in one line before a step (a new run, or a resume that changes it)."""
+    ckpt = tmp_path / "m.npz"
+    train = ["train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--eval-every", 1,
+             "--sample-length", 0]
+    err = one_error_line(capsys, run_main(*train, "--max-steps", 2, "--eval-bytes", 16))
+    assert "--eval-bytes 16" in err and "17" in err and not ckpt.exists()
+    assert run_main(*train, "--max-steps", 2, "--eval-bytes", 17, "--no-final-eval") == 0
+    assert re.search(r"^step 2: val bits/byte [\d.]+", capsys.readouterr().out, re.M)
+    err = one_error_line(capsys, run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, "--device", "cpu",
+                                          "--resume", "--max-steps", 3, "--eval-bytes", 16))
+    assert "--eval-bytes 16" in err and "17" in err and mora.load_checkpoint(str(ckpt))[2]["step"] == 2
+
+
+class Hung(BaseException):
+    """Raised by TimeLimit: no handler of the code under test (none catches a BaseException) can take it for its own."""
+
+
+class TimeLimit:
+    """Raise Hung in the main thread if the block runs past `seconds` (a read that waits forever)."""
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __enter__(self):
+        def expire(signum, frame):
+            raise Hung(f"still running after {self.seconds} s")
+        self.previous = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+def test_a_fifo_or_a_device_as_the_checkpoint_is_refused_in_one_line_without_waiting(data_dir, tmp_path, capsys):
+    """A FIFO's read would wait for a writer forever, a device's read would never end: neither is
+    opened.  sample, eval and train --resume (and a new run on a FIFO) refuse it in one line."""
+    fifo = tmp_path / "fifo.npz"
+    os.mkfifo(fifo)
+    commands = [("sample", "--length", 3), ("eval", "--data-dir", data_dir),
+                ("train", "--data-dir", data_dir, "--resume")]
+    for path, commands in ((fifo, commands + [("train", "--data-dir", data_dir, *TINY)]), ("/dev/zero", commands)):
+        for command in commands:
+            with TimeLimit(10):
+                err = one_error_line(capsys, run_main(*command, "--ckpt", path, "--device", "cpu"))
+            said = err.replace(str(path), "")
+            assert str(path) in err and re.search("regular file|FIFO|device", said), (command, err)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(os.listdir(tmp_path)) == ["fifo.npz"]
+
+
 ODD_VALUES = [-5, 0, 1, 3, 2.5, -1e-3, 1e308, float("nan"), 10 ** 30, "7", "fast", "", None, True, False, [], {}, [1, 2, 3]]
 
 
@@ -2622,6 +2888,45 @@ def test_a_long_cpu_run_is_announced(data_dir, tmp_path, capsys):
                     "--device", "cpu", "--max-steps", 10 ** 7, "--stop-after", 1, "--eval-every", 0) == 0
     out = capsys.readouterr().out
     assert "hours" in out and "--batch-size 32 --max-steps 3000" in out
+
+
+def test_the_hour_estimate_says_its_figure_and_divides_by_the_threads(data_dir, tmp_path, capsys, monkeypatch):
+    """Before step 1 a CPU run that will take hours says how many: its steps x bytes a step (batch x
+    seq_len) x parameters at the CPU's measured core-seconds per parameter and byte, over its threads.
+    The speed is set here so that the run's 100,000 steps take 2.6 core-hours."""
+    params = mora.count_params(mora.Config(d_model=8, n_layers=2, seq_len=16, batch_size=4))
+    monkeypatch.setattr(mora, "CPU_SECONDS_PER_PARAM_BYTE", 2.6 * 3600 / (100_000 * 4 * 16 * params))
+
+    def note(threads):
+        assert run_main("train", "--data-dir", data_dir, "--ckpt", tmp_path / "m.npz", *TINY, "--device", "cpu",
+                        "--max-steps", 100_000, "--stop-after", 1, "--eval-every", 0, "--threads", threads,
+                        "--overwrite") == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+
+    one, two = note(1), note(2)
+    assert len(one) == len(two) == 1 and "about 2.6 hours" in one[0] and "about 1.3 hours" in two[0]
+    assert re.search(r"\b1 thread", one[0]) and re.search(r"\b2 threads", two[0])
+    monkeypatch.setattr(mora, "CPU_SECONDS_PER_PARAM_BYTE", 0.9 * 3600 / (100_000 * 4 * 16 * params))
+    assert note(1) == []  # under an hour: nothing to say
+
+
+def blas_note(env, threads):
+    """The BLAS-thread note of `bench --threads N` run with the BLAS variables of `env` (others unset)."""
+    env = dict({k: v for k, v in os.environ.items() if k not in mora.BLAS_VARIABLES}, **env)
+    done = subprocess.run([sys.executable, "mora.py", "bench", *TINY, "--steps", "1", "--device", "cpu", "--threads",
+                           str(threads)], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("note:") and "BLAS" in line]
+
+
+def test_the_blas_thread_note_comes_when_blas_threads_would_fight_the_workers(tmp_path):
+    """A worker per core, each running BLAS with more than one thread: the note, which names the
+    variable to unset.  A worker per core with BLAS on one thread (MORA's default, or set so): none."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    notes = blas_note({"OPENBLAS_NUM_THREADS": "2"}, cores)
+    assert len(notes) == 1 and "unset" in notes[0] and "OPENBLAS_NUM_THREADS" in notes[0]
+    assert blas_note({}, cores) == []
+    assert blas_note({name: "1" for name in mora.BLAS_VARIABLES}, cores) == []
 
 
 def test_readme_install_line_installs_the_test_runner():
@@ -2758,6 +3063,18 @@ def test_eval_reports_its_streams_and_reads_no_more_than_asked(data_dir, tmp_pat
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert run_main(*evaluate, "--max-bytes", 100, "--threads", 4 * cores) == 0
     assert f"more than the {cores} cores" in capsys.readouterr().err
+
+
+def test_eval_stream_without_max_bytes_reads_all_of_the_split(data_dir, tmp_path, capsys):
+    """--stream (one text, or --streams parts) predicts every byte of val.bin but the first."""
+    ckpt = tmp_path / "m.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1,
+                    "--eval-every", 0, "--no-final-eval") == 0
+    predicted = os.path.getsize(os.path.join(data_dir, "val.bin")) - 1
+    for flags in (["--stream"], ["--stream", "--streams", "1"], ["--streams", "3"]):
+        capsys.readouterr()
+        assert run_main("eval", "--ckpt", ckpt, "--data-dir", data_dir, "--device", "cpu", *flags) == 0
+        assert f" {predicted:,} bytes predicted" in capsys.readouterr().out, flags
 
 
 def test_plot_log_draws_and_refuses_bad_logs(tmp_path):
