@@ -7,6 +7,7 @@ file per split; nothing is tokenised, filtered or re-encoded.
     python prepare_data.py --train-bytes 50000000   # only the first 50 MB of its train text (a CPU needs no more)
     python prepare_data.py --input-train a.txt b.txt --input-val v.txt   # local text files instead
     python prepare_data.py --dataset enwik8     # enwik8: train.bin, val.bin, test.bin (90M / 5M / 5M bytes)
+    python prepare_data.py --dataset shakespeare    # tiny Shakespeare: train.bin, val.bin (1,003,854 / 111,540 bytes)
 
 By default the two TinyStories text files are downloaded from the dataset's home on
 Hugging Face (roneneldan/TinyStories, licence CDLA-Sharing-1.0) into --out-dir, with
@@ -20,17 +21,20 @@ Expected output of the default run (after the download bars):
 enwik8 is the first 10^8 bytes of an English Wikipedia XML dump (the Hutter Prize
 text, http://mattmahoney.net/dc/textdata.html); the standard split is its first
 90,000,000 bytes for training, the next 5,000,000 for validation, the last 5,000,000
-for testing.
+for testing.  Tiny Shakespeare is char-rnn's data/tinyshakespeare/input.txt (1,115,394
+bytes of ASCII), split as nanoGPT's shakespeare_char: the first 90% for training, the
+last 10% for validation.  Expected output:
 
-Work already done is skipped: a finished download, and a .bin whose record (the
-.bin.json beside it: which files, which bytes, their sizes and times, and the .bin's
-SHA-256) still matches; a missing or damaged record, or a .bin whose bytes changed,
-means "not known to be done", and the .bin is rebuilt.  Every input is checked before
-anything is written (it must be a regular file, and not one this run writes).  Files
-are written as NAME.tmp and renamed once complete, so a full disk, Ctrl-C, SIGTERM or
-SIGHUP never leaves a partial .bin or record behind (an interrupted download stays as
-NAME.part, to resume).  Progress bars are drawn on a terminal only.  Needs about
-4.5 GB of disk for the full TinyStories (text + bins).
+    data/train.bin: 1,003,854 bytes, no <|endoftext|> separators, stories not counted
+    data/val.bin: 111,540 bytes, no <|endoftext|> separators, stories not counted
+
+Work already done is skipped: a finished download, and a .bin whose record (the .bin.json
+beside it: which bytes of which files, their sizes and times, the .bin's SHA-256) still
+matches; else the .bin is rebuilt.  Every input is checked before anything is written
+(a regular file, not one this run writes).  Files are written as NAME.tmp and renamed once
+complete, so a full disk, Ctrl-C, SIGTERM or SIGHUP never leaves a partial .bin or record
+behind (an interrupted download stays as NAME.part, to resume).  Bars are drawn on a
+terminal only.  The full TinyStories needs about 4.5 GB of disk (text + bins).
 """
 import argparse
 import hashlib
@@ -45,12 +49,15 @@ import zlib
 
 from tqdm import tqdm
 
-from mora import written_atomically  # path.tmp, renamed once complete; removed on any failure
+from mora import positive_int, written_atomically  # the latter: path.tmp, renamed once complete; removed on any failure
 
 URL_BASE = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 TRAIN_FILE, VAL_FILE = "TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"
-ENWIK8_URL_BASE, ENWIK8_ZIP = "http://mattmahoney.net/dc/", "enwik8.zip"
-ENWIK8_SPLIT = {"train": 90_000_000, "val": 5_000_000, "test": 5_000_000}  # bytes, in this order
+# One text downloaded whole and cut at fixed sizes: where from, the file (a .zip holds the text as a member
+# named as the dataset), the splits in bytes, in order; their total is the text's size, checked.
+SPLIT_TEXTS = {"enwik8": ("http://mattmahoney.net/dc/", "enwik8.zip", {"train": 90_000_000, "val": 5_000_000, "test": 5_000_000}),
+               "shakespeare": ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/", "input.txt",
+                               {"train": 1_003_854, "val": 111_540})}  # nanoGPT's shakespeare_char: int(0.9 * n) bytes, the rest
 SEPARATOR = b"<|endoftext|>"
 CHUNK = 1 << 22  # 4 MiB: files are streamed, never held in memory
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
@@ -118,12 +125,14 @@ def download(url, dest, limit=None):
     os.replace(part, dest)
 
 
-def copy_counting_stories(chunks, out, bar):
-    """Write the byte chunks to out; return the story count: the number of
-    <|endoftext|> separators, plus one if text follows the last separator."""
+def copy_counting_stories(chunks, out, bar, digest):
+    """Write the byte chunks to out, each added to digest on its way (the SHA-256 of what is
+    written, without reading it back); return the story count: the number of <|endoftext|>
+    separators, plus one if text follows the last separator."""
     separators, tail, text_after_last = 0, b"", False
     for chunk in chunks:
         out.write(chunk)
+        digest.update(chunk)
         bar.update(len(chunk))
         window = tail + chunk  # a separator may straddle two chunks
         last = window.rfind(SEPARATOR)
@@ -151,19 +160,10 @@ def source_ranges(sources, start, length):
             return
 
 
-def hashed(chunks, digest):
-    """The chunks, unchanged, each added to digest on its way: the SHA-256 of what is
-    written, without reading it back."""
-    for chunk in chunks:
-        digest.update(chunk)
-        yield chunk
-
-
 def file_sha256(path):
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
+    for chunk in read_chunks(path, 0, os.path.getsize(path)):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -250,33 +250,36 @@ def convert(sources, dest, start=0, length=None):
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     digest = hashlib.sha256()
     with written_atomically(dest) as out, progress_bar(total=length, desc=os.path.basename(dest)) as bar:
-        stories = sum(copy_counting_stories(hashed(chunks, digest), out, bar) for chunks in source_ranges(sources, start, length))
+        stories = sum(copy_counting_stories(chunks, out, bar, digest) for chunks in source_ranges(sources, start, length))
     with written_atomically(record, "w") as f:  # last: a record means dest is complete
         json.dump({"made_from": made_from, "sha256": digest.hexdigest()}, f)
     counted = f"{stories:,} stories (<|endoftext|> separators)" if stories else "no <|endoftext|> separators, stories not counted"
     print(f"{dest}: {length:,} bytes, {counted}")
 
 
-def prepare_enwik8(args):
-    """enwik8.zip -> the enwik8 text (checked: ENWIK8_SPLIT's total) -> train/val/test.bin."""
-    text = os.path.join(args.out_dir, "enwik8")
-    size = sum(ENWIK8_SPLIT.values())
+def prepare_split_text(args):
+    """A dataset of SPLIT_TEXTS: download its file, take the text out if it is a .zip, check the
+    text's size, and cut the text into one .bin per split."""
+    url_base, name, splits = SPLIT_TEXTS[args.dataset]
+    archive, size = os.path.join(args.out_dir, name), sum(splits.values())
+    text = os.path.join(args.out_dir, args.dataset) if name.endswith(".zip") else archive
     if not os.path.exists(text) or os.path.getsize(text) != size:
-        archive = os.path.join(args.out_dir, ENWIK8_ZIP)
-        download((args.url_base or ENWIK8_URL_BASE).rstrip("/") + "/" + ENWIK8_ZIP, archive)
+        download((args.url_base or url_base).rstrip("/") + "/" + name, archive)
+    if text != archive and (not os.path.exists(text) or os.path.getsize(text) != size):
         try:
-            with zipfile.ZipFile(archive) as z, z.open("enwik8") as member, written_atomically(text) as out:
+            with zipfile.ZipFile(archive) as z, z.open(args.dataset) as member, written_atomically(text) as out:
                 while chunk := member.read(CHUNK):
                     out.write(chunk)
-        except (zipfile.BadZipFile, KeyError, zlib.error, EOFError) as exc:  # not a zip, no enwik8 in it, damaged data
+        except (zipfile.BadZipFile, KeyError, zlib.error, EOFError) as exc:  # not a zip, no text in it, damaged data
             os.remove(archive)  # else every later run would find the same damage
             what = "damaged compressed data" if isinstance(exc, zlib.error) else exc.__class__.__name__
-            raise PrepareError(f"{archive} is damaged or not the enwik8 archive ({what}: {exc}): "
+            raise PrepareError(f"{archive} is damaged or not the {args.dataset} archive ({what}: {exc}): "
                                f"it was removed; run the same command to download it again")
     if os.path.getsize(text) != size:
-        raise PrepareError(f"{text} holds {os.path.getsize(text):,} bytes, enwik8 has {size:,}: delete it and {ENWIK8_ZIP}, then run again")
+        also = "" if text == archive else f" and {name}"
+        raise PrepareError(f"{text} holds {os.path.getsize(text):,} bytes, {args.dataset} has {size:,}: delete it{also}, then run again")
     start = 0
-    for split, length in ENWIK8_SPLIT.items():
+    for split, length in splits.items():
         keep = min(length, args.train_bytes) if split == "train" and args.train_bytes else length
         convert([text], os.path.join(args.out_dir, f"{split}.bin"), start, keep)
         start += length
@@ -301,20 +304,14 @@ def prepare_tinystories(args):
     convert(val_sources, os.path.join(args.out_dir, "val.bin"))
 
 
-def positive_int(text):
-    if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return int(text)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=["tinystories", "enwik8"], default="tinystories")
+    parser.add_argument("--dataset", choices=["tinystories", *SPLIT_TEXTS], default="tinystories")
     parser.add_argument("--out-dir", default="data", help="where the .bin files go (and downloads)")
     parser.add_argument("--input-train", nargs="+", metavar="FILE", help="local train text file(s), concatenated in order")
     parser.add_argument("--input-val", metavar="FILE", help="local validation text file")
-    parser.add_argument("--url-base", help=f"where to download from (default {URL_BASE} for tinystories, "
-                                           f"{ENWIK8_URL_BASE} for enwik8)")
+    parser.add_argument("--url-base", help="the folder to download from (default " + ", ".join(
+        f"{base} for {name}" for name, (base, *_) in {"tinystories": (URL_BASE,), **SPLIT_TEXTS}.items()) + ")")
     parser.add_argument("--train-bytes", type=positive_int, help="only the first N bytes of the train text (downloads only those)")
     args = parser.parse_args(argv)
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
@@ -322,12 +319,12 @@ def main(argv=None):
         if bool(args.input_train) != bool(args.input_val):
             raise PrepareError("give both --input-train and --input-val (or neither, to download TinyStories)")
         if args.input_train and args.dataset != "tinystories":
-            raise PrepareError("--input-train/--input-val convert local text; --dataset enwik8 downloads: choose one")
+            raise PrepareError(f"--input-train/--input-val convert local text; --dataset {args.dataset} downloads: choose one")
         if args.url_base and not args.url_base.startswith(("http://", "https://", "file:")):
             raise PrepareError(f"--url-base {args.url_base} is not a URL: it must start with http:// or https://")
         if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
             raise PrepareError(f"--out-dir {args.out_dir} is a file: name a folder")
-        (prepare_enwik8 if args.dataset == "enwik8" else prepare_tinystories)(args)
+        (prepare_split_text if args.dataset in SPLIT_TEXTS else prepare_tinystories)(args)
     except PrepareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -656,8 +656,14 @@ def enwik8_zip(text, compression=0):
     return archive.getvalue()
 
 
+def small_split_text(monkeypatch, dataset, splits):
+    """The dataset of SPLIT_TEXTS in small: its split sizes (and so its text's size) are `splits`."""
+    url_base, name, _ = prepare_data.SPLIT_TEXTS[dataset]
+    monkeypatch.setitem(prepare_data.SPLIT_TEXTS, dataset, (url_base, name, splits))
+
+
 def test_enwik8_split_from_a_zip(tmp_path, http_server, monkeypatch, capsys):
-    monkeypatch.setattr(prepare_data, "ENWIK8_SPLIT", {"train": 900, "val": 50, "test": 50})  # enwik8 in small
+    small_split_text(monkeypatch, "enwik8", {"train": 900, "val": 50, "test": 50})  # enwik8 in small
     text = bytes(np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8))
     RangeHandler.FILES = {"enwik8.zip": enwik8_zip(text)}
     out = tmp_path / "data"
@@ -674,7 +680,7 @@ def test_enwik8_split_from_a_zip(tmp_path, http_server, monkeypatch, capsys):
 def test_enwik8_train_bytes_cut_only_the_train_part(tmp_path, http_server, monkeypatch):
     """--train-bytes N: train.bin is the first N bytes; val and test stay where the
     standard split puts them (90M..95M, 95M..100M), whatever N is."""
-    monkeypatch.setattr(prepare_data, "ENWIK8_SPLIT", {"train": 900, "val": 50, "test": 50})
+    small_split_text(monkeypatch, "enwik8", {"train": 900, "val": 50, "test": 50})
     text = bytes(np.random.default_rng(1).integers(0, 256, 1000, dtype=np.uint8))
     RangeHandler.FILES = {"enwik8.zip": enwik8_zip(text)}
     out = tmp_path / "data"
@@ -686,7 +692,7 @@ def test_enwik8_train_bytes_cut_only_the_train_part(tmp_path, http_server, monke
 
 
 def test_a_damaged_enwik8_zip_is_removed_and_downloaded_again(tmp_path, http_server, monkeypatch, capsys):
-    monkeypatch.setattr(prepare_data, "ENWIK8_SPLIT", {"train": 900, "val": 50, "test": 50})
+    small_split_text(monkeypatch, "enwik8", {"train": 900, "val": 50, "test": 50})
     text = (b"<page><title>Anarchism</title><text>the quick brown fox</text></page>\n" * 20)[:1000]
     good = enwik8_zip(text, compression=8)
     damaged = bytearray(good)
@@ -701,6 +707,26 @@ def test_a_damaged_enwik8_zip_is_removed_and_downloaded_again(tmp_path, http_ser
     RangeHandler.FILES = {"enwik8.zip": good}
     assert prepare_data.main(args) == 0  # the next run downloads it again
     assert (out / "train.bin").read_bytes() == text[:900] and (out / "test.bin").read_bytes() == text[950:]
+
+
+def test_shakespeare_is_split_as_nanogpt_splits_it(tmp_path, http_server, monkeypatch, capsys):
+    url_base, name, splits = prepare_data.SPLIT_TEXTS["shakespeare"]
+    assert url_base + name == "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+    assert splits == {"train": 1_003_854, "val": 111_540}  # char-rnn's 1,115,394 bytes cut as nanoGPT does:
+    assert splits["train"] == int(0.9 * sum(splits.values()))  # its first int(0.9 * n) bytes, then the rest
+    small_split_text(monkeypatch, "shakespeare", {"train": 900, "val": 100})
+    text = (b"First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 20)[:1000]
+    RangeHandler.FILES = {"input.txt": text}
+    out = tmp_path / "data"
+    args = ["--dataset", "shakespeare", "--out-dir", str(out), "--url-base", http_server + "data/tinyshakespeare"]
+    assert prepare_data.main(args) == 0
+    assert (out / "train.bin").read_bytes() == text[:900] and (out / "val.bin").read_bytes() == text[900:]
+    printed = capsys.readouterr().out
+    assert f"{out / 'train.bin'}: 900 bytes" in printed and f"{out / 'val.bin'}: 100 bytes" in printed
+    assert prepare_data.main(args) == 0 and capsys.readouterr().out.count("skipped") == 2  # both .bin
+    (out / "input.txt").write_bytes(text + b"More.\n")  # not the text the split was made for
+    err = one_error_line(capsys, prepare_data.main(args))
+    assert err == f"error: {out / 'input.txt'} holds 1,006 bytes, shakespeare has 1,000: delete it, then run again\n"
 
 
 def test_a_damaged_record_means_rebuild(tmp_path, monkeypatch, capsys):
@@ -825,7 +851,7 @@ def test_ctrl_c_in_prepare_data_is_one_line_and_leaves_nothing_half_done(tmp_pat
     args = ["--out-dir", str(out), "--input-train", str(text), "--input-val", str(text)]
     copy = prepare_data.copy_counting_stories
 
-    def interrupted_after_writing(chunks, f, bar):
+    def interrupted_after_writing(chunks, f, *args):
         f.write(b"half of it")
         raise KeyboardInterrupt
     monkeypatch.setattr(prepare_data, "copy_counting_stories", interrupted_after_writing)
