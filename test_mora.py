@@ -2437,7 +2437,6 @@ def test_file_system_faults_are_one_line(data_dir, tmp_path, capsys, monkeypatch
     assert "cannot create the folder" in error_of(*train, "--ckpt", tmp_path / "file" / "m.npz")
     (tmp_path / "folder.npz").mkdir()
     assert "is a folder" in error_of(*train, "--ckpt", tmp_path / "folder.npz", "--overwrite")
-    assert "own log" in error_of(*train, "--ckpt", tmp_path / "m.csv")
     bad_data = tmp_path / "bad"
     (bad_data / "train.bin").mkdir(parents=True)
     assert "not a file" in error_of("train", "--data-dir", bad_data, "--ckpt", tmp_path / "x.npz", "--device", "cpu")
@@ -2460,6 +2459,36 @@ def test_file_system_faults_are_one_line(data_dir, tmp_path, capsys, monkeypatch
     err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "later.npz", "--max-steps", 4, "--ckpt-every", 2),
                          after_progress=True)
     assert "still holds step 2" in err and "--resume" in err
+
+
+def test_outputs_in_the_way_are_one_line_before_any_work(data_dir, tmp_path, capsys):
+    """check_outputs: a folder, a FIFO (whose open would hang), a missing folder, a link into one, or one of the
+    command's own inputs, at any file a command writes, is refused in one line naming it, before any work."""
+    text = tmp_path / "in.txt"
+    text.write_text("abc")
+    os.link(text, tmp_path / "hard.txt")
+    os.symlink(text, tmp_path / "soft.txt")
+    os.symlink(tmp_path / "gone" / "m.npz", tmp_path / "dangling.npz")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    cases = {  # output -> words of its one line
+        tmp_path / "fifo": "not a regular file", tmp_path / "dir": "is a folder", tmp_path / "no" / "o.txt": "does not exist",
+        tmp_path / "dangling.npz": "does not exist", text: "also an input", tmp_path / "hard.txt": "also an input",
+        tmp_path / "soft.txt": "also an input", "": "names no file"}
+    for out, words in cases.items():
+        with pytest.raises(mora.UserError, match=words):
+            mora.check_outputs([out], inputs=[text])
+    mora.check_outputs([tmp_path / "new.txt", text.with_suffix(".txt.tmp")], inputs=[text])  # nothing in the way
+    train = ["train", "--data-dir", data_dir, *TINY, "--device", "cpu", "--max-steps", 2, "--eval-every", 0]
+    beside = {"m.npz.tmp": os.mkfifo, "m.csv.tmp": os.mkfifo, "m.npz.lock": os.mkdir, "m.samples.txt": os.mkfifo}
+    for k, (name, make) in enumerate(dict(beside, **{"m.npz.tmp ": os.mkdir}).items()):
+        run_dir = tmp_path / f"run{k}"
+        run_dir.mkdir()
+        make(run_dir / name.strip())
+        err = one_error_line(capsys, run_main(*train, "--ckpt", run_dir / "m.npz"))
+        assert f"{run_dir / name.strip()} is " in err and "--ckpt" in err and not (run_dir / "m.npz").exists(), name
+    err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "dangling.npz"))
+    assert "gone" in err and "does not exist" in err
 
 
 def test_sample_into_a_closed_pipe_is_quiet(data_dir, tmp_path):
