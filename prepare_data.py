@@ -47,9 +47,14 @@ import urllib.request
 import zipfile
 import zlib
 
+try:
+    import fcntl
+except ImportError:  # Windows: no lock, one run per --out-dir at a time is left to the user
+    fcntl = None
+
 from tqdm import tqdm
 
-from mora import positive_int, written_atomically  # the latter: path.tmp, renamed once complete; removed on any failure
+from mora import UserError, check_outputs, positive_int, written_atomically  # the last: NAME.tmp, renamed once whole
 
 URL_BASE = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 TRAIN_FILE, VAL_FILE = "TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"
@@ -63,10 +68,6 @@ CHUNK = 1 << 22  # 4 MiB: files are streamed, never held in memory
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
 
 
-class PrepareError(Exception):
-    """Printed as one line; exit code 1."""
-
-
 class Stopped(KeyboardInterrupt):
     """SIGTERM (`kill`, a job scheduler) or SIGHUP (the terminal closed), raised where the
     run is, as Ctrl-C raises KeyboardInterrupt: the same clean-up removes partial files."""
@@ -74,6 +75,14 @@ class Stopped(KeyboardInterrupt):
 
 def stop(signum, frame):
     raise Stopped(signum)
+
+
+def say(line):
+    """print(line) to a stdout that may go away (`| head`) or fill up: the work goes on, and ends as it would have."""
+    try:
+        print(line, flush=True)
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the rest, Python's last flush too, goes nowhere
 
 
 def progress_bar(**options):
@@ -87,9 +96,8 @@ def download(url, dest, limit=None):
     resuming a partial .part with an HTTP Range request, and check the size against
     what the server announced."""
     if os.path.exists(dest):
-        print(f"{dest}: already downloaded, skipped")
+        say(f"{dest}: already downloaded, skipped")
         return
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     part = dest + ".part"  # kept on Ctrl-C or a broken connection: the next run resumes it
     have = os.path.getsize(part) if os.path.exists(part) else 0
     if limit is not None and have >= limit:  # all asked for is there: a run stopped before the rename
@@ -100,10 +108,10 @@ def download(url, dest, limit=None):
     try:
         response = urllib.request.urlopen(request, timeout=60)
     except urllib.error.HTTPError as exc:
-        raise PrepareError(f"{url}: HTTP {exc.code} {exc.reason}: check --url-base, or convert local files with --input-train FILE --input-val FILE")
+        raise UserError(f"{url}: HTTP {exc.code} {exc.reason}: check --url-base, or convert local files with --input-train FILE --input-val FILE")
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise PrepareError(f"cannot reach {url} ({reason}): offline? convert local files with --input-train FILE --input-val FILE")
+        raise UserError(f"cannot reach {url} ({reason}): offline? convert local files with --input-train FILE --input-val FILE")
     with response:
         if have and response.status != 206:  # the server ignored the range: start over
             have = 0
@@ -118,10 +126,10 @@ def download(url, dest, limit=None):
                     f.write(chunk)
                     bar.update(len(chunk))
             except OSError as exc:
-                raise PrepareError(f"download of {url} broke off ({exc}): run the same command again to resume")
+                raise UserError(f"download of {url} broke off ({exc}): run the same command again to resume")
     size = os.path.getsize(part)
     if total is not None and size != total:
-        raise PrepareError(f"download of {url} stopped at {size:,} of {total:,} bytes: run the same command again to resume")
+        raise UserError(f"download of {url} stopped at {size:,} of {total:,} bytes: run the same command again to resume")
     os.replace(part, dest)
 
 
@@ -175,61 +183,74 @@ def read_chunks(path, start, length):
             yield chunk
 
 
-def same_file(path, other):
-    """path (which exists) and other are one file: the same real path (through symbolic
-    links and ..), or, other existing too, one file under two names (a hard link)."""
-    return os.path.realpath(path) == os.path.realpath(other) or (os.path.exists(other) and os.path.samefile(path, other))
-
-
-def check_texts(texts, out_dir):
-    """Each split's source files are regular files that can be read, none is a file
-    this run writes (SPLIT.bin, its record, their .tmp: writing would destroy it), and
-    the split is not empty: checked before anything is written, so that a wrong
-    --input-val is found before minutes of converting the train text.
-    texts: {split name: [file, ...]}."""
-    written = [os.path.join(out_dir, f"{split}.bin{end}") for split in texts for end in ("", ".tmp", ".json", ".json.tmp")]
+def check_files(args):
+    """Every input, then every output, before any work: so that a wrong --input-val, or a FIFO at val.bin.tmp, is
+    found before minutes of converting the train text.  Each input is a regular file that can be read, and no
+    split is empty; each output is what check_outputs asks (a regular file or nothing, none of the inputs)."""
+    texts = {"train": args.input_train, "val": [args.input_val]} if args.input_train else {}
     for split, paths in texts.items():
         for path in paths:
             if not os.path.exists(path):
-                raise PrepareError(f"{path}: no such file")
+                raise UserError(f"{path}: no such file")
             if os.path.isdir(path):
-                raise PrepareError(f"{path} is a folder: name the text file(s) in it")
+                raise UserError(f"{path} is a folder: name the text file(s) in it")
             if not os.path.isfile(path):  # a FIFO, a socket, a device: never opened, a FIFO would wait for a writer
-                raise PrepareError(f"{path} is not a regular file (a pipe or a device?): give a text file")
-            for output in written:
-                if same_file(path, output):
-                    raise PrepareError(f"{path} is {output}, which this run overwrites: "
-                                       f"copy it out of {out_dir} and give the copy, or choose another --out-dir")
+                raise UserError(f"{path} is not a regular file (a pipe or a device?): give a text file")
             with open(path, "rb"):  # unreadable: the OSError says why, in main's one line
                 pass
         if sum(os.path.getsize(p) for p in paths) == 0:
-            raise PrepareError(f"the {split} text ({', '.join(paths)}) is empty: give a file that holds text")
+            raise UserError(f"the {split} text ({', '.join(paths)}) is empty: give a file that holds text")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out-dir {args.out_dir} is a file: name a folder")
+    os.makedirs(args.out_dir, exist_ok=True)
+    for path in written_files(args):  # one by one: the advice for each is "choose another --out-dir"
+        check_outputs([path], [path for paths in texts.values() for path in paths], flag="--out-dir")
+    if texts and any(os.path.samefile(args.input_val, train) for train in args.input_train):
+        print(f"warning: --input-val {args.input_val} is also a train text: val.bin then measures what the model "
+              f"trained on, not how it does on new text", file=sys.stderr)
 
 
-def read_record(record, dest):
-    """What the record says of dest ({"made_from": ..., "sha256": ...}), or {} when it is
-    missing or damaged (an empty file from a full disk, say): then dest is not known to be done."""
-    if not os.path.exists(record):
-        return {}
+def written_files(args):
+    """Every file of --out-dir this run may write, a .bin with its record and their .tmp, a download with its .part."""
+    _, name, splits = SPLIT_TEXTS.get(args.dataset, (None, None, ["train", "val"]))
+    made = [f"{split}.bin{end}" for split in splits for end in ("", ".json")]
+    if args.input_train:
+        downloads = []
+    elif args.dataset in SPLIT_TEXTS:
+        downloads, made = [name], made + [args.dataset] * name.endswith(".zip")  # enwik8.zip's text, taken out
+    else:
+        downloads = [VAL_FILE, TRAIN_FILE] + [f"{TRAIN_FILE}.first{args.train_bytes}"] * bool(args.train_bytes)
+    names = [f + end for f in made for end in ("", ".tmp")] + [f + end for f in downloads for end in ("", ".part")]
+    return [os.path.join(args.out_dir, f) for f in names]
+
+
+def lock_folder(folder):
+    """An exclusive lock on the folder while this run writes in it, so that a second run on it stops at once, before
+    it touches the first's .tmp and .part files.  The system drops the lock however the process ends."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        with open(record) as f:
-            recorded = json.load(f)
-        if isinstance(recorded, dict):
-            return recorded
-        problem = "not a record"
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        problem = exc.__class__.__name__
-    print(f"{record} is damaged ({problem}): rebuilding {dest}")
-    return {}
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"another prepare_data.py is writing in {folder}: wait for it to end, or choose another --out-dir")
+    return fd
 
 
 def up_to_date(dest, record, made_from):
-    """dest holds what made_from describes: its record says so, and dest still has the
-    SHA-256 recorded as it was written (a byte damaged in place, at the same size, shows).
+    """dest holds what made_from describes: its record says so (a missing or damaged one: not known to be done), and
+    dest still has the SHA-256 recorded as it was written (a byte damaged in place, at the same size, shows).
     The hash, a full read of dest, comes last."""
-    if not os.path.exists(dest) or os.path.getsize(dest) != made_from["length"]:
+    if not (os.path.exists(dest) and os.path.getsize(dest) == made_from["length"] and os.path.exists(record)):
         return False
-    recorded = read_record(record, dest)
+    try:
+        with open(record) as f:
+            recorded = json.load(f)
+        problem = None if isinstance(recorded, dict) else "not a record"
+    except ValueError as exc:  # JSONDecodeError (an empty file from a full disk, say), UnicodeDecodeError
+        problem = exc.__class__.__name__
+    if problem:
+        say(f"{record} is damaged ({problem}): rebuilding {dest}")
+        return False
     return recorded.get("made_from") == made_from and recorded.get("sha256") == file_sha256(dest)
 
 
@@ -243,18 +264,17 @@ def convert(sources, dest, start=0, length=None):
                  "start": start, "length": length}
     record = dest + ".json"
     if up_to_date(dest, record, made_from):
-        print(f"{dest}: up to date ({length:,} bytes), skipped")
+        say(f"{dest}: up to date ({length:,} bytes), skipped")
         return
     if os.path.exists(record):  # dest is about to change: its old record must never vouch for the new bytes
         os.remove(record)
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     digest = hashlib.sha256()
     with written_atomically(dest) as out, progress_bar(total=length, desc=os.path.basename(dest)) as bar:
         stories = sum(copy_counting_stories(chunks, out, bar, digest) for chunks in source_ranges(sources, start, length))
     with written_atomically(record, "w") as f:  # last: a record means dest is complete
         json.dump({"made_from": made_from, "sha256": digest.hexdigest()}, f)
     counted = f"{stories:,} stories (<|endoftext|> separators)" if stories else "no <|endoftext|> separators, stories not counted"
-    print(f"{dest}: {length:,} bytes, {counted}")
+    say(f"{dest}: {length:,} bytes, {counted}")
 
 
 def prepare_split_text(args):
@@ -273,11 +293,11 @@ def prepare_split_text(args):
         except (zipfile.BadZipFile, KeyError, zlib.error, EOFError) as exc:  # not a zip, no text in it, damaged data
             os.remove(archive)  # else every later run would find the same damage
             what = "damaged compressed data" if isinstance(exc, zlib.error) else exc.__class__.__name__
-            raise PrepareError(f"{archive} is damaged or not the {args.dataset} archive ({what}: {exc}): "
+            raise UserError(f"{archive} is damaged or not the {args.dataset} archive ({what}: {exc}): "
                                f"it was removed; run the same command to download it again")
     if os.path.getsize(text) != size:
         also = "" if text == archive else f" and {name}"
-        raise PrepareError(f"{text} holds {os.path.getsize(text):,} bytes, {args.dataset} has {size:,}: delete it{also}, then run again")
+        raise UserError(f"{text} holds {os.path.getsize(text):,} bytes, {args.dataset} has {size:,}: delete it{also}, then run again")
     start = 0
     for split, length in splits.items():
         keep = min(length, args.train_bytes) if split == "train" and args.train_bytes else length
@@ -299,7 +319,6 @@ def prepare_tinystories(args):
         else:
             train_sources = [full_train]
             download(url_base + TRAIN_FILE, full_train)
-    check_texts({"train": train_sources, "val": val_sources}, args.out_dir)
     convert(train_sources, os.path.join(args.out_dir, "train.bin"), length=args.train_bytes)
     convert(val_sources, os.path.join(args.out_dir, "val.bin"))
 
@@ -314,18 +333,18 @@ def main(argv=None):
         f"{base} for {name}" for name, (base, *_) in {"tinystories": (URL_BASE,), **SPLIT_TEXTS}.items()) + ")")
     parser.add_argument("--train-bytes", type=positive_int, help="only the first N bytes of the train text (downloads only those)")
     args = parser.parse_args(argv)
-    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    previous, lock = {s: signal.signal(s, stop) for s in STOP_SIGNALS}, None
     try:
         if bool(args.input_train) != bool(args.input_val):
-            raise PrepareError("give both --input-train and --input-val (or neither, to download TinyStories)")
+            raise UserError("give both --input-train and --input-val (or neither, to download TinyStories)")
         if args.input_train and args.dataset != "tinystories":
-            raise PrepareError(f"--input-train/--input-val convert local text; --dataset {args.dataset} downloads: choose one")
+            raise UserError(f"--input-train/--input-val convert local text; --dataset {args.dataset} downloads: choose one")
         if args.url_base and not args.url_base.startswith(("http://", "https://", "file:")):
-            raise PrepareError(f"--url-base {args.url_base} is not a URL: it must start with http:// or https://")
-        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-            raise PrepareError(f"--out-dir {args.out_dir} is a file: name a folder")
+            raise UserError(f"--url-base {args.url_base} is not a URL: it must start with http:// or https://")
+        check_files(args)
+        lock = lock_folder(args.out_dir) if fcntl else None
         (prepare_split_text if args.dataset in SPLIT_TEXTS else prepare_tinystories)(args)
-    except PrepareError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # unreadable input, unwritable folder, disk full: one line
@@ -339,6 +358,8 @@ def main(argv=None):
     finally:  # main may be called from Python (the tests): leave the signals as they were
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if lock is not None:
+            os.close(lock)
     return 0
 
 

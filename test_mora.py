@@ -837,8 +837,9 @@ def test_every_input_is_checked_before_anything_is_written(tmp_path, monkeypatch
 def test_an_unwritable_out_dir_is_reported_as_it_is(tmp_path, monkeypatch, capsys):
     """The clean-up of a partial file that never came to be must not replace the real
     error (here: no permission to create files in --out-dir) by its own."""
-    text = tmp_path / "t.txt"
+    text, val = tmp_path / "t.txt", tmp_path / "v.txt"
     text.write_bytes(made_up_text(3))
+    val.write_bytes(made_up_text(1))
     real_open = open
 
     def read_only_folder(path, mode="r", *args, **kwargs):
@@ -848,7 +849,7 @@ def test_an_unwritable_out_dir_is_reported_as_it_is(tmp_path, monkeypatch, capsy
     for module in prepare_data, mora:  # the .bin files are opened by mora's written_atomically
         monkeypatch.setattr(module, "open", read_only_folder, raising=False)
     err = one_error_line(capsys, prepare_data.main(["--out-dir", str(tmp_path / "o"), "--input-train", str(text),
-                                                    "--input-val", str(text)]))
+                                                    "--input-val", str(val)]))
     assert "Permission denied" in err and "train.bin.tmp" in err and "No such file" not in err
 
 
@@ -893,7 +894,7 @@ def test_an_input_that_this_run_writes_is_refused_before_anything_is_written(tmp
     victim.write_bytes(text.read_bytes())
     train, val = (victim, text) if given_as == "train" else (text, victim)
     err = one_error_line(capsys, prepare_data.main(local_args(out, train, val)))
-    assert f"{victim} is {victim}" in err and "--out-dir" in err
+    assert f"{victim} is also an input of this command ({victim})" in err and "--out-dir" in err
     assert os.listdir(out) == [name] and victim.read_bytes() == text.read_bytes()
 
 
@@ -903,13 +904,13 @@ def test_an_input_reaching_an_output_by_a_link_or_another_spelling_is_refused(tm
     text.write_bytes(made_up_text(5))
     os.link(text, out / "train.bin.tmp")  # opening train.bin.tmp to write would empty story.txt
     err = one_error_line(capsys, prepare_data.main(local_args(out, text, text)))
-    assert f"{text} is {out / 'train.bin.tmp'}" in err
+    assert f"{out / 'train.bin.tmp'} is also an input of this command ({text})" in err
     (out / "train.bin.tmp").unlink()
     (tmp_path / "same").symlink_to(out)  # another name for the folder
     (out / "val.bin.tmp").write_bytes(text.read_bytes())
     (out / "sub").mkdir()
     err = one_error_line(capsys, prepare_data.main(local_args(tmp_path / "same", text, out / "sub" / ".." / "val.bin.tmp")))
-    assert "val.bin.tmp is" in err and text.read_bytes() == made_up_text(5)
+    assert "val.bin.tmp is also an input" in err and text.read_bytes() == made_up_text(5)
     assert sorted(os.listdir(out)) == ["sub", "val.bin.tmp"] and (out / "val.bin.tmp").read_bytes() == text.read_bytes()
 
 
@@ -950,10 +951,11 @@ sys.exit(prepare_data.main(sys.argv[1:]))
 @pytest.mark.parametrize("name", [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)])
 def test_sigterm_and_sighup_in_prepare_data_are_one_line_and_leave_nothing_half_done(tmp_path, name):
     signum = getattr(signal, name)
-    text, out = tmp_path / "t.txt", tmp_path / "o"
+    text, val, out = tmp_path / "t.txt", tmp_path / "v.txt", tmp_path / "o"
     text.write_bytes(made_up_text(60) * 1500)  # about 14 MB: four chunks
+    val.write_bytes(made_up_text(2))
     assert text.stat().st_size > 3 * prepare_data.CHUNK
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, *local_args(out, text, text)], cwd=HERE,
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, *local_args(out, text, val)], cwd=HERE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     partial, deadline = out / "train.bin.tmp", time.time() + 60
     while not (partial.exists() and partial.stat().st_size >= prepare_data.CHUNK) and time.time() < deadline:
@@ -1029,13 +1031,97 @@ def test_a_record_that_is_not_a_record_means_rebuild(tmp_path, capsys):
 
 
 def test_prepare_data_into_a_pipe_draws_no_bars_and_prints_its_summaries(tmp_path):
-    text, out = tmp_path / "t.txt", tmp_path / "o"
+    text, val, out = tmp_path / "t.txt", tmp_path / "v.txt", tmp_path / "o"
     text.write_bytes(made_up_text(5))
-    done = subprocess.run([sys.executable, "prepare_data.py", *local_args(out, text, text)], cwd=HERE,
+    val.write_bytes(made_up_text(2))
+    done = subprocess.run([sys.executable, "prepare_data.py", *local_args(out, text, val)], cwd=HERE,
                           capture_output=True, timeout=60)  # bytes: text mode would turn each \r into \n
     assert done.returncode == 0 and b"\r" not in done.stdout + done.stderr and done.stderr == b""
     printed = done.stdout.decode()
     assert f"train.bin: {text.stat().st_size:,} bytes, 5 stories" in printed and "val.bin:" in printed
+
+
+PREPARE_SMALL = """
+import sys
+import prepare_data
+SMALL = {"enwik8": {"train": 900, "val": 50, "test": 50}, "shakespeare": {"train": 900, "val": 100}}
+prepare_data.SPLIT_TEXTS = {name: (base, file, SMALL[name]) for name, (base, file, _) in prepare_data.SPLIT_TEXTS.items()}
+sys.exit(prepare_data.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+@pytest.mark.parametrize("dataset, name, kind", [
+    ("local", "train.bin.tmp", "FIFO"), ("local", "val.bin.json.tmp", "FIFO"), ("local", "train.bin", "folder"),
+    ("tinystories", "TinyStoriesV2-GPT4-train.txt.part", "FIFO"), ("tinystories", "TinyStoriesV2-GPT4-valid.txt", "folder"),
+    ("enwik8", "enwik8.tmp", "FIFO"), ("enwik8", "test.bin", "folder"), ("shakespeare", "input.txt.part", "FIFO")])
+def test_a_fifo_or_folder_in_the_way_of_an_output_is_one_line_before_any_work(tmp_path, http_server, dataset, name, kind):
+    """Any file prepare_data writes, a .tmp or .part included: a FIFO there would hang the run (opening it waits
+    for a reader), a folder there would fail it at the rename, after the work, naming the .tmp."""
+    text = made_up_text(20)[:1000]
+    RangeHandler.FILES = {prepare_data.TRAIN_FILE: text, prepare_data.VAL_FILE: text, "enwik8.zip": enwik8_zip(text),
+                          "input.txt": text}
+    out, source = tmp_path / "out", tmp_path / "t.txt"
+    out.mkdir()
+    source.write_bytes(text)
+    os.mkfifo(out / name) if kind == "FIFO" else (out / name).mkdir()
+    args = local_args(out, source, source) if dataset == "local" else \
+        ["--out-dir", str(out), "--url-base", http_server] + ["--dataset", dataset] * (dataset != "tinystories")
+    done = subprocess.run([sys.executable, "-c", PREPARE_SMALL, *args], cwd=HERE, capture_output=True, text=True, timeout=20)
+    what = "is a folder" if kind == "folder" else "is not a regular file (a device or a FIFO, say)"
+    assert (done.returncode, done.stderr) == (1, f"error: {out / name} {what}: choose another --out-dir\n")
+    assert os.listdir(out) == [name]  # nothing downloaded, nothing written
+
+
+def test_a_second_run_on_one_out_dir_is_refused_at_once(tmp_path, capsys):
+    """Two runs writing one --out-dir would write the same .tmp files, and one of them would fail at
+    its rename: the second one stops before any work, in one line, and the first goes on."""
+    text, val, out = tmp_path / "t.txt", tmp_path / "v.txt", tmp_path / "o"
+    text.write_bytes(made_up_text(5))
+    val.write_bytes(made_up_text(2))
+    first = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, *local_args(out, text, val)], cwd=HERE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "train.bin.tmp").exists() and time.time() < deadline:  # the first is converting
+        time.sleep(0.02)
+    err = one_error_line(capsys, prepare_data.main(local_args(out, text, val)))
+    assert err == f"error: another prepare_data.py is writing in {out}: wait for it to end, or choose another --out-dir\n"
+    assert os.listdir(out) == ["train.bin.tmp"]
+    first.send_signal(signal.SIGTERM)  # the first, stopped as it would be, cleans up after itself
+    assert first.wait(timeout=60) == 128 + signal.SIGTERM and os.listdir(out) == []
+    assert prepare_data.main(local_args(out, text, val)) == 0  # the lock went with it
+
+
+def test_prepare_data_into_a_closed_pipe_finishes_its_work_and_exits_0(tmp_path):
+    """`prepare_data.py ... | head -1`: once head has gone, each summary line fails to be written (a broken
+    pipe); the work goes on to its end, silently, and the exit code is 0.  The pipe is closed from the start
+    here, so that even the first line fails, whatever the timing."""
+    text, val, out = tmp_path / "t.txt", tmp_path / "v.txt", tmp_path / "o"
+    text.write_bytes(made_up_text(5))
+    val.write_bytes(made_up_text(2))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "prepare_data.py", *local_args(out, text, val)], cwd=HERE,
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert (out / "train.bin").read_bytes() == text.read_bytes() and (out / "val.bin").read_bytes() == val.read_bytes()
+    assert sorted(os.listdir(out)) == ["train.bin", "train.bin.json", "val.bin", "val.bin.json"]
+
+
+def test_a_val_text_that_is_also_a_train_text_is_warned_of(tmp_path, capsys):
+    a, b, c = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"
+    for i, path in enumerate((a, b, c)):
+        path.write_bytes(made_up_text(3, seed=i))
+    os.link(b, tmp_path / "also_b.txt")  # the same file under another name
+    assert prepare_data.main(["--out-dir", str(tmp_path / "o"), "--input-train", str(a), str(b),
+                              "--input-val", str(tmp_path / "also_b.txt")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: --input-val {tmp_path / 'also_b.txt'} is also a train text") and err.count("\n") == 1
+    assert prepare_data.main(["--out-dir", str(tmp_path / "o"), "--input-train", str(a), str(b), "--input-val", str(c)]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_ctrl_c_in_a_download_leaves_it_resumable(tmp_path, http_server, monkeypatch, capsys):
