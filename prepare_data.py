@@ -1,7 +1,7 @@
 """Prepare text for MORA: text in, raw bytes out (data/train.bin, data/val.bin).
 
-The model reads bytes, so "preparing" is copying the text byte for byte into one
-file per split; nothing is tokenised, filtered or re-encoded.
+The model reads bytes, so "preparing" is copying the text byte for byte into one file per
+split; nothing is tokenised, filtered or re-encoded.
 
     python prepare_data.py                      # download TinyStoriesV2-GPT4 (2.2 GB), then convert
     python prepare_data.py --train-bytes 50000000   # only the first 50 MB of its train text (a CPU needs no more)
@@ -9,32 +9,29 @@ file per split; nothing is tokenised, filtered or re-encoded.
     python prepare_data.py --dataset enwik8     # enwik8: train.bin, val.bin, test.bin (90M / 5M / 5M bytes)
     python prepare_data.py --dataset shakespeare    # tiny Shakespeare: train.bin, val.bin (1,003,854 / 111,540 bytes)
 
-By default the two TinyStories text files are downloaded from the dataset's home on
-Hugging Face (roneneldan/TinyStories, licence CDLA-Sharing-1.0) into --out-dir, with
-a progress bar; an interrupted download resumes where it stopped when run again, and
---train-bytes N asks the server for the first N bytes alone (an HTTP Range request).
-Expected output of the default run (after the download bars):
+By default the two TinyStories text files are downloaded from the dataset's home on Hugging
+Face (roneneldan/TinyStories, licence CDLA-Sharing-1.0) into --out-dir, with a progress bar;
+an interrupted download resumes where it stopped when run again, and --train-bytes N asks the
+server for the first N bytes alone (an HTTP Range request).  Expected output (after the bars):
 
     data/train.bin: 2,227,753,162 bytes, 2,717,495 stories (<|endoftext|> separators)
     data/val.bin: 22,502,601 bytes, 27,629 stories (<|endoftext|> separators)
 
-enwik8 is the first 10^8 bytes of an English Wikipedia XML dump (the Hutter Prize
-text, http://mattmahoney.net/dc/textdata.html); the standard split is its first
-90,000,000 bytes for training, the next 5,000,000 for validation, the last 5,000,000
-for testing.  Tiny Shakespeare is char-rnn's data/tinyshakespeare/input.txt (1,115,394
-bytes of ASCII), split as nanoGPT's shakespeare_char: the first 90% for training, the
-last 10% for validation.  Expected output:
+enwik8 is the first 10^8 bytes of an English Wikipedia XML dump (the Hutter Prize text,
+http://mattmahoney.net/dc/textdata.html), split as is standard: its first 90,000,000 bytes for
+training, the next 5,000,000 for validation, the last 5,000,000 for testing.  Tiny Shakespeare
+is char-rnn's data/tinyshakespeare/input.txt (1,115,394 bytes of ASCII), split as nanoGPT's
+shakespeare_char: the first 90% for training, the last 10% for validation.  Expected output:
 
     data/train.bin: 1,003,854 bytes, no <|endoftext|> separators, stories not counted
     data/val.bin: 111,540 bytes, no <|endoftext|> separators, stories not counted
 
 Work already done is skipped: a finished download, and a .bin whose record (the .bin.json
 beside it: which bytes of which files, their sizes and times, the .bin's SHA-256) still
-matches; else the .bin is rebuilt.  Every input is checked before anything is written
-(a regular file, not one this run writes).  Files are written as NAME.tmp and renamed once
-complete, so a full disk, Ctrl-C, SIGTERM or SIGHUP never leaves a partial .bin or record
-behind (an interrupted download stays as NAME.part, to resume).  Bars are drawn on a
-terminal only.  The full TinyStories needs about 4.5 GB of disk (text + bins).
+matches.  Every input and output is checked before any work, and one run at a time writes in
+an --out-dir.  Files are written as NAME.tmp and renamed once whole, so a full disk, Ctrl-C,
+SIGTERM or SIGHUP never leaves a partial .bin or record (an interrupted download stays as
+NAME.part, to resume).  Bars are drawn on a terminal only.  TinyStories needs 4.5 GB of disk.
 """
 import argparse
 import hashlib
@@ -47,14 +44,9 @@ import urllib.request
 import zipfile
 import zlib
 
-try:
-    import fcntl
-except ImportError:  # Windows: no lock, one run per --out-dir at a time is left to the user
-    fcntl = None
-
 from tqdm import tqdm
 
-from mora import UserError, check_outputs, positive_int, written_atomically  # the last: NAME.tmp, renamed once whole
+from mora import UserError, check_outputs, file_problem, positive_int, written_atomically  # the last: NAME.tmp, renamed once whole
 
 URL_BASE = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 TRAIN_FILE, VAL_FILE = "TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"
@@ -68,13 +60,10 @@ CHUNK = 1 << 22  # 4 MiB: files are streamed, never held in memory
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
 
 
-class Stopped(KeyboardInterrupt):
-    """SIGTERM (`kill`, a job scheduler) or SIGHUP (the terminal closed), raised where the
-    run is, as Ctrl-C raises KeyboardInterrupt: the same clean-up removes partial files."""
-
-
 def stop(signum, frame):
-    raise Stopped(signum)
+    """SIGTERM (`kill`, a job scheduler) or SIGHUP (the terminal closed), raised where the run is as Ctrl-C
+    raises KeyboardInterrupt, its signal with it: the same clean-up removes partial files."""
+    raise KeyboardInterrupt(signum)
 
 
 def say(line):
@@ -168,13 +157,6 @@ def source_ranges(sources, start, length):
             return
 
 
-def file_sha256(path):
-    digest = hashlib.sha256()
-    for chunk in read_chunks(path, 0, os.path.getsize(path)):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_chunks(path, start, length):
     with open(path, "rb") as f:
         f.seek(start)
@@ -192,10 +174,8 @@ def check_files(args):
         for path in paths:
             if not os.path.exists(path):
                 raise UserError(f"{path}: no such file")
-            if os.path.isdir(path):
-                raise UserError(f"{path} is a folder: name the text file(s) in it")
-            if not os.path.isfile(path):  # a FIFO, a socket, a device: never opened, a FIFO would wait for a writer
-                raise UserError(f"{path} is not a regular file (a pipe or a device?): give a text file")
+            if problem := file_problem(path, "give a text file"):  # a FIFO is never opened: it would wait for a writer
+                raise UserError(problem)
             with open(path, "rb"):  # unreadable: the OSError says why, in main's one line
                 pass
         if sum(os.path.getsize(p) for p in paths) == 0:
@@ -211,15 +191,12 @@ def check_files(args):
 
 
 def written_files(args):
-    """Every file of --out-dir this run may write, a .bin with its record and their .tmp, a download with its .part."""
-    _, name, splits = SPLIT_TEXTS.get(args.dataset, (None, None, ["train", "val"]))
-    made = [f"{split}.bin{end}" for split in splits for end in ("", ".json")]
-    if args.input_train:
-        downloads = []
-    elif args.dataset in SPLIT_TEXTS:
-        downloads, made = [name], made + [args.dataset] * name.endswith(".zip")  # enwik8.zip's text, taken out
-    else:
-        downloads = [VAL_FILE, TRAIN_FILE] + [f"{TRAIN_FILE}.first{args.train_bytes}"] * bool(args.train_bytes)
+    """Every file of --out-dir this run may write: each .bin, its record and the text taken out of a .zip, with
+    their .tmp; each download with its .part."""
+    _, name, splits = SPLIT_TEXTS.get(args.dataset, (None, "", ["train", "val"]))
+    made = [f"{split}.bin{end}" for split in splits for end in ("", ".json")] + [args.dataset] * name.endswith(".zip")
+    downloads = [] if args.input_train else [name] if name else \
+        [VAL_FILE, TRAIN_FILE] + [f"{TRAIN_FILE}.first{args.train_bytes}"] * bool(args.train_bytes)
     names = [f + end for f in made for end in ("", ".tmp")] + [f + end for f in downloads for end in ("", ".part")]
     return [os.path.join(args.out_dir, f) for f in names]
 
@@ -227,6 +204,10 @@ def written_files(args):
 def lock_folder(folder):
     """An exclusive lock on the folder while this run writes in it, so that a second run on it stops at once, before
     it touches the first's .tmp and .part files.  The system drops the lock however the process ends."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: one run per --out-dir at a time is left to the user
+        return None
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -250,8 +231,12 @@ def up_to_date(dest, record, made_from):
         problem = exc.__class__.__name__
     if problem:
         say(f"{record} is damaged ({problem}): rebuilding {dest}")
+    if problem or recorded.get("made_from") != made_from:
         return False
-    return recorded.get("made_from") == made_from and recorded.get("sha256") == file_sha256(dest)
+    digest = hashlib.sha256()
+    for chunk in read_chunks(dest, 0, made_from["length"]):
+        digest.update(chunk)
+    return recorded.get("sha256") == digest.hexdigest()
 
 
 def convert(sources, dest, start=0, length=None):
@@ -313,12 +298,9 @@ def prepare_tinystories(args):
         val_sources = [os.path.join(args.out_dir, VAL_FILE)]
         download(url_base + VAL_FILE, val_sources[0])
         full_train = os.path.join(args.out_dir, TRAIN_FILE)
-        if args.train_bytes and not os.path.exists(full_train):  # only the first N bytes, asked for by range
-            train_sources = [f"{full_train}.first{args.train_bytes}"]
-            download(url_base + TRAIN_FILE, train_sources[0], limit=args.train_bytes)
-        else:
-            train_sources = [full_train]
-            download(url_base + TRAIN_FILE, full_train)
+        first_n = args.train_bytes if not os.path.exists(full_train) else None  # only those bytes, asked for by range
+        train_sources = [f"{full_train}.first{first_n}" if first_n else full_train]
+        download(url_base + TRAIN_FILE, train_sources[0], limit=first_n)
     convert(train_sources, os.path.join(args.out_dir, "train.bin"), length=args.train_bytes)
     convert(val_sources, os.path.join(args.out_dir, "val.bin"))
 
@@ -342,7 +324,7 @@ def main(argv=None):
         if args.url_base and not args.url_base.startswith(("http://", "https://", "file:")):
             raise UserError(f"--url-base {args.url_base} is not a URL: it must start with http:// or https://")
         check_files(args)
-        lock = lock_folder(args.out_dir) if fcntl else None
+        lock = lock_folder(args.out_dir)
         (prepare_split_text if args.dataset in SPLIT_TEXTS else prepare_tinystories)(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -351,7 +333,7 @@ def main(argv=None):
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: the partial files are already removed (a .part is kept)
-        signum = exc.args[0] if isinstance(exc, Stopped) else signal.SIGINT
+        signum = exc.args[0] if exc.args else signal.SIGINT
         print(f"\ninterrupted by {signal.Signals(signum).name}: no partial .bin is left; run the same command again "
               f"to finish (a download resumes where it stopped)", file=sys.stderr)
         return 128 + signum  # as a shell reports a run a signal ended: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP

@@ -930,7 +930,7 @@ def test_a_fifo_as_input_is_refused_without_opening_it(tmp_path):
     os.mkfifo(fifo)
     done = subprocess.run([sys.executable, "prepare_data.py", *local_args(tmp_path / "o", text, fifo)], cwd=HERE,
                           capture_output=True, text=True, timeout=60)  # opening the FIFO would wait here for ever
-    assert done.returncode == 1 and done.stderr == f"error: {fifo} is not a regular file (a pipe or a device?): give a text file\n"
+    assert done.returncode == 1 and done.stderr == f"error: {fifo} is not a regular file (a device or a FIFO, say): give a text file\n"
     assert not (tmp_path / "o").exists()
 
 
