@@ -1073,6 +1073,25 @@ def test_a_fifo_or_folder_in_the_way_of_an_output_is_one_line_before_any_work(tm
     assert os.listdir(out) == [name]  # nothing downloaded, nothing written
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_the_tmp_beside_the_file_a_linked_bin_names_is_checked_too(tmp_path):
+    """train.bin a symbolic link to a file on another disk: the new train.bin is written beside that file, as
+    its .tmp, and renamed over it (the link stays); a FIFO there is found before any work, as at out/train.bin.tmp."""
+    text, val, out, disk = tmp_path / "t.txt", tmp_path / "v.txt", tmp_path / "o", tmp_path / "disk"
+    text.write_bytes(made_up_text(5))
+    val.write_bytes(made_up_text(2))
+    out.mkdir()
+    disk.mkdir()
+    (disk / "train.bin").write_bytes(b"an older train.bin")
+    (out / "train.bin").symlink_to(disk / "train.bin")
+    os.mkfifo(disk / "train.bin.tmp")
+    done = subprocess.run([sys.executable, "prepare_data.py", *local_args(out, text, val)], cwd=HERE,
+                          capture_output=True, text=True, timeout=20)
+    fifo = os.path.realpath(disk / "train.bin") + ".tmp"
+    assert (done.returncode, done.stderr) == (1, f"error: {fifo} is not a regular file (a device or a FIFO, say): choose another --out-dir\n")
+    assert sorted(os.listdir(out)) == ["train.bin"] and (disk / "train.bin").read_bytes() == b"an older train.bin"
+
+
 def test_a_second_run_on_one_out_dir_is_refused_at_once(tmp_path, capsys):
     """Two runs writing one --out-dir would write the same .tmp files, and one of them would fail at
     its rename: the second one stops before any work, in one line, and the first goes on."""
