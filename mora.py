@@ -38,6 +38,7 @@ import signal
 import stat
 import sys
 import time
+import zipfile
 import zlib
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
@@ -1095,39 +1096,82 @@ def save_checkpoint(path, params, meta, adam_m=None, adam_v=None):
         raise SaveError(f"cannot write the checkpoint {path} ({exc.strerror or exc})") from exc
 
 
-def load_checkpoint(path):
-    """-> (Config, float32 params, meta, {"adam.m", "adam.v"} or {}); every command reads (and refuses) one here."""
+def load_checkpoint(path, adam=False):
+    """-> (Config, float32 params, meta, Adam's {"adam.m", "adam.v"} if `adam` else {}): a checkpoint whole, or a
+    UserError naming it and what is wrong.  Every command reads one here, only the members it uses, each checked."""
     problem = path_problem(path)
     if problem or not os.path.exists(path):
         raise UserError(problem or f"no checkpoint at {path}: train one with `python mora.py train`, or pass --ckpt PATH")
     try:
-        with open(path, "rb") as file, np.load(file, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        meta = json.loads(str(arrays.pop("meta")))
+        with open(path, "rb") as file, zipfile.ZipFile(file) as archive:
+            text = read_member(archive, "meta", (), "U")
+            meta = json.loads(str(text[()]))
+            if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+                raise UserError(f"{path} has checkpoint format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                                f"this mora.py reads {CHECKPOINT_FORMAT!r}: use the mora.py that wrote it")
+            if problem := meta_problem(meta):
+                raise UserError(f"{path} is damaged or has settings this mora.py does not know ({problem}): use the "
+                                f"mora.py that wrote it, an earlier copy, or retrain")
+            cfg = Config(**meta["config"])
+            arrays = checkpoint_arrays(archive, path, cfg, adam)
+    except UserError:
+        raise
     except PermissionError as exc:
         raise UserError(f"cannot read {path} ({exc.strerror}): check that it is yours to read") from exc
     except Exception as exc:  # zipfile, zlib, ValueError, KeyError, JSON: the bytes are not a checkpoint
         raise UserError(f"{path} is not a MORA checkpoint, or is cut short or corrupt ("
                         f"{'damaged compressed data' if isinstance(exc, zlib.error) else type(exc).__name__}): retrain, or use another copy")
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} has checkpoint format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                        f"this mora.py reads {CHECKPOINT_FORMAT!r}: use the mora.py that wrote it")
-    problem = meta_problem(meta)
-    if problem:
-        raise UserError(f"{path} is damaged or has settings this mora.py does not know ({problem}): use the mora.py that "
-                        f"wrote it, an earlier copy, or retrain")
-    cfg = Config(**meta["config"])
-    if cfg.n_layers > len(arrays):  # more blocks than arrays: damaged (and not a list of blocks to build)
+    return cfg, {k: arrays[k] for k in param_shapes(cfg)}, meta, {k: arrays[k] for k in ADAM_MOMENTS if adam}
+
+
+ADAM_MOMENTS = ("adam.m", "adam.v")
+
+
+def checkpoint_arrays(archive, path, cfg, adam):
+    """The parameters (and with `adam` Adam's moments, else their headers alone) of the checkpoint `archive`, each
+    of its shape, floats and finite, adam.v not negative, and the weights' output on every byte value finite."""
+    if cfg.n_layers > len(archive.namelist()):  # more blocks than members: damaged (and no list of blocks to build)
         raise UserError(f"{path} does not match its own config (n_layers {cfg.n_layers:,}): the file is damaged")
-    shapes = dict(param_shapes(cfg), **{k: (count_params(cfg),) for k in ("adam.m", "adam.v") if k in arrays})
+    shapes = param_shapes(cfg)
+    if adam or any(f"{name}.npy" in archive.namelist() for name in ADAM_MOMENTS):  # weights alone need no moments
+        shapes.update(dict.fromkeys(ADAM_MOMENTS, (count_params(cfg),)))
+    if adam and not {"adam.m.npy", "adam.v.npy"} & set(archive.namelist()):
+        raise UserError(f"{path} holds weights only (no optimizer state or settings): it cannot be resumed")
+    arrays = {}
     for name, shape in shapes.items():
-        if name not in arrays or arrays[name].shape != shape or arrays[name].dtype.kind != "f":
-            raise UserError(f"{path} does not match its own config ({name}: not {shape} floats): the file is damaged")
-        arrays[name] = arrays[name].astype(np.float32)
+        array = read_member(archive, name, shape, read=adam or name not in ADAM_MOMENTS)
+        if array is None:
+            what = f"not {shape} floats" if f"{name}.npy" in archive.namelist() else "missing"
+            raise UserError(f"{path} does not match its own config ({name}: {what}): the file is damaged")
+        arrays[name] = array.astype(np.float32)
         if not np.isfinite(arrays[name]).all():
             raise UserError(f"{path} holds non-finite numbers (NaN or inf in {name}): that run diverged; use an earlier "
                             f"checkpoint or retrain")
-    return cfg, {k: arrays[k] for k in param_shapes(cfg)}, meta, {k: arrays[k] for k in shapes if k.startswith("adam.")}
+    if adam and (arrays["adam.v"] < 0).any():
+        raise UserError(f"{path} is damaged: adam.v, Adam's mean squared gradient, holds negative numbers; use an earlier "
+                        f"checkpoint or retrain")
+    with np.errstate(all="ignore"):  # a weight of 3e38 is finite, but the sums it takes part in overflow
+        finite = np.isfinite(forward(arrays, np.arange(V, dtype=np.uint8)[None])).all()
+    if not finite:
+        raise UserError(f"{path} holds weights so large that the model's output overflows (not finite on the bytes "
+                        f"0..255): that run diverged or the file is damaged; use an earlier checkpoint or retrain")
+    return arrays
+
+
+def read_member(archive, name, shape, kind="f", read=True):
+    """The .npz member `name` if it holds `shape` items of the dtype kind `kind` (else None), read from its header
+    no further than they need: a member may hold gigabytes past them.  read=False: its header alone is checked."""
+    if f"{name}.npy" not in archive.namelist():
+        return None
+    with archive.open(f"{name}.npy") as file:
+        version = np.lib.format.read_magic(file)
+        header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        stored, fortran, dtype = header(file)
+        if stored != shape or dtype.kind != kind or dtype.itemsize > 1 << 18:  # a meta of 64 K characters at most
+            return None
+        count = math.prod(shape) if read else 0
+        data = np.frombuffer(file.read(count * dtype.itemsize), dtype, count)
+    return data.reshape(shape, order="F" if fortran else "C") if read else data
 
 
 def meta_problem(meta):
@@ -1220,7 +1264,7 @@ def start_or_resume(args, xp, checkpoint):
         asked = model_config(args, base=cfg)
         if asked != cfg:
             raise UserError(f"--resume: {args.ckpt} is a {asdict(cfg)} model, the flags ask for {asdict(asked)}: drop the size flags or use another --ckpt")
-        if not adam_state or "train" not in meta or "data" not in meta:
+        if "train" not in meta or "data" not in meta:
             raise UserError(f"{args.ckpt} holds weights only (no optimizer state or settings): it cannot be resumed")
         settings, step = resumed_settings(args, meta, chosen), meta["step"]
     else:
@@ -1547,7 +1591,7 @@ def check_finite(run, loss, grad_norm, ckpt):
 
 
 def train(args):
-    checkpoint = load_checkpoint(args.ckpt) if args.resume and not args.overwrite else None
+    checkpoint = load_checkpoint(args.ckpt, adam=True) if args.resume and not args.overwrite else None
     xp = select_backend(args.device, [(checkpoint[0] if checkpoint else model_config(args)).d_model])
     log_path = prepare_output(args.ckpt)
     with lock_checkpoint(args.ckpt):  # first: a second run on this checkpoint stops before it prints anything
