@@ -1064,6 +1064,42 @@ def describe_backend(xp, slices=None):
 # cursor), the settings, the data's identity.  Written to a temporary file and renamed (written_atomically).
 
 
+def file_problem(path, fix):
+    """Why `path` cannot be read or written as one whole file, ending in `fix` (None: a regular file, or nothing yet).
+    A folder, a device or a FIFO (whose read or write would hang) is never opened or replaced."""
+    if os.path.isdir(path):
+        return f"{path} is a folder: {fix}"
+    if os.path.exists(path) and not os.path.isfile(path):
+        return f"{path} is not a regular file (a device or a FIFO, say): {fix}"
+    return None
+
+
+def check_outputs(paths, inputs=(), flag="--out"):
+    """Refuse, in one line and before any work, an output that cannot be written whole.  Each of `paths` (the file
+    `flag` names, then those written beside it) must be a regular file or nothing yet, in a folder that exists and
+    can be written, and none of `inputs`, which writing it would destroy.  A symbolic link is judged by what it names."""
+    for path in map(os.fspath, paths):
+        real = os.path.realpath(path)
+        folder = os.path.dirname(real)
+        same = [i for i in map(os.fspath, inputs) if os.path.realpath(i) == real
+                or os.path.exists(i) and os.path.exists(real) and os.path.samefile(i, real)]
+        fix = f"choose another {flag}" if path == os.fspath(paths[0]) else \
+            f"{flag} {paths[0]} writes a file there: move it, or choose another {flag}"
+        if not os.path.basename(path):
+            problem = f"{flag} {shlex.quote(path)} names no file: give a file name"
+        elif not (problem := file_problem(path, fix) or file_problem(real, fix)):
+            if not os.path.isdir(folder):
+                problem = f"the folder {folder} does not exist (or is not a folder): create it, or {fix}"
+            elif not os.access(folder, os.W_OK):
+                problem = f"cannot write to {folder}: {fix}"
+            elif os.path.isfile(real) and not os.stat(real).st_mode & stat.S_IWUSR:
+                problem = f"{path} is read-only: make it writable (chmod u+w), or {fix}"
+            elif same:
+                problem = f"{path} is also an input of this command ({same[0]}): writing it would destroy it; {fix}"
+        if problem:
+            raise UserError(problem)
+
+
 class SaveError(UserError):
     """A checkpoint could not be written; the file at its path is as it was."""
 
@@ -1099,7 +1135,8 @@ def save_checkpoint(path, params, meta, adam_m=None, adam_v=None):
 def load_checkpoint(path, adam=False):
     """-> (Config, float32 params, meta, Adam's {"adam.m", "adam.v"} if `adam` else {}): a checkpoint whole, or a
     UserError naming it and what is wrong.  Every command reads one here, only the members it uses, each checked."""
-    problem = path_problem(path)
+    problem = file_problem(path, "--ckpt names the checkpoint file, e.g. checkpoints/mora.npz") if os.path.basename(path) \
+        else f"--ckpt {shlex.quote(path)} names no file: give a file name, e.g. checkpoints/mora.npz"
     if problem or not os.path.exists(path):
         raise UserError(problem or f"no checkpoint at {path}: train one with `python mora.py train`, or pass --ckpt PATH")
     try:
@@ -1313,37 +1350,17 @@ def open_run_data(args, cfg, meta):
     return records["train.bin"], records["val.bin"], files
 
 
-def path_problem(path, ckpt=None):
-    """Why a checkpoint, or a file of the run of `ckpt`, cannot be at `path` (None: a regular file, writable for a
-    run, or nothing).  A folder, a device or a FIFO (whose read would hang) is never opened or replaced."""
-    if not os.path.basename(path):
-        return f"--ckpt {shlex.quote(path)} names no file: give a file name, e.g. checkpoints/mora.npz"
-    if os.path.isdir(path):
-        fix = f"--ckpt names the checkpoint file, e.g. {os.path.join(path, 'mora.npz')}" if path == (ckpt or path) else \
-            f"the run of --ckpt {ckpt} writes a file there: move it, or choose another --ckpt"
-        return f"{path} is a folder: {fix}"
-    if os.path.exists(path) and not os.path.isfile(path):
-        return f"{path} is not a regular file (a device or a FIFO, say): choose another --ckpt"
-    if ckpt and os.path.isfile(path) and not os.stat(path).st_mode & stat.S_IWUSR:
-        return f"{path} is read-only: make it writable (chmod u+w) for this run to write it, or choose another --ckpt"
-    return None
-
-
 def prepare_output(ckpt):
     """The log's path, once the checkpoint and the files beside it are known writable: before step 1, not at a save."""
-    log_path = os.path.splitext(ckpt)[0] + ".csv"
-    for path in (ckpt, log_path, ckpt + ".lock", os.path.splitext(ckpt)[0] + ".samples.txt"):
-        if problem := path_problem(path, ckpt):
-            raise UserError(problem)
-    if log_path == ckpt:
-        raise UserError(f"--ckpt {ckpt} would be overwritten by its own log: name the checkpoint .npz")
-    folder = os.path.dirname(os.path.abspath(ckpt))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create the folder {folder} for --ckpt ({exc.strerror}): choose another --ckpt")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"cannot write to {folder}: choose another --ckpt")
+    stem = ckpt[:-len(".npz")] if ckpt.endswith(".npz") else ckpt
+    log_path = stem + ".csv"
+    if os.path.basename(ckpt):
+        folder = os.path.dirname(os.path.abspath(ckpt))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the folder {folder} for --ckpt ({exc.strerror}): choose another --ckpt")
+    check_outputs([ckpt, ckpt + ".tmp", log_path, log_path + ".tmp", ckpt + ".lock", stem + ".samples.txt"], flag="--ckpt")
     return log_path
 
 

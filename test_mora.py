@@ -259,6 +259,18 @@ def test_check_catches_a_sign_error_in_the_memory_scan_backward(capsys, monkeypa
                                     "blocks.1.ln1.b", "blocks.1.w_in", "blocks.1.b_in"}
 
 
+def test_check_fails_a_gradient_off_by_one_part_in_ten_thousand(capsys, monkeypatch):
+    """A slip far smaller than a sign error: the memory scan's gradients scaled by 1 + 1e-4.  The check
+    fails exactly the tensors that gradient reaches (those of the sign error above), and exits 1."""
+    scan_backward = mora.memory_scan_backward
+    monkeypatch.setattr(mora, "memory_scan_backward", lambda *args: [g * (1 + 1e-4) for g in scan_backward(*args)])
+    lines, code = check_lines(capsys, run_main("check"))
+    failed = {name for name, (_, verdict) in lines.items() if verdict == "FAIL"}
+    block_0 = {f"blocks.0.{name}" for name in mora.block_shapes(8)}
+    assert code == 1 and failed == {"memory_scan: dv", "memory_scan: dbeta", "embed", *block_0, "blocks.1.ln1.g",
+                                    "blocks.1.ln1.b", "blocks.1.w_in", "blocks.1.b_in"}
+
+
 def test_on_the_cpu_the_layers_are_the_plain_functions(stand_in, data_dir, tmp_path):
     """Once a GPU is found, the fused layers are dispatchers to their kernels; a CPU run
     puts the plain functions back, so that a debugger step or a traceback lands in the
@@ -945,6 +957,42 @@ def test_a_bin_damaged_in_place_is_rebuilt_not_skipped(tmp_path, capsys):
     assert (out / "train.bin").read_bytes() == text.read_bytes()
 
 
+def test_the_whole_bin_is_hashed_not_its_first_chunk(tmp_path, monkeypatch, capsys):
+    """A byte damaged past the first chunk that prepare_data reads at a time is found too (the
+    chunk made small here: every test text is smaller than a real one)."""
+    monkeypatch.setattr(prepare_data, "CHUNK", 64)
+    text, out = tmp_path / "t.txt", tmp_path / "o"
+    text.write_bytes(made_up_text(5))
+    args = local_args(out, text, text)
+    assert prepare_data.main(args) == 0
+    with open(out / "train.bin", "r+b") as f:  # a byte in the fourth chunk flipped: the same size, the same sources
+        f.seek(3 * 64 + 5)
+        f.write(bytes([f.read(1)[0] ^ 1]))
+    capsys.readouterr()
+    assert prepare_data.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "train.bin: up to date" not in printed and "val.bin: up to date" in printed
+    assert (out / "train.bin").read_bytes() == text.read_bytes()
+
+
+def test_prepare_data_leaves_the_signal_handlers_as_it_found_them(tmp_path):
+    """main called from Python (a notebook, a test) hands back the handlers it had on entry, after a
+    success and after an error alike."""
+    text = tmp_path / "t.txt"
+    text.write_bytes(made_up_text(5))
+    names = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    mine = {name: (lambda signum, frame: None) for name in names}
+    before = {name: signal.signal(getattr(signal, name), handler) for name, handler in mine.items()}
+    try:
+        assert prepare_data.main(local_args(tmp_path / "o", text, text)) == 0
+        assert {name: signal.getsignal(getattr(signal, name)) for name in names} == mine
+        assert prepare_data.main(local_args(tmp_path / "o", tmp_path / "none.txt", text)) == 1
+        assert {name: signal.getsignal(getattr(signal, name)) for name in names} == mine
+    finally:
+        for name, handler in before.items():
+            signal.signal(getattr(signal, name), handler)
+
+
 def test_a_record_that_is_not_a_record_means_rebuild(tmp_path, capsys):
     text, out = tmp_path / "t.txt", tmp_path / "o"
     text.write_bytes(made_up_text(5))
@@ -959,9 +1007,10 @@ def test_prepare_data_into_a_pipe_draws_no_bars_and_prints_its_summaries(tmp_pat
     text, out = tmp_path / "t.txt", tmp_path / "o"
     text.write_bytes(made_up_text(5))
     done = subprocess.run([sys.executable, "prepare_data.py", *local_args(out, text, text)], cwd=HERE,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "\r" not in done.stdout + done.stderr and done.stderr == ""
-    assert f"train.bin: {text.stat().st_size:,} bytes, 5 stories" in done.stdout and "val.bin:" in done.stdout
+                          capture_output=True, timeout=60)  # bytes: text mode would turn each \r into \n
+    assert done.returncode == 0 and b"\r" not in done.stdout + done.stderr and done.stderr == b""
+    printed = done.stdout.decode()
+    assert f"train.bin: {text.stat().st_size:,} bytes, 5 stories" in printed and "val.bin:" in printed
 
 
 def test_ctrl_c_in_a_download_leaves_it_resumable(tmp_path, http_server, monkeypatch, capsys):
@@ -1122,7 +1171,7 @@ def test_train_into_a_file_prints_plain_lines_and_samples(data_dir, tmp_path):
             command = ["train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 8,
                        "--eval-every", 4, "--no-final-eval", "--sample-prompt", "Tom had", "--sample-length", 30, *flags]
             subprocess.run([sys.executable, "mora.py", *map(str, command)], cwd=HERE, stdout=out, stderr=subprocess.STDOUT, check=True, timeout=300)
-        return (tmp_path / "run.txt").read_text()
+        return (tmp_path / "run.txt").read_bytes().decode()  # not read_text(): it would turn each \r into \n
 
     def sample_line(step):
         params = mora.load_checkpoint(str(ckpt))[1]
@@ -2438,7 +2487,6 @@ def test_file_system_faults_are_one_line(data_dir, tmp_path, capsys, monkeypatch
     assert "cannot create the folder" in error_of(*train, "--ckpt", tmp_path / "file" / "m.npz")
     (tmp_path / "folder.npz").mkdir()
     assert "is a folder" in error_of(*train, "--ckpt", tmp_path / "folder.npz", "--overwrite")
-    assert "own log" in error_of(*train, "--ckpt", tmp_path / "m.csv")
     bad_data = tmp_path / "bad"
     (bad_data / "train.bin").mkdir(parents=True)
     assert "not a file" in error_of("train", "--data-dir", bad_data, "--ckpt", tmp_path / "x.npz", "--device", "cpu")
@@ -2461,6 +2509,36 @@ def test_file_system_faults_are_one_line(data_dir, tmp_path, capsys, monkeypatch
     err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "later.npz", "--max-steps", 4, "--ckpt-every", 2),
                          after_progress=True)
     assert "still holds step 2" in err and "--resume" in err
+
+
+def test_outputs_in_the_way_are_one_line_before_any_work(data_dir, tmp_path, capsys):
+    """check_outputs: a folder, a FIFO (whose open would hang), a missing folder, a link into one, or one of the
+    command's own inputs, at any file a command writes, is refused in one line naming it, before any work."""
+    text = tmp_path / "in.txt"
+    text.write_text("abc")
+    os.link(text, tmp_path / "hard.txt")
+    os.symlink(text, tmp_path / "soft.txt")
+    os.symlink(tmp_path / "gone" / "m.npz", tmp_path / "dangling.npz")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    cases = {  # output -> words of its one line
+        tmp_path / "fifo": "not a regular file", tmp_path / "dir": "is a folder", tmp_path / "no" / "o.txt": "does not exist",
+        tmp_path / "dangling.npz": "does not exist", text: "also an input", tmp_path / "hard.txt": "also an input",
+        tmp_path / "soft.txt": "also an input", "": "names no file"}
+    for out, words in cases.items():
+        with pytest.raises(mora.UserError, match=words):
+            mora.check_outputs([out], inputs=[text])
+    mora.check_outputs([tmp_path / "new.txt", text.with_suffix(".txt.tmp")], inputs=[text])  # nothing in the way
+    train = ["train", "--data-dir", data_dir, *TINY, "--device", "cpu", "--max-steps", 2, "--eval-every", 0]
+    beside = {"m.npz.tmp": os.mkfifo, "m.csv.tmp": os.mkfifo, "m.npz.lock": os.mkdir, "m.samples.txt": os.mkfifo}
+    for k, (name, make) in enumerate(dict(beside, **{"m.npz.tmp ": os.mkdir}).items()):
+        run_dir = tmp_path / f"run{k}"
+        run_dir.mkdir()
+        make(run_dir / name.strip())
+        err = one_error_line(capsys, run_main(*train, "--ckpt", run_dir / "m.npz"))
+        assert f"{run_dir / name.strip()} is " in err and "--ckpt" in err and not (run_dir / "m.npz").exists(), name
+    err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "dangling.npz"))
+    assert "gone" in err and "does not exist" in err
 
 
 def test_sample_into_a_closed_pipe_is_quiet(data_dir, tmp_path):
