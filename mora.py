@@ -1013,9 +1013,6 @@ def gpu_problem(widths=()):
     os.environ.setdefault("CUPY_TF32", "1")
     try:
         import cupy as module
-    except ImportError:
-        return NO_CUPY
-    try:
         if module.cuda.runtime.getDeviceCount() < 1:
             return "CuPy finds no CUDA GPU"
         cupy = module
@@ -1024,8 +1021,10 @@ def gpu_problem(widths=()):
         cuda_module().get_function("adam_update")  # CuPy compiles a module when first asked for a kernel
         for width in widths:
             cuda_module(width).get_function("block_input_forward")
-    except Exception as exc:  # CuPy raises driver- and library-specific errors here
+    except Exception as exc:  # an import or a driver that fails in any of many ways: the CPU, and why
         cupy = None
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "cupy":
+            return NO_CUPY
         first_line = (str(exc).splitlines() or [""])[0][:160]
         return f"CuPy cannot use the GPU ({exc.__class__.__name__}: {first_line})"
     fuse_kernels(True)  # from here the fused layers call their kernels on float32 CuPy arrays (the appendix)
@@ -1048,12 +1047,19 @@ def select_backend(device, widths=()):
     return np
 
 
+def blas_threads():
+    """The threads each BLAS call of NumPy's OpenBLAS runs: its own OPENBLAS_NUM_THREADS (which MORA sets, see
+    BLAS_VARIABLES) wins over OMP_NUM_THREADS, so that one alone never counts."""
+    value = os.environ.get("OPENBLAS_NUM_THREADS", "")
+    return max(1, int(value)) if value.isdigit() else 1
+
+
 def describe_backend(xp, slices=None):
     if xp is np:
-        blas = os.environ.get("OPENBLAS_NUM_THREADS", "?")
+        blas = blas_threads()
         threads, count = (slices.threads, slices.count) if slices else (1, 1)
         return (f"numpy {np.__version__} on the CPU: the batch in {count} slice{'s' * (count > 1)} over {threads} "
-                f"thread{'s' * (threads > 1)} x {blas} BLAS thread{'s' * (blas != '1')} (of {os.cpu_count()} cores)")
+                f"thread{'s' * (threads > 1)} x {blas} BLAS thread{'s' * (blas > 1)} (of {os.cpu_count()} cores)")
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     return f"cupy {cupy.__version__} on {props['name'].decode()} (TF32 matmuls: CUPY_TF32={os.environ.get('CUPY_TF32')})"
 
@@ -1746,7 +1752,9 @@ def evaluate_checkpoint(args):
     if args.stream or args.streams:
         data = open_bytes(path)[:args.max_bytes or None]
         if len(data) < 2:
-            raise UserError(f"--max-bytes {args.max_bytes}: at least 2 bytes are needed, one to read and one to predict")
+            given = f"--max-bytes {args.max_bytes} leaves" if args.max_bytes else f"{path} holds"
+            raise UserError(f"{given} {len(data)} byte{'s' * (len(data) != 1)}: at least 2 are needed, one to read and "
+                            f"one to predict")
         result = evaluate_stream(params, data, seq_len, args.streams or EVAL_STREAMS, slices, progress=True)
         protocol = f"read as {stream_protocol(result['streams'], seq_len)}"
     else:
@@ -1831,7 +1839,7 @@ def cpu_slices(xp, threads=None, count=None):
     if xp is not np:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    blas = max(int(v) if v.isdigit() else 1 for v in (os.environ[name] for name in BLAS_VARIABLES))
+    blas = blas_threads()
     if (threads or cores) * blas > cores:
         fix = f"unset {' '.join(BLAS_VARIABLES)} (MORA gives each thread one BLAS thread)" if blas > 1 else f"--threads {cores}"
         print(f"note: {threads or cores} threads x {blas} BLAS threads is more than the {cores} cores here: they take turns, "
@@ -1955,8 +1963,8 @@ def number_parser(kind, check, rule):
     return parse
 
 
-positive_int = number_parser(int, lambda v: v > 0, "a positive integer")
-nonnegative_int = number_parser(int, lambda v: v >= 0, "0 or more")
+positive_int = number_parser(int, lambda v: v > 0, "a whole number, 1 or more")
+nonnegative_int = number_parser(int, lambda v: v >= 0, "a whole number, 0 or more")
 positive_float = number_parser(float, lambda v: 0 < v < math.inf, "a positive number")
 nonnegative_float = number_parser(float, lambda v: 0 <= v < math.inf, "0 or a positive number")
 fraction = number_parser(float, lambda v: 0 <= v <= 1, "between 0 and 1")

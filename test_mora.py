@@ -549,6 +549,17 @@ def test_batch_sliced_over_threads_equals_the_whole_batch():
         slices.pool.shutdown()
 
 
+def test_the_note_on_blas_threads_counts_what_blas_runs(monkeypatch, capsys):
+    """NumPy's OpenBLAS runs OPENBLAS_NUM_THREADS threads (MORA sets it), whatever OMP_NUM_THREADS says."""
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    mora.cpu_slices(np, threads=cores)
+    assert capsys.readouterr().err == "" and " x 1 BLAS thread (" in mora.describe_backend(np)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    mora.cpu_slices(np, threads=cores)
+    assert f"{cores} threads x 4 BLAS threads" in capsys.readouterr().err and " x 4 BLAS threads (" in mora.describe_backend(np)
+
+
 def test_a_step_gives_the_same_bits_on_any_number_of_threads():
     """The batch's slices are fixed by the run; threads only share them out."""
     params = mora.init_params(mora.Config(d_model=8, n_layers=2), 0, mix=(0.5, -0.7, 1.0))
@@ -1754,6 +1765,22 @@ def test_auto_falls_back_to_the_cpu_in_one_line_when_cupy_cannot_work(stand_in, 
     assert "(RuntimeError: libnvrtc.so.12: cannot open shared object file)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("raises", ["AttributeError(\"module 'numpy' has no attribute 'bool8'\")",
+                                    "OSError('libcudart.so.12: cannot open shared object file')"])
+def test_auto_falls_back_to_the_cpu_when_importing_cupy_fails_in_any_way(tmp_path, monkeypatch, capsys, raises):
+    (tmp_path / "cupy").mkdir()
+    (tmp_path / "cupy" / "__init__.py").write_text(f"raise {raises}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    monkeypatch.setattr(mora, "cupy", None)
+    assert mora.select_backend("auto") is np and mora.cupy is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("note: --device auto uses the CPU: CuPy cannot use the GPU (")
+    assert raises.split("(")[0] + ": " in err and ("bool8" in err or "libcudart.so.12" in err)
+    with pytest.raises(mora.UserError, match="--device cpu"):
+        mora.select_backend("gpu")
+
+
 def test_every_command_runs_on_the_gpu_path(gpu, data_dir, tmp_path, capsys):
     ckpt = tmp_path / "g.npz"
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--max-steps", 4, "--eval-every", 2,
@@ -2754,6 +2781,23 @@ def test_errors_say_what_is_there(data_dir, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow on the way to NaN
+def test_messages_say_what_is_true(data_dir, tmp_path, capsys):
+    ckpt, tiny = tmp_path / "m.npz", tmp_path / "tiny"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1) == 0
+    tiny.mkdir()
+    (tiny / "val.bin").write_bytes(b"x")
+    capsys.readouterr()
+    err = one_error_line(capsys, run_main("eval", "--ckpt", ckpt, "--data-dir", tiny, "--stream", "--device", "cpu"))
+    assert f"{tiny / 'val.bin'} holds 1 byte: at least 2 are needed" in err and "--max-bytes" not in err  # never given
+    err = one_error_line(capsys, run_main("eval", "--ckpt", ckpt, "--data-dir", data_dir, "--stream", "--max-bytes", 1,
+                                          "--device", "cpu"))
+    assert "--max-bytes 1 leaves 1 byte: at least 2 are needed" in err
+    for flags in (["sample", "--ckpt", ckpt, "--length", "2.5"], ["train", "--max-steps", "2.5"], ["eval", "--seq-len", "2.5"]):
+        with pytest.raises(SystemExit):
+            run_main(*flags)
+        assert "must be a whole number" in capsys.readouterr().err, flags
+
+
 def test_divergence_names_the_value_and_the_likely_causes(data_dir, tmp_path, capsys):
     ckpt = tmp_path / "m.npz"
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 50,
