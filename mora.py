@@ -1231,26 +1231,9 @@ def meta_problem(meta):
             and set(files) == ({"train.bin", "val.bin"} if train else set(files))):
         return "the record of its data files"
     for name, value in dict(config, **train, step=meta["step"], train_records=data.get("train_records", 0)).items():
-        if not follows_flag_rule(name, value):
+        if not follows_rule(name, value):
             return f"{name} {value!r}"
     return settings_problem(Config(**config), TrainSettings(**train), meta["step"]) if train else None
-
-
-def follows_flag_rule(name, value):
-    """Whether setting `name` may be `value` by the rule of the flag that sets it, the JSON read as the flag's
-    text: so "7" is no step, 7.0 no batch size and true no learning rate."""
-    if name == "ablate":
-        return value in list(ABLATIONS)
-    if name == "final_eval":
-        return isinstance(value, bool)
-    if name == "mix_init":
-        return isinstance(value, list) and len(value) == 3 and all(follows_flag_rule("mix", v) for v in value)
-    rules = dict({k: kind for k, (kind, _) in SETTING_FLAGS.items()}, beta1=decay, eps=positive_float, mix=finite_float,
-                 step=nonnegative_int, train_records=nonnegative_int, **dict.fromkeys(MODEL_FLAGS, positive_int))
-    try:
-        return (value is None and name == "slices") or rules[name](json.dumps(value)) is not None
-    except (argparse.ArgumentTypeError, ValueError):
-        return False
 
 
 def settings_problem(cfg, settings, step):
@@ -1263,6 +1246,105 @@ def settings_problem(cfg, settings, step):
     if s.eval_bytes < record:
         return f"--eval-bytes {s.eval_bytes:,} is less than one record of seq_len + 1 = {record} bytes: give at least {record}"
     return None
+
+
+# ----------------------------------------------------------------------------
+# Settings: one table of every setting a run keeps, Config's fields and TrainSettings'.  The command line's flags and
+# their help, what --resume may change, and the check of a checkpoint's meta all read it; the defaults are the
+# dataclasses' own.
+
+def number_parser(kind, check, rule):
+    """A setting's rule and an argparse type: kind(text), accepted when check(value), else 'must be {rule}'."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not check(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    parse.__name__ = rule  # argparse names the type by it in some messages
+    return parse
+
+
+positive_int = number_parser(int, lambda v: v > 0, "a whole number, 1 or more")
+nonnegative_int = number_parser(int, lambda v: v >= 0, "a whole number, 0 or more")
+positive_float = number_parser(float, lambda v: 0 < v < math.inf, "a positive number")
+nonnegative_float = number_parser(float, lambda v: 0 <= v < math.inf, "0 or a positive number")
+fraction = number_parser(float, lambda v: 0 <= v <= 1, "between 0 and 1")
+decay = number_parser(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
+finite_float = number_parser(float, math.isfinite, "a finite number")
+yes_no = number_parser(json.loads, lambda v: isinstance(v, bool), "true or false")  # as --NAME / --no-NAME
+ablation = number_parser(str, lambda v: v in ABLATIONS, f"one of {', '.join(ABLATIONS)}")
+
+# name -> its rule, its flag's help (None: no flag), whether --resume may change it, how many numbers it takes.
+Setting = namedtuple("Setting", "rule help on_resume nargs", defaults=(False, None))
+SETTINGS = {
+    "d_model": Setting(positive_int, "width d"),
+    "n_layers": Setting(positive_int, "blocks L"),
+    "seq_len": Setting(positive_int, "bytes of context per training record"),
+    "batch_size": Setting(positive_int, "records a batch"),
+    "ablate": Setting(ablation, f"switch off a part of the block: {', '.join(ABLATIONS)}"),
+    "lr": Setting(positive_float, "peak learning rate"),
+    "warmup": Setting(nonnegative_int, f"warmup steps (default: a third of the run, at most {WARMUP_CAP})"),
+    "final_lr_fraction": Setting(fraction, "the cosine decay ends at this fraction of --lr"),
+    "clip": Setting(positive_float, "global gradient-norm clip"),
+    "beta1": Setting(decay, None),
+    "beta2": Setting(decay, "Adam's second-moment decay"),
+    "eps": Setting(positive_float, None),
+    "seed": Setting(nonnegative_int, "initialisation and data order"),
+    "epochs": Setting(positive_int, "whole passes over train.bin"),
+    "max_steps": Setting(positive_int, "train this many steps instead of whole epochs (default: whole epochs; with "
+                                       "--resume: a longer run)", on_resume=True),
+    "mix_init": Setting(finite_float, "initial mix of memory, running mean and delta in every block", nargs=3),
+    "slices": Setting(positive_int, "cut each batch into this many slices for the CPU's threads (part of the run: the "
+                                    "same result on any number of threads; default: one per thread)"),
+    # How the run reports and saves itself, and (max_steps) how long it runs: what --resume may change.
+    "eval_every": Setting(nonnegative_int, "steps between evaluations on the start of val (0: never)", on_resume=True),
+    "eval_bytes": Setting(positive_int, "bytes of val those evaluations read (and the final streamed one)", on_resume=True),
+    "ckpt_every": Setting(positive_int, "steps between checkpoints", on_resume=True),
+    "final_eval": Setting(yes_no, "evaluate on all of val when the run ends", on_resume=True),
+}
+DEFAULTS = dict(asdict(Config()), **asdict(TrainSettings()))
+SIZE_SETTINGS = ("d_model", "n_layers", "seq_len", "batch_size")  # the flags bench shares with train
+
+
+def add_setting_flags(p, names):
+    """A flag for each setting in `names`: its rule as the type, its help with the dataclass's default."""
+    for name in names:
+        rule, text, _, nargs = SETTINGS[name]
+        flag, default = "--" + name.replace("_", "-"), DEFAULTS[name]
+        if rule is yes_no:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{text} (default: {'yes' if default else 'no'})")
+            continue
+        shown = " ".join(f"{v:g}" for v in default) if nargs else default
+        p.add_argument(flag, type=rule, nargs=nargs, metavar=("C", "A", "E")[:nargs] if nargs else None,
+                       help=text if default is None else f"{text} (default {shown})")
+
+
+def follows_rule(name, value):
+    """Whether a checkpoint may hold `value` for `name` (a setting; else a count such as the step) by the rule of the
+    flag that sets it, the JSON read as the flag's text: so "7" is no step, 7.0 no batch size and true no lr."""
+    rule, _, _, nargs = SETTINGS.get(name, Setting(nonnegative_int, None))
+    if nargs:
+        return isinstance(value, list) and len(value) == nargs and all(obeys(rule, v) for v in value)
+    return (value is None and name == "slices") or obeys(rule, value)  # a run on the GPU has no slices
+
+
+def obeys(rule, value):
+    try:
+        return rule(value if isinstance(value, str) else json.dumps(value)) == value
+    except (argparse.ArgumentTypeError, ValueError):
+        return False
+
+
+def model_config(args, base=None):
+    """Config from the model flags; those left out from `base` (a checkpoint's config) or the size's default."""
+    base = base or Config(**SIZES[args.size or "small"])
+    if args.size:
+        base = Config(**dict(asdict(base), **SIZES[args.size]))
+    given = {f.name: getattr(args, f.name, None) for f in fields(Config)}
+    return Config(**dict(asdict(base), **{k: v for k, v in given.items() if v is not None}))
 
 
 # ----------------------------------------------------------------------------
@@ -1286,7 +1368,7 @@ def resumed_settings(args, meta, chosen):
     """The run's own settings, with what a resume may change: how it logs, and a longer run (--max-steps)."""
     settings = TrainSettings(**meta["train"])
     changed = {k: v for k, v in chosen.items() if getattr(settings, k) != (tuple(v) if k == "mix_init" else v)}
-    refused = {k: v for k, v in changed.items() if k not in ADJUSTABLE_ON_RESUME}
+    refused = {k: v for k, v in changed.items() if not SETTINGS[k].on_resume}
     if refused:
         raise UserError(f"--resume continues the run with its own settings {asdict(settings)}; these flags differ: {refused}")
     if changed.get("max_steps", 0) > meta["step"]:  # (one below the step is refused by settings_problem)
@@ -1299,7 +1381,7 @@ def resumed_settings(args, meta, chosen):
 
 def start_or_resume(args, xp, checkpoint):
     """A new run from the flags, or (--resume) the run in `checkpoint`, load_checkpoint's reading of --ckpt."""
-    chosen = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None}
+    chosen = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name, None) is not None}
     if args.resume:
         if args.overwrite:
             raise UserError("--resume and --overwrite contradict each other: --resume continues --ckpt, --overwrite starts it over")
@@ -1949,64 +2031,6 @@ def bench(args):
 # ----------------------------------------------------------------------------
 # Command line
 
-def number_parser(kind, check, rule):
-    """An argparse type: kind(text), accepted when check(value), else 'must be {rule}'."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not check(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
-        return value
-    parse.__name__ = rule  # argparse names the type by it in some messages
-    return parse
-
-
-positive_int = number_parser(int, lambda v: v > 0, "a whole number, 1 or more")
-nonnegative_int = number_parser(int, lambda v: v >= 0, "a whole number, 0 or more")
-positive_float = number_parser(float, lambda v: 0 < v < math.inf, "a positive number")
-nonnegative_float = number_parser(float, lambda v: 0 <= v < math.inf, "0 or a positive number")
-fraction = number_parser(float, lambda v: 0 <= v <= 1, "between 0 and 1")
-decay = number_parser(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
-finite_float = number_parser(float, math.isfinite, "a finite number")
-
-
-MODEL_FLAGS = ("d_model", "n_layers", "seq_len", "batch_size")  # each a positive integer
-
-
-def model_config(args, base=None):
-    """Config from the model flags; those left out from `base` (a checkpoint's config) or the size's default."""
-    base = base or Config(**SIZES[args.size or "small"])
-    if args.size:
-        base = Config(**dict(asdict(base), **SIZES[args.size]))
-    given = {k: getattr(args, k, None) for k in (*MODEL_FLAGS, "ablate")}
-    given = {k: v for k, v in given.items() if v is not None}
-    return Config(**dict(asdict(base), **given))
-
-
-# The TrainSettings a flag may set: name -> (type, help); the help's default is read off TrainSettings.
-SETTING_FLAGS = {
-    "lr": (positive_float, "peak learning rate"),
-    "warmup": (nonnegative_int, "warmup steps"),
-    "final_lr_fraction": (fraction, "the cosine decay ends at this fraction of --lr"),
-    "clip": (positive_float, "global gradient-norm clip"),
-    "beta2": (decay, "Adam's second-moment decay"),
-    "seed": (nonnegative_int, "initialisation and data order"),
-    "epochs": (positive_int, "whole passes over train.bin"),
-    "max_steps": (positive_int, "train this many steps instead of whole epochs (with --resume: a longer run)"),
-    "mix_init": (finite_float, "initial mix of memory, running mean and delta in every block"),
-    "eval_every": (nonnegative_int, "steps between evaluations on the start of val (0: never)"),
-    "eval_bytes": (positive_int, "bytes of val those evaluations read (and the final streamed one)"),
-    "ckpt_every": (positive_int, "steps between checkpoints"),
-    "final_eval": (None, "evaluate on all of val when the run ends"),
-    "slices": (positive_int, "cut each batch into this many slices for the CPU's threads (part of the run: "
-                             "the same result on any number of threads)"),
-}
-# What --resume may change: how the run reports, and how long it runs.
-ADJUSTABLE_ON_RESUME = ("max_steps", "eval_every", "eval_bytes", "ckpt_every", "final_eval")
-
-
 def add_common_flags(p, name, model=False, data=False):
     """The flags that several commands share (check, float64 on the CPU, takes none)."""
     if name != "check":
@@ -2015,12 +2039,9 @@ def add_common_flags(p, name, model=False, data=False):
     if model:
         p.add_argument("--size", choices=sorted(SIZES), help="small: d=64 (284,184 params); large: d=128 (1,092,632) "
                                                              "(default small)")
-        p.add_argument("--d-model", type=positive_int, help=f"default {Config.d_model}")
-        p.add_argument("--n-layers", type=positive_int, help=f"default {Config.n_layers}")
-        p.add_argument("--seq-len", type=positive_int, help=f"default {Config.seq_len}")
-    if model or data:
-        default = f"default {Config.batch_size}" + ("; with --resume, the checkpoint's" if data else "")
-        p.add_argument("--batch-size", type=positive_int, help=default if model else f"records a batch (default {EVAL_BATCH})")
+        add_setting_flags(p, SIZE_SETTINGS)
+    elif data:
+        p.add_argument("--batch-size", type=positive_int, help=f"records a batch (default {EVAL_BATCH})")
     if data:
         p.add_argument("--data-dir", default="data", help="the folder holding train.bin and val.bin (default data)")
     if name not in ("sample", "check"):
@@ -2031,17 +2052,7 @@ def add_common_flags(p, name, model=False, data=False):
 
 
 def add_train_flags(p):
-    defaults = {f.name: f.default for f in fields(TrainSettings)}
-    defaults.update(warmup=f"a third of the run, at most {WARMUP_CAP}", max_steps="whole epochs",  # None and tuple defaults, in words
-                    mix_init=" ".join(f"{v:g}" for v in TrainSettings.mix_init), slices="one per thread")
-    p.add_argument("--ablate", choices=list(ABLATIONS), help="switch off a part of the block (default none)")
-    for name, (kind, text) in SETTING_FLAGS.items():
-        flag = "--" + name.replace("_", "-")
-        if kind is None:  # a yes/no setting: --final-eval / --no-final-eval
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{text} (default: yes)")
-        else:
-            extra = dict(nargs=3, metavar=("C", "A", "E")) if name == "mix_init" else {}
-            p.add_argument(flag, type=kind, help=f"{text} (default {defaults[name]})", **extra)
+    add_setting_flags(p, [name for name, setting in SETTINGS.items() if setting.help and name not in SIZE_SETTINGS])
     p.add_argument("--resume", action="store_true", help="continue the run in --ckpt exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="start over even if --ckpt exists")
     p.add_argument("--stop-after", type=positive_int, help="stop (and save) after this many steps of this call, "
