@@ -39,6 +39,7 @@ import signal
 import stat
 import sys
 import time
+import zipfile
 import zlib
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
@@ -1016,9 +1017,6 @@ def gpu_problem(widths=()):
     os.environ.setdefault("CUPY_TF32", "1")
     try:
         import cupy as module
-    except ImportError:
-        return NO_CUPY
-    try:
         if module.cuda.runtime.getDeviceCount() < 1:
             return "CuPy finds no CUDA GPU"
         cupy = module
@@ -1027,8 +1025,10 @@ def gpu_problem(widths=()):
         cuda_module().get_function("adam_update")  # CuPy compiles a module when first asked for a kernel
         for width in widths:
             cuda_module(width).get_function("block_input_forward")
-    except Exception as exc:  # CuPy raises driver- and library-specific errors here
+    except Exception as exc:  # an import or a driver that fails in any of many ways: the CPU, and why
         cupy = None
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "cupy":
+            return NO_CUPY
         first_line = (str(exc).splitlines() or [""])[0][:160]
         return f"CuPy cannot use the GPU ({exc.__class__.__name__}: {first_line})"
     fuse_kernels(True)  # from here the fused layers call their kernels on float32 CuPy arrays (the appendix)
@@ -1051,12 +1051,19 @@ def select_backend(device, widths=()):
     return np
 
 
+def blas_threads():
+    """The threads each BLAS call of NumPy's OpenBLAS runs: its own OPENBLAS_NUM_THREADS (which MORA sets, see
+    BLAS_VARIABLES) wins over OMP_NUM_THREADS, so that one alone never counts."""
+    value = os.environ.get("OPENBLAS_NUM_THREADS", "")
+    return max(1, int(value)) if value.isdigit() else 1
+
+
 def describe_backend(xp, slices=None):
     if xp is np:
-        blas = os.environ.get("OPENBLAS_NUM_THREADS", "?")
+        blas = blas_threads()
         threads, count = (slices.threads, slices.count) if slices else (1, 1)
         return (f"numpy {np.__version__} on the CPU: the batch in {count} slice{'s' * (count > 1)} over {threads} "
-                f"thread{'s' * (threads > 1)} x {blas} BLAS thread{'s' * (blas != '1')} (of {os.cpu_count()} cores)")
+                f"thread{'s' * (threads > 1)} x {blas} BLAS thread{'s' * (blas > 1)} (of {os.cpu_count()} cores)")
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     return f"cupy {cupy.__version__} on {props['name'].decode()} (TF32 matmuls: CUPY_TF32={os.environ.get('CUPY_TF32')})"
 
@@ -1128,40 +1135,83 @@ def save_checkpoint(path, params, meta, adam_m=None, adam_v=None):
         np.savez(f, **arrays)
 
 
-def load_checkpoint(path):
-    """-> (Config, float32 params, meta, {"adam.m", "adam.v"} or {}); every command reads (and refuses) one here."""
+def load_checkpoint(path, adam=False):
+    """-> (Config, float32 params, meta, Adam's {"adam.m", "adam.v"} if `adam` else {}): a checkpoint whole, or a
+    UserError naming it and what is wrong.  Every command reads one here, only the members it uses, each checked."""
     problem = file_problem(path, "--ckpt names the checkpoint file, e.g. checkpoints/mora.npz") if os.path.basename(path) \
         else f"--ckpt {shlex.quote(path)} names no file: give a file name, e.g. checkpoints/mora.npz"
     if problem or not os.path.exists(path):
         raise UserError(problem or f"no checkpoint at {path}: train one with `python mora.py train`, or pass --ckpt PATH")
     try:
-        with open(path, "rb") as file, np.load(file, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        meta = json.loads(str(arrays.pop("meta")))
+        with open(path, "rb") as file, zipfile.ZipFile(file) as archive:
+            text = read_member(archive, "meta", (), "U")
+            meta = json.loads(str(text[()]))
+            if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+                raise UserError(f"{path} has checkpoint format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                                f"this mora.py reads {CHECKPOINT_FORMAT!r}: use the mora.py that wrote it")
+            if problem := meta_problem(meta):
+                raise UserError(f"{path} is damaged or has settings this mora.py does not know ({problem}): use the "
+                                f"mora.py that wrote it, an earlier copy, or retrain")
+            cfg = Config(**meta["config"])
+            arrays = checkpoint_arrays(archive, path, cfg, adam)
+    except UserError:
+        raise
     except PermissionError as exc:
         raise UserError(f"cannot read {path} ({exc.strerror}): check that it is yours to read") from exc
     except Exception as exc:  # zipfile, zlib, ValueError, KeyError, JSON: the bytes are not a checkpoint
         raise UserError(f"{path} is not a MORA checkpoint, or is cut short or corrupt ("
                         f"{'damaged compressed data' if isinstance(exc, zlib.error) else type(exc).__name__}): retrain, or use another copy")
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} has checkpoint format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                        f"this mora.py reads {CHECKPOINT_FORMAT!r}: use the mora.py that wrote it")
-    problem = meta_problem(meta)
-    if problem:
-        raise UserError(f"{path} is damaged or has settings this mora.py does not know ({problem}): use the mora.py that "
-                        f"wrote it, an earlier copy, or retrain")
-    cfg = Config(**meta["config"])
-    if cfg.n_layers > len(arrays):  # more blocks than arrays: damaged (and not a list of blocks to build)
+    return cfg, {k: arrays[k] for k in param_shapes(cfg)}, meta, {k: arrays[k] for k in ADAM_MOMENTS if adam}
+
+
+ADAM_MOMENTS = ("adam.m", "adam.v")
+
+
+def checkpoint_arrays(archive, path, cfg, adam):
+    """The parameters (and with `adam` Adam's moments, else their headers alone) of the checkpoint `archive`, each
+    of its shape, floats and finite, adam.v not negative, and the weights' output on every byte value finite."""
+    if cfg.n_layers > len(archive.namelist()):  # more blocks than members: damaged (and no list of blocks to build)
         raise UserError(f"{path} does not match its own config (n_layers {cfg.n_layers:,}): the file is damaged")
-    shapes = dict(param_shapes(cfg), **{k: (count_params(cfg),) for k in ("adam.m", "adam.v") if k in arrays})
+    shapes = param_shapes(cfg)
+    if adam or any(f"{name}.npy" in archive.namelist() for name in ADAM_MOMENTS):  # weights alone need no moments
+        shapes.update(dict.fromkeys(ADAM_MOMENTS, (count_params(cfg),)))
+    if adam and not {"adam.m.npy", "adam.v.npy"} & set(archive.namelist()):
+        raise UserError(f"{path} holds weights only (no optimizer state or settings): it cannot be resumed")
+    arrays = {}
     for name, shape in shapes.items():
-        if name not in arrays or arrays[name].shape != shape or arrays[name].dtype.kind != "f":
-            raise UserError(f"{path} does not match its own config ({name}: not {shape} floats): the file is damaged")
-        arrays[name] = arrays[name].astype(np.float32)
+        array = read_member(archive, name, shape, read=adam or name not in ADAM_MOMENTS)
+        if array is None:
+            what = f"not {shape} floats" if f"{name}.npy" in archive.namelist() else "missing"
+            raise UserError(f"{path} does not match its own config ({name}: {what}): the file is damaged")
+        arrays[name] = array.astype(np.float32)
         if not np.isfinite(arrays[name]).all():
             raise UserError(f"{path} holds non-finite numbers (NaN or inf in {name}): that run diverged; use an earlier "
                             f"checkpoint or retrain")
-    return cfg, {k: arrays[k] for k in param_shapes(cfg)}, meta, {k: arrays[k] for k in shapes if k.startswith("adam.")}
+    if adam and (arrays["adam.v"] < 0).any():
+        raise UserError(f"{path} is damaged: adam.v, Adam's mean squared gradient, holds negative numbers; use an earlier "
+                        f"checkpoint or retrain")
+    with np.errstate(all="ignore"):  # a weight of 3e38 is finite, but the sums it takes part in overflow
+        finite = np.isfinite(forward(arrays, np.arange(V, dtype=np.uint8)[None])).all()
+    if not finite:
+        raise UserError(f"{path} holds weights so large that the model's output overflows (not finite on the bytes "
+                        f"0..255): that run diverged or the file is damaged; use an earlier checkpoint or retrain")
+    return arrays
+
+
+def read_member(archive, name, shape, kind="f", read=True):
+    """The .npz member `name` if it holds `shape` items of the dtype kind `kind` (else None), read from its header
+    no further than they need: a member may hold gigabytes past them.  read=False: its header alone is checked."""
+    if f"{name}.npy" not in archive.namelist():
+        return None
+    with archive.open(f"{name}.npy") as file:
+        version = np.lib.format.read_magic(file)
+        header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        stored, fortran, dtype = header(file)
+        if stored != shape or dtype.kind != kind or dtype.itemsize > 1 << 18:  # a meta of 64 K characters at most
+            return None
+        count = math.prod(shape) if read else 0
+        data = np.frombuffer(file.read(count * dtype.itemsize), dtype, count)
+    return data.reshape(shape, order="F" if fortran else "C") if read else data
 
 
 def meta_problem(meta):
@@ -1178,26 +1228,9 @@ def meta_problem(meta):
             and set(files) == ({"train.bin", "val.bin"} if train else set(files))):
         return "the record of its data files"
     for name, value in dict(config, **train, step=meta["step"], train_records=data.get("train_records", 0)).items():
-        if not follows_flag_rule(name, value):
+        if not follows_rule(name, value):
             return f"{name} {value!r}"
     return settings_problem(Config(**config), TrainSettings(**train), meta["step"]) if train else None
-
-
-def follows_flag_rule(name, value):
-    """Whether setting `name` may be `value` by the rule of the flag that sets it, the JSON read as the flag's
-    text: so "7" is no step, 7.0 no batch size and true no learning rate."""
-    if name == "ablate":
-        return value in list(ABLATIONS)
-    if name == "final_eval":
-        return isinstance(value, bool)
-    if name == "mix_init":
-        return isinstance(value, list) and len(value) == 3 and all(follows_flag_rule("mix", v) for v in value)
-    rules = dict({k: kind for k, (kind, _) in SETTING_FLAGS.items()}, beta1=decay, eps=positive_float, mix=finite_float,
-                 step=nonnegative_int, train_records=nonnegative_int, **dict.fromkeys(MODEL_FLAGS, positive_int))
-    try:
-        return (value is None and name == "slices") or rules[name](json.dumps(value)) is not None
-    except (argparse.ArgumentTypeError, ValueError):
-        return False
 
 
 def settings_problem(cfg, settings, step):
@@ -1210,6 +1243,105 @@ def settings_problem(cfg, settings, step):
     if s.eval_bytes < record:
         return f"--eval-bytes {s.eval_bytes:,} is less than one record of seq_len + 1 = {record} bytes: give at least {record}"
     return None
+
+
+# ----------------------------------------------------------------------------
+# Settings: one table of every setting a run keeps, Config's fields and TrainSettings'.  The command line's flags and
+# their help, what --resume may change, and the check of a checkpoint's meta all read it; the defaults are the
+# dataclasses' own.
+
+def number_parser(kind, check, rule):
+    """A setting's rule and an argparse type: kind(text), accepted when check(value), else 'must be {rule}'."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not check(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    parse.__name__ = rule  # argparse names the type by it in some messages
+    return parse
+
+
+positive_int = number_parser(int, lambda v: v > 0, "a whole number, 1 or more")
+nonnegative_int = number_parser(int, lambda v: v >= 0, "a whole number, 0 or more")
+positive_float = number_parser(float, lambda v: 0 < v < math.inf, "a positive number")
+nonnegative_float = number_parser(float, lambda v: 0 <= v < math.inf, "0 or a positive number")
+fraction = number_parser(float, lambda v: 0 <= v <= 1, "between 0 and 1")
+decay = number_parser(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
+finite_float = number_parser(float, math.isfinite, "a finite number")
+yes_no = number_parser(json.loads, lambda v: isinstance(v, bool), "true or false")  # as --NAME / --no-NAME
+ablation = number_parser(str, lambda v: v in ABLATIONS, f"one of {', '.join(ABLATIONS)}")
+
+# name -> its rule, its flag's help (None: no flag), whether --resume may change it, how many numbers it takes.
+Setting = namedtuple("Setting", "rule help on_resume nargs", defaults=(False, None))
+SETTINGS = {
+    "d_model": Setting(positive_int, "width d"),
+    "n_layers": Setting(positive_int, "blocks L"),
+    "seq_len": Setting(positive_int, "bytes of context per training record"),
+    "batch_size": Setting(positive_int, "records a batch"),
+    "ablate": Setting(ablation, f"switch off a part of the block: {', '.join(ABLATIONS)}"),
+    "lr": Setting(positive_float, "peak learning rate"),
+    "warmup": Setting(nonnegative_int, f"warmup steps (default: a third of the run, at most {WARMUP_CAP})"),
+    "final_lr_fraction": Setting(fraction, "the cosine decay ends at this fraction of --lr"),
+    "clip": Setting(positive_float, "global gradient-norm clip"),
+    "beta1": Setting(decay, None),
+    "beta2": Setting(decay, "Adam's second-moment decay"),
+    "eps": Setting(positive_float, None),
+    "seed": Setting(nonnegative_int, "initialisation and data order"),
+    "epochs": Setting(positive_int, "whole passes over train.bin"),
+    "max_steps": Setting(positive_int, "train this many steps instead of whole epochs (default: whole epochs; with "
+                                       "--resume: a longer run)", on_resume=True),
+    "mix_init": Setting(finite_float, "initial mix of memory, running mean and delta in every block", nargs=3),
+    "slices": Setting(positive_int, "cut each batch into this many slices for the CPU's threads (part of the run: the "
+                                    "same result on any number of threads; default: one per thread)"),
+    # How the run reports and saves itself, and (max_steps) how long it runs: what --resume may change.
+    "eval_every": Setting(nonnegative_int, "steps between evaluations on the start of val (0: never)", on_resume=True),
+    "eval_bytes": Setting(positive_int, "bytes of val those evaluations read (and the final streamed one)", on_resume=True),
+    "ckpt_every": Setting(positive_int, "steps between checkpoints", on_resume=True),
+    "final_eval": Setting(yes_no, "evaluate on all of val when the run ends", on_resume=True),
+}
+DEFAULTS = dict(asdict(Config()), **asdict(TrainSettings()))
+SIZE_SETTINGS = ("d_model", "n_layers", "seq_len", "batch_size")  # the flags bench shares with train
+
+
+def add_setting_flags(p, names):
+    """A flag for each setting in `names`: its rule as the type, its help with the dataclass's default."""
+    for name in names:
+        rule, text, _, nargs = SETTINGS[name]
+        flag, default = "--" + name.replace("_", "-"), DEFAULTS[name]
+        if rule is yes_no:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{text} (default: {'yes' if default else 'no'})")
+            continue
+        shown = " ".join(f"{v:g}" for v in default) if nargs else default
+        p.add_argument(flag, type=rule, nargs=nargs, metavar=("C", "A", "E")[:nargs] if nargs else None,
+                       help=text if default is None else f"{text} (default {shown})")
+
+
+def follows_rule(name, value):
+    """Whether a checkpoint may hold `value` for `name` (a setting; else a count such as the step) by the rule of the
+    flag that sets it, the JSON read as the flag's text: so "7" is no step, 7.0 no batch size and true no lr."""
+    rule, _, _, nargs = SETTINGS.get(name, Setting(nonnegative_int, None))
+    if nargs:
+        return isinstance(value, list) and len(value) == nargs and all(obeys(rule, v) for v in value)
+    return (value is None and name == "slices") or obeys(rule, value)  # a run on the GPU has no slices
+
+
+def obeys(rule, value):
+    try:
+        return rule(value if isinstance(value, str) else json.dumps(value)) == value
+    except (argparse.ArgumentTypeError, ValueError):
+        return False
+
+
+def model_config(args, base=None):
+    """Config from the model flags; those left out from `base` (a checkpoint's config) or the size's default."""
+    base = base or Config(**SIZES[args.size or "small"])
+    if args.size:
+        base = Config(**dict(asdict(base), **SIZES[args.size]))
+    given = {f.name: getattr(args, f.name, None) for f in fields(Config)}
+    return Config(**dict(asdict(base), **{k: v for k, v in given.items() if v is not None}))
 
 
 # ----------------------------------------------------------------------------
@@ -1233,7 +1365,7 @@ def resumed_settings(args, meta, chosen):
     """The run's own settings, with what a resume may change: how it logs, and a longer run (--max-steps)."""
     settings = TrainSettings(**meta["train"])
     changed = {k: v for k, v in chosen.items() if getattr(settings, k) != (tuple(v) if k == "mix_init" else v)}
-    refused = {k: v for k, v in changed.items() if k not in ADJUSTABLE_ON_RESUME}
+    refused = {k: v for k, v in changed.items() if not SETTINGS[k].on_resume}
     if refused:
         raise UserError(f"--resume continues the run with its own settings {asdict(settings)}; these flags differ: {refused}")
     if changed.get("max_steps", 0) > meta["step"]:  # (one below the step is refused by settings_problem)
@@ -1246,7 +1378,7 @@ def resumed_settings(args, meta, chosen):
 
 def start_or_resume(args, xp, checkpoint):
     """A new run from the flags, or (--resume) the run in `checkpoint`, load_checkpoint's reading of --ckpt."""
-    chosen = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None}
+    chosen = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name, None) is not None}
     if args.resume:
         if args.overwrite:
             raise UserError("--resume and --overwrite contradict each other: --resume continues --ckpt, --overwrite starts it over")
@@ -1254,7 +1386,7 @@ def start_or_resume(args, xp, checkpoint):
         asked = model_config(args, base=cfg)
         if asked != cfg:
             raise UserError(f"--resume: {args.ckpt} is a {asdict(cfg)} model, the flags ask for {asdict(asked)}: drop the size flags or use another --ckpt")
-        if not adam_state or "train" not in meta or "data" not in meta:
+        if "train" not in meta or "data" not in meta:
             raise UserError(f"{args.ckpt} holds weights only (no optimizer state or settings): it cannot be resumed")
         settings, step = resumed_settings(args, meta, chosen), meta["step"]
     else:
@@ -1633,7 +1765,7 @@ def warn_if_long(run, slices):
 def train(args):
     if args.sample_length and not args.sample_prompt:
         raise UserError("--sample-prompt is empty: give the text each sample continues, or --sample-length 0 for none")
-    checkpoint = load_checkpoint(args.ckpt) if args.resume and not args.overwrite else None
+    checkpoint = load_checkpoint(args.ckpt, adam=True) if args.resume and not args.overwrite else None
     xp = select_backend(args.device, [(checkpoint[0] if checkpoint else model_config(args)).d_model])
     with RunFiles(args) as files, quiet_on_failure():  # the lock first: a second run on it stops before it prints
         run = start_or_resume(args, xp, checkpoint)
@@ -1776,7 +1908,9 @@ def evaluate_checkpoint(args):
     if args.stream or args.streams:
         data = open_bytes(path)[:args.max_bytes or None]
         if len(data) < 2:
-            raise UserError(f"--max-bytes {args.max_bytes}: at least 2 bytes are needed, one to read and one to predict")
+            given = f"--max-bytes {args.max_bytes} leaves" if args.max_bytes else f"{path} holds"
+            raise UserError(f"{given} {len(data)} byte{'s' * (len(data) != 1)}: at least 2 are needed, one to read and "
+                            f"one to predict")
         result = evaluate_stream(params, data, seq_len, args.streams or EVAL_STREAMS, slices, progress=True)
         protocol = f"read as {stream_protocol(result['streams'], seq_len)}"
     else:
@@ -1860,7 +1994,7 @@ def cpu_slices(xp, threads=None, count=None):
     if xp is not np:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    blas = max(int(v) if v.isdigit() else 1 for v in (os.environ[name] for name in BLAS_VARIABLES))
+    blas = blas_threads()
     if (threads or cores) * blas > cores:
         fix = f"unset {' '.join(BLAS_VARIABLES)} (MORA gives each thread one BLAS thread)" if blas > 1 else f"--threads {cores}"
         print(f"note: {threads or cores} threads x {blas} BLAS threads is more than the {cores} cores here: they take turns, "
@@ -1970,64 +2104,6 @@ def bench(args):
 # ----------------------------------------------------------------------------
 # Command line
 
-def number_parser(kind, check, rule):
-    """An argparse type: kind(text), accepted when check(value), else 'must be {rule}'."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not check(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
-        return value
-    parse.__name__ = rule  # argparse names the type by it in some messages
-    return parse
-
-
-positive_int = number_parser(int, lambda v: v > 0, "a positive integer")
-nonnegative_int = number_parser(int, lambda v: v >= 0, "0 or more")
-positive_float = number_parser(float, lambda v: 0 < v < math.inf, "a positive number")
-nonnegative_float = number_parser(float, lambda v: 0 <= v < math.inf, "0 or a positive number")
-fraction = number_parser(float, lambda v: 0 <= v <= 1, "between 0 and 1")
-decay = number_parser(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
-finite_float = number_parser(float, math.isfinite, "a finite number")
-
-
-MODEL_FLAGS = ("d_model", "n_layers", "seq_len", "batch_size")  # each a positive integer
-
-
-def model_config(args, base=None):
-    """Config from the model flags; those left out from `base` (a checkpoint's config) or the size's default."""
-    base = base or Config(**SIZES[args.size or "small"])
-    if args.size:
-        base = Config(**dict(asdict(base), **SIZES[args.size]))
-    given = {k: getattr(args, k, None) for k in (*MODEL_FLAGS, "ablate")}
-    given = {k: v for k, v in given.items() if v is not None}
-    return Config(**dict(asdict(base), **given))
-
-
-# The TrainSettings a flag may set: name -> (type, help); the help's default is read off TrainSettings.
-SETTING_FLAGS = {
-    "lr": (positive_float, "peak learning rate"),
-    "warmup": (nonnegative_int, "warmup steps"),
-    "final_lr_fraction": (fraction, "the cosine decay ends at this fraction of --lr"),
-    "clip": (positive_float, "global gradient-norm clip"),
-    "beta2": (decay, "Adam's second-moment decay"),
-    "seed": (nonnegative_int, "initialisation and data order"),
-    "epochs": (positive_int, "whole passes over train.bin"),
-    "max_steps": (positive_int, "train this many steps instead of whole epochs (with --resume: a longer run)"),
-    "mix_init": (finite_float, "initial mix of memory, running mean and delta in every block"),
-    "eval_every": (nonnegative_int, "steps between evaluations on the start of val (0: never)"),
-    "eval_bytes": (positive_int, "bytes of val those evaluations read (and the final streamed one)"),
-    "ckpt_every": (positive_int, "steps between checkpoints"),
-    "final_eval": (None, "evaluate on all of val when the run ends"),
-    "slices": (positive_int, "cut each batch into this many slices for the CPU's threads (part of the run: "
-                             "the same result on any number of threads)"),
-}
-# What --resume may change: how the run reports, and how long it runs.
-ADJUSTABLE_ON_RESUME = ("max_steps", "eval_every", "eval_bytes", "ckpt_every", "final_eval")
-
-
 def add_common_flags(p, name, model=False, data=False):
     """The flags that several commands share (check, float64 on the CPU, takes none)."""
     if name != "check":
@@ -2036,12 +2112,9 @@ def add_common_flags(p, name, model=False, data=False):
     if model:
         p.add_argument("--size", choices=sorted(SIZES), help="small: d=64 (284,184 params); large: d=128 (1,092,632) "
                                                              "(default small)")
-        p.add_argument("--d-model", type=positive_int, help=f"default {Config.d_model}")
-        p.add_argument("--n-layers", type=positive_int, help=f"default {Config.n_layers}")
-        p.add_argument("--seq-len", type=positive_int, help=f"default {Config.seq_len}")
-    if model or data:
-        default = f"default {Config.batch_size}" + ("; with --resume, the checkpoint's" if data else "")
-        p.add_argument("--batch-size", type=positive_int, help=default if model else f"records a batch (default {EVAL_BATCH})")
+        add_setting_flags(p, SIZE_SETTINGS)
+    elif data:
+        p.add_argument("--batch-size", type=positive_int, help=f"records a batch (default {EVAL_BATCH})")
     if data:
         p.add_argument("--data-dir", default="data", help="the folder holding train.bin and val.bin (default data)")
     if name not in ("sample", "check"):
@@ -2052,17 +2125,7 @@ def add_common_flags(p, name, model=False, data=False):
 
 
 def add_train_flags(p):
-    defaults = {f.name: f.default for f in fields(TrainSettings)}
-    defaults.update(warmup=f"a third of the run, at most {WARMUP_CAP}", max_steps="whole epochs",  # None and tuple defaults, in words
-                    mix_init=" ".join(f"{v:g}" for v in TrainSettings.mix_init), slices="one per thread")
-    p.add_argument("--ablate", choices=list(ABLATIONS), help="switch off a part of the block (default none)")
-    for name, (kind, text) in SETTING_FLAGS.items():
-        flag = "--" + name.replace("_", "-")
-        if kind is None:  # a yes/no setting: --final-eval / --no-final-eval
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{text} (default: yes)")
-        else:
-            extra = dict(nargs=3, metavar=("C", "A", "E")) if name == "mix_init" else {}
-            p.add_argument(flag, type=kind, help=f"{text} (default {defaults[name]})", **extra)
+    add_setting_flags(p, [name for name, setting in SETTINGS.items() if setting.help and name not in SIZE_SETTINGS])
     p.add_argument("--resume", action="store_true", help="continue the run in --ckpt exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="start over even if --ckpt exists")
     p.add_argument("--stop-after", type=positive_int, help="stop (and save) after this many steps of this call, "

@@ -8,6 +8,7 @@ import hashlib
 import html.parser
 import http.server
 import inspect
+import io
 import json
 import math
 import os
@@ -548,6 +549,17 @@ def test_batch_sliced_over_threads_equals_the_whole_batch():
         slices.pool.shutdown()
 
 
+def test_the_note_on_blas_threads_counts_what_blas_runs(monkeypatch, capsys):
+    """NumPy's OpenBLAS runs OPENBLAS_NUM_THREADS threads (MORA sets it), whatever OMP_NUM_THREADS says."""
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    mora.cpu_slices(np, threads=cores)
+    assert capsys.readouterr().err == "" and " x 1 BLAS thread (" in mora.describe_backend(np)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    mora.cpu_slices(np, threads=cores)
+    assert f"{cores} threads x 4 BLAS threads" in capsys.readouterr().err and " x 4 BLAS threads (" in mora.describe_backend(np)
+
+
 def test_a_step_gives_the_same_bits_on_any_number_of_threads():
     """The batch's slices are fixed by the run; threads only share them out."""
     params = mora.init_params(mora.Config(d_model=8, n_layers=2), 0, mix=(0.5, -0.7, 1.0))
@@ -1076,8 +1088,8 @@ def test_resume_is_bit_exact(data_dir, tmp_path):
     assert run_main(*common, "--ckpt", split, "--stop-after", 3) == 0
     assert mora.load_checkpoint(str(split))[2]["step"] == 3
     assert run_main("train", "--data-dir", data_dir, "--ckpt", split, "--resume", "--device", "cpu", "--eval-every", 0) == 0
-    _, p_straight, meta, opt_straight = mora.load_checkpoint(str(straight))
-    _, p_split, _, opt_split = mora.load_checkpoint(str(split))
+    _, p_straight, meta, opt_straight = mora.load_checkpoint(str(straight), adam=True)
+    _, p_split, _, opt_split = mora.load_checkpoint(str(split), adam=True)
     assert meta["step"] == 8
     for name in p_straight:
         assert np.array_equal(p_straight[name], p_split[name]), name
@@ -1097,8 +1109,8 @@ def test_resume_on_other_threads_is_bit_exact(data_dir, tmp_path):
     assert run_main(*common, "--ckpt", straight, "--threads", 2) == 0
     assert run_main(*common, "--ckpt", split, "--threads", 2, "--stop-after", 3) == 0
     assert run_main("train", "--data-dir", data_dir, "--ckpt", split, "--resume", "--device", "cpu", "--threads", 1) == 0
-    _, p_straight, meta, opt_straight = mora.load_checkpoint(str(straight))
-    _, p_split, meta_split, opt_split = mora.load_checkpoint(str(split))
+    _, p_straight, meta, opt_straight = mora.load_checkpoint(str(straight), adam=True)
+    _, p_split, meta_split, opt_split = mora.load_checkpoint(str(split), adam=True)
     assert meta_split["step"] == 6 and meta_split["train"]["slices"] == meta["train"]["slices"] == 2
     for name in p_straight:
         assert np.array_equal(p_straight[name], p_split[name]), name
@@ -1112,7 +1124,7 @@ def test_checkpoint_round_trip(tmp_path):
     m = np.arange(mora.count_params(cfg), dtype=np.float32)
     path = str(tmp_path / "c.npz")
     mora.save_checkpoint(path, params, {"config": mora.asdict(cfg), "step": 5}, m, 2 * m)
-    cfg2, params2, meta, opt = mora.load_checkpoint(path)
+    cfg2, params2, meta, opt = mora.load_checkpoint(path, adam=True)
     assert cfg2 == cfg and meta["step"] == 5 and np.array_equal(opt["adam.v"], 2 * m)
     assert all(np.array_equal(params[k], params2[k]) for k in params)
     with np.load(path) as f:  # plain NumPy reads the weights by name
@@ -1350,7 +1362,7 @@ def test_bad_input_errors(data_dir, tmp_path, capsys):
     for split in ("train.bin", "val.bin"):  # other data: the order would not continue
         (short / split).write_bytes(made_up_text(200, seed=9))
     assert "trained on" in error_of("train", "--data-dir", short, "--ckpt", ckpt, "--resume", "--device", "cpu")
-    _, weights, meta, adam = mora.load_checkpoint(str(ckpt))
+    _, weights, meta, adam = mora.load_checkpoint(str(ckpt), adam=True)
     unhashed = dict(meta, data=dict(meta["data"], files={name: {"bytes": record["bytes"], "sampled_sha256": "0" * 64}
                                                          for name, record in meta["data"]["files"].items()}))
     mora.save_checkpoint(str(tmp_path / "unhashed.npz"), weights, unhashed, adam["adam.m"], adam["adam.v"])
@@ -1867,6 +1879,22 @@ def test_auto_falls_back_to_the_cpu_in_one_line_when_cupy_cannot_work(stand_in, 
     monkeypatch.setattr(stand_in, "RawModule", module_without_compiler)
     assert mora.select_backend("auto") is np and mora.cupy is None
     assert "(RuntimeError: libnvrtc.so.12: cannot open shared object file)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("raises", ["AttributeError(\"module 'numpy' has no attribute 'bool8'\")",
+                                    "OSError('libcudart.so.12: cannot open shared object file')"])
+def test_auto_falls_back_to_the_cpu_when_importing_cupy_fails_in_any_way(tmp_path, monkeypatch, capsys, raises):
+    (tmp_path / "cupy").mkdir()
+    (tmp_path / "cupy" / "__init__.py").write_text(f"raise {raises}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    monkeypatch.setattr(mora, "cupy", None)
+    assert mora.select_backend("auto") is np and mora.cupy is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("note: --device auto uses the CPU: CuPy cannot use the GPU (")
+    assert raises.split("(")[0] + ": " in err and ("bool8" in err or "libcudart.so.12" in err)
+    with pytest.raises(mora.UserError, match="--device cpu"):
+        mora.select_backend("gpu")
 
 
 def test_every_command_runs_on_the_gpu_path(gpu, data_dir, tmp_path, capsys):
@@ -2558,7 +2586,7 @@ def test_resume_refuses_other_data_of_the_same_size(tmp_path, capsys):
     assert run_main(*train, "--data-dir", data, "--resume", "--stop-after", 1) == 0
     assert mora.load_checkpoint(str(ckpt))[2]["step"] == 3
     capsys.readouterr()
-    cfg, params, meta, adam = mora.load_checkpoint(str(ckpt))
+    cfg, params, meta, adam = mora.load_checkpoint(str(ckpt), adam=True)
     del meta["data"]["files"]  # a run's checkpoint without the record of its data cannot be checked: refused
     mora.save_checkpoint(str(ckpt), params, meta, adam["adam.m"], adam["adam.v"])
     assert "record of its data files" in one_error_line(capsys, run_main(*train, "--data-dir", data, "--resume"))
@@ -2777,7 +2805,7 @@ def test_damaged_checkpoints_and_contradictions_are_one_line(data_dir, tmp_path,
     ckpt = tmp_path / "m.npz"
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1) == 0
     capsys.readouterr()
-    cfg, params, meta, adam = mora.load_checkpoint(str(ckpt))
+    cfg, params, meta, adam = mora.load_checkpoint(str(ckpt), adam=True)
     assert "contradict" in error_of("train", "--data-dir", data_dir, "--ckpt", ckpt, "--resume", "--overwrite")
     broken = dict(params, embed=np.full_like(params["embed"], np.nan))
     mora.save_checkpoint(str(tmp_path / "nan.npz"), broken, meta, adam["adam.m"], adam["adam.v"])
@@ -2794,6 +2822,90 @@ def test_damaged_checkpoints_and_contradictions_are_one_line(data_dir, tmp_path,
     assert "evaluate on more text" in err and "--seq-len" not in err  # eval has no --seq-len to suggest
     assert "--d-model" in error_of("train", "--data-dir", data_dir, "--ckpt", tmp_path / "huge.npz", "--device", "cpu",
                                    "--d-model", 100000)
+
+
+def damaged(arrays, meta, name, change):
+    """The checkpoint's arrays and meta with one of them changed: an array (None: removed), or a meta field."""
+    arrays, meta = dict(arrays), json.loads(json.dumps(meta))
+    if name in arrays:
+        arrays[name] = change(arrays[name])
+        arrays = {k: v for k, v in arrays.items() if v is not None}
+    else:
+        *section, key = name.split(".")
+        (meta[section[0]] if section else meta)[key] = change
+    return arrays, meta
+
+
+def set_one(array, value, index=70):
+    array = array.copy()
+    array.reshape(-1)[index] = value
+    return array
+
+
+DAMAGED_CHECKPOINTS = [  # what is changed, how, the commands that must refuse it, and words of their one line
+    ("adam.v", lambda a: None, ["train", "sample", "eval"], "does not match its own config (adam.v: missing)"),
+    ("adam.v", lambda a: -a, ["train"], "adam.v, Adam's mean squared gradient, holds negative numbers"),
+    ("adam.m", lambda a: a.astype(np.int32), ["train", "sample", "eval"], "adam.m: not"),
+    ("embed", lambda a: set_one(a, 3e38), ["train", "sample", "eval"], "the model's output overflows"),
+    ("blocks.1.w_down", lambda a: set_one(a, -3e38), ["train", "sample", "eval"], "the model's output overflows"),
+    ("blocks.0.b_in", lambda a: set_one(a, np.inf, 1), ["train", "sample", "eval"], "non-finite numbers (NaN or inf in blocks.0.b_in)"),
+    ("train.lr", 0, ["train", "sample", "eval"], "(lr 0)"),
+    ("train.clip", -1.0, ["train", "sample", "eval"], "(clip -1.0)"),
+    ("train.beta2", 1.0, ["train", "sample", "eval"], "(beta2 1.0)"),
+    ("config.seq_len", 2.5, ["train", "sample", "eval"], "(seq_len 2.5)"),
+    ("step", -1, ["train", "sample", "eval"], "(step -1)"),
+]
+
+
+@pytest.mark.filterwarnings("error")  # no RuntimeWarning on the way: the checkpoint is refused before it is used
+def test_a_damaged_checkpoint_is_refused_by_every_command_that_reads_it(data_dir, tmp_path, capsys):
+    ckpt = tmp_path / "run.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 4,
+                    "--stop-after", 2, "--eval-every", 0) == 0
+    with np.load(ckpt) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    capsys.readouterr()
+    commands = {"sample": ["sample", "--length", 3], "eval": ["eval", "--data-dir", data_dir, "--max-bytes", 100],
+                "train": ["train", "--data-dir", data_dir, "--resume", "--eval-every", 0]}
+    for case, (name, change, refusing, words) in enumerate(DAMAGED_CHECKPOINTS):
+        path = tmp_path / f"d{case}.npz"
+        bad_arrays, bad_meta = damaged(arrays, meta, name, change)
+        np.savez(path, meta=np.array(json.dumps(bad_meta)), **bad_arrays)
+        before = path.read_bytes()
+        for command, flags in commands.items():
+            code = run_main(*flags, "--ckpt", path, "--device", "cpu")
+            if command in refusing:
+                err = one_error_line(capsys, code)
+                assert words in err and str(path) in err and "learning rate" not in err, (name, command, err)
+            else:
+                assert code == 0, (name, command, capsys.readouterr().err)
+        assert path.read_bytes() == before, name  # never trained on, never overwritten
+        capsys.readouterr()
+
+
+def test_a_checkpoint_is_read_no_further_than_its_members_need(data_dir, tmp_path, capsys):
+    """An .npz of a few MB may unpack to gigabytes: a member the command does not use, or bytes past the shape a
+    member's header gives, are never read."""
+    import tracemalloc
+    ckpt, big = tmp_path / "run.npz", tmp_path / "big.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1) == 0
+    zeros = bytes(48 << 20)
+    with zipfile.ZipFile(ckpt) as small, zipfile.ZipFile(big, "w", zipfile.ZIP_DEFLATED) as out:
+        for name in small.namelist():
+            out.writestr(name, small.read(name) + (zeros if name == "embed.npy" else b""))
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (12 << 20,)})
+        out.writestr("junk.npy", header.getvalue() + zeros)
+    assert big.stat().st_size < 2 << 20
+    capsys.readouterr()
+    tracemalloc.start()
+    try:
+        assert run_main("sample", "--ckpt", big, "--length", 3, "--device", "cpu") == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
 
 
 ODD_VALUES = [-5, 0, 1, 3, 2.5, -1e-3, 1e308, float("nan"), 10 ** 30, "7", "fast", "", None, True, False, [], {}, [1, 2, 3]]
@@ -2888,6 +3000,23 @@ def test_errors_say_what_is_there(data_dir, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow on the way to NaN
+def test_messages_say_what_is_true(data_dir, tmp_path, capsys):
+    ckpt, tiny = tmp_path / "m.npz", tmp_path / "tiny"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1) == 0
+    tiny.mkdir()
+    (tiny / "val.bin").write_bytes(b"x")
+    capsys.readouterr()
+    err = one_error_line(capsys, run_main("eval", "--ckpt", ckpt, "--data-dir", tiny, "--stream", "--device", "cpu"))
+    assert f"{tiny / 'val.bin'} holds 1 byte: at least 2 are needed" in err and "--max-bytes" not in err  # never given
+    err = one_error_line(capsys, run_main("eval", "--ckpt", ckpt, "--data-dir", data_dir, "--stream", "--max-bytes", 1,
+                                          "--device", "cpu"))
+    assert "--max-bytes 1 leaves 1 byte: at least 2 are needed" in err
+    for flags in (["sample", "--ckpt", ckpt, "--length", "2.5"], ["train", "--max-steps", "2.5"], ["eval", "--seq-len", "2.5"]):
+        with pytest.raises(SystemExit):
+            run_main(*flags)
+        assert "must be a whole number" in capsys.readouterr().err, flags
+
+
 def test_divergence_names_the_value_and_the_likely_causes(data_dir, tmp_path, capsys):
     ckpt = tmp_path / "m.npz"
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 50,
