@@ -797,31 +797,6 @@ def train_step(params, flat, adam_m, adam_v, x, y, step, lr, settings=TrainSetti
     return loss, accuracy, grad_norm
 
 
-@dataclass
-class Run:
-    """A training run: its model, settings and data, its parameters, gradient mask
-    and Adam moments on the device, and the step it stands at (also the data cursor)."""
-    cfg: Config
-    settings: TrainSettings
-    step: int
-    train_records: np.ndarray
-    val_records: np.ndarray
-    flat: object  # every parameter in one vector (xp array)
-    params: dict  # name -> view into flat
-    trainable: object  # flat 0/1 mask: 0 where an ablation holds a parameter at zero (None: no ablation)
-    adam_m: object
-    adam_v: object
-    data_files: dict  # what it trains and validates on: "train.bin" and "val.bin" -> data_fingerprint
-    saved_step: int = None  # the step of this run's checkpoint on disk (None: none saved yet)
-
-    def meta(self):
-        epoch, position = divmod(self.step, len(self.train_records) // self.cfg.batch_size)
-        return {"config": asdict(self.cfg), "step": self.step, "train": asdict(self.settings),
-                "data": {"train_records": len(self.train_records), "epoch": epoch, "batch_in_epoch": position,
-                         "order": "numpy default_rng([seed, epoch]).permutation(train_records)",
-                         "files": self.data_files}}
-
-
 def train_loop(run, end, report, save, slices=None):
     """The training loop from run.step to step `end`, and its cadence: each step's batch
     in its epoch's shuffled order, its learning rate and a training step; a stop when the
@@ -893,6 +868,11 @@ def generate(params, prompt, length, temperature, top_k, seed):
 
 # ----------------------------------------------------------------------------
 # Evaluation: loss, accuracy and bits/byte over a split, per record or as one text.
+
+
+def progress_bar(items, show, **kwargs):
+    """items, behind a progress bar when `show` and stderr is a terminal (in a file a bar is a flood of lines)."""
+    return tqdm(items, leave=False, dynamic_ncols=True, **kwargs) if show and sys.stderr.isatty() else items
 
 
 # Loss by position within a record (or chunk): how fast the model uses its context.
@@ -1376,6 +1356,40 @@ def resumed_settings(args, meta, chosen):
     return settings
 
 
+@dataclass
+class Run:
+    """A training run: its model, settings and data, its parameters, gradient mask
+    and Adam moments on the device, and the step it stands at (also the data cursor)."""
+    cfg: Config
+    settings: TrainSettings
+    step: int
+    train_records: np.ndarray
+    val_records: np.ndarray
+    flat: object  # every parameter in one vector (xp array)
+    params: dict  # name -> view into flat
+    trainable: object  # flat 0/1 mask: 0 where an ablation holds a parameter at zero (None: no ablation)
+    adam_m: object
+    adam_v: object
+    data_files: dict  # what it trains and validates on: "train.bin" and "val.bin" -> data_fingerprint
+    saved_step: int = None  # the step of this run's checkpoint on disk (None: none saved yet)
+
+    def meta(self):
+        epoch, position = divmod(self.step, len(self.train_records) // self.cfg.batch_size)
+        return {"config": asdict(self.cfg), "step": self.step, "train": asdict(self.settings),
+                "data": {"train_records": len(self.train_records), "epoch": epoch, "batch_in_epoch": position,
+                         "order": "numpy default_rng([seed, epoch]).permutation(train_records)",
+                         "files": self.data_files}}
+
+
+# Why a resumed run is bit for bit the same as one that never stopped:
+#   - one BLAS thread per worker (BLAS_VARIABLES, at the top), so no sum's order depends on the cores;
+#   - the saved slice count (cpu_slices, kept in the settings): the batch is cut the same way on any threads;
+#   - the step as the data cursor (batch_rows): an epoch's order is a function of the seed and the epoch;
+#   - the Adam moments (Run.meta and save_checkpoint write them with the weights, load_checkpoint checks them);
+#   - the schedule as a function of the step (learning_rate);
+#   - the data hash (open_run_data): only the run's own train.bin and val.bin will do;
+#   - the settings locked on resume (resumed_settings): only how a run reports and how long it runs may change.
+
 def start_or_resume(args, xp, checkpoint):
     """A new run from the flags, or (--resume) the run in `checkpoint`, load_checkpoint's reading of --ckpt."""
     chosen = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name, None) is not None}
@@ -1734,11 +1748,6 @@ class Report:
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.close()
-
-
-def progress_bar(items, show, **kwargs):
-    """items, behind a progress bar when `show` and stderr is a terminal (in a file a bar is a flood of lines)."""
-    return tqdm(items, leave=False, dynamic_ncols=True, **kwargs) if show and sys.stderr.isatty() else items
 
 
 # Core-seconds a CPU spends per parameter and byte of a training step (the small

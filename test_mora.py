@@ -1202,6 +1202,24 @@ def test_train_into_a_file_prints_plain_lines_and_samples(data_dir, tmp_path):
     assert "sample" not in train("--overwrite", "--sample-length", 0) and not (tmp_path / "m.samples.txt").exists()
 
 
+def test_the_lesson_uses_nothing_defined_after_it():
+    """Everything before "Running it for real" reads as a whole: no name it uses (a function, a class, a constant)
+    is defined only after that line, in the machinery or the kernels."""
+    import ast
+    with open(mora.__file__) as f:
+        source = f.read()
+    start = next(n for n, line in enumerate(source.splitlines(), 1) if line.startswith("# Running it for real"))
+    tree = ast.parse(source)
+
+    def defined(node):
+        targets = node.targets if isinstance(node, ast.Assign) else [node]
+        return {getattr(t, "name", getattr(t, "id", None)) for t in targets}
+    before = set().union(*(defined(n) for n in tree.body if n.lineno < start))
+    after = set().union(*(defined(n) for n in tree.body if n.lineno > start)) - before
+    used = {(n.id, n.lineno) for node in tree.body if node.lineno < start for n in ast.walk(node) if isinstance(n, ast.Name)}
+    assert after and not {(name, line) for name, line in used if name in after}
+
+
 def log_rows(log):
     import csv
     with open(log, newline="") as f:
