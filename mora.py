@@ -1540,21 +1540,20 @@ class RunFiles:
         try:
             import fcntl  # (not on Windows: there, no lock)
             fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass
         except OSError:
             holder = os.pread(self.lock_fd, 64, 0).decode(errors="replace").strip() or "?"
             os.close(self.lock_fd)
             raise UserError(f"{self.ckpt} is being trained by process {holder}: wait for it to end (or stop it), or use "
                             f"another --ckpt") from None
+        except ImportError:
+            pass
         try:
             os.ftruncate(self.lock_fd, 0)
             os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
         except OSError as exc:  # a full disk: leave nothing behind
             self.__exit__()
             os.remove(self.lock)
-            error = self.failed(self.lock, exc)
-            raise UserError(f"{error}: {error.fix}, or choose another --ckpt") from exc
+            raise UserError(f"{self.failed(self.lock, exc)}: choose another --ckpt") from exc
         return self
 
     def __exit__(self, *exc):
@@ -1620,31 +1619,26 @@ class RunFiles:
 
 
 class QuietOnFailure:
-    """sys.stdout or sys.stderr while a run trains: a write that fails (a closed pipe: `train | head`; a full disk)
-    never ends the run.  The first failure is said once on stderr if it can be; the stream is silent from then on,
-    its file descriptor pointed at the null device so that nothing fails at exit either."""
+    """sys.stdout or sys.stderr while a run trains: a write that fails (`train | head`, a full disk, a closed
+    terminal, a character it cannot encode) never ends the run.  The first failure is said once on stderr if it
+    can be; from then on the stream's descriptor is the null device, so nothing fails later, at exit included."""
 
     def __init__(self, stream, name):
         self.stream, self.name, self.failed = stream, name, False
 
     def write(self, text):
-        self.guarded(self.stream.write, text)
-        return len(text)
+        return self.guarded("write", text) or len(text)
 
     def flush(self):
-        self.guarded(self.stream.flush)
+        self.guarded("flush")
 
     def guarded(self, action, *args):
-        if self.failed:
-            return
         try:
-            action(*args)
-        except (OSError, ValueError) as exc:  # ValueError: a character the stream cannot encode, or a closed stream
+            return None if self.failed else getattr(self.stream, action)(*args)
+        except (OSError, ValueError) as exc:  # ValueError: a character it cannot encode, or a closed stream
             self.failed = True
             with contextlib.suppress(OSError, ValueError):
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, self.stream.fileno())
-                os.close(null)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
             if self.name == "stdout":
                 print(f"note: {getattr(exc, 'strerror', None) or exc} writing the standard output; the run goes on "
                       f"without it and saves as usual", file=sys.stderr, flush=True)
@@ -1667,33 +1661,23 @@ def quiet_on_failure():
 
 
 class StopSignals:
-    """SIGINT (Ctrl-C), SIGTERM (`kill`, schedulers) and SIGHUP (terminal closed) while training: the first stops
-    the loop after the step under way, said at once; a second stops at once (KeyboardInterrupt), the last
-    checkpoint as it was.  Once the run is `saved` (its final evaluation), the first stops at once."""
+    """SIGINT (Ctrl-C), SIGTERM (`kill`, schedulers) and SIGHUP (terminal closed: its writes then fail, which
+    QuietOnFailure absorbs) while training: the first stops the loop after the step under way, said at once; a
+    second stops at once (KeyboardInterrupt), the last checkpoint as it was.  Once the run is `saved` (its final
+    evaluation), the first stops at once."""
     NAMES = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
 
     def __enter__(self):
         self.requested, self.saved = False, False
-        self.terminals = [fd for fd in (1, 2) if os.isatty(fd)]
         self.previous = {s: signal.signal(s, self.handle) for s in (getattr(signal, name) for name in self.NAMES)}
         return self
 
     def handle(self, signum, frame):
-        if signum == getattr(signal, "SIGHUP", None):
-            self.leave_closed_terminals()
         if self.requested or self.saved:
             raise KeyboardInterrupt
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: stopping after this step, then saving "
               f"(send it again to stop at once, without saving)", file=sys.stderr, flush=True)
-
-    def leave_closed_terminals(self):
-        """A closed terminal fails every write (EIO), which would end the run unsaved: write to the null device."""
-        for fd in self.terminals:
-            if not os.isatty(fd):  # a terminal that hung up answers no more
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, fd)
-                os.close(null)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
