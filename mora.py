@@ -26,6 +26,7 @@ import argparse
 import codecs
 import contextlib
 import csv
+import errno
 import functools
 import hashlib
 import io
@@ -820,17 +821,13 @@ class Run:
                          "order": "numpy default_rng([seed, epoch]).permutation(train_records)",
                          "files": self.data_files}}
 
-    def save(self, path):
-        save_checkpoint(path, self.params, self.meta(), self.adam_m, self.adam_v)
-        self.saved_step = self.step
 
-
-def train_loop(run, end, report, slices=None):
-    """The training loop, from run.step to step `end`: the step's batch in its epoch's
-    shuffled order, its learning rate, a training step, and then `report` sees it.
-    Everything beyond the maths is in `report` (a `Report`, in "Running it for real"):
-    the finite check, the log, every eval_every steps `evaluate_and_sample`, every
-    ckpt_every a checkpoint, the progress, and a stop signal's request to end early.
+def train_loop(run, end, report, save, slices=None):
+    """The training loop from run.step to step `end`, and its cadence: each step's batch
+    in its epoch's shuffled order, its learning rate and a training step; a stop when the
+    loss is not finite; every eval_every steps an evaluation and a sample; every
+    ckpt_every steps `save(run)`; an early stop when report.stop asks (a signal).
+    `report` (a Report, in "Running it for real") writes the log and draws the progress.
     slices: CPU threads sharing each batch (`Slices`, also there), or None."""
     cfg, s, xp = run.cfg, run.settings, array_module(run.flat)
     gradient = batch_gradient if slices is None else slices.gradient
@@ -841,8 +838,15 @@ def train_loop(run, end, report, slices=None):
         loss, accuracy, grad_norm = train_step(run.params, run.flat, run.adam_m, run.adam_v, x, y, run.step, lr, s,
                                                run.trainable, gradient)
         loss, accuracy, grad_norm = float(loss), float(accuracy), float(grad_norm)  # the one host sync
-        run.step += 1
-        report.step(lr, loss, accuracy, grad_norm, seconds=time.perf_counter() - started)
+        run.step, seconds, val, text = run.step + 1, time.perf_counter() - started, None, None
+        for name, value in (("loss", loss), ("gradient norm", grad_norm)):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"the {name} became {value} at step {run.step}")
+        if s.eval_every and run.step % s.eval_every == 0 and not (run.step == s.max_steps and s.final_eval):
+            val, text = evaluate_and_sample(run, report.prompt, report.sample_length, slices)  # (the final one: all val)
+        report.step(lr, loss, accuracy, grad_norm, seconds, val, text)
+        if run.step % s.ckpt_every == 0:
+            save(run)
 
 
 def evaluate_and_sample(run, prompt, length, slices=None):
@@ -1106,10 +1110,6 @@ def check_outputs(paths, inputs=(), flag="--out"):
             raise UserError(problem)
 
 
-class SaveError(UserError):
-    """A checkpoint could not be written; the file at its path is as it was."""
-
-
 @contextlib.contextmanager
 def written_atomically(path, mode="wb", **open_args):
     """A file opened as path.tmp and renamed to path once fully written.  On any failure (a full disk,
@@ -1131,11 +1131,8 @@ def save_checkpoint(path, params, meta, adam_m=None, adam_v=None):
     if adam_m is not None:
         arrays["adam.m"], arrays["adam.v"] = to_numpy(adam_m), to_numpy(adam_v)
     arrays["meta"] = np.array(json.dumps(dict(meta, format=CHECKPOINT_FORMAT)))
-    try:
-        with written_atomically(path) as f:
-            np.savez(f, **arrays)
-    except OSError as exc:
-        raise SaveError(f"cannot write the checkpoint {path} ({exc.strerror or exc})") from exc
+    with written_atomically(path) as f:
+        np.savez(f, **arrays)
 
 
 def load_checkpoint(path, adam=False):
@@ -1438,51 +1435,8 @@ def open_run_data(args, cfg, meta):
     return records["train.bin"], records["val.bin"], files
 
 
-def prepare_output(ckpt):
-    """The log's path, once the checkpoint and the files beside it are known writable: before step 1, not at a save."""
-    stem = ckpt[:-len(".npz")] if ckpt.endswith(".npz") else ckpt
-    log_path = stem + ".csv"
-    if os.path.basename(ckpt):
-        folder = os.path.dirname(os.path.abspath(ckpt))
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot create the folder {folder} for --ckpt ({exc.strerror}): choose another --ckpt")
-    check_outputs([ckpt, ckpt + ".tmp", log_path, log_path + ".tmp", ckpt + ".lock", stem + ".samples.txt"], flag="--ckpt")
-    return log_path
-
-
-def lock_checkpoint(ckpt):
-    """An exclusive lock on CKPT.lock while this process trains: a second run on it stops at once.  The system drops
-    it however the process ends, so a stale lock never blocks.  (None where fcntl is missing, on Windows.)"""
-    lock = open(ckpt + ".lock", "a+")
-    try:
-        import fcntl
-    except ImportError:
-        return lock
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        holder = lock.read().strip() or "?"
-        lock.close()
-        raise UserError(f"{ckpt} is being trained by process {holder}: wait for it to end (or stop it), or use another --ckpt")
-    try:
-        os.ftruncate(lock.fileno(), 0)
-        os.pwrite(lock.fileno(), f"{os.getpid()}\n".encode(), 0)
-    except OSError as exc:  # a full disk: leave nothing behind
-        lock.close()
-        os.remove(lock.name)
-        raise UserError(f"cannot write {lock.name} ({exc.strerror}): free some disk space, or choose another --ckpt") from exc
-    return lock
-
-
 LOG_FIELDS = ["step", "bytes", "lr", "loss", "bpb", "accuracy", "grad_norm", "ms_per_step",
               "val_loss", "val_bpb", "val_accuracy", "val_stream_bpb"]
-
-
-class LogWriteError(UserError):
-    """The log could not be written (a full disk, say): the run still saves its checkpoint."""
 
 
 def log_line(row):
@@ -1492,77 +1446,210 @@ def log_line(row):
     return text.getvalue()
 
 
-def row_is_complete(header, row):
-    """A log row with every column of the header, a whole-number step, and numbers (or nothing) elsewhere."""
+LOG_HEADER = log_line({k: k for k in LOG_FIELDS})
+
+
+def logged_step(line):
+    """The step of a whole log row: every column, a whole-number step, numbers (or nothing) elsewhere (else None)."""
+    row = next(csv.reader([line]), [])
     try:
-        int(row[header.index("step")])
         list(map(float, filter(None, row)))  # each a number, or a ValueError
+        return int(row[0]) if len(row) == len(LOG_FIELDS) else None
     except (ValueError, IndexError):
-        return False
-    return len(row) == len(header)
+        return None
 
 
-def complete_rows(text):
-    """(the rows of a CSV log before the first one cut short or unreadable, as dicts; whether that is all of them;
-    whether the text is a log at all).  The last row is complete only if the text ends with its line end."""
-    lines = list(csv.reader(io.StringIO(text)))
-    header = lines[0] if lines else []
-    if "step" not in header or not set(header) <= set(LOG_FIELDS):
-        return [], False, False
-    rows = lines[1:] if text.endswith("\n") else lines[1:-1] + [[]]  # no line end: the last row was cut
-    good = list(itertools.takewhile(lambda row: row_is_complete(header, row), rows))
-    return [dict(zip(header, row)) for row in good], len(good) == len(rows), True
+def sampled_step(line):
+    """The step of a whole line of CKPT.samples.txt, `step N: 'text'` (else None)."""
+    number, _, text = line.partition(": ")
+    number = number.removeprefix("step ").replace(",", "")
+    return int(number) if number.isdigit() and text[-1:] in ("'", '"') and len(text) > 1 else None
 
 
-class TrainingLog:
-    """The CSV log beside the checkpoint: a row per step, written unbuffered, never lagging the checkpoint, never
-    half a row.  On --resume the rows after the checkpoint's step are dropped, the rest rewritten in one rename;
-    a log with a row cut short keeps the rows before it, a file that is no log none, either set aside as .bad."""
+def lines_up_to(path, step, header, step_of):
+    """The lines of a run's file (the log, the samples: `header` first, then a line per step_of) that belong to a
+    checkpoint at `step`.  A file with a line cut short or unreadable (a kill mid-line, a hand edit) is set aside
+    as .bad and the lines before it kept; lines after `step` (written after that checkpoint) are dropped."""
+    if not os.path.exists(path):
+        print(f"warning: {path} is missing: a new one starts at step {step:,}", file=sys.stderr)
+        return []
+    with open(path, newline="", errors="replace") as f:
+        *lines, cut = f.read().split("\n")  # cut: the text after the last line end, a line cut short
+    ours = lines[:1] == [header.rstrip("\n")] if header else True
+    body = lines[1:] if header else lines
+    good = list(itertools.takewhile(lambda s: s is not None, map(step_of, body))) if ours else []
+    if len(good) < len(body) or cut or not ours:
+        os.replace(path, path + ".bad")
+        what = f"line {len(good) + 1 + bool(header)} is cut short or unreadable" if ours else "it is not what a run writes there"
+        print(f"warning: {path}: {what}; it is kept as {path}.bad and the new one keeps the {len(good)} lines before it",
+              file=sys.stderr)
+    return [line + "\n" for line, s in zip(body, good) if s <= step]
 
-    def __init__(self, path, step):
-        self.path = path
-        rows = self.rows_to_keep(step) if step > 0 and os.path.exists(path) else []
-        if step > 0 and not os.path.exists(path):
-            print(f"warning: {path} is missing: a new log starts at step {step:,}", file=sys.stderr)
+
+class WriteError(UserError):
+    """A file of a run could not be written: the message says which and why, `fix` what to do about it."""
+    def __init__(self, message, path, fix):
+        super().__init__(message)
+        self.path, self.fix = path, fix
+
+
+class RunFiles:
+    """Every file `train` writes, each named from the checkpoint's whole name (STEM: CKPT less a last .npz, so exp.1
+    and exp.2 are two runs): CKPT, CKPT.lock, the log STEM.csv, STEM.samples.txt, and the .tmp each is written to.
+    All are checked before any work; each write is whole or undone, and an OSError on any becomes one WriteError."""
+
+    def __init__(self, args):
+        ckpt, self.args = args.ckpt, args
+        stem = ckpt[:-len(".npz")] if ckpt.endswith(".npz") else ckpt
+        self.ckpt, self.lock, self.log, self.samples = ckpt, ckpt + ".lock", stem + ".csv", stem + ".samples.txt"
+        self.what = {self.ckpt: "the checkpoint", self.lock: "the lock", self.log: "the log", self.samples: "the samples"}
+        self.appending = {}
+        if os.path.basename(ckpt) in ("train.bin", "val.bin", "test.bin") or os.path.exists(ckpt + ".json"):
+            raise UserError(f"--ckpt {ckpt} is a prepared data file (prepare_data.py's): a checkpoint would replace it; "
+                            f"choose another --ckpt, e.g. checkpoints/mora.npz")
+        folder = os.path.dirname(os.path.abspath(ckpt))
         try:
-            with written_atomically(path, "w", newline="") as f:
-                f.writelines([log_line({k: k for k in LOG_FIELDS})] + [log_line(row) for row in rows])  # the header, the rows
-        except OSError as exc:  # a full disk, say: the old log stays as it was
-            raise LogWriteError(f"cannot write the log {path} ({exc.strerror or exc}); no step was taken") from exc
-        self.file = open(path, "ab", buffering=0)
-
-    def rows_to_keep(self, step):
-        """The old log's complete rows up to `step`; the file set aside as .bad if any is not."""
-        with open(self.path, newline="", errors="replace") as f:
-            rows, complete, is_log = complete_rows(f.read())
-        if not complete:
-            os.replace(self.path, self.path + ".bad")
-            kept = f"the new log keeps the {len(rows)} rows before it" if is_log else f"a new log starts at step {step:,}"
-            what = f"row {len(rows) + 1} is cut short or unreadable" if is_log else "it is not a training log"
-            print(f"warning: {self.path}: {what}; it is kept as {self.path}.bad and {kept}", file=sys.stderr)
-        rows = [row for row in rows if int(row["step"]) <= step]
-        last = max((int(row["step"]) for row in rows), default=0)
-        if complete and last < step:  # a log that could not be written, say
-            print(f"warning: {self.path} has no rows for steps {last + 1:,} to {step:,}", file=sys.stderr)
-        return rows
-
-    def write(self, row):
-        """Append one row; however the write stops (a full disk, a second Ctrl-C), the file is cut back to its start."""
-        line, start = log_line(row).encode(), self.file.tell()
-        try:
-            while line:
-                line = line[self.file.write(line):]  # an unbuffered write may take only part
-        except BaseException as exc:
-            self.file.truncate(start)
-            if isinstance(exc, OSError):
-                raise LogWriteError(f"cannot write the log {self.path} ({exc.strerror or exc})") from exc
-            raise
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the folder {folder} for --ckpt ({exc.strerror}): choose another --ckpt")
+        inputs = [os.path.join(args.data_dir, name) for name in ("train.bin", "val.bin")]
+        check_outputs([p for path in self.what for p in (path, os.path.realpath(path) + ".tmp")], inputs, "--ckpt")
 
     def __enter__(self):
+        """Lock the run (CKPT.lock, never through a link): a second run on it stops at once.  The system drops the
+        lock however this process ends, so a stale lock file never blocks; it holds the pid, for the message."""
+        try:
+            self.lock_fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot open {self.lock} ({exc.strerror}{', a symbolic link' * (exc.errno == errno.ELOOP)}): "
+                            f"remove it, or choose another --ckpt") from exc
+        try:
+            import fcntl  # (not on Windows: there, no lock)
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
+        except OSError:
+            holder = os.pread(self.lock_fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.lock_fd)
+            raise UserError(f"{self.ckpt} is being trained by process {holder}: wait for it to end (or stop it), or use "
+                            f"another --ckpt") from None
+        try:
+            os.ftruncate(self.lock_fd, 0)
+            os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # a full disk: leave nothing behind
+            self.__exit__()
+            os.remove(self.lock)
+            error = self.failed(self.lock, exc)
+            raise UserError(f"{error}: {error.fix}, or choose another --ckpt") from exc
         return self
 
     def __exit__(self, *exc):
-        self.file.close()
+        for file in self.appending.values():
+            file.close()
+        os.close(self.lock_fd)
+
+    def start_lines(self, step, sampling):
+        """The log, and (sampling) the samples, as of the checkpoint at `step`: each rewritten, in one rename, to
+        its lines up to that step (lines_up_to), then opened to append, one whole line at a time (write_line)."""
+        for path, header, step_of in [(self.log, LOG_HEADER, logged_step)] + [(self.samples, "", sampled_step)] * sampling:
+            lines = lines_up_to(path, step, header, step_of) if step else []
+            try:
+                with written_atomically(path, "w", newline="") as f:
+                    f.writelines([header] + lines)
+                self.appending[path] = open(path, "ab", buffering=0)
+            except OSError as exc:  # the old file stays as it was
+                raise self.failed(path, exc) from exc
+
+    def write_line(self, path, line):
+        """Append one line to the log or the samples; however the write stops (a full disk, a second Ctrl-C), the
+        file is cut back to where it was: never half a line."""
+        file = self.appending[path]
+        data, start = line.encode(), file.tell()
+        try:
+            while data:
+                data = data[file.write(data):]  # an unbuffered write may take only part
+        except BaseException as exc:
+            file.truncate(start)
+            if isinstance(exc, OSError):
+                raise self.failed(path, exc) from exc
+            raise
+
+    def save(self, run):
+        try:
+            save_checkpoint(self.ckpt, run.params, run.meta(), run.adam_m, run.adam_v)
+        except OSError as exc:
+            raise self.failed(self.ckpt, exc) from exc
+        run.saved_step = run.step
+
+    def failed(self, path, exc):
+        """The WriteError for an OSError writing `path`: which file, the real cause, and what to do about it."""
+        folder = os.path.dirname(os.path.abspath(path))
+        cause, fix = exc.strerror or str(exc), f"see why {path} cannot be written"
+        if not os.path.isdir(folder):
+            cause, fix = f"its folder {folder} is gone", f"put the folder {folder} back"
+        elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free some disk space"
+        elif exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+            cause, fix = f"{cause}: a folder is in the way", f"move {exc.filename or path} away"
+        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = f"make {folder} writable"
+        return WriteError(f"cannot write {self.what[path]} {path} ({cause})", path, fix)
+
+    def on_disk(self, run, fix):
+        """What this run has on disk and how to go on once `fix` is done: the end of every line a failure gets."""
+        if run.saved_step is None:
+            return f"no checkpoint of this run was saved; {fix}, then start it again"
+        held = "is saved at" if run.saved_step == run.step else "still holds"
+        if not os.path.isdir(os.path.dirname(os.path.abspath(self.ckpt))):
+            held = "held"
+        return f"{self.ckpt} {held} step {run.saved_step:,}; {fix}, then continue with `{command_line(self.args, 'train', '--resume')}`"
+
+
+class QuietOnFailure:
+    """sys.stdout or sys.stderr while a run trains: a write that fails (a closed pipe: `train | head`; a full disk)
+    never ends the run.  The first failure is said once on stderr if it can be; the stream is silent from then on,
+    its file descriptor pointed at the null device so that nothing fails at exit either."""
+
+    def __init__(self, stream, name):
+        self.stream, self.name, self.failed = stream, name, False
+
+    def write(self, text):
+        self.guarded(self.stream.write, text)
+        return len(text)
+
+    def flush(self):
+        self.guarded(self.stream.flush)
+
+    def guarded(self, action, *args):
+        if self.failed:
+            return
+        try:
+            action(*args)
+        except (OSError, ValueError) as exc:  # ValueError: a character the stream cannot encode, or a closed stream
+            self.failed = True
+            with contextlib.suppress(OSError, ValueError):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, self.stream.fileno())
+                os.close(null)
+            if self.name == "stdout":
+                print(f"note: {getattr(exc, 'strerror', None) or exc} writing the standard output; the run goes on "
+                      f"without it and saves as usual", file=sys.stderr, flush=True)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def quiet_on_failure():
+    """sys.stdout and sys.stderr as QuietOnFailure streams, flushed before they are handed back."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = QuietOnFailure(sys.stdout, "stdout"), QuietOnFailure(sys.stderr, "stderr")
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = saved
 
 
 class StopSignals:
@@ -1604,37 +1691,28 @@ def val_columns(val):
 
 
 class Report:
-    """Each step of train_loop: the loss checked finite, the log's row, an evaluation and sample (also to
-    CKPT.samples.txt) every eval_every, a checkpoint every ckpt_every, then a bar on a terminal, else a line every
-    PLAIN_SECONDS.  The speed leaves out the first step, which warms caches (and compiles on the GPU)."""
+    """What train_loop shows of each step: the log's row, an evaluation and its sample (also to the samples file),
+    and the progress: a bar on a terminal, else a line at the first and last step and every PLAIN_SECONDS.  The
+    speed leaves out the first step, which warms caches (and compiles on the GPU)."""
     PLAIN_SECONDS = 10
 
-    def __init__(self, run, end, ckpt, log, stop, slices, sample_prompt, sample_length):
-        self.run, self.end, self.ckpt, self.log, self.stop, self.slices = run, end, ckpt, log, stop, slices
-        self.prompt, self.sample_length, self.start = os.fsencode(sample_prompt), sample_length, run.step
-        self.samples = open(os.path.splitext(ckpt)[0] + ".samples.txt", "a" if run.step else "w") if sample_length else None
+    def __init__(self, run, end, files, stop, sample_prompt, sample_length):
+        self.run, self.end, self.files, self.stop, self.start = run, end, files, stop, run.step
+        self.prompt, self.sample_length = os.fsencode(sample_prompt), sample_length
         self.bar = tqdm(total=end, initial=run.step, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
         self.steps, self.seconds, self.next_line = 0, 0.0, 0.0
 
-    def step(self, lr, loss, accuracy, grad_norm, seconds):
+    def step(self, lr, loss, accuracy, grad_norm, seconds, val=None, text=None):
         run, s, cfg = self.run, self.run.settings, self.run.cfg
-        check_finite(run, loss, grad_norm, self.ckpt)
         row = {"step": run.step, "bytes": run.step * cfg.batch_size * cfg.seq_len, "lr": f"{lr:.6g}", "loss": f"{loss:.5f}",
                "bpb": f"{loss / math.log(2):.5f}", "accuracy": f"{accuracy:.5f}", "grad_norm": f"{grad_norm:.4f}",
-               "ms_per_step": f"{1000 * seconds:.2f}"}
-        if s.eval_every and run.step % s.eval_every == 0 and not (run.step == s.max_steps and s.final_eval):  # not twice
-            val, text = evaluate_and_sample(run, self.prompt, self.sample_length, self.slices)
-            row.update(val_columns(val))
+               "ms_per_step": f"{1000 * seconds:.2f}", **(val_columns(val) if val else {})}
+        if val:
             tqdm.write(f"step {run.step:,}: val bits/byte {val['bpb']:.4f} (first {val['bytes']:,} bytes), accuracy "
-                       f"{val['accuracy']:.4f}" + (f"\nstep {run.step:,}: sample: {text!r}" if self.samples else ""))
-            try:
-                if self.samples:
-                    print(f"step {run.step:,}: {text!r}", file=self.samples, flush=True)
-            except OSError as exc:  # a full disk: saved as the log's failure is (train_and_save)
-                raise LogWriteError(f"cannot write the samples {self.samples.name} ({exc.strerror or exc})") from exc
-        self.log.write(row)
-        if run.step % s.ckpt_every == 0:
-            run.save(self.ckpt)
+                       f"{val['accuracy']:.4f}" + (f"\nstep {run.step:,}: sample: {text!r}" if self.sample_length else ""))
+            if self.sample_length:
+                self.files.write_line(self.files.samples, f"step {run.step:,}: {text!r}\n")
+        self.files.write_line(self.files.log, log_line(row))
         if run.step > self.start + 1:
             self.steps, self.seconds = self.steps + 1, self.seconds + seconds
         numbers = f"loss {loss:.4f} acc {accuracy:.3f} bpb {loss / math.log(2):.4f} lr {lr:.2e} gnorm {grad_norm:.2f} {self.speed()}".rstrip()
@@ -1654,9 +1732,8 @@ class Report:
         return self
 
     def __exit__(self, *exc):
-        for done in (self.bar, self.samples):
-            if done is not None:
-                done.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def progress_bar(items, show, **kwargs):
@@ -1681,25 +1758,16 @@ def warn_if_long(run, slices):
               f"A good small model in minutes: --batch-size 32 --max-steps 3000 (README: The reference CPU run)")
 
 
-def check_finite(run, loss, grad_norm, ckpt):
-    for name, value in (("loss", loss), ("gradient norm", grad_norm)):
-        if not math.isfinite(value):
-            s = run.settings
-            saved = (f"{ckpt} holds the last good checkpoint (step {run.saved_step:,})" if run.saved_step is not None
-                     else f"no checkpoint of this run was saved before it (one is saved every {s.ckpt_every:,} steps)")
-            raise UserError(f"the {name} became {value} at step {run.step}; likely causes: a learning rate too high "
-                            f"(--lr {s.lr:g}), an Adam beta2 too close to 1 ({s.beta2:g}), or a damaged train.bin. {saved}")
-
-
 # ----------------------------------------------------------------------------
 # The commands: train, eval, sample.
 
 
 def train(args):
+    if args.sample_length and not args.sample_prompt:
+        raise UserError("--sample-prompt is empty: give the text each sample continues, or --sample-length 0 for none")
     checkpoint = load_checkpoint(args.ckpt, adam=True) if args.resume and not args.overwrite else None
     xp = select_backend(args.device, [(checkpoint[0] if checkpoint else model_config(args)).d_model])
-    log_path = prepare_output(args.ckpt)
-    with lock_checkpoint(args.ckpt):  # first: a second run on this checkpoint stops before it prints anything
+    with RunFiles(args) as files, quiet_on_failure():  # the lock first: a second run on it stops before it prints
         run = start_or_resume(args, xp, checkpoint)
         if run.step >= run.settings.max_steps:
             print(f"{args.ckpt} is finished: it stands at step {run.step:,}, the end of its run; to train it longer, "
@@ -1711,24 +1779,28 @@ def train(args):
             keep_freed_memory()
         end = run.settings.max_steps if args.stop_after is None else min(run.settings.max_steps, run.step + args.stop_after)
         print_plan(run, xp, slices, end)
-        with TrainingLog(log_path, run.step) as log, StopSignals() as stop:
-            with Report(run, end, args.ckpt, log, stop, slices, args.sample_prompt, args.sample_length) as report:
-                train_and_save(run, end, report, slices)
+        with StopSignals() as stop, Report(run, end, files, stop, args.sample_prompt, args.sample_length) as report:
+            train_and_save(run, end, report, files, slices)
             stop.saved = True  # a signal from here on stops at once: nothing is left to save
-            try:
-                print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {log_path}")
-                if report.steps:
-                    print(f"speed: {report.speed()}")
-                if stop.requested:
-                    raise KeyboardInterrupt
-                if run.step == run.settings.max_steps and run.settings.final_eval:
-                    final_evaluation(run, slices, log)
-            except KeyboardInterrupt:
-                print(stopped_line(run, args))
-                return 130
-            except LogWriteError as exc:  # the final evaluation's row
-                raise UserError(f"{exc}: {args.ckpt} is saved at step {run.step:,}; `{command_line(args, 'eval')}` "
-                                f"evaluates it") from exc
+            return finish(run, args, files, report, slices)
+
+
+def finish(run, args, files, report, slices):
+    """After the last save: where it is, the speed, and at the run's end its final evaluation."""
+    try:
+        print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {files.log}")
+        if report.steps:
+            print(f"speed: {report.speed()}")
+        if report.stop.requested:
+            raise KeyboardInterrupt
+        if run.step == run.settings.max_steps and run.settings.final_eval:
+            final_evaluation(run, slices, files)
+    except KeyboardInterrupt:
+        print(stopped_line(run, args))
+        return 130
+    except WriteError as exc:  # the final evaluation's row
+        raise UserError(f"{exc}: {args.ckpt} is saved at step {run.step:,}; `{command_line(args, 'eval')}` "
+                        f"evaluates it") from exc
     return 0
 
 
@@ -1755,30 +1827,32 @@ def stopped_line(run, args):
     return f"{saved}, the end of the run"
 
 
-def train_and_save(run, end, report, slices):
-    """train_loop, then a checkpoint where it ended.  A log or a checkpoint that cannot be written gets one line
-    saying what is on disk and what to do; a log that fails still gets the checkpoint saved."""
+def train_and_save(run, end, report, files, slices):
+    """train_loop, then a checkpoint where it ended.  Whatever ends it early gets one line saying what is on disk and
+    what to do; a log that cannot be written still gets the checkpoint saved."""
     problem = None
     try:
-        train_loop(run, end, report, slices)
-    except LogWriteError as exc:
+        files.start_lines(run.step, report.sample_length > 0)
+        train_loop(run, end, report, files.save, slices)
+    except WriteError as exc:
+        if exc.path == files.ckpt:
+            raise UserError(f"{exc}: {files.on_disk(run, exc.fix)}") from exc
         problem = exc
-    except SaveError as exc:
-        raise UserError(f"{exc}: {what_is_saved(run, report.ckpt)}") from exc
+    except FloatingPointError as exc:  # the loss or the gradient norm
+        s = run.settings
+        saved = (f"{files.ckpt} holds the last good checkpoint (step {run.saved_step:,})" if run.saved_step is not None
+                 else f"no checkpoint of this run was saved before it (one is saved every {s.ckpt_every:,} steps)")
+        raise UserError(f"{exc}; likely causes: a learning rate too high (--lr {s.lr:g}), an Adam beta2 too close to 1 "
+                        f"({s.beta2:g}), or a damaged train.bin. {saved}") from exc
+    except MemoryError as exc:
+        raise UserError(f"out of memory in step {run.step + 1:,} (a new run can lower --batch-size, --seq-len or "
+                        f"--d-model): {files.on_disk(run, 'free some memory')}") from exc
     try:
-        run.save(report.ckpt)
-    except SaveError as exc:
-        raise UserError(f"{f'{problem}; ' if problem else ''}{exc}: {what_is_saved(run, report.ckpt)}") from exc
+        files.save(run)
+    except WriteError as exc:
+        raise UserError(f"{f'{problem}; ' if problem else ''}{exc}: {files.on_disk(run, exc.fix)}") from exc
     if problem:
-        raise UserError(f"{problem}; the checkpoint {report.ckpt} is saved at step {run.step:,}: free some disk space, "
-                        f"then continue with --resume") from problem
-
-
-def what_is_saved(run, ckpt):
-    """The last checkpoint of a run that cannot save (or its lack), and what to do."""
-    if run.saved_step is None:
-        return "no checkpoint of this run was saved; free some disk space, then start it again"
-    return f"{ckpt} still holds step {run.saved_step:,}; free some disk space, then continue with --resume"
+        raise UserError(f"{problem}: {files.on_disk(run, problem.fix)}") from problem
 
 
 def command_line(args, *words):
@@ -1796,14 +1870,14 @@ def command_line(args, *words):
 EVAL_STREAMS = 64
 
 
-def final_evaluation(run, slices, log):
+def final_evaluation(run, slices, files):
     """All of val by the published protocol (state reset every record), and its start as EVAL_STREAMS texts."""
     cfg = run.cfg
     full = evaluate(run.params, run.val_records, EVAL_BATCH, slices, progress=True)
     text = run.val_records.reshape(-1)[:run.settings.eval_bytes]
     stream = evaluate_stream(run.params, text, cfg.seq_len, EVAL_STREAMS, slices, progress=True)
-    log.write({"step": run.step, "bytes": run.step * cfg.batch_size * cfg.seq_len, **val_columns(full),
-               "val_stream_bpb": f"{stream['bpb']:.5f}"})
+    files.write_line(files.log, log_line({"step": run.step, "bytes": run.step * cfg.batch_size * cfg.seq_len,
+                                          **val_columns(full), "val_stream_bpb": f"{stream['bpb']:.5f}"}))
     print_evaluation(f"val, per record (all {len(run.val_records):,} records, the state reset every {cfg.seq_len + 1} bytes)", full)
     print_evaluation(f"val, streamed (the first {len(text):,} bytes as {stream_protocol(stream['streams'], cfg.seq_len)})",
                      stream)
@@ -1862,7 +1936,6 @@ def sample(args):
     xp = select_backend(args.device, [cfg.d_model])
     params = {k: xp.asarray(p) for k, p in params_np.items()}
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span bytes
-    sys.stdout.reconfigure(errors="replace")
     sys.stdout.write(args.prompt)
     for byte in generate(params, prompt, args.length, args.temperature, args.top_k, args.seed):
         sys.stdout.write(decoder.decode(bytes([byte])))
@@ -2058,7 +2131,7 @@ def add_train_flags(p):
     p.add_argument("--stop-after", type=positive_int, help="stop (and save) after this many steps of this call, "
                                                            "keeping the whole run's schedule")
     p.add_argument("--sample-prompt", default="Once upon a time", help="with each evaluation, a sample continues this "
-                                                                        "(default: Once upon a time)")
+                                                                        "(not empty: --sample-length 0 for none; default: Once upon a time)")
     p.add_argument("--sample-length", type=nonnegative_int, default=120, help="bytes of that sample, also kept in "
                                                                               "CKPT.samples.txt (default 120; 0: none)")
 
@@ -2114,6 +2187,9 @@ def main(argv=None):
     try:
         if sys.stdout is None:  # started with its output closed (`>&-`): what it says would be lost
             raise UserError("the standard output is closed: give it a file, e.g. > out.txt (or /dev/null)")
+        for stream in (sys.stdout, sys.stderr):  # a character the terminal cannot show (latin-1, say) becomes '?'
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="replace")
         return command(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -2393,11 +2393,11 @@ def test_the_printed_resume_command_works(data_dir, tmp_path, monkeypatch, capsy
 
 def test_second_writer_is_refused_and_stale_locks_do_not_block(data_dir, tmp_path, capsys):
     ckpt = tmp_path / "m.npz"
-    lock = mora.lock_checkpoint(str(ckpt))  # this process trains it
+    files = mora.RunFiles(mora.build_parser().parse_args(["train", "--ckpt", str(ckpt)])).__enter__()  # this process trains it
     proc = start_training(data_dir, ckpt, "--max-steps", 2)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and f"process {os.getpid()}" in err and err.count("\n") == 1 and out == ""
-    lock.close()  # as when that process dies: the lock file stays, with its dead holder's pid
+    files.__exit__()  # as when that process dies: the lock file stays, with its dead holder's pid
     assert (tmp_path / "m.npz.lock").exists()
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 2) == 0
 
@@ -2566,6 +2566,109 @@ def test_outputs_in_the_way_are_one_line_before_any_work(data_dir, tmp_path, cap
         assert f"{run_dir / name.strip()} is " in err and "--ckpt" in err and not (run_dir / "m.npz").exists(), name
     err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "dangling.npz"))
     assert "gone" in err and "does not exist" in err
+
+
+def test_run_files_are_named_from_the_whole_checkpoint_name_and_never_replace_what_they_should_not(data_dir, tmp_path, capsys,
+                                                                                                  monkeypatch):
+    """exp.1 and exp.2 are two runs with two logs; a --ckpt naming prepared data, or a lock that is a link, is one
+    line before any work; a folder that goes away mid-run is named as the cause, not a full disk."""
+    train = ["train", "--data-dir", data_dir, *TINY, "--device", "cpu", "--max-steps", 2, "--eval-every", 0]
+    for name in ("exp.1", "exp.2"):
+        assert run_main(*train, "--ckpt", tmp_path / name, "--no-final-eval") == 0
+    assert logged_steps(tmp_path / "exp.1.csv") == logged_steps(tmp_path / "exp.2.csv") == [1, 2]
+    capsys.readouterr()
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    (data / "mine.bin").write_bytes(b"x" * 100)
+    (data / "mine.bin.json").write_text("{}")
+    for ckpt in (data / "train.bin", data / "mine.bin"):
+        before = ckpt.read_bytes()
+        err = one_error_line(capsys, run_main(*train, "--ckpt", ckpt, "--overwrite"))
+        assert "prepared data" in err and ckpt.read_bytes() == before
+    other = tmp_path / "other.txt"
+    other.write_text("keep me")
+    os.symlink(other, tmp_path / "l.npz.lock")
+    assert "symbolic link" in one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "l.npz"))
+    assert other.read_text() == "keep me" and not (tmp_path / "l.npz").exists()
+    folder, train_step = tmp_path / "moving", mora.train_step
+
+    def folder_moved_at_step_3(*args, **kwargs):
+        if args[6] == 2:  # the step number
+            os.rename(folder, tmp_path / "moved")
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(mora, "train_step", folder_moved_at_step_3)
+    err = one_error_line(capsys, run_main(*train, "--ckpt", folder / "m.npz", "--max-steps", 4, "--ckpt-every", 2),
+                         after_progress=True)
+    assert f"{folder} is gone" in err and "put the folder" in err and "disk space" not in err and "--resume" in err
+
+
+def test_the_log_and_the_samples_follow_the_checkpoint_on_resume(data_dir, tmp_path, monkeypatch, capsys):
+    """One rule for the log and the samples file: on --resume each keeps its lines up to the checkpoint's step, so a
+    run stopped between a sample and the next checkpoint does not sample that step twice; a damaged log gets one
+    warning."""
+    import signal
+    ckpt, samples, train_step = tmp_path / "m.npz", tmp_path / "m.samples.txt", mora.train_step
+
+    def killed_at_step_7(*args, **kwargs):
+        if args[6] == 6:  # the step number: after step 6's sample, before the checkpoint of step 8
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(mora, "train_step", killed_at_step_7)
+    train = ["train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 8,
+             "--eval-every", 2, "--ckpt-every", 4, "--no-final-eval", "--sample-length", 5]
+    assert run_main(*train) == 130
+    assert [line.split(":")[0] for line in samples.read_text().splitlines()] == ["step 2", "step 4", "step 6"]
+    monkeypatch.setattr(mora, "train_step", train_step)
+    capsys.readouterr()
+    assert run_main(*train, "--resume") == 0
+    assert [line.split(":")[0] for line in samples.read_text().splitlines()] == ["step 2", "step 4", "step 6", "step 8"]
+    assert logged_steps(tmp_path / "m.csv") == list(range(1, 9))
+    lines = (tmp_path / "m.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "m.csv").write_text("".join(lines[:5]) + "5,x\n")
+    assert run_main(*train, "--resume", "--max-steps", 9) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "kept as" in warnings[0] and "4 lines" in warnings[0], warnings
+    assert logged_steps(tmp_path / "m.csv") == [1, 2, 3, 4, 9]
+
+
+def test_a_run_out_of_memory_or_with_an_empty_prompt_is_one_line(data_dir, tmp_path, monkeypatch, capsys):
+    train = ["train", "--data-dir", data_dir, *TINY, "--device", "cpu", "--max-steps", 6, "--eval-every", 0]
+    err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "e.npz", "--sample-prompt", ""))
+    assert "--sample-prompt is empty" in err and not (tmp_path / "e.npz").exists()
+    train_step = mora.train_step
+
+    def out_of_memory_at_step_5(*args, **kwargs):
+        if args[6] == 4:
+            raise MemoryError()
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(mora, "train_step", out_of_memory_at_step_5)
+    err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "m.npz", "--ckpt-every", 2), after_progress=True)
+    assert "out of memory in step 5" in err and "--batch-size" in err and "saved at step 4" in err
+    assert mora.load_checkpoint(str(tmp_path / "m.npz"))[2]["step"] == 4
+
+
+@pytest.mark.parametrize("fault", ["| head", "a full disk", "latin-1"])
+def test_an_output_stream_that_fails_never_ends_a_run(data_dir, tmp_path, fault):
+    """`train | head`, stdout on a full disk (/dev/full), a stdout that cannot encode the sample: training goes on,
+    said once on stderr, and ends saved.  (`sample | head` stays quiet: test_sample_into_a_closed_pipe_is_quiet.)"""
+    ckpt = tmp_path / "m.npz"
+    command = [sys.executable, "mora.py", "train", "--data-dir", str(data_dir), "--ckpt", str(ckpt), *TINY, "--device",
+               "cpu", "--max-steps", "40", "--eval-every", "2", "--sample-prompt", "Tom \u2603 \ufffd", "--sample-length", "200"]
+    env = dict(os.environ, PYTHONIOENCODING="latin-1" if fault == "latin-1" else "utf-8")
+    stdout = open("/dev/full", "w") if fault == "a full disk" else subprocess.PIPE
+    proc = subprocess.Popen(command, cwd=HERE, stdout=stdout, stderr=subprocess.PIPE, env=env)
+    if fault == "| head":
+        proc.stdout.readline()
+        proc.stdout.close()  # as head does once it has its lines
+    out, err = proc.communicate(timeout=300)
+    err = err.decode()
+    assert proc.returncode == 0 and "Traceback" not in err and "error" not in err, err
+    assert mora.load_checkpoint(str(ckpt))[2]["step"] == 40 and logged_steps(tmp_path / "m.csv")[-1] == 40
+    assert err.count("note:") == (fault != "latin-1"), err
+    if fault == "latin-1":
+        assert "sample: 'Tom ? ?" in out.decode("latin-1")
 
 
 def test_sample_into_a_closed_pipe_is_quiet(data_dir, tmp_path):
