@@ -3056,10 +3056,14 @@ def test_plot_log_flags_and_output_faults_are_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2 and "usage" in err and "Traceback" not in err, flags
     assert not os.path.exists(out)
     (tmp_path / "folder.svg").mkdir()
-    for unwritable in (tmp_path / "folder.svg", tmp_path / "none" / "c.svg"):
+    for unwritable, why in ((tmp_path / "folder.svg", "is a folder"), (tmp_path / "none" / "c.svg", "does not exist"),
+                            (log, "also an input")):
+        before = log.read_bytes()
         with pytest.raises(SystemExit) as exit_info:
             plot_log.main([str(log), "--out", str(unwritable)])
-        assert str(exit_info.value.code).startswith("error: ") and str(unwritable) in str(exit_info.value.code)
+        message = str(exit_info.value.code)
+        assert message.startswith("error: ") and why in message and str(unwritable.parent) in message
+        assert log.read_bytes() == before and not os.path.exists(str(unwritable) + ".tmp")
     plot_log.main([str(log), str(log), "--out", out, "--labels", "a & b", "<c>", "--title", "MORA <small> & co"])
     svg = open(out).read()
     xml.dom.minidom.parseString(svg)  # well-formed: the title and labels are escaped
@@ -3120,6 +3124,9 @@ def test_plot_log_leaves_out_what_is_no_number_and_draws_against_time(tmp_path, 
     assert ticks == ["0.0", "0.0", "0.0", "0.1", "0.1", "0.1"] and "minutes of training" in svg
     circle_x = float(re.search(r'<circle cx="([0-9.]+)"', svg).group(1))
     assert circle_x == pytest.approx(720 - 20)  # step 2 ends at 6 s = 0.1 min, the right end of the axis
+    log.write_text(header + "1,100,0.1,2,3.0,0,1,inf,,,\n2,200,0.1,2,2.9,0,1,1500,,,\n")  # a clock that jumped
+    plot_log.main([str(log), "--out", out, "--x", "time"])
+    assert "nan" not in open(out).read() and "inf" not in open(out).read()
     log.write_text(header + "0,0,0.1,2,3.0,0,1,,,,\n")
     plot_log.main([str(log), "--out", out])
     assert open(out).read().count("<polyline") == 1
