@@ -1202,6 +1202,122 @@ def test_train_into_a_file_prints_plain_lines_and_samples(data_dir, tmp_path):
     assert "sample" not in train("--overwrite", "--sample-length", 0) and not (tmp_path / "m.samples.txt").exists()
 
 
+def log_rows(log):
+    import csv
+    with open(log, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_each_step_trains_at_the_scheduled_learning_rate(data_dir, tmp_path):
+    """The log's lr column is the rate each step was taken at: learning_rate(step - 1, ...) for the
+    logged step (which counts from 1), lr / warmup at the first, the peak at the end of warmup,
+    and the same schedule after a resume."""
+    ckpt = tmp_path / "m.npz"
+    flags = ["--data-dir", data_dir, "--ckpt", ckpt, "--device", "cpu", "--eval-every", 0, "--no-final-eval"]
+    assert run_main("train", *flags, *TINY, "--max-steps", 10, "--warmup", 4, "--lr", 0.01, "--final-lr-fraction", 0.1,
+                    "--stop-after", 5) == 0
+    assert run_main("train", *flags, "--resume") == 0
+    rows = log_rows(tmp_path / "m.csv")
+    assert [int(row["step"]) for row in rows] == list(range(1, 11))
+    expected = [mora.learning_rate(step, 10, 0.01, 4, 0.1) for step in range(10)]
+    assert [float(row["lr"]) for row in rows] == pytest.approx(expected, rel=1e-5)
+    assert float(rows[0]["lr"]) == pytest.approx(0.01 / 4) and float(rows[3]["lr"]) == pytest.approx(0.01)
+
+
+def test_plain_progress_lines_come_at_the_first_and_last_step_and_every_ten_seconds(data_dir, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """Into a file (here: not a terminal) a run prints the first and the last step, and a line each
+    time 10 s have passed since the last one.  A short run: two lines.  Then a clock that moves 3 s
+    a step: a line every 3 or 4 steps, never more often, never less."""
+    def progress_steps(*flags):
+        assert run_main("train", "--data-dir", data_dir, "--ckpt", tmp_path / "m.npz", *TINY, "--device", "cpu",
+                        "--eval-every", 0, "--no-final-eval", "--overwrite", *flags) == 0
+        return [int(m[1]) for m in re.finditer(r"^step (\d+)/\d+: loss", capsys.readouterr().err, re.M)]
+
+    assert progress_steps("--max-steps", 6) == [1, 6]
+    now, train_step = [1000.0], mora.train_step
+
+    def three_seconds_a_step(*args, **kwargs):
+        now[0] += 3.0
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(mora, "train_step", three_seconds_a_step)
+    for clock in ("monotonic", "perf_counter", "time"):
+        monkeypatch.setattr(time, clock, lambda: now[0])
+    steps = progress_steps("--max-steps", 30)
+    gaps = np.diff(steps[:-1])
+    assert steps[0] == 1 and steps[-1] == 30 and len(steps) >= 8 and set(gaps) <= {3, 4} and 1 <= steps[-1] - steps[-2] <= 4
+
+
+def run_beside_a_terminal(data_dir, tmp_path, terminal_for):
+    """A short training run with `terminal_for` ("stdout" or "stderr") on a terminal (a pty) and the
+    other stream in a file: (what the terminal received, what the file holds), as bytes."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    main, side = pty.openpty()
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 rows of 100 columns, as a window has
+    with open(tmp_path / "file.txt", "wb") as file:
+        streams = {"stdout": file, "stderr": file, terminal_for: side}
+        proc = subprocess.Popen([sys.executable, "mora.py", "train", "--data-dir", data_dir, "--ckpt", str(tmp_path / "m.npz"),
+                                 *TINY, "--device", "cpu", "--max-steps", "30", "--eval-every", "0", "--no-final-eval", "--overwrite"],
+                                cwd=HERE, **streams)
+    os.close(side)
+    received = b""
+    while True:  # read as a terminal does, so that the run never waits on a full terminal
+        try:
+            chunk = os.read(main, 1 << 16)
+        except OSError:  # EIO: the run has ended and closed its end
+            break
+        if not chunk:
+            break
+        received += chunk
+    os.close(main)
+    assert proc.wait(timeout=60) == 0
+    return received, (tmp_path / "file.txt").read_bytes()
+
+
+def test_the_progress_bar_is_drawn_only_on_a_terminal(data_dir, tmp_path):
+    """The bar and the plain lines follow the stream they are written to (stderr), whatever stdout
+    is: a bar (redrawn with a carriage return) on a terminal, plain lines in a file."""
+    plain_line = re.compile(rb"^step 1/30: loss", re.M)
+    terminal, file = run_beside_a_terminal(data_dir, tmp_path, "stderr")
+    assert re.search(rb"\r(?!\n)", terminal) and b"30/30" in terminal and not plain_line.search(terminal)
+    assert b"\r" not in file and b"checkpoint:" in file
+    terminal, file = run_beside_a_terminal(data_dir, tmp_path, "stdout")
+    assert b"\r" not in file and plain_line.search(file) and re.search(rb"^step 30/30: loss", file, re.M)
+    assert not re.search(rb"\r(?!\n)", terminal) and b"checkpoint:" in terminal  # a terminal ends lines with \r\n
+
+
+def test_the_samples_file_is_written_as_the_run_goes(data_dir, tmp_path):
+    """A run killed outright (SIGKILL: no handler runs) leaves in CKPT.samples.txt every sample it
+    made: one a step here, at least one for each step in the log, in order."""
+    ckpt, log, samples = tmp_path / "m.npz", tmp_path / "m.csv", tmp_path / "m.samples.txt"
+    proc = start_training(data_dir, ckpt, "--max-steps", 100000, "--eval-every", 1, "--eval-bytes", 17,
+                          "--sample-length", 8, "--ckpt-every", 100000)
+    wait_for_rows(log, 4)
+    proc.kill()
+    proc.wait()
+    sampled = [int(m[1]) for m in re.finditer(r"^step (\d+): '", samples.read_text(), re.M)]
+    assert len(samples.read_text().splitlines()) == len(sampled)
+    assert sampled == list(range(1, len(sampled) + 1)) and len(sampled) >= len(logged_steps(log)) >= 4
+
+
+def test_a_new_run_starts_its_samples_file_afresh(data_dir, tmp_path):
+    """--overwrite, or a new run where only the old samples file is left: the old run's samples go."""
+    ckpt, samples = tmp_path / "m.npz", tmp_path / "m.samples.txt"
+
+    def train(*flags):
+        assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--eval-every", 2,
+                        "--eval-bytes", 17, "--no-final-eval", "--sample-length", 8, *flags) == 0
+        return [line.split(":")[0] for line in samples.read_text().splitlines()]
+
+    assert train("--max-steps", 4) == ["step 2", "step 4"]
+    assert train("--max-steps", 2, "--overwrite") == ["step 2"]
+    ckpt.unlink()
+    assert train("--max-steps", 2) == ["step 2"]
+
+
 def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path):
     import signal
     import time
