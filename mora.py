@@ -1124,11 +1124,7 @@ def load_checkpoint(path, adam=False):
         raise UserError(problem or f"no checkpoint at {path}: train one with `python mora.py train`, or pass --ckpt PATH")
     try:
         with open(path, "rb") as file, zipfile.ZipFile(file) as archive:
-            text = read_member(archive, "meta", (), "U")
-            meta = json.loads(str(text[()]))
-            if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-                raise UserError(f"{path} has checkpoint format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                                f"this mora.py reads {CHECKPOINT_FORMAT!r}: use the mora.py that wrote it")
+            meta = json.loads(str(read_member(archive, "meta", (), "U")[()]))
             if problem := meta_problem(meta):
                 raise UserError(f"{path} is damaged or has settings this mora.py does not know ({problem}): use the "
                                 f"mora.py that wrote it, an earlier copy, or retrain")
@@ -1150,18 +1146,18 @@ ADAM_MOMENTS = ("adam.m", "adam.v")
 def checkpoint_arrays(archive, path, cfg, adam):
     """The parameters (and with `adam` Adam's moments, else their headers alone) of the checkpoint `archive`, each
     of its shape, floats and finite, adam.v not negative, and the weights' output on every byte value finite."""
-    if cfg.n_layers > len(archive.namelist()):  # more blocks than members: damaged (and no list of blocks to build)
+    names = archive.namelist()
+    if cfg.n_layers > len(names):  # more blocks than members: damaged (and no list of blocks to build)
         raise UserError(f"{path} does not match its own config (n_layers {cfg.n_layers:,}): the file is damaged")
-    shapes = param_shapes(cfg)
-    if adam or any(f"{name}.npy" in archive.namelist() for name in ADAM_MOMENTS):  # weights alone need no moments
-        shapes.update(dict.fromkeys(ADAM_MOMENTS, (count_params(cfg),)))
-    if adam and not {"adam.m.npy", "adam.v.npy"} & set(archive.namelist()):
+    moments = {"adam.m.npy", "adam.v.npy"} & set(names)
+    if adam and not moments:
         raise UserError(f"{path} holds weights only (no optimizer state or settings): it cannot be resumed")
+    shapes = dict(param_shapes(cfg), **dict.fromkeys(ADAM_MOMENTS if moments else (), (count_params(cfg),)))
     arrays = {}
     for name, shape in shapes.items():
         array = read_member(archive, name, shape, read=adam or name not in ADAM_MOMENTS)
         if array is None:
-            what = f"not {shape} floats" if f"{name}.npy" in archive.namelist() else "missing"
+            what = f"not {shape} floats" if f"{name}.npy" in names else "missing"
             raise UserError(f"{path} does not match its own config ({name}: {what}): the file is damaged")
         arrays[name] = array.astype(np.float32)
         if not np.isfinite(arrays[name]).all():
@@ -1197,6 +1193,8 @@ def read_member(archive, name, shape, kind="f", read=True):
 def meta_problem(meta):
     """What in a checkpoint's meta is not what `train` writes, in words (None: nothing).  A weights-only one has a
     config and a step, a run's its settings and data too; each value is held to its flag's rule, then to each other."""
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        return f"checkpoint format {meta.get('format') if isinstance(meta, dict) else None!r}, this mora.py reads {CHECKPOINT_FORMAT!r}"
     config, train, data = meta.get("config"), meta.get("train", {}), meta.get("data", {})
     if not (isinstance(config, dict) and isinstance(train, dict) and isinstance(data, dict) and "step" in meta):
         return "no config or step"

@@ -3300,10 +3300,14 @@ def test_plot_log_flags_and_output_faults_are_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2 and "usage" in err and "Traceback" not in err, flags
     assert not os.path.exists(out)
     (tmp_path / "folder.svg").mkdir()
-    for unwritable in (tmp_path / "folder.svg", tmp_path / "none" / "c.svg"):
+    for unwritable, why in ((tmp_path / "folder.svg", "is a folder"), (tmp_path / "none" / "c.svg", "does not exist"),
+                            (log, "also an input")):
+        before = log.read_bytes()
         with pytest.raises(SystemExit) as exit_info:
             plot_log.main([str(log), "--out", str(unwritable)])
-        assert str(exit_info.value.code).startswith("error: ") and str(unwritable) in str(exit_info.value.code)
+        message = str(exit_info.value.code)
+        assert message.startswith("error: ") and why in message and str(unwritable.parent) in message
+        assert log.read_bytes() == before and not os.path.exists(str(unwritable) + ".tmp")
     plot_log.main([str(log), str(log), "--out", out, "--labels", "a & b", "<c>", "--title", "MORA <small> & co"])
     svg = open(out).read()
     xml.dom.minidom.parseString(svg)  # well-formed: the title and labels are escaped
@@ -3364,6 +3368,9 @@ def test_plot_log_leaves_out_what_is_no_number_and_draws_against_time(tmp_path, 
     assert ticks == ["0.0", "0.0", "0.0", "0.1", "0.1", "0.1"] and "minutes of training" in svg
     circle_x = float(re.search(r'<circle cx="([0-9.]+)"', svg).group(1))
     assert circle_x == pytest.approx(720 - 20)  # step 2 ends at 6 s = 0.1 min, the right end of the axis
+    log.write_text(header + "1,100,0.1,2,3.0,0,1,inf,,,\n2,200,0.1,2,2.9,0,1,1500,,,\n")  # a clock that jumped
+    plot_log.main([str(log), "--out", out, "--x", "time"])
+    assert "nan" not in open(out).read() and "inf" not in open(out).read()
     log.write_text(header + "0,0,0.1,2,3.0,0,1,,,,\n")
     plot_log.main([str(log), "--out", out])
     assert open(out).read().count("<polyline") == 1
@@ -3466,7 +3473,7 @@ def test_explain_caps_long_texts_and_bad_input_is_one_line(tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path / "m.npz")
     out = tmp_path / "page.html"
     assert explain.main(["--ckpt", ckpt, "--text", "a b c " * 50, "--max-bytes", "100", "--out", str(out)]) == 0
-    assert "the first 100 of 300 bytes" in capsys.readouterr().out
+    assert "the first 100 bytes of the text" in capsys.readouterr().out
     assert out.read_text(encoding="utf-8").count("data-bits=") == 99 and "--max-bytes caps it" in out.read_text(encoding="utf-8")
 
     def error_of(*args):
@@ -3479,8 +3486,32 @@ def test_explain_caps_long_texts_and_bad_input_is_one_line(tmp_path, capsys):
     assert "fewer than 2 bytes" in error_of("--ckpt", ckpt, "--text", "", "--out", out)
     assert "fewer than 2 bytes" in error_of("--ckpt", ckpt, "--file", tmp_path / "empty.txt", "--out", out)
     assert "cannot read --file" in error_of("--ckpt", ckpt, "--file", tmp_path / "none.txt", "--out", out)
-    assert "cannot write --out" in error_of("--ckpt", ckpt, "--text", "Once", "--out", tmp_path / "no" / "page.html")
+    assert f"the folder {tmp_path / 'no'} does not exist" in error_of("--ckpt", ckpt, "--text", "Once", "--out",
+                                                                      tmp_path / "no" / "page.html")
     assert "--max-bytes 1" in error_of("--ckpt", ckpt, "--text", "Once", "--max-bytes", 1, "--out", out)
+
+
+def test_explain_reads_no_more_than_max_bytes_and_never_writes_over_its_inputs(tmp_path, capsys):
+    import explain
+    import tracemalloc
+    ckpt, story, out = tmp_path / "m.npz", tmp_path / "story.txt", tmp_path / "page.html"
+    tiny_checkpoint(ckpt)
+    with open(story, "wb") as f:  # 256 MB that take no disk: a read of it all would take the memory
+        f.truncate(256 << 20)
+    tracemalloc.start()
+    try:
+        assert explain.main(["--ckpt", str(ckpt), "--file", str(story), "--max-bytes", "100", "--out", str(out)]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20 and out.read_text(encoding="utf-8").count("data-bits=") == 99
+    capsys.readouterr()
+    story.write_text("Once upon a time")
+    for given in (["--text", "Once", "--out", ckpt], ["--file", story, "--out", story], ["--text", "Once", "--out", tmp_path]):
+        before = {path: path.read_bytes() for path in (ckpt, story)}
+        err = one_error_line(capsys, explain.main(["--ckpt", str(ckpt)] + [str(a) for a in given]))
+        assert ("also an input" in err or "is a folder" in err) and "--out" in err, err
+        assert before == {path: path.read_bytes() for path in (ckpt, story)}
 
 
 def test_explain_summary_and_strips_follow_their_definitions(tmp_path):
