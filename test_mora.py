@@ -8,11 +8,13 @@ import hashlib
 import html.parser
 import http.server
 import inspect
+import io
 import json
 import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -546,6 +548,17 @@ def test_batch_sliced_over_threads_equals_the_whole_batch():
         assert np.abs(sliced_grad - grad).max() < 1e-6
         assert mora.evaluate(params, records, 5, slices)["loss"] == pytest.approx(float(loss), abs=1e-6)
         slices.pool.shutdown()
+
+
+def test_the_note_on_blas_threads_counts_what_blas_runs(monkeypatch, capsys):
+    """NumPy's OpenBLAS runs OPENBLAS_NUM_THREADS threads (MORA sets it), whatever OMP_NUM_THREADS says."""
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    mora.cpu_slices(np, threads=cores)
+    assert capsys.readouterr().err == "" and " x 1 BLAS thread (" in mora.describe_backend(np)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    mora.cpu_slices(np, threads=cores)
+    assert f"{cores} threads x 4 BLAS threads" in capsys.readouterr().err and " x 4 BLAS threads (" in mora.describe_backend(np)
 
 
 def test_a_step_gives_the_same_bits_on_any_number_of_threads():
@@ -1207,8 +1220,8 @@ def test_resume_is_bit_exact(data_dir, tmp_path):
     assert run_main(*common, "--ckpt", split, "--stop-after", 3) == 0
     assert mora.load_checkpoint(str(split))[2]["step"] == 3
     assert run_main("train", "--data-dir", data_dir, "--ckpt", split, "--resume", "--device", "cpu", "--eval-every", 0) == 0
-    _, p_straight, meta, opt_straight = mora.load_checkpoint(str(straight))
-    _, p_split, _, opt_split = mora.load_checkpoint(str(split))
+    _, p_straight, meta, opt_straight = mora.load_checkpoint(str(straight), adam=True)
+    _, p_split, _, opt_split = mora.load_checkpoint(str(split), adam=True)
     assert meta["step"] == 8
     for name in p_straight:
         assert np.array_equal(p_straight[name], p_split[name]), name
@@ -1228,8 +1241,8 @@ def test_resume_on_other_threads_is_bit_exact(data_dir, tmp_path):
     assert run_main(*common, "--ckpt", straight, "--threads", 2) == 0
     assert run_main(*common, "--ckpt", split, "--threads", 2, "--stop-after", 3) == 0
     assert run_main("train", "--data-dir", data_dir, "--ckpt", split, "--resume", "--device", "cpu", "--threads", 1) == 0
-    _, p_straight, meta, opt_straight = mora.load_checkpoint(str(straight))
-    _, p_split, meta_split, opt_split = mora.load_checkpoint(str(split))
+    _, p_straight, meta, opt_straight = mora.load_checkpoint(str(straight), adam=True)
+    _, p_split, meta_split, opt_split = mora.load_checkpoint(str(split), adam=True)
     assert meta_split["step"] == 6 and meta_split["train"]["slices"] == meta["train"]["slices"] == 2
     for name in p_straight:
         assert np.array_equal(p_straight[name], p_split[name]), name
@@ -1243,7 +1256,7 @@ def test_checkpoint_round_trip(tmp_path):
     m = np.arange(mora.count_params(cfg), dtype=np.float32)
     path = str(tmp_path / "c.npz")
     mora.save_checkpoint(path, params, {"config": mora.asdict(cfg), "step": 5}, m, 2 * m)
-    cfg2, params2, meta, opt = mora.load_checkpoint(path)
+    cfg2, params2, meta, opt = mora.load_checkpoint(path, adam=True)
     assert cfg2 == cfg and meta["step"] == 5 and np.array_equal(opt["adam.v"], 2 * m)
     assert all(np.array_equal(params[k], params2[k]) for k in params)
     with np.load(path) as f:  # plain NumPy reads the weights by name
@@ -1319,6 +1332,24 @@ def test_train_into_a_file_prints_plain_lines_and_samples(data_dir, tmp_path):
     assert (tmp_path / "m.samples.txt").read_text().splitlines()[1] == sample_line(8)
     (tmp_path / "m.samples.txt").unlink()
     assert "sample" not in train("--overwrite", "--sample-length", 0) and not (tmp_path / "m.samples.txt").exists()
+
+
+def test_the_lesson_uses_nothing_defined_after_it():
+    """Everything before "Running it for real" reads as a whole: no name it uses (a function, a class, a constant)
+    is defined only after that line, in the machinery or the kernels."""
+    import ast
+    with open(mora.__file__) as f:
+        source = f.read()
+    start = next(n for n, line in enumerate(source.splitlines(), 1) if line.startswith("# Running it for real"))
+    tree = ast.parse(source)
+
+    def defined(node):
+        targets = node.targets if isinstance(node, ast.Assign) else [node]
+        return {getattr(t, "name", getattr(t, "id", None)) for t in targets}
+    before = set().union(*(defined(n) for n in tree.body if n.lineno < start))
+    after = set().union(*(defined(n) for n in tree.body if n.lineno > start)) - before
+    used = {(n.id, n.lineno) for node in tree.body if node.lineno < start for n in ast.walk(node) if isinstance(n, ast.Name)}
+    assert after and not {(name, line) for name, line in used if name in after}
 
 
 def log_rows(log):
@@ -1481,7 +1512,7 @@ def test_bad_input_errors(data_dir, tmp_path, capsys):
     for split in ("train.bin", "val.bin"):  # other data: the order would not continue
         (short / split).write_bytes(made_up_text(200, seed=9))
     assert "trained on" in error_of("train", "--data-dir", short, "--ckpt", ckpt, "--resume", "--device", "cpu")
-    _, weights, meta, adam = mora.load_checkpoint(str(ckpt))
+    _, weights, meta, adam = mora.load_checkpoint(str(ckpt), adam=True)
     unhashed = dict(meta, data=dict(meta["data"], files={name: {"bytes": record["bytes"], "sampled_sha256": "0" * 64}
                                                          for name, record in meta["data"]["files"].items()}))
     mora.save_checkpoint(str(tmp_path / "unhashed.npz"), weights, unhashed, adam["adam.m"], adam["adam.v"])
@@ -1998,6 +2029,22 @@ def test_auto_falls_back_to_the_cpu_in_one_line_when_cupy_cannot_work(stand_in, 
     monkeypatch.setattr(stand_in, "RawModule", module_without_compiler)
     assert mora.select_backend("auto") is np and mora.cupy is None
     assert "(RuntimeError: libnvrtc.so.12: cannot open shared object file)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("raises", ["AttributeError(\"module 'numpy' has no attribute 'bool8'\")",
+                                    "OSError('libcudart.so.12: cannot open shared object file')"])
+def test_auto_falls_back_to_the_cpu_when_importing_cupy_fails_in_any_way(tmp_path, monkeypatch, capsys, raises):
+    (tmp_path / "cupy").mkdir()
+    (tmp_path / "cupy" / "__init__.py").write_text(f"raise {raises}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    monkeypatch.setattr(mora, "cupy", None)
+    assert mora.select_backend("auto") is np and mora.cupy is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("note: --device auto uses the CPU: CuPy cannot use the GPU (")
+    assert raises.split("(")[0] + ": " in err and ("bool8" in err or "libcudart.so.12" in err)
+    with pytest.raises(mora.UserError, match="--device cpu"):
+        mora.select_backend("gpu")
 
 
 def test_every_command_runs_on_the_gpu_path(gpu, data_dir, tmp_path, capsys):
@@ -2612,11 +2659,11 @@ def test_the_printed_resume_command_works(data_dir, tmp_path, monkeypatch, capsy
 
 def test_second_writer_is_refused_and_stale_locks_do_not_block(data_dir, tmp_path, capsys):
     ckpt = tmp_path / "m.npz"
-    lock = mora.lock_checkpoint(str(ckpt))  # this process trains it
+    files = mora.RunFiles(mora.build_parser().parse_args(["train", "--ckpt", str(ckpt)])).__enter__()  # this process trains it
     proc = start_training(data_dir, ckpt, "--max-steps", 2)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and f"process {os.getpid()}" in err and err.count("\n") == 1 and out == ""
-    lock.close()  # as when that process dies: the lock file stays, with its dead holder's pid
+    files.__exit__()  # as when that process dies: the lock file stays, with its dead holder's pid
     assert (tmp_path / "m.npz.lock").exists()
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 2) == 0
 
@@ -2689,7 +2736,7 @@ def test_resume_refuses_other_data_of_the_same_size(tmp_path, capsys):
     assert run_main(*train, "--data-dir", data, "--resume", "--stop-after", 1) == 0
     assert mora.load_checkpoint(str(ckpt))[2]["step"] == 3
     capsys.readouterr()
-    cfg, params, meta, adam = mora.load_checkpoint(str(ckpt))
+    cfg, params, meta, adam = mora.load_checkpoint(str(ckpt), adam=True)
     del meta["data"]["files"]  # a run's checkpoint without the record of its data cannot be checked: refused
     mora.save_checkpoint(str(ckpt), params, meta, adam["adam.m"], adam["adam.v"])
     assert "record of its data files" in one_error_line(capsys, run_main(*train, "--data-dir", data, "--resume"))
@@ -2787,6 +2834,109 @@ def test_outputs_in_the_way_are_one_line_before_any_work(data_dir, tmp_path, cap
     assert "gone" in err and "does not exist" in err
 
 
+def test_run_files_are_named_from_the_whole_checkpoint_name_and_never_replace_what_they_should_not(data_dir, tmp_path, capsys,
+                                                                                                  monkeypatch):
+    """exp.1 and exp.2 are two runs with two logs; a --ckpt naming prepared data, or a lock that is a link, is one
+    line before any work; a folder that goes away mid-run is named as the cause, not a full disk."""
+    train = ["train", "--data-dir", data_dir, *TINY, "--device", "cpu", "--max-steps", 2, "--eval-every", 0]
+    for name in ("exp.1", "exp.2"):
+        assert run_main(*train, "--ckpt", tmp_path / name, "--no-final-eval") == 0
+    assert logged_steps(tmp_path / "exp.1.csv") == logged_steps(tmp_path / "exp.2.csv") == [1, 2]
+    capsys.readouterr()
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    (data / "mine.bin").write_bytes(b"x" * 100)
+    (data / "mine.bin.json").write_text("{}")
+    for ckpt in (data / "train.bin", data / "mine.bin"):
+        before = ckpt.read_bytes()
+        err = one_error_line(capsys, run_main(*train, "--ckpt", ckpt, "--overwrite"))
+        assert "prepared data" in err and ckpt.read_bytes() == before
+    other = tmp_path / "other.txt"
+    other.write_text("keep me")
+    os.symlink(other, tmp_path / "l.npz.lock")
+    assert "symbolic link" in one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "l.npz"))
+    assert other.read_text() == "keep me" and not (tmp_path / "l.npz").exists()
+    folder, train_step = tmp_path / "moving", mora.train_step
+
+    def folder_moved_at_step_3(*args, **kwargs):
+        if args[6] == 2:  # the step number
+            os.rename(folder, tmp_path / "moved")
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(mora, "train_step", folder_moved_at_step_3)
+    err = one_error_line(capsys, run_main(*train, "--ckpt", folder / "m.npz", "--max-steps", 4, "--ckpt-every", 2),
+                         after_progress=True)
+    assert f"{folder} is gone" in err and "put the folder" in err and "disk space" not in err and "--resume" in err
+
+
+def test_the_log_and_the_samples_follow_the_checkpoint_on_resume(data_dir, tmp_path, monkeypatch, capsys):
+    """One rule for the log and the samples file: on --resume each keeps its lines up to the checkpoint's step, so a
+    run stopped between a sample and the next checkpoint does not sample that step twice; a damaged log gets one
+    warning."""
+    import signal
+    ckpt, samples, train_step = tmp_path / "m.npz", tmp_path / "m.samples.txt", mora.train_step
+
+    def killed_at_step_7(*args, **kwargs):
+        if args[6] == 6:  # the step number: after step 6's sample, before the checkpoint of step 8
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(mora, "train_step", killed_at_step_7)
+    train = ["train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 8,
+             "--eval-every", 2, "--ckpt-every", 4, "--no-final-eval", "--sample-length", 5]
+    assert run_main(*train) == 130
+    assert [line.split(":")[0] for line in samples.read_text().splitlines()] == ["step 2", "step 4", "step 6"]
+    monkeypatch.setattr(mora, "train_step", train_step)
+    capsys.readouterr()
+    assert run_main(*train, "--resume") == 0
+    assert [line.split(":")[0] for line in samples.read_text().splitlines()] == ["step 2", "step 4", "step 6", "step 8"]
+    assert logged_steps(tmp_path / "m.csv") == list(range(1, 9))
+    lines = (tmp_path / "m.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "m.csv").write_text("".join(lines[:5]) + "5,x\n")
+    assert run_main(*train, "--resume", "--max-steps", 9) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "kept as" in warnings[0] and "4 lines" in warnings[0], warnings
+    assert logged_steps(tmp_path / "m.csv") == [1, 2, 3, 4, 9]
+
+
+def test_a_run_out_of_memory_or_with_an_empty_prompt_is_one_line(data_dir, tmp_path, monkeypatch, capsys):
+    train = ["train", "--data-dir", data_dir, *TINY, "--device", "cpu", "--max-steps", 6, "--eval-every", 0]
+    err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "e.npz", "--sample-prompt", ""))
+    assert "--sample-prompt is empty" in err and not (tmp_path / "e.npz").exists()
+    train_step = mora.train_step
+
+    def out_of_memory_at_step_5(*args, **kwargs):
+        if args[6] == 4:
+            raise MemoryError()
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(mora, "train_step", out_of_memory_at_step_5)
+    err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "m.npz", "--ckpt-every", 2), after_progress=True)
+    assert "out of memory in step 5" in err and "--batch-size" in err and "saved at step 4" in err
+    assert mora.load_checkpoint(str(tmp_path / "m.npz"))[2]["step"] == 4
+
+
+@pytest.mark.parametrize("fault", ["| head", "a full disk", "latin-1"])
+def test_an_output_stream_that_fails_never_ends_a_run(data_dir, tmp_path, fault):
+    """`train | head`, stdout on a full disk (/dev/full), a stdout that cannot encode the sample: training goes on,
+    said once on stderr, and ends saved.  (`sample | head` stays quiet: test_sample_into_a_closed_pipe_is_quiet.)"""
+    ckpt = tmp_path / "m.npz"
+    command = [sys.executable, "mora.py", "train", "--data-dir", str(data_dir), "--ckpt", str(ckpt), *TINY, "--device",
+               "cpu", "--max-steps", "40", "--eval-every", "2", "--sample-prompt", "Tom \u2603 \ufffd", "--sample-length", "200"]
+    env = dict(os.environ, PYTHONIOENCODING="latin-1" if fault == "latin-1" else "utf-8")
+    stdout = open("/dev/full", "w") if fault == "a full disk" else subprocess.PIPE
+    proc = subprocess.Popen(command, cwd=HERE, stdout=stdout, stderr=subprocess.PIPE, env=env)
+    if fault == "| head":
+        proc.stdout.readline()
+        proc.stdout.close()  # as head does once it has its lines
+    out, err = proc.communicate(timeout=300)
+    err = err.decode()
+    assert proc.returncode == 0 and "Traceback" not in err and "error" not in err, err
+    assert mora.load_checkpoint(str(ckpt))[2]["step"] == 40 and logged_steps(tmp_path / "m.csv")[-1] == 40
+    assert err.count("note:") == (fault != "latin-1"), err
+    if fault == "latin-1":
+        assert "sample: 'Tom ? ?" in out.decode("latin-1")
+
+
 def test_sample_into_a_closed_pipe_is_quiet(data_dir, tmp_path):
     ckpt = tmp_path / "m.npz"
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1) == 0
@@ -2805,7 +2955,7 @@ def test_damaged_checkpoints_and_contradictions_are_one_line(data_dir, tmp_path,
     ckpt = tmp_path / "m.npz"
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1) == 0
     capsys.readouterr()
-    cfg, params, meta, adam = mora.load_checkpoint(str(ckpt))
+    cfg, params, meta, adam = mora.load_checkpoint(str(ckpt), adam=True)
     assert "contradict" in error_of("train", "--data-dir", data_dir, "--ckpt", ckpt, "--resume", "--overwrite")
     broken = dict(params, embed=np.full_like(params["embed"], np.nan))
     mora.save_checkpoint(str(tmp_path / "nan.npz"), broken, meta, adam["adam.m"], adam["adam.v"])
@@ -2822,6 +2972,187 @@ def test_damaged_checkpoints_and_contradictions_are_one_line(data_dir, tmp_path,
     assert "evaluate on more text" in err and "--seq-len" not in err  # eval has no --seq-len to suggest
     assert "--d-model" in error_of("train", "--data-dir", data_dir, "--ckpt", tmp_path / "huge.npz", "--device", "cpu",
                                    "--d-model", 100000)
+
+
+def damaged(arrays, meta, name, change):
+    """The checkpoint's arrays and meta with one of them changed: an array (None: removed), or a meta field."""
+    arrays, meta = dict(arrays), json.loads(json.dumps(meta))
+    if name in arrays:
+        arrays[name] = change(arrays[name])
+        arrays = {k: v for k, v in arrays.items() if v is not None}
+    else:
+        *section, key = name.split(".")
+        (meta[section[0]] if section else meta)[key] = change
+    return arrays, meta
+
+
+def set_one(array, value, index=70):
+    array = array.copy()
+    array.reshape(-1)[index] = value
+    return array
+
+
+DAMAGED_CHECKPOINTS = [  # what is changed, how, the commands that must refuse it, and words of their one line
+    ("adam.v", lambda a: None, ["train", "sample", "eval"], "does not match its own config (adam.v: missing)"),
+    ("adam.v", lambda a: -a, ["train"], "adam.v, Adam's mean squared gradient, holds negative numbers"),
+    ("adam.m", lambda a: a.astype(np.int32), ["train", "sample", "eval"], "adam.m: not"),
+    ("embed", lambda a: set_one(a, 3e38), ["train", "sample", "eval"], "the model's output overflows"),
+    ("blocks.1.w_down", lambda a: set_one(a, -3e38), ["train", "sample", "eval"], "the model's output overflows"),
+    ("blocks.0.b_in", lambda a: set_one(a, np.inf, 1), ["train", "sample", "eval"], "non-finite numbers (NaN or inf in blocks.0.b_in)"),
+    ("train.lr", 0, ["train", "sample", "eval"], "(lr 0)"),
+    ("train.clip", -1.0, ["train", "sample", "eval"], "(clip -1.0)"),
+    ("train.beta2", 1.0, ["train", "sample", "eval"], "(beta2 1.0)"),
+    ("config.seq_len", 2.5, ["train", "sample", "eval"], "(seq_len 2.5)"),
+    ("step", -1, ["train", "sample", "eval"], "(step -1)"),
+]
+
+
+@pytest.mark.filterwarnings("error")  # no RuntimeWarning on the way: the checkpoint is refused before it is used
+def test_a_damaged_checkpoint_is_refused_by_every_command_that_reads_it(data_dir, tmp_path, capsys):
+    ckpt = tmp_path / "run.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 4,
+                    "--stop-after", 2, "--eval-every", 0) == 0
+    with np.load(ckpt) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    capsys.readouterr()
+    commands = {"sample": ["sample", "--length", 3], "eval": ["eval", "--data-dir", data_dir, "--max-bytes", 100],
+                "train": ["train", "--data-dir", data_dir, "--resume", "--eval-every", 0]}
+    for case, (name, change, refusing, words) in enumerate(DAMAGED_CHECKPOINTS):
+        path = tmp_path / f"d{case}.npz"
+        bad_arrays, bad_meta = damaged(arrays, meta, name, change)
+        np.savez(path, meta=np.array(json.dumps(bad_meta)), **bad_arrays)
+        before = path.read_bytes()
+        for command, flags in commands.items():
+            code = run_main(*flags, "--ckpt", path, "--device", "cpu")
+            if command in refusing:
+                err = one_error_line(capsys, code)
+                assert words in err and str(path) in err and "learning rate" not in err, (name, command, err)
+            else:
+                assert code == 0, (name, command, capsys.readouterr().err)
+        assert path.read_bytes() == before, name  # never trained on, never overwritten
+        capsys.readouterr()
+
+
+def test_a_checkpoint_is_read_no_further_than_its_members_need(data_dir, tmp_path, capsys):
+    """An .npz of a few MB may unpack to gigabytes: a member the command does not use, or bytes past the shape a
+    member's header gives, are never read."""
+    import tracemalloc
+    ckpt, big = tmp_path / "run.npz", tmp_path / "big.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1) == 0
+    zeros = bytes(48 << 20)
+    with zipfile.ZipFile(ckpt) as small, zipfile.ZipFile(big, "w", zipfile.ZIP_DEFLATED) as out:
+        for name in small.namelist():
+            out.writestr(name, small.read(name) + (zeros if name == "embed.npy" else b""))
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (12 << 20,)})
+        out.writestr("junk.npy", header.getvalue() + zeros)
+    assert big.stat().st_size < 2 << 20
+    capsys.readouterr()
+    tracemalloc.start()
+    try:
+        assert run_main("sample", "--ckpt", big, "--length", 3, "--device", "cpu") == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+
+
+def refusal_names(err, name):
+    """Whether a one-line refusal names the setting `name`, as the checkpoint spells it or as its flag."""
+    return re.search(rf"\b{name}\b|--{name.replace('_', '-')}\b", err)
+
+
+OUT_OF_RANGE = [("step", -1), ("step", 2.5), ("step", 6), ("train_records", -1), ("lr", 0), ("lr", -0.01),
+                ("warmup", -1), ("warmup", 6), ("final_lr_fraction", 1.5), ("clip", 0), ("beta1", 1.0), ("beta2", 1.0),
+                ("eps", 0), ("seed", -1), ("epochs", 0), ("max_steps", 0), ("eval_every", -1), ("eval_bytes", 0),
+                ("eval_bytes", 16), ("ckpt_every", 0), ("slices", 0), ("d_model", 0), ("seq_len", 0), ("batch_size", 0)]
+
+
+def test_a_checkpoint_out_of_its_settings_range_is_refused_in_one_line_naming_the_setting(data_dir, tmp_path, capsys):
+    """Each value a flag would refuse, or that contradicts the run (a step past --max-steps 5, a
+    warmup longer than the run, eval bytes under one record of 17), written into a checkpoint's
+    meta: sample, eval and train --resume each refuse it in one line that names the setting."""
+    ckpt = tmp_path / "run.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 5,
+                    "--stop-after", 2, "--eval-every", 0) == 0
+    with np.load(ckpt) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    commands = [("sample", "--length", 3), ("eval", "--data-dir", data_dir, "--max-bytes", 100),
+                ("train", "--data-dir", data_dir, "--resume", "--stop-after", 1, "--eval-every", 0)]
+    for case, (name, value) in enumerate(OUT_OF_RANGE):
+        bad = json.loads(json.dumps(meta))
+        place = next(where for where in (bad, bad["config"], bad["train"], bad["data"]) if name in where)
+        place[name] = value
+        path = tmp_path / f"case{case}.npz"
+        np.savez(path, meta=np.array(json.dumps(bad)), **arrays)
+        capsys.readouterr()
+        for command in commands:
+            err = one_error_line(capsys, run_main(*command, "--ckpt", path, "--device", "cpu"))
+            assert refusal_names(err.replace(str(path), ""), name), (name, value, command, err)
+        assert mora.load_checkpoint(str(ckpt))[2]["step"] == 2 and json.loads(str(np.load(path)["meta"])) == bad
+
+
+def test_a_learning_rate_of_zero_is_refused_by_the_flag(data_dir, tmp_path, capsys):
+    """--lr 0 would train nothing for the whole run: the command line refuses it (exit 2), in one
+    error line that names the flag, under argparse's usage."""
+    for value in ("0", "0.0", "-0"):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main("train", "--data-dir", data_dir, "--ckpt", tmp_path / "m.npz", "--lr", value)
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert exit_info.value.code == 2 and len(errors) == 1 and "--lr" in errors[0] and "positive" in errors[0], errors
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_eval_bytes_may_be_one_record_and_no_less(data_dir, tmp_path, capsys):
+    """Evaluations during training read --eval-bytes of val: one record of seq_len + 1 = 17 bytes will
+    do, 16 is refused in one line before a step (a new run, or a resume that changes it)."""
+    ckpt = tmp_path / "m.npz"
+    train = ["train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--eval-every", 1,
+             "--sample-length", 0]
+    err = one_error_line(capsys, run_main(*train, "--max-steps", 2, "--eval-bytes", 16))
+    assert "--eval-bytes 16" in err and "17" in err and not ckpt.exists()
+    assert run_main(*train, "--max-steps", 2, "--eval-bytes", 17, "--no-final-eval") == 0
+    assert re.search(r"^step 2: val bits/byte [\d.]+", capsys.readouterr().out, re.M)
+    err = one_error_line(capsys, run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, "--device", "cpu", "--resume",
+                                          "--max-steps", 3, "--eval-bytes", 16))
+    assert "--eval-bytes 16" in err and "17" in err and mora.load_checkpoint(str(ckpt))[2]["step"] == 2
+
+
+class Hung(BaseException):
+    """Raised by TimeLimit: no handler of the code under test (none catches a BaseException) can take it for its own."""
+
+
+class TimeLimit:
+    """Raise Hung in the main thread if the block runs past `seconds` (a read that waits forever)."""
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __enter__(self):
+        def expire(signum, frame):
+            raise Hung(f"still running after {self.seconds} s")
+        self.previous = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+def test_a_fifo_or_a_device_as_the_checkpoint_is_refused_in_one_line_without_waiting(data_dir, tmp_path, capsys):
+    """A FIFO's read would wait for a writer forever, a device's read would never end: neither is
+    opened.  sample, eval and train --resume (and a new run on a FIFO) refuse it in one line."""
+    fifo = tmp_path / "fifo.npz"
+    os.mkfifo(fifo)
+    commands = [("sample", "--length", 3), ("eval", "--data-dir", data_dir),
+                ("train", "--data-dir", data_dir, "--resume")]
+    for path, commands in ((fifo, commands + [("train", "--data-dir", data_dir, *TINY)]), ("/dev/zero", commands)):
+        for command in commands:
+            with TimeLimit(10):
+                err = one_error_line(capsys, run_main(*command, "--ckpt", path, "--device", "cpu"))
+            assert str(path) in err and re.search("regular file|FIFO|device", err.replace(str(path), "")), (command, err)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(os.listdir(tmp_path)) == ["fifo.npz"]
 
 
 ODD_VALUES = [-5, 0, 1, 3, 2.5, -1e-3, 1e308, float("nan"), 10 ** 30, "7", "fast", "", None, True, False, [], {}, [1, 2, 3]]
@@ -2916,6 +3247,23 @@ def test_errors_say_what_is_there(data_dir, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow on the way to NaN
+def test_messages_say_what_is_true(data_dir, tmp_path, capsys):
+    ckpt, tiny = tmp_path / "m.npz", tmp_path / "tiny"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1) == 0
+    tiny.mkdir()
+    (tiny / "val.bin").write_bytes(b"x")
+    capsys.readouterr()
+    err = one_error_line(capsys, run_main("eval", "--ckpt", ckpt, "--data-dir", tiny, "--stream", "--device", "cpu"))
+    assert f"{tiny / 'val.bin'} holds 1 byte: at least 2 are needed" in err and "--max-bytes" not in err  # never given
+    err = one_error_line(capsys, run_main("eval", "--ckpt", ckpt, "--data-dir", data_dir, "--stream", "--max-bytes", 1,
+                                          "--device", "cpu"))
+    assert "--max-bytes 1 leaves 1 byte: at least 2 are needed" in err
+    for flags in (["sample", "--ckpt", ckpt, "--length", "2.5"], ["train", "--max-steps", "2.5"], ["eval", "--seq-len", "2.5"]):
+        with pytest.raises(SystemExit):
+            run_main(*flags)
+        assert "must be a whole number" in capsys.readouterr().err, flags
+
+
 def test_divergence_names_the_value_and_the_likely_causes(data_dir, tmp_path, capsys):
     ckpt = tmp_path / "m.npz"
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 50,
@@ -3041,6 +3389,18 @@ def test_eval_reports_its_streams_and_reads_no_more_than_asked(data_dir, tmp_pat
     assert f"more than the {cores} cores" in capsys.readouterr().err
 
 
+def test_eval_stream_without_max_bytes_reads_all_of_the_split(data_dir, tmp_path, capsys):
+    """--stream (one text, or --streams parts) predicts every byte of val.bin but the first."""
+    ckpt = tmp_path / "m.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1,
+                    "--eval-every", 0, "--no-final-eval") == 0
+    predicted = os.path.getsize(os.path.join(data_dir, "val.bin")) - 1
+    for flags in (["--stream"], ["--stream", "--streams", "1"], ["--streams", "3"]):
+        capsys.readouterr()
+        assert run_main("eval", "--ckpt", ckpt, "--data-dir", data_dir, "--device", "cpu", *flags) == 0
+        assert f" {predicted:,} bytes predicted" in capsys.readouterr().out, flags
+
+
 def test_plot_log_draws_and_refuses_bad_logs(tmp_path):
     import plot_log
     log = tmp_path / "m.csv"
@@ -3071,10 +3431,14 @@ def test_plot_log_flags_and_output_faults_are_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2 and "usage" in err and "Traceback" not in err, flags
     assert not os.path.exists(out)
     (tmp_path / "folder.svg").mkdir()
-    for unwritable in (tmp_path / "folder.svg", tmp_path / "none" / "c.svg"):
+    for unwritable, why in ((tmp_path / "folder.svg", "is a folder"), (tmp_path / "none" / "c.svg", "does not exist"),
+                            (log, "also an input")):
+        before = log.read_bytes()
         with pytest.raises(SystemExit) as exit_info:
             plot_log.main([str(log), "--out", str(unwritable)])
-        assert str(exit_info.value.code).startswith("error: ") and str(unwritable) in str(exit_info.value.code)
+        message = str(exit_info.value.code)
+        assert message.startswith("error: ") and why in message and str(unwritable.parent) in message
+        assert log.read_bytes() == before and not os.path.exists(str(unwritable) + ".tmp")
     plot_log.main([str(log), str(log), "--out", out, "--labels", "a & b", "<c>", "--title", "MORA <small> & co"])
     svg = open(out).read()
     xml.dom.minidom.parseString(svg)  # well-formed: the title and labels are escaped
@@ -3135,6 +3499,9 @@ def test_plot_log_leaves_out_what_is_no_number_and_draws_against_time(tmp_path, 
     assert ticks == ["0.0", "0.0", "0.0", "0.1", "0.1", "0.1"] and "minutes of training" in svg
     circle_x = float(re.search(r'<circle cx="([0-9.]+)"', svg).group(1))
     assert circle_x == pytest.approx(720 - 20)  # step 2 ends at 6 s = 0.1 min, the right end of the axis
+    log.write_text(header + "1,100,0.1,2,3.0,0,1,inf,,,\n2,200,0.1,2,2.9,0,1,1500,,,\n")  # a clock that jumped
+    plot_log.main([str(log), "--out", out, "--x", "time"])
+    assert "nan" not in open(out).read() and "inf" not in open(out).read()
     log.write_text(header + "0,0,0.1,2,3.0,0,1,,,,\n")
     plot_log.main([str(log), "--out", out])
     assert open(out).read().count("<polyline") == 1
@@ -3237,7 +3604,7 @@ def test_explain_caps_long_texts_and_bad_input_is_one_line(tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path / "m.npz")
     out = tmp_path / "page.html"
     assert explain.main(["--ckpt", ckpt, "--text", "a b c " * 50, "--max-bytes", "100", "--out", str(out)]) == 0
-    assert "the first 100 of 300 bytes" in capsys.readouterr().out
+    assert "the first 100 bytes of the text" in capsys.readouterr().out
     assert out.read_text(encoding="utf-8").count("data-bits=") == 99 and "--max-bytes caps it" in out.read_text(encoding="utf-8")
 
     def error_of(*args):
@@ -3250,8 +3617,32 @@ def test_explain_caps_long_texts_and_bad_input_is_one_line(tmp_path, capsys):
     assert "fewer than 2 bytes" in error_of("--ckpt", ckpt, "--text", "", "--out", out)
     assert "fewer than 2 bytes" in error_of("--ckpt", ckpt, "--file", tmp_path / "empty.txt", "--out", out)
     assert "cannot read --file" in error_of("--ckpt", ckpt, "--file", tmp_path / "none.txt", "--out", out)
-    assert "cannot write --out" in error_of("--ckpt", ckpt, "--text", "Once", "--out", tmp_path / "no" / "page.html")
+    assert f"the folder {tmp_path / 'no'} does not exist" in error_of("--ckpt", ckpt, "--text", "Once", "--out",
+                                                                      tmp_path / "no" / "page.html")
     assert "--max-bytes 1" in error_of("--ckpt", ckpt, "--text", "Once", "--max-bytes", 1, "--out", out)
+
+
+def test_explain_reads_no_more_than_max_bytes_and_never_writes_over_its_inputs(tmp_path, capsys):
+    import explain
+    import tracemalloc
+    ckpt, story, out = tmp_path / "m.npz", tmp_path / "story.txt", tmp_path / "page.html"
+    tiny_checkpoint(ckpt)
+    with open(story, "wb") as f:  # 256 MB that take no disk: a read of it all would take the memory
+        f.truncate(256 << 20)
+    tracemalloc.start()
+    try:
+        assert explain.main(["--ckpt", str(ckpt), "--file", str(story), "--max-bytes", "100", "--out", str(out)]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20 and out.read_text(encoding="utf-8").count("data-bits=") == 99
+    capsys.readouterr()
+    story.write_text("Once upon a time")
+    for given in (["--text", "Once", "--out", ckpt], ["--file", story, "--out", story], ["--text", "Once", "--out", tmp_path]):
+        before = {path: path.read_bytes() for path in (ckpt, story)}
+        err = one_error_line(capsys, explain.main(["--ckpt", str(ckpt)] + [str(a) for a in given]))
+        assert ("also an input" in err or "is a folder" in err) and "--out" in err, err
+        assert before == {path: path.read_bytes() for path in (ckpt, story)}
 
 
 def test_explain_summary_and_strips_follow_their_definitions(tmp_path):
