@@ -184,7 +184,7 @@ def check_files(args):
         raise UserError(f"--out-dir {args.out_dir} is a file: name a folder")
     os.makedirs(args.out_dir, exist_ok=True)
     for path in written_files(args):  # one by one: the advice for each is "choose another --out-dir"
-        check_outputs([path], [path for paths in texts.values() for path in paths], flag="--out-dir")
+        check_outputs([path], [text for paths in texts.values() for text in paths], flag="--out-dir")
     if texts and any(os.path.samefile(args.input_val, train) for train in args.input_train):
         print(f"warning: --input-val {args.input_val} is also a train text: val.bin then measures what the model "
               f"trained on, not how it does on new text", file=sys.stderr)
