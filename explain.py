@@ -223,10 +223,11 @@ def main(argv=None):
     try:
         if args.max_bytes < 2:
             raise mora.UserError(f"--max-bytes {args.max_bytes}: at least 2 bytes are needed, one to read and one to predict")
+        mora.check_outputs([args.out], [args.ckpt] + [args.file] * (args.file is not None))
         if args.file is not None:
             try:
                 with open(args.file, "rb") as f:
-                    data = f.read()
+                    data = f.read(args.max_bytes + 1)  # no more: --file may be endless (/dev/zero) or huge
             except OSError as exc:
                 raise mora.UserError(f"cannot read --file {args.file} ({exc.strerror}): give the path of a text file")
         else:
@@ -235,8 +236,8 @@ def main(argv=None):
             raise mora.UserError("the text has fewer than 2 bytes: give at least one byte to read and one to predict")
         cut_note = ""
         if len(data) > args.max_bytes:
-            cut_note = f" (the first {args.max_bytes:,} of the text's {len(data):,} bytes: --max-bytes caps it)"
-            print(f"explain: reading the first {args.max_bytes:,} of {len(data):,} bytes (raise --max-bytes for more)")
+            cut_note = f" (the first {args.max_bytes:,} bytes of the text: --max-bytes caps it)"
+            print(f"explain: reading the first {args.max_bytes:,} bytes of the text (raise --max-bytes for more)")
             data = data[:args.max_bytes]
         cfg, params, meta, _ = mora.load_checkpoint(args.ckpt)
         bits, top, beta, delta = read_text(params, data)

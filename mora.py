@@ -26,6 +26,7 @@ import argparse
 import codecs
 import contextlib
 import csv
+import errno
 import functools
 import hashlib
 import io
@@ -38,6 +39,7 @@ import signal
 import stat
 import sys
 import time
+import zipfile
 import zlib
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
@@ -795,41 +797,12 @@ def train_step(params, flat, adam_m, adam_v, x, y, step, lr, settings=TrainSetti
     return loss, accuracy, grad_norm
 
 
-@dataclass
-class Run:
-    """A training run: its model, settings and data, its parameters, gradient mask
-    and Adam moments on the device, and the step it stands at (also the data cursor)."""
-    cfg: Config
-    settings: TrainSettings
-    step: int
-    train_records: np.ndarray
-    val_records: np.ndarray
-    flat: object  # every parameter in one vector (xp array)
-    params: dict  # name -> view into flat
-    trainable: object  # flat 0/1 mask: 0 where an ablation holds a parameter at zero (None: no ablation)
-    adam_m: object
-    adam_v: object
-    data_files: dict  # what it trains and validates on: "train.bin" and "val.bin" -> data_fingerprint
-    saved_step: int = None  # the step of this run's checkpoint on disk (None: none saved yet)
-
-    def meta(self):
-        epoch, position = divmod(self.step, len(self.train_records) // self.cfg.batch_size)
-        return {"config": asdict(self.cfg), "step": self.step, "train": asdict(self.settings),
-                "data": {"train_records": len(self.train_records), "epoch": epoch, "batch_in_epoch": position,
-                         "order": "numpy default_rng([seed, epoch]).permutation(train_records)",
-                         "files": self.data_files}}
-
-    def save(self, path):
-        save_checkpoint(path, self.params, self.meta(), self.adam_m, self.adam_v)
-        self.saved_step = self.step
-
-
-def train_loop(run, end, report, slices=None):
-    """The training loop, from run.step to step `end`: the step's batch in its epoch's
-    shuffled order, its learning rate, a training step, and then `report` sees it.
-    Everything beyond the maths is in `report` (a `Report`, in "Running it for real"):
-    the finite check, the log, every eval_every steps `evaluate_and_sample`, every
-    ckpt_every a checkpoint, the progress, and a stop signal's request to end early.
+def train_loop(run, end, report, save, slices=None):
+    """The training loop from run.step to step `end`, and its cadence: each step's batch
+    in its epoch's shuffled order, its learning rate and a training step; a stop when the
+    loss is not finite; every eval_every steps an evaluation and a sample; every
+    ckpt_every steps `save(run)`; an early stop when report.stop asks (a signal).
+    `report` (a Report, in "Running it for real") writes the log and draws the progress.
     slices: CPU threads sharing each batch (`Slices`, also there), or None."""
     cfg, s, xp = run.cfg, run.settings, array_module(run.flat)
     gradient = batch_gradient if slices is None else slices.gradient
@@ -840,8 +813,15 @@ def train_loop(run, end, report, slices=None):
         loss, accuracy, grad_norm = train_step(run.params, run.flat, run.adam_m, run.adam_v, x, y, run.step, lr, s,
                                                run.trainable, gradient)
         loss, accuracy, grad_norm = float(loss), float(accuracy), float(grad_norm)  # the one host sync
-        run.step += 1
-        report.step(lr, loss, accuracy, grad_norm, seconds=time.perf_counter() - started)
+        run.step, seconds, val, text = run.step + 1, time.perf_counter() - started, None, None
+        for name, value in (("loss", loss), ("gradient norm", grad_norm)):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"the {name} became {value} at step {run.step}")
+        if s.eval_every and run.step % s.eval_every == 0 and not (run.step == s.max_steps and s.final_eval):
+            val, text = evaluate_and_sample(run, report.prompt, report.sample_length, slices)  # (the final one: all val)
+        report.step(lr, loss, accuracy, grad_norm, seconds, val, text)
+        if run.step % s.ckpt_every == 0:
+            save(run)
 
 
 def evaluate_and_sample(run, prompt, length, slices=None):
@@ -888,6 +868,11 @@ def generate(params, prompt, length, temperature, top_k, seed):
 
 # ----------------------------------------------------------------------------
 # Evaluation: loss, accuracy and bits/byte over a split, per record or as one text.
+
+
+def progress_bar(items, show, **kwargs):
+    """items, behind a progress bar when `show` and stderr is a terminal (in a file a bar is a flood of lines)."""
+    return tqdm(items, leave=False, dynamic_ncols=True, **kwargs) if show and sys.stderr.isatty() else items
 
 
 # Loss by position within a record (or chunk): how fast the model uses its context.
@@ -1012,9 +997,6 @@ def gpu_problem(widths=()):
     os.environ.setdefault("CUPY_TF32", "1")
     try:
         import cupy as module
-    except ImportError:
-        return NO_CUPY
-    try:
         if module.cuda.runtime.getDeviceCount() < 1:
             return "CuPy finds no CUDA GPU"
         cupy = module
@@ -1023,8 +1005,10 @@ def gpu_problem(widths=()):
         cuda_module().get_function("adam_update")  # CuPy compiles a module when first asked for a kernel
         for width in widths:
             cuda_module(width).get_function("block_input_forward")
-    except Exception as exc:  # CuPy raises driver- and library-specific errors here
+    except Exception as exc:  # an import or a driver that fails in any of many ways: the CPU, and why
         cupy = None
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "cupy":
+            return NO_CUPY
         first_line = (str(exc).splitlines() or [""])[0][:160]
         return f"CuPy cannot use the GPU ({exc.__class__.__name__}: {first_line})"
     fuse_kernels(True)  # from here the fused layers call their kernels on float32 CuPy arrays (the appendix)
@@ -1047,12 +1031,19 @@ def select_backend(device, widths=()):
     return np
 
 
+def blas_threads():
+    """The threads each BLAS call of NumPy's OpenBLAS runs: its own OPENBLAS_NUM_THREADS (which MORA sets, see
+    BLAS_VARIABLES) wins over OMP_NUM_THREADS, so that one alone never counts."""
+    value = os.environ.get("OPENBLAS_NUM_THREADS", "")
+    return max(1, int(value)) if value.isdigit() else 1
+
+
 def describe_backend(xp, slices=None):
     if xp is np:
-        blas = os.environ.get("OPENBLAS_NUM_THREADS", "?")
+        blas = blas_threads()
         threads, count = (slices.threads, slices.count) if slices else (1, 1)
         return (f"numpy {np.__version__} on the CPU: the batch in {count} slice{'s' * (count > 1)} over {threads} "
-                f"thread{'s' * (threads > 1)} x {blas} BLAS thread{'s' * (blas != '1')} (of {os.cpu_count()} cores)")
+                f"thread{'s' * (threads > 1)} x {blas} BLAS thread{'s' * (blas > 1)} (of {os.cpu_count()} cores)")
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     return f"cupy {cupy.__version__} on {props['name'].decode()} (TF32 matmuls: CUPY_TF32={os.environ.get('CUPY_TF32')})"
 
@@ -1063,8 +1054,40 @@ def describe_backend(xp, slices=None):
 # cursor), the settings, the data's identity.  Written to a temporary file and renamed (written_atomically).
 
 
-class SaveError(UserError):
-    """A checkpoint could not be written; the file at its path is as it was."""
+def file_problem(path, fix):
+    """Why `path` cannot be read or written as one whole file, ending in `fix` (None: a regular file, or nothing yet).
+    A folder, a device or a FIFO (whose read or write would hang) is never opened or replaced."""
+    if os.path.isdir(path):
+        return f"{path} is a folder: {fix}"
+    if os.path.exists(path) and not os.path.isfile(path):
+        return f"{path} is not a regular file (a device or a FIFO, say): {fix}"
+    return None
+
+
+def check_outputs(paths, inputs=(), flag="--out"):
+    """Refuse, in one line and before any work, an output that cannot be written whole.  Each of `paths` (the file
+    `flag` names, then those written beside it) must be a regular file or nothing yet, in a folder that exists and
+    can be written, and none of `inputs`, which writing it would destroy.  A symbolic link is judged by what it names."""
+    for path in map(os.fspath, paths):
+        real = os.path.realpath(path)
+        folder = os.path.dirname(real)
+        same = [i for i in map(os.fspath, inputs) if os.path.realpath(i) == real
+                or os.path.exists(i) and os.path.exists(real) and os.path.samefile(i, real)]
+        fix = f"choose another {flag}" if path == os.fspath(paths[0]) else \
+            f"{flag} {paths[0]} writes a file there: move it, or choose another {flag}"
+        if not os.path.basename(path):
+            problem = f"{flag} {shlex.quote(path)} names no file: give a file name"
+        elif not (problem := file_problem(path, fix) or file_problem(real, fix)):
+            if not os.path.isdir(folder):
+                problem = f"the folder {folder} does not exist (or is not a folder): create it, or {fix}"
+            elif not os.access(folder, os.W_OK):
+                problem = f"cannot write to {folder}: {fix}"
+            elif os.path.isfile(real) and not os.stat(real).st_mode & stat.S_IWUSR:
+                problem = f"{path} is read-only: make it writable (chmod u+w), or {fix}"
+            elif same:
+                problem = f"{path} is also an input of this command ({same[0]}): writing it would destroy it; {fix}"
+        if problem:
+            raise UserError(problem)
 
 
 @contextlib.contextmanager
@@ -1088,51 +1111,90 @@ def save_checkpoint(path, params, meta, adam_m=None, adam_v=None):
     if adam_m is not None:
         arrays["adam.m"], arrays["adam.v"] = to_numpy(adam_m), to_numpy(adam_v)
     arrays["meta"] = np.array(json.dumps(dict(meta, format=CHECKPOINT_FORMAT)))
-    try:
-        with written_atomically(path) as f:
-            np.savez(f, **arrays)
-    except OSError as exc:
-        raise SaveError(f"cannot write the checkpoint {path} ({exc.strerror or exc})") from exc
+    with written_atomically(path) as f:
+        np.savez(f, **arrays)
 
 
-def load_checkpoint(path):
-    """-> (Config, float32 params, meta, {"adam.m", "adam.v"} or {}); every command reads (and refuses) one here."""
-    problem = path_problem(path)
+def load_checkpoint(path, adam=False):
+    """-> (Config, float32 params, meta, Adam's {"adam.m", "adam.v"} if `adam` else {}): a checkpoint whole, or a
+    UserError naming it and what is wrong.  Every command reads one here, only the members it uses, each checked."""
+    problem = file_problem(path, "--ckpt names the checkpoint file, e.g. checkpoints/mora.npz") if os.path.basename(path) \
+        else f"--ckpt {shlex.quote(path)} names no file: give a file name, e.g. checkpoints/mora.npz"
     if problem or not os.path.exists(path):
         raise UserError(problem or f"no checkpoint at {path}: train one with `python mora.py train`, or pass --ckpt PATH")
     try:
-        with open(path, "rb") as file, np.load(file, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        meta = json.loads(str(arrays.pop("meta")))
+        with open(path, "rb") as file, zipfile.ZipFile(file) as archive:
+            meta = json.loads(str(read_member(archive, "meta", (), "U")[()]))
+            if problem := meta_problem(meta):
+                raise UserError(f"{path} is damaged or has settings this mora.py does not know ({problem}): use the "
+                                f"mora.py that wrote it, an earlier copy, or retrain")
+            cfg = Config(**meta["config"])
+            arrays = checkpoint_arrays(archive, path, cfg, adam)
+    except UserError:
+        raise
     except PermissionError as exc:
         raise UserError(f"cannot read {path} ({exc.strerror}): check that it is yours to read") from exc
     except Exception as exc:  # zipfile, zlib, ValueError, KeyError, JSON: the bytes are not a checkpoint
         raise UserError(f"{path} is not a MORA checkpoint, or is cut short or corrupt ("
                         f"{'damaged compressed data' if isinstance(exc, zlib.error) else type(exc).__name__}): retrain, or use another copy")
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} has checkpoint format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                        f"this mora.py reads {CHECKPOINT_FORMAT!r}: use the mora.py that wrote it")
-    problem = meta_problem(meta)
-    if problem:
-        raise UserError(f"{path} is damaged or has settings this mora.py does not know ({problem}): use the mora.py that "
-                        f"wrote it, an earlier copy, or retrain")
-    cfg = Config(**meta["config"])
-    if cfg.n_layers > len(arrays):  # more blocks than arrays: damaged (and not a list of blocks to build)
+    return cfg, {k: arrays[k] for k in param_shapes(cfg)}, meta, {k: arrays[k] for k in ADAM_MOMENTS if adam}
+
+
+ADAM_MOMENTS = ("adam.m", "adam.v")
+
+
+def checkpoint_arrays(archive, path, cfg, adam):
+    """The parameters (and with `adam` Adam's moments, else their headers alone) of the checkpoint `archive`, each
+    of its shape, floats and finite, adam.v not negative, and the weights' output on every byte value finite."""
+    names = archive.namelist()
+    if cfg.n_layers > len(names):  # more blocks than members: damaged (and no list of blocks to build)
         raise UserError(f"{path} does not match its own config (n_layers {cfg.n_layers:,}): the file is damaged")
-    shapes = dict(param_shapes(cfg), **{k: (count_params(cfg),) for k in ("adam.m", "adam.v") if k in arrays})
+    moments = {"adam.m.npy", "adam.v.npy"} & set(names)
+    if adam and not moments:
+        raise UserError(f"{path} holds weights only (no optimizer state or settings): it cannot be resumed")
+    shapes = dict(param_shapes(cfg), **dict.fromkeys(ADAM_MOMENTS if moments else (), (count_params(cfg),)))
+    arrays = {}
     for name, shape in shapes.items():
-        if name not in arrays or arrays[name].shape != shape or arrays[name].dtype.kind != "f":
-            raise UserError(f"{path} does not match its own config ({name}: not {shape} floats): the file is damaged")
-        arrays[name] = arrays[name].astype(np.float32)
+        array = read_member(archive, name, shape, read=adam or name not in ADAM_MOMENTS)
+        if array is None:
+            what = f"not {shape} floats" if f"{name}.npy" in names else "missing"
+            raise UserError(f"{path} does not match its own config ({name}: {what}): the file is damaged")
+        arrays[name] = array.astype(np.float32)
         if not np.isfinite(arrays[name]).all():
             raise UserError(f"{path} holds non-finite numbers (NaN or inf in {name}): that run diverged; use an earlier "
                             f"checkpoint or retrain")
-    return cfg, {k: arrays[k] for k in param_shapes(cfg)}, meta, {k: arrays[k] for k in shapes if k.startswith("adam.")}
+    if adam and (arrays["adam.v"] < 0).any():
+        raise UserError(f"{path} is damaged: adam.v, Adam's mean squared gradient, holds negative numbers; use an earlier "
+                        f"checkpoint or retrain")
+    with np.errstate(all="ignore"):  # a weight of 3e38 is finite, but the sums it takes part in overflow
+        finite = np.isfinite(forward(arrays, np.arange(V, dtype=np.uint8)[None])).all()
+    if not finite:
+        raise UserError(f"{path} holds weights so large that the model's output overflows (not finite on the bytes "
+                        f"0..255): that run diverged or the file is damaged; use an earlier checkpoint or retrain")
+    return arrays
+
+
+def read_member(archive, name, shape, kind="f", read=True):
+    """The .npz member `name` if it holds `shape` items of the dtype kind `kind` (else None), read from its header
+    no further than they need: a member may hold gigabytes past them.  read=False: its header alone is checked."""
+    if f"{name}.npy" not in archive.namelist():
+        return None
+    with archive.open(f"{name}.npy") as file:
+        version = np.lib.format.read_magic(file)
+        header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        stored, fortran, dtype = header(file)
+        if stored != shape or dtype.kind != kind or dtype.itemsize > 1 << 18:  # a meta of 64 K characters at most
+            return None
+        count = math.prod(shape) if read else 0
+        data = np.frombuffer(file.read(count * dtype.itemsize), dtype, count)
+    return data.reshape(shape, order="F" if fortran else "C") if read else data
 
 
 def meta_problem(meta):
     """What in a checkpoint's meta is not what `train` writes, in words (None: nothing).  A weights-only one has a
     config and a step, a run's its settings and data too; each value is held to its flag's rule, then to each other."""
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        return f"checkpoint format {meta.get('format') if isinstance(meta, dict) else None!r}, this mora.py reads {CHECKPOINT_FORMAT!r}"
     config, train, data = meta.get("config"), meta.get("train", {}), meta.get("data", {})
     if not (isinstance(config, dict) and isinstance(train, dict) and isinstance(data, dict) and "step" in meta):
         return "no config or step"
@@ -1144,26 +1206,9 @@ def meta_problem(meta):
             and set(files) == ({"train.bin", "val.bin"} if train else set(files))):
         return "the record of its data files"
     for name, value in dict(config, **train, step=meta["step"], train_records=data.get("train_records", 0)).items():
-        if not follows_flag_rule(name, value):
+        if not follows_rule(name, value):
             return f"{name} {value!r}"
     return settings_problem(Config(**config), TrainSettings(**train), meta["step"]) if train else None
-
-
-def follows_flag_rule(name, value):
-    """Whether setting `name` may be `value` by the rule of the flag that sets it, the JSON read as the flag's
-    text: so "7" is no step, 7.0 no batch size and true no learning rate."""
-    if name == "ablate":
-        return value in list(ABLATIONS)
-    if name == "final_eval":
-        return isinstance(value, bool)
-    if name == "mix_init":
-        return isinstance(value, list) and len(value) == 3 and all(follows_flag_rule("mix", v) for v in value)
-    rules = dict({k: kind for k, (kind, _) in SETTING_FLAGS.items()}, beta1=decay, eps=positive_float, mix=finite_float,
-                 step=nonnegative_int, train_records=nonnegative_int, **dict.fromkeys(MODEL_FLAGS, positive_int))
-    try:
-        return (value is None and name == "slices") or rules[name](json.dumps(value)) is not None
-    except (argparse.ArgumentTypeError, ValueError):
-        return False
 
 
 def settings_problem(cfg, settings, step):
@@ -1176,6 +1221,105 @@ def settings_problem(cfg, settings, step):
     if s.eval_bytes < record:
         return f"--eval-bytes {s.eval_bytes:,} is less than one record of seq_len + 1 = {record} bytes: give at least {record}"
     return None
+
+
+# ----------------------------------------------------------------------------
+# Settings: one table of every setting a run keeps, Config's fields and TrainSettings'.  The command line's flags and
+# their help, what --resume may change, and the check of a checkpoint's meta all read it; the defaults are the
+# dataclasses' own.
+
+def number_parser(kind, check, rule):
+    """A setting's rule and an argparse type: kind(text), accepted when check(value), else 'must be {rule}'."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not check(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    parse.__name__ = rule  # argparse names the type by it in some messages
+    return parse
+
+
+positive_int = number_parser(int, lambda v: v > 0, "a whole number, 1 or more")
+nonnegative_int = number_parser(int, lambda v: v >= 0, "a whole number, 0 or more")
+positive_float = number_parser(float, lambda v: 0 < v < math.inf, "a positive number")
+nonnegative_float = number_parser(float, lambda v: 0 <= v < math.inf, "0 or a positive number")
+fraction = number_parser(float, lambda v: 0 <= v <= 1, "between 0 and 1")
+decay = number_parser(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
+finite_float = number_parser(float, math.isfinite, "a finite number")
+yes_no = number_parser(json.loads, lambda v: isinstance(v, bool), "true or false")  # as --NAME / --no-NAME
+ablation = number_parser(str, lambda v: v in ABLATIONS, f"one of {', '.join(ABLATIONS)}")
+
+# name -> its rule, its flag's help (None: no flag), whether --resume may change it, how many numbers it takes.
+Setting = namedtuple("Setting", "rule help on_resume nargs", defaults=(False, None))
+SETTINGS = {
+    "d_model": Setting(positive_int, "width d"),
+    "n_layers": Setting(positive_int, "blocks L"),
+    "seq_len": Setting(positive_int, "bytes of context per training record"),
+    "batch_size": Setting(positive_int, "records a batch"),
+    "ablate": Setting(ablation, f"switch off a part of the block: {', '.join(ABLATIONS)}"),
+    "lr": Setting(positive_float, "peak learning rate"),
+    "warmup": Setting(nonnegative_int, f"warmup steps (default: a third of the run, at most {WARMUP_CAP})"),
+    "final_lr_fraction": Setting(fraction, "the cosine decay ends at this fraction of --lr"),
+    "clip": Setting(positive_float, "global gradient-norm clip"),
+    "beta1": Setting(decay, None),
+    "beta2": Setting(decay, "Adam's second-moment decay"),
+    "eps": Setting(positive_float, None),
+    "seed": Setting(nonnegative_int, "initialisation and data order"),
+    "epochs": Setting(positive_int, "whole passes over train.bin"),
+    "max_steps": Setting(positive_int, "train this many steps instead of whole epochs (default: whole epochs; with "
+                                       "--resume: a longer run)", on_resume=True),
+    "mix_init": Setting(finite_float, "initial mix of memory, running mean and delta in every block", nargs=3),
+    "slices": Setting(positive_int, "cut each batch into this many slices for the CPU's threads (part of the run: the "
+                                    "same result on any number of threads; default: one per thread)"),
+    # How the run reports and saves itself, and (max_steps) how long it runs: what --resume may change.
+    "eval_every": Setting(nonnegative_int, "steps between evaluations on the start of val (0: never)", on_resume=True),
+    "eval_bytes": Setting(positive_int, "bytes of val those evaluations read (and the final streamed one)", on_resume=True),
+    "ckpt_every": Setting(positive_int, "steps between checkpoints", on_resume=True),
+    "final_eval": Setting(yes_no, "evaluate on all of val when the run ends", on_resume=True),
+}
+DEFAULTS = dict(asdict(Config()), **asdict(TrainSettings()))
+SIZE_SETTINGS = ("d_model", "n_layers", "seq_len", "batch_size")  # the flags bench shares with train
+
+
+def add_setting_flags(p, names):
+    """A flag for each setting in `names`: its rule as the type, its help with the dataclass's default."""
+    for name in names:
+        rule, text, _, nargs = SETTINGS[name]
+        flag, default = "--" + name.replace("_", "-"), DEFAULTS[name]
+        if rule is yes_no:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{text} (default: {'yes' if default else 'no'})")
+            continue
+        shown = " ".join(f"{v:g}" for v in default) if nargs else default
+        p.add_argument(flag, type=rule, nargs=nargs, metavar=("C", "A", "E")[:nargs] if nargs else None,
+                       help=text if default is None else f"{text} (default {shown})")
+
+
+def follows_rule(name, value):
+    """Whether a checkpoint may hold `value` for `name` (a setting; else a count such as the step) by the rule of the
+    flag that sets it, the JSON read as the flag's text: so "7" is no step, 7.0 no batch size and true no lr."""
+    rule, _, _, nargs = SETTINGS.get(name, Setting(nonnegative_int, None))
+    if nargs:
+        return isinstance(value, list) and len(value) == nargs and all(obeys(rule, v) for v in value)
+    return (value is None and name == "slices") or obeys(rule, value)  # a run on the GPU has no slices
+
+
+def obeys(rule, value):
+    try:
+        return rule(value if isinstance(value, str) else json.dumps(value)) == value
+    except (argparse.ArgumentTypeError, ValueError):
+        return False
+
+
+def model_config(args, base=None):
+    """Config from the model flags; those left out from `base` (a checkpoint's config) or the size's default."""
+    base = base or Config(**SIZES[args.size or "small"])
+    if args.size:
+        base = Config(**dict(asdict(base), **SIZES[args.size]))
+    given = {f.name: getattr(args, f.name, None) for f in fields(Config)}
+    return Config(**dict(asdict(base), **{k: v for k, v in given.items() if v is not None}))
 
 
 # ----------------------------------------------------------------------------
@@ -1199,7 +1343,7 @@ def resumed_settings(args, meta, chosen):
     """The run's own settings, with what a resume may change: how it logs, and a longer run (--max-steps)."""
     settings = TrainSettings(**meta["train"])
     changed = {k: v for k, v in chosen.items() if getattr(settings, k) != (tuple(v) if k == "mix_init" else v)}
-    refused = {k: v for k, v in changed.items() if k not in ADJUSTABLE_ON_RESUME}
+    refused = {k: v for k, v in changed.items() if not SETTINGS[k].on_resume}
     if refused:
         raise UserError(f"--resume continues the run with its own settings {asdict(settings)}; these flags differ: {refused}")
     if changed.get("max_steps", 0) > meta["step"]:  # (one below the step is refused by settings_problem)
@@ -1210,9 +1354,43 @@ def resumed_settings(args, meta, chosen):
     return settings
 
 
+@dataclass
+class Run:
+    """A training run: its model, settings and data, its parameters, gradient mask
+    and Adam moments on the device, and the step it stands at (also the data cursor)."""
+    cfg: Config
+    settings: TrainSettings
+    step: int
+    train_records: np.ndarray
+    val_records: np.ndarray
+    flat: object  # every parameter in one vector (xp array)
+    params: dict  # name -> view into flat
+    trainable: object  # flat 0/1 mask: 0 where an ablation holds a parameter at zero (None: no ablation)
+    adam_m: object
+    adam_v: object
+    data_files: dict  # what it trains and validates on: "train.bin" and "val.bin" -> data_fingerprint
+    saved_step: int = None  # the step of this run's checkpoint on disk (None: none saved yet)
+
+    def meta(self):
+        epoch, position = divmod(self.step, len(self.train_records) // self.cfg.batch_size)
+        return {"config": asdict(self.cfg), "step": self.step, "train": asdict(self.settings),
+                "data": {"train_records": len(self.train_records), "epoch": epoch, "batch_in_epoch": position,
+                         "order": "numpy default_rng([seed, epoch]).permutation(train_records)",
+                         "files": self.data_files}}
+
+
+# Why a resumed run is bit for bit the same as one that never stopped:
+#   - one BLAS thread per worker (BLAS_VARIABLES, at the top), so no sum's order depends on the cores;
+#   - the saved slice count (cpu_slices, kept in the settings): the batch is cut the same way on any threads;
+#   - the step as the data cursor (batch_rows): an epoch's order is a function of the seed and the epoch;
+#   - the Adam moments (Run.meta and save_checkpoint write them with the weights, load_checkpoint checks them);
+#   - the schedule as a function of the step (learning_rate);
+#   - the data hash (open_run_data): only the run's own train.bin and val.bin will do;
+#   - the settings locked on resume (resumed_settings): only how a run reports and how long it runs may change.
+
 def start_or_resume(args, xp, checkpoint):
     """A new run from the flags, or (--resume) the run in `checkpoint`, load_checkpoint's reading of --ckpt."""
-    chosen = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None}
+    chosen = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name, None) is not None}
     if args.resume:
         if args.overwrite:
             raise UserError("--resume and --overwrite contradict each other: --resume continues --ckpt, --overwrite starts it over")
@@ -1220,7 +1398,7 @@ def start_or_resume(args, xp, checkpoint):
         asked = model_config(args, base=cfg)
         if asked != cfg:
             raise UserError(f"--resume: {args.ckpt} is a {asdict(cfg)} model, the flags ask for {asdict(asked)}: drop the size flags or use another --ckpt")
-        if not adam_state or "train" not in meta or "data" not in meta:
+        if "train" not in meta or "data" not in meta:
             raise UserError(f"{args.ckpt} holds weights only (no optimizer state or settings): it cannot be resumed")
         settings, step = resumed_settings(args, meta, chosen), meta["step"]
     else:
@@ -1269,71 +1447,8 @@ def open_run_data(args, cfg, meta):
     return records["train.bin"], records["val.bin"], files
 
 
-def path_problem(path, ckpt=None):
-    """Why a checkpoint, or a file of the run of `ckpt`, cannot be at `path` (None: a regular file, writable for a
-    run, or nothing).  A folder, a device or a FIFO (whose read would hang) is never opened or replaced."""
-    if not os.path.basename(path):
-        return f"--ckpt {shlex.quote(path)} names no file: give a file name, e.g. checkpoints/mora.npz"
-    if os.path.isdir(path):
-        fix = f"--ckpt names the checkpoint file, e.g. {os.path.join(path, 'mora.npz')}" if path == (ckpt or path) else \
-            f"the run of --ckpt {ckpt} writes a file there: move it, or choose another --ckpt"
-        return f"{path} is a folder: {fix}"
-    if os.path.exists(path) and not os.path.isfile(path):
-        return f"{path} is not a regular file (a device or a FIFO, say): choose another --ckpt"
-    if ckpt and os.path.isfile(path) and not os.stat(path).st_mode & stat.S_IWUSR:
-        return f"{path} is read-only: make it writable (chmod u+w) for this run to write it, or choose another --ckpt"
-    return None
-
-
-def prepare_output(ckpt):
-    """The log's path, once the checkpoint and the files beside it are known writable: before step 1, not at a save."""
-    log_path = os.path.splitext(ckpt)[0] + ".csv"
-    for path in (ckpt, log_path, ckpt + ".lock", os.path.splitext(ckpt)[0] + ".samples.txt"):
-        if problem := path_problem(path, ckpt):
-            raise UserError(problem)
-    if log_path == ckpt:
-        raise UserError(f"--ckpt {ckpt} would be overwritten by its own log: name the checkpoint .npz")
-    folder = os.path.dirname(os.path.abspath(ckpt))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create the folder {folder} for --ckpt ({exc.strerror}): choose another --ckpt")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"cannot write to {folder}: choose another --ckpt")
-    return log_path
-
-
-def lock_checkpoint(ckpt):
-    """An exclusive lock on CKPT.lock while this process trains: a second run on it stops at once.  The system drops
-    it however the process ends, so a stale lock never blocks.  (None where fcntl is missing, on Windows.)"""
-    lock = open(ckpt + ".lock", "a+")
-    try:
-        import fcntl
-    except ImportError:
-        return lock
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        holder = lock.read().strip() or "?"
-        lock.close()
-        raise UserError(f"{ckpt} is being trained by process {holder}: wait for it to end (or stop it), or use another --ckpt")
-    try:
-        os.ftruncate(lock.fileno(), 0)
-        os.pwrite(lock.fileno(), f"{os.getpid()}\n".encode(), 0)
-    except OSError as exc:  # a full disk: leave nothing behind
-        lock.close()
-        os.remove(lock.name)
-        raise UserError(f"cannot write {lock.name} ({exc.strerror}): free some disk space, or choose another --ckpt") from exc
-    return lock
-
-
 LOG_FIELDS = ["step", "bytes", "lr", "loss", "bpb", "accuracy", "grad_norm", "ms_per_step",
               "val_loss", "val_bpb", "val_accuracy", "val_stream_bpb"]
-
-
-class LogWriteError(UserError):
-    """The log could not be written (a full disk, say): the run still saves its checkpoint."""
 
 
 def log_line(row):
@@ -1343,107 +1458,224 @@ def log_line(row):
     return text.getvalue()
 
 
-def row_is_complete(header, row):
-    """A log row with every column of the header, a whole-number step, and numbers (or nothing) elsewhere."""
+LOG_HEADER = log_line({k: k for k in LOG_FIELDS})
+
+
+def logged_step(line):
+    """The step of a whole log row: every column, a whole-number step, numbers (or nothing) elsewhere (else None)."""
+    row = next(csv.reader([line]), [])
     try:
-        int(row[header.index("step")])
         list(map(float, filter(None, row)))  # each a number, or a ValueError
+        return int(row[0]) if len(row) == len(LOG_FIELDS) else None
     except (ValueError, IndexError):
-        return False
-    return len(row) == len(header)
+        return None
 
 
-def complete_rows(text):
-    """(the rows of a CSV log before the first one cut short or unreadable, as dicts; whether that is all of them;
-    whether the text is a log at all).  The last row is complete only if the text ends with its line end."""
-    lines = list(csv.reader(io.StringIO(text)))
-    header = lines[0] if lines else []
-    if "step" not in header or not set(header) <= set(LOG_FIELDS):
-        return [], False, False
-    rows = lines[1:] if text.endswith("\n") else lines[1:-1] + [[]]  # no line end: the last row was cut
-    good = list(itertools.takewhile(lambda row: row_is_complete(header, row), rows))
-    return [dict(zip(header, row)) for row in good], len(good) == len(rows), True
+def sampled_step(line):
+    """The step of a whole line of CKPT.samples.txt, `step N: 'text'` (else None)."""
+    number, _, text = line.partition(": ")
+    number = number.removeprefix("step ").replace(",", "")
+    return int(number) if number.isdigit() and text[-1:] in ("'", '"') and len(text) > 1 else None
 
 
-class TrainingLog:
-    """The CSV log beside the checkpoint: a row per step, written unbuffered, never lagging the checkpoint, never
-    half a row.  On --resume the rows after the checkpoint's step are dropped, the rest rewritten in one rename;
-    a log with a row cut short keeps the rows before it, a file that is no log none, either set aside as .bad."""
+def lines_up_to(path, step, header, step_of):
+    """The lines of a run's file (the log, the samples: `header` first, then a line per step_of) that belong to a
+    checkpoint at `step`.  A file with a line cut short or unreadable (a kill mid-line, a hand edit) is set aside
+    as .bad and the lines before it kept; lines after `step` (written after that checkpoint) are dropped."""
+    if not os.path.exists(path):
+        print(f"warning: {path} is missing: a new one starts at step {step:,}", file=sys.stderr)
+        return []
+    with open(path, newline="", errors="replace") as f:
+        *lines, cut = f.read().split("\n")  # cut: the text after the last line end, a line cut short
+    ours = lines[:1] == [header.rstrip("\n")] if header else True
+    body = lines[1:] if header else lines
+    good = list(itertools.takewhile(lambda s: s is not None, map(step_of, body))) if ours else []
+    if len(good) < len(body) or cut or not ours:
+        os.replace(path, path + ".bad")
+        what = f"line {len(good) + 1 + bool(header)} is cut short or unreadable" if ours else "it is not what a run writes there"
+        print(f"warning: {path}: {what}; it is kept as {path}.bad and the new one keeps the {len(good)} lines before it",
+              file=sys.stderr)
+    return [line + "\n" for line, s in zip(body, good) if s <= step]
 
-    def __init__(self, path, step):
-        self.path = path
-        rows = self.rows_to_keep(step) if step > 0 and os.path.exists(path) else []
-        if step > 0 and not os.path.exists(path):
-            print(f"warning: {path} is missing: a new log starts at step {step:,}", file=sys.stderr)
+
+class WriteError(UserError):
+    """A file of a run could not be written: the message says which and why, `fix` what to do about it."""
+    def __init__(self, message, path, fix):
+        super().__init__(message)
+        self.path, self.fix = path, fix
+
+
+class RunFiles:
+    """Every file `train` writes, each named from the checkpoint's whole name (STEM: CKPT less a last .npz, so exp.1
+    and exp.2 are two runs): CKPT, CKPT.lock, the log STEM.csv, STEM.samples.txt, and the .tmp each is written to.
+    All are checked before any work; each write is whole or undone, and an OSError on any becomes one WriteError."""
+
+    def __init__(self, args):
+        ckpt, self.args = args.ckpt, args
+        stem = ckpt[:-len(".npz")] if ckpt.endswith(".npz") else ckpt
+        self.ckpt, self.lock, self.log, self.samples = ckpt, ckpt + ".lock", stem + ".csv", stem + ".samples.txt"
+        self.what = {self.ckpt: "the checkpoint", self.lock: "the lock", self.log: "the log", self.samples: "the samples"}
+        self.appending = {}
+        if os.path.basename(ckpt) in ("train.bin", "val.bin", "test.bin") or os.path.exists(ckpt + ".json"):
+            raise UserError(f"--ckpt {ckpt} is a prepared data file (prepare_data.py's): a checkpoint would replace it; "
+                            f"choose another --ckpt, e.g. checkpoints/mora.npz")
+        folder = os.path.dirname(os.path.abspath(ckpt))
         try:
-            with written_atomically(path, "w", newline="") as f:
-                f.writelines([log_line({k: k for k in LOG_FIELDS})] + [log_line(row) for row in rows])  # the header, the rows
-        except OSError as exc:  # a full disk, say: the old log stays as it was
-            raise LogWriteError(f"cannot write the log {path} ({exc.strerror or exc}); no step was taken") from exc
-        self.file = open(path, "ab", buffering=0)
-
-    def rows_to_keep(self, step):
-        """The old log's complete rows up to `step`; the file set aside as .bad if any is not."""
-        with open(self.path, newline="", errors="replace") as f:
-            rows, complete, is_log = complete_rows(f.read())
-        if not complete:
-            os.replace(self.path, self.path + ".bad")
-            kept = f"the new log keeps the {len(rows)} rows before it" if is_log else f"a new log starts at step {step:,}"
-            what = f"row {len(rows) + 1} is cut short or unreadable" if is_log else "it is not a training log"
-            print(f"warning: {self.path}: {what}; it is kept as {self.path}.bad and {kept}", file=sys.stderr)
-        rows = [row for row in rows if int(row["step"]) <= step]
-        last = max((int(row["step"]) for row in rows), default=0)
-        if complete and last < step:  # a log that could not be written, say
-            print(f"warning: {self.path} has no rows for steps {last + 1:,} to {step:,}", file=sys.stderr)
-        return rows
-
-    def write(self, row):
-        """Append one row; however the write stops (a full disk, a second Ctrl-C), the file is cut back to its start."""
-        line, start = log_line(row).encode(), self.file.tell()
-        try:
-            while line:
-                line = line[self.file.write(line):]  # an unbuffered write may take only part
-        except BaseException as exc:
-            self.file.truncate(start)
-            if isinstance(exc, OSError):
-                raise LogWriteError(f"cannot write the log {self.path} ({exc.strerror or exc})") from exc
-            raise
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the folder {folder} for --ckpt ({exc.strerror}): choose another --ckpt")
+        inputs = [os.path.join(args.data_dir, name) for name in ("train.bin", "val.bin")]
+        check_outputs([p for path in self.what for p in (path, os.path.realpath(path) + ".tmp")], inputs, "--ckpt")
 
     def __enter__(self):
+        """Lock the run (CKPT.lock, never through a link): a second run on it stops at once.  The system drops the
+        lock however this process ends, so a stale lock file never blocks; it holds the pid, for the message."""
+        try:
+            self.lock_fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot open {self.lock} ({exc.strerror}{', a symbolic link' * (exc.errno == errno.ELOOP)}): "
+                            f"remove it, or choose another --ckpt") from exc
+        try:
+            import fcntl  # (not on Windows: there, no lock)
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.lock_fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.lock_fd)
+            raise UserError(f"{self.ckpt} is being trained by process {holder}: wait for it to end (or stop it), or use "
+                            f"another --ckpt") from None
+        except ImportError:
+            pass
+        try:
+            os.ftruncate(self.lock_fd, 0)
+            os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # a full disk: leave nothing behind
+            self.__exit__()
+            os.remove(self.lock)
+            raise UserError(f"{self.failed(self.lock, exc)}: choose another --ckpt") from exc
         return self
 
     def __exit__(self, *exc):
-        self.file.close()
+        for file in self.appending.values():
+            file.close()
+        os.close(self.lock_fd)
+
+    def start_lines(self, step, sampling):
+        """The log, and (sampling) the samples, as of the checkpoint at `step`: each rewritten, in one rename, to
+        its lines up to that step (lines_up_to), then opened to append, one whole line at a time (write_line)."""
+        for path, header, step_of in [(self.log, LOG_HEADER, logged_step)] + [(self.samples, "", sampled_step)] * sampling:
+            lines = lines_up_to(path, step, header, step_of) if step else []
+            try:
+                with written_atomically(path, "w", newline="") as f:
+                    f.writelines([header] + lines)
+                self.appending[path] = open(path, "ab", buffering=0)
+            except OSError as exc:  # the old file stays as it was
+                raise self.failed(path, exc) from exc
+
+    def write_line(self, path, line):
+        """Append one line to the log or the samples; however the write stops (a full disk, a second Ctrl-C), the
+        file is cut back to where it was: never half a line."""
+        file = self.appending[path]
+        data, start = line.encode(), file.tell()
+        try:
+            while data:
+                data = data[file.write(data):]  # an unbuffered write may take only part
+        except BaseException as exc:
+            file.truncate(start)
+            if isinstance(exc, OSError):
+                raise self.failed(path, exc) from exc
+            raise
+
+    def save(self, run):
+        try:
+            save_checkpoint(self.ckpt, run.params, run.meta(), run.adam_m, run.adam_v)
+        except OSError as exc:
+            raise self.failed(self.ckpt, exc) from exc
+        run.saved_step = run.step
+
+    def failed(self, path, exc):
+        """The WriteError for an OSError writing `path`: which file, the real cause, and what to do about it."""
+        folder = os.path.dirname(os.path.abspath(path))
+        cause, fix = exc.strerror or str(exc), f"see why {path} cannot be written"
+        if not os.path.isdir(folder):
+            cause, fix = f"its folder {folder} is gone", f"put the folder {folder} back"
+        elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free some disk space"
+        elif exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+            cause, fix = f"{cause}: a folder is in the way", f"move {exc.filename or path} away"
+        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = f"make {folder} writable"
+        return WriteError(f"cannot write {self.what[path]} {path} ({cause})", path, fix)
+
+    def on_disk(self, run, fix):
+        """What this run has on disk and how to go on once `fix` is done: the end of every line a failure gets."""
+        if run.saved_step is None:
+            return f"no checkpoint of this run was saved; {fix}, then start it again"
+        held = "is saved at" if run.saved_step == run.step else "still holds"
+        if not os.path.isdir(os.path.dirname(os.path.abspath(self.ckpt))):
+            held = "held"
+        return f"{self.ckpt} {held} step {run.saved_step:,}; {fix}, then continue with `{command_line(self.args, 'train', '--resume')}`"
+
+
+class QuietOnFailure:
+    """sys.stdout or sys.stderr while a run trains: a write that fails (`train | head`, a full disk, a closed
+    terminal, a character it cannot encode) never ends the run.  The first failure is said once on stderr if it
+    can be; from then on the stream's descriptor is the null device, so nothing fails later, at exit included."""
+
+    def __init__(self, stream, name):
+        self.stream, self.name, self.failed = stream, name, False
+
+    def write(self, text):
+        return self.guarded("write", text) or len(text)
+
+    def flush(self):
+        self.guarded("flush")
+
+    def guarded(self, action, *args):
+        try:
+            return None if self.failed else getattr(self.stream, action)(*args)
+        except (OSError, ValueError) as exc:  # ValueError: a character it cannot encode, or a closed stream
+            self.failed = True
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            if self.name == "stdout":
+                print(f"note: {getattr(exc, 'strerror', None) or exc} writing the standard output; the run goes on "
+                      f"without it and saves as usual", file=sys.stderr, flush=True)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def quiet_on_failure():
+    """sys.stdout and sys.stderr as QuietOnFailure streams, flushed before they are handed back."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = QuietOnFailure(sys.stdout, "stdout"), QuietOnFailure(sys.stderr, "stderr")
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = saved
 
 
 class StopSignals:
-    """SIGINT (Ctrl-C), SIGTERM (`kill`, schedulers) and SIGHUP (terminal closed) while training: the first stops
-    the loop after the step under way, said at once; a second stops at once (KeyboardInterrupt), the last
-    checkpoint as it was.  Once the run is `saved` (its final evaluation), the first stops at once."""
+    """SIGINT (Ctrl-C), SIGTERM (`kill`, schedulers) and SIGHUP (terminal closed: its writes then fail, which
+    QuietOnFailure absorbs) while training: the first stops the loop after the step under way, said at once; a
+    second stops at once (KeyboardInterrupt), the last checkpoint as it was.  Once the run is `saved` (its final
+    evaluation), the first stops at once."""
     NAMES = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
 
     def __enter__(self):
         self.requested, self.saved = False, False
-        self.terminals = [fd for fd in (1, 2) if os.isatty(fd)]
         self.previous = {s: signal.signal(s, self.handle) for s in (getattr(signal, name) for name in self.NAMES)}
         return self
 
     def handle(self, signum, frame):
-        if signum == getattr(signal, "SIGHUP", None):
-            self.leave_closed_terminals()
         if self.requested or self.saved:
             raise KeyboardInterrupt
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: stopping after this step, then saving "
               f"(send it again to stop at once, without saving)", file=sys.stderr, flush=True)
-
-    def leave_closed_terminals(self):
-        """A closed terminal fails every write (EIO), which would end the run unsaved: write to the null device."""
-        for fd in self.terminals:
-            if not os.isatty(fd):  # a terminal that hung up answers no more
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, fd)
-                os.close(null)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -1455,37 +1687,28 @@ def val_columns(val):
 
 
 class Report:
-    """Each step of train_loop: the loss checked finite, the log's row, an evaluation and sample (also to
-    CKPT.samples.txt) every eval_every, a checkpoint every ckpt_every, then a bar on a terminal, else a line every
-    PLAIN_SECONDS.  The speed leaves out the first step, which warms caches (and compiles on the GPU)."""
+    """What train_loop shows of each step: the log's row, an evaluation and its sample (also to the samples file),
+    and the progress: a bar on a terminal, else a line at the first and last step and every PLAIN_SECONDS.  The
+    speed leaves out the first step, which warms caches (and compiles on the GPU)."""
     PLAIN_SECONDS = 10
 
-    def __init__(self, run, end, ckpt, log, stop, slices, sample_prompt, sample_length):
-        self.run, self.end, self.ckpt, self.log, self.stop, self.slices = run, end, ckpt, log, stop, slices
-        self.prompt, self.sample_length, self.start = os.fsencode(sample_prompt), sample_length, run.step
-        self.samples = open(os.path.splitext(ckpt)[0] + ".samples.txt", "a" if run.step else "w") if sample_length else None
+    def __init__(self, run, end, files, stop, sample_prompt, sample_length):
+        self.run, self.end, self.files, self.stop, self.start = run, end, files, stop, run.step
+        self.prompt, self.sample_length = os.fsencode(sample_prompt), sample_length
         self.bar = tqdm(total=end, initial=run.step, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
         self.steps, self.seconds, self.next_line = 0, 0.0, 0.0
 
-    def step(self, lr, loss, accuracy, grad_norm, seconds):
+    def step(self, lr, loss, accuracy, grad_norm, seconds, val=None, text=None):
         run, s, cfg = self.run, self.run.settings, self.run.cfg
-        check_finite(run, loss, grad_norm, self.ckpt)
         row = {"step": run.step, "bytes": run.step * cfg.batch_size * cfg.seq_len, "lr": f"{lr:.6g}", "loss": f"{loss:.5f}",
                "bpb": f"{loss / math.log(2):.5f}", "accuracy": f"{accuracy:.5f}", "grad_norm": f"{grad_norm:.4f}",
-               "ms_per_step": f"{1000 * seconds:.2f}"}
-        if s.eval_every and run.step % s.eval_every == 0 and not (run.step == s.max_steps and s.final_eval):  # not twice
-            val, text = evaluate_and_sample(run, self.prompt, self.sample_length, self.slices)
-            row.update(val_columns(val))
+               "ms_per_step": f"{1000 * seconds:.2f}", **(val_columns(val) if val else {})}
+        if val:
             tqdm.write(f"step {run.step:,}: val bits/byte {val['bpb']:.4f} (first {val['bytes']:,} bytes), accuracy "
-                       f"{val['accuracy']:.4f}" + (f"\nstep {run.step:,}: sample: {text!r}" if self.samples else ""))
-            try:
-                if self.samples:
-                    print(f"step {run.step:,}: {text!r}", file=self.samples, flush=True)
-            except OSError as exc:  # a full disk: saved as the log's failure is (train_and_save)
-                raise LogWriteError(f"cannot write the samples {self.samples.name} ({exc.strerror or exc})") from exc
-        self.log.write(row)
-        if run.step % s.ckpt_every == 0:
-            run.save(self.ckpt)
+                       f"{val['accuracy']:.4f}" + (f"\nstep {run.step:,}: sample: {text!r}" if self.sample_length else ""))
+            if self.sample_length:
+                self.files.write_line(self.files.samples, f"step {run.step:,}: {text!r}\n")
+        self.files.write_line(self.files.log, log_line(row))
         if run.step > self.start + 1:
             self.steps, self.seconds = self.steps + 1, self.seconds + seconds
         numbers = f"loss {loss:.4f} acc {accuracy:.3f} bpb {loss / math.log(2):.4f} lr {lr:.2e} gnorm {grad_norm:.2f} {self.speed()}".rstrip()
@@ -1505,14 +1728,8 @@ class Report:
         return self
 
     def __exit__(self, *exc):
-        for done in (self.bar, self.samples):
-            if done is not None:
-                done.close()
-
-
-def progress_bar(items, show, **kwargs):
-    """items, behind a progress bar when `show` and stderr is a terminal (in a file a bar is a flood of lines)."""
-    return tqdm(items, leave=False, dynamic_ncols=True, **kwargs) if show and sys.stderr.isatty() else items
+        if self.bar is not None:
+            self.bar.close()
 
 
 # Core-seconds a CPU spends per parameter and byte of a training step (the small
@@ -1532,25 +1749,16 @@ def warn_if_long(run, slices):
               f"A good small model in minutes: --batch-size 32 --max-steps 3000 (README: The reference CPU run)")
 
 
-def check_finite(run, loss, grad_norm, ckpt):
-    for name, value in (("loss", loss), ("gradient norm", grad_norm)):
-        if not math.isfinite(value):
-            s = run.settings
-            saved = (f"{ckpt} holds the last good checkpoint (step {run.saved_step:,})" if run.saved_step is not None
-                     else f"no checkpoint of this run was saved before it (one is saved every {s.ckpt_every:,} steps)")
-            raise UserError(f"the {name} became {value} at step {run.step}; likely causes: a learning rate too high "
-                            f"(--lr {s.lr:g}), an Adam beta2 too close to 1 ({s.beta2:g}), or a damaged train.bin. {saved}")
-
-
 # ----------------------------------------------------------------------------
 # The commands: train, eval, sample.
 
 
 def train(args):
-    checkpoint = load_checkpoint(args.ckpt) if args.resume and not args.overwrite else None
+    if args.sample_length and not args.sample_prompt:
+        raise UserError("--sample-prompt is empty: give the text each sample continues, or --sample-length 0 for none")
+    checkpoint = load_checkpoint(args.ckpt, adam=True) if args.resume and not args.overwrite else None
     xp = select_backend(args.device, [(checkpoint[0] if checkpoint else model_config(args)).d_model])
-    log_path = prepare_output(args.ckpt)
-    with lock_checkpoint(args.ckpt):  # first: a second run on this checkpoint stops before it prints anything
+    with RunFiles(args) as files, quiet_on_failure():  # the lock first: a second run on it stops before it prints
         run = start_or_resume(args, xp, checkpoint)
         if run.step >= run.settings.max_steps:
             print(f"{args.ckpt} is finished: it stands at step {run.step:,}, the end of its run; to train it longer, "
@@ -1562,24 +1770,28 @@ def train(args):
             keep_freed_memory()
         end = run.settings.max_steps if args.stop_after is None else min(run.settings.max_steps, run.step + args.stop_after)
         print_plan(run, xp, slices, end)
-        with TrainingLog(log_path, run.step) as log, StopSignals() as stop:
-            with Report(run, end, args.ckpt, log, stop, slices, args.sample_prompt, args.sample_length) as report:
-                train_and_save(run, end, report, slices)
+        with StopSignals() as stop, Report(run, end, files, stop, args.sample_prompt, args.sample_length) as report:
+            train_and_save(run, end, report, files, slices)
             stop.saved = True  # a signal from here on stops at once: nothing is left to save
-            try:
-                print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {log_path}")
-                if report.steps:
-                    print(f"speed: {report.speed()}")
-                if stop.requested:
-                    raise KeyboardInterrupt
-                if run.step == run.settings.max_steps and run.settings.final_eval:
-                    final_evaluation(run, slices, log)
-            except KeyboardInterrupt:
-                print(stopped_line(run, args))
-                return 130
-            except LogWriteError as exc:  # the final evaluation's row
-                raise UserError(f"{exc}: {args.ckpt} is saved at step {run.step:,}; `{command_line(args, 'eval')}` "
-                                f"evaluates it") from exc
+            return finish(run, args, files, report, slices)
+
+
+def finish(run, args, files, report, slices):
+    """After the last save: where it is, the speed, and at the run's end its final evaluation."""
+    try:
+        print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {files.log}")
+        if report.steps:
+            print(f"speed: {report.speed()}")
+        if report.stop.requested:
+            raise KeyboardInterrupt
+        if run.step == run.settings.max_steps and run.settings.final_eval:
+            final_evaluation(run, slices, files)
+    except KeyboardInterrupt:
+        print(stopped_line(run, args))
+        return 130
+    except WriteError as exc:  # the final evaluation's row
+        raise UserError(f"{exc}: {args.ckpt} is saved at step {run.step:,}; `{command_line(args, 'eval')}` "
+                        f"evaluates it") from exc
     return 0
 
 
@@ -1606,30 +1818,32 @@ def stopped_line(run, args):
     return f"{saved}, the end of the run"
 
 
-def train_and_save(run, end, report, slices):
-    """train_loop, then a checkpoint where it ended.  A log or a checkpoint that cannot be written gets one line
-    saying what is on disk and what to do; a log that fails still gets the checkpoint saved."""
+def train_and_save(run, end, report, files, slices):
+    """train_loop, then a checkpoint where it ended.  Whatever ends it early gets one line saying what is on disk and
+    what to do; a log that cannot be written still gets the checkpoint saved."""
     problem = None
     try:
-        train_loop(run, end, report, slices)
-    except LogWriteError as exc:
+        files.start_lines(run.step, report.sample_length > 0)
+        train_loop(run, end, report, files.save, slices)
+    except WriteError as exc:
+        if exc.path == files.ckpt:
+            raise UserError(f"{exc}: {files.on_disk(run, exc.fix)}") from exc
         problem = exc
-    except SaveError as exc:
-        raise UserError(f"{exc}: {what_is_saved(run, report.ckpt)}") from exc
+    except FloatingPointError as exc:  # the loss or the gradient norm
+        s = run.settings
+        saved = (f"{files.ckpt} holds the last good checkpoint (step {run.saved_step:,})" if run.saved_step is not None
+                 else f"no checkpoint of this run was saved before it (one is saved every {s.ckpt_every:,} steps)")
+        raise UserError(f"{exc}; likely causes: a learning rate too high (--lr {s.lr:g}), an Adam beta2 too close to 1 "
+                        f"({s.beta2:g}), or a damaged train.bin. {saved}") from exc
+    except MemoryError as exc:
+        raise UserError(f"out of memory in step {run.step + 1:,} (a new run can lower --batch-size, --seq-len or "
+                        f"--d-model): {files.on_disk(run, 'free some memory')}") from exc
     try:
-        run.save(report.ckpt)
-    except SaveError as exc:
-        raise UserError(f"{f'{problem}; ' if problem else ''}{exc}: {what_is_saved(run, report.ckpt)}") from exc
+        files.save(run)
+    except WriteError as exc:
+        raise UserError(f"{f'{problem}; ' if problem else ''}{exc}: {files.on_disk(run, exc.fix)}") from exc
     if problem:
-        raise UserError(f"{problem}; the checkpoint {report.ckpt} is saved at step {run.step:,}: free some disk space, "
-                        f"then continue with --resume") from problem
-
-
-def what_is_saved(run, ckpt):
-    """The last checkpoint of a run that cannot save (or its lack), and what to do."""
-    if run.saved_step is None:
-        return "no checkpoint of this run was saved; free some disk space, then start it again"
-    return f"{ckpt} still holds step {run.saved_step:,}; free some disk space, then continue with --resume"
+        raise UserError(f"{problem}: {files.on_disk(run, problem.fix)}") from problem
 
 
 def command_line(args, *words):
@@ -1647,14 +1861,14 @@ def command_line(args, *words):
 EVAL_STREAMS = 64
 
 
-def final_evaluation(run, slices, log):
+def final_evaluation(run, slices, files):
     """All of val by the published protocol (state reset every record), and its start as EVAL_STREAMS texts."""
     cfg = run.cfg
     full = evaluate(run.params, run.val_records, EVAL_BATCH, slices, progress=True)
     text = run.val_records.reshape(-1)[:run.settings.eval_bytes]
     stream = evaluate_stream(run.params, text, cfg.seq_len, EVAL_STREAMS, slices, progress=True)
-    log.write({"step": run.step, "bytes": run.step * cfg.batch_size * cfg.seq_len, **val_columns(full),
-               "val_stream_bpb": f"{stream['bpb']:.5f}"})
+    files.write_line(files.log, log_line({"step": run.step, "bytes": run.step * cfg.batch_size * cfg.seq_len,
+                                          **val_columns(full), "val_stream_bpb": f"{stream['bpb']:.5f}"}))
     print_evaluation(f"val, per record (all {len(run.val_records):,} records, the state reset every {cfg.seq_len + 1} bytes)", full)
     print_evaluation(f"val, streamed (the first {len(text):,} bytes as {stream_protocol(stream['streams'], cfg.seq_len)})",
                      stream)
@@ -1685,7 +1899,9 @@ def evaluate_checkpoint(args):
     if args.stream or args.streams:
         data = open_bytes(path)[:args.max_bytes or None]
         if len(data) < 2:
-            raise UserError(f"--max-bytes {args.max_bytes}: at least 2 bytes are needed, one to read and one to predict")
+            given = f"--max-bytes {args.max_bytes} leaves" if args.max_bytes else f"{path} holds"
+            raise UserError(f"{given} {len(data)} byte{'s' * (len(data) != 1)}: at least 2 are needed, one to read and "
+                            f"one to predict")
         result = evaluate_stream(params, data, seq_len, args.streams or EVAL_STREAMS, slices, progress=True)
         protocol = f"read as {stream_protocol(result['streams'], seq_len)}"
     else:
@@ -1711,7 +1927,6 @@ def sample(args):
     xp = select_backend(args.device, [cfg.d_model])
     params = {k: xp.asarray(p) for k, p in params_np.items()}
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span bytes
-    sys.stdout.reconfigure(errors="replace")
     sys.stdout.write(args.prompt)
     for byte in generate(params, prompt, args.length, args.temperature, args.top_k, args.seed):
         sys.stdout.write(decoder.decode(bytes([byte])))
@@ -1770,7 +1985,7 @@ def cpu_slices(xp, threads=None, count=None):
     if xp is not np:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    blas = max(int(v) if v.isdigit() else 1 for v in (os.environ[name] for name in BLAS_VARIABLES))
+    blas = blas_threads()
     if (threads or cores) * blas > cores:
         fix = f"unset {' '.join(BLAS_VARIABLES)} (MORA gives each thread one BLAS thread)" if blas > 1 else f"--threads {cores}"
         print(f"note: {threads or cores} threads x {blas} BLAS threads is more than the {cores} cores here: they take turns, "
@@ -1880,64 +2095,6 @@ def bench(args):
 # ----------------------------------------------------------------------------
 # Command line
 
-def number_parser(kind, check, rule):
-    """An argparse type: kind(text), accepted when check(value), else 'must be {rule}'."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not check(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
-        return value
-    parse.__name__ = rule  # argparse names the type by it in some messages
-    return parse
-
-
-positive_int = number_parser(int, lambda v: v > 0, "a positive integer")
-nonnegative_int = number_parser(int, lambda v: v >= 0, "0 or more")
-positive_float = number_parser(float, lambda v: 0 < v < math.inf, "a positive number")
-nonnegative_float = number_parser(float, lambda v: 0 <= v < math.inf, "0 or a positive number")
-fraction = number_parser(float, lambda v: 0 <= v <= 1, "between 0 and 1")
-decay = number_parser(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
-finite_float = number_parser(float, math.isfinite, "a finite number")
-
-
-MODEL_FLAGS = ("d_model", "n_layers", "seq_len", "batch_size")  # each a positive integer
-
-
-def model_config(args, base=None):
-    """Config from the model flags; those left out from `base` (a checkpoint's config) or the size's default."""
-    base = base or Config(**SIZES[args.size or "small"])
-    if args.size:
-        base = Config(**dict(asdict(base), **SIZES[args.size]))
-    given = {k: getattr(args, k, None) for k in (*MODEL_FLAGS, "ablate")}
-    given = {k: v for k, v in given.items() if v is not None}
-    return Config(**dict(asdict(base), **given))
-
-
-# The TrainSettings a flag may set: name -> (type, help); the help's default is read off TrainSettings.
-SETTING_FLAGS = {
-    "lr": (positive_float, "peak learning rate"),
-    "warmup": (nonnegative_int, "warmup steps"),
-    "final_lr_fraction": (fraction, "the cosine decay ends at this fraction of --lr"),
-    "clip": (positive_float, "global gradient-norm clip"),
-    "beta2": (decay, "Adam's second-moment decay"),
-    "seed": (nonnegative_int, "initialisation and data order"),
-    "epochs": (positive_int, "whole passes over train.bin"),
-    "max_steps": (positive_int, "train this many steps instead of whole epochs (with --resume: a longer run)"),
-    "mix_init": (finite_float, "initial mix of memory, running mean and delta in every block"),
-    "eval_every": (nonnegative_int, "steps between evaluations on the start of val (0: never)"),
-    "eval_bytes": (positive_int, "bytes of val those evaluations read (and the final streamed one)"),
-    "ckpt_every": (positive_int, "steps between checkpoints"),
-    "final_eval": (None, "evaluate on all of val when the run ends"),
-    "slices": (positive_int, "cut each batch into this many slices for the CPU's threads (part of the run: "
-                             "the same result on any number of threads)"),
-}
-# What --resume may change: how the run reports, and how long it runs.
-ADJUSTABLE_ON_RESUME = ("max_steps", "eval_every", "eval_bytes", "ckpt_every", "final_eval")
-
-
 def add_common_flags(p, name, model=False, data=False):
     """The flags that several commands share (check, float64 on the CPU, takes none)."""
     if name != "check":
@@ -1946,12 +2103,9 @@ def add_common_flags(p, name, model=False, data=False):
     if model:
         p.add_argument("--size", choices=sorted(SIZES), help="small: d=64 (284,184 params); large: d=128 (1,092,632) "
                                                              "(default small)")
-        p.add_argument("--d-model", type=positive_int, help=f"default {Config.d_model}")
-        p.add_argument("--n-layers", type=positive_int, help=f"default {Config.n_layers}")
-        p.add_argument("--seq-len", type=positive_int, help=f"default {Config.seq_len}")
-    if model or data:
-        default = f"default {Config.batch_size}" + ("; with --resume, the checkpoint's" if data else "")
-        p.add_argument("--batch-size", type=positive_int, help=default if model else f"records a batch (default {EVAL_BATCH})")
+        add_setting_flags(p, SIZE_SETTINGS)
+    elif data:
+        p.add_argument("--batch-size", type=positive_int, help=f"records a batch (default {EVAL_BATCH})")
     if data:
         p.add_argument("--data-dir", default="data", help="the folder holding train.bin and val.bin (default data)")
     if name not in ("sample", "check"):
@@ -1962,23 +2116,13 @@ def add_common_flags(p, name, model=False, data=False):
 
 
 def add_train_flags(p):
-    defaults = {f.name: f.default for f in fields(TrainSettings)}
-    defaults.update(warmup=f"a third of the run, at most {WARMUP_CAP}", max_steps="whole epochs",  # None and tuple defaults, in words
-                    mix_init=" ".join(f"{v:g}" for v in TrainSettings.mix_init), slices="one per thread")
-    p.add_argument("--ablate", choices=list(ABLATIONS), help="switch off a part of the block (default none)")
-    for name, (kind, text) in SETTING_FLAGS.items():
-        flag = "--" + name.replace("_", "-")
-        if kind is None:  # a yes/no setting: --final-eval / --no-final-eval
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{text} (default: yes)")
-        else:
-            extra = dict(nargs=3, metavar=("C", "A", "E")) if name == "mix_init" else {}
-            p.add_argument(flag, type=kind, help=f"{text} (default {defaults[name]})", **extra)
+    add_setting_flags(p, [name for name, setting in SETTINGS.items() if setting.help and name not in SIZE_SETTINGS])
     p.add_argument("--resume", action="store_true", help="continue the run in --ckpt exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="start over even if --ckpt exists")
     p.add_argument("--stop-after", type=positive_int, help="stop (and save) after this many steps of this call, "
                                                            "keeping the whole run's schedule")
     p.add_argument("--sample-prompt", default="Once upon a time", help="with each evaluation, a sample continues this "
-                                                                        "(default: Once upon a time)")
+                                                                        "(not empty: --sample-length 0 for none; default: Once upon a time)")
     p.add_argument("--sample-length", type=nonnegative_int, default=120, help="bytes of that sample, also kept in "
                                                                               "CKPT.samples.txt (default 120; 0: none)")
 
@@ -2034,6 +2178,9 @@ def main(argv=None):
     try:
         if sys.stdout is None:  # started with its output closed (`>&-`): what it says would be lost
             raise UserError("the standard output is closed: give it a file, e.g. > out.txt (or /dev/null)")
+        for stream in (sys.stdout, sys.stderr):  # a character the terminal cannot show (latin-1, say) becomes '?'
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="replace")
         return command(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Learning curves from `mora.py train` logs, as an SVG picture (standard library only).
+"""Learning curves from `mora.py train` logs, as an SVG picture.
 
     python plot_log.py checkpoints/mora.csv [more.csv ...] --out curve.svg
 
@@ -13,6 +13,8 @@ import math
 import os
 import sys
 
+import mora
+
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#17becf", "#bcbd22"]
 
 
@@ -25,7 +27,8 @@ def read_log(path, axis="bytes"):
     try:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
-                minutes += float(r["ms_per_step"] or 0) / 60000  # the final evaluation's row has no step time
+                ms = float(r["ms_per_step"] or 0)  # the final evaluation's row has no step time
+                minutes += ms / 60000 if math.isfinite(ms) else 0  # an inf (a clock that jumped) would push the rest to inf
                 x = minutes if axis == "time" else int(r["bytes"])
                 for kind, y in ((0, r["bpb"]), (1 if r["bpb"] else 2, r["val_bpb"])):  # train, val, all of val
                     if y and math.isfinite(float(y)):
@@ -83,6 +86,10 @@ def main(argv=None):
         parser.error(f"--labels: give one per log ({len(args.logs)} logs, {len(args.labels)} labels)")
     if args.ymin is not None and args.ymin >= args.ymax:
         parser.error(f"--ymin {args.ymin:g} must be below --ymax {args.ymax:g}")
+    try:
+        mora.check_outputs([args.out], args.logs)
+    except mora.UserError as exc:
+        sys.exit(f"error: {exc}")
     labels = args.labels or [os.path.splitext(os.path.basename(p))[0] for p in args.logs]
     curves = [(label, *read_log(p, args.x)) for label, p in zip(labels, args.logs)]
     width, height, left, right, top, bottom = 720, 420, 60, 20, 40, 50
@@ -119,9 +126,9 @@ def main(argv=None):
         svg.append(f'<text x="{width - right - 8}" y="{top + 16 + 16 * k}" text-anchor="end" fill="{colour}">{html.escape(label)}</text>')
     svg.append("</svg>")
     try:
-        with open(args.out, "w") as f:
+        with mora.written_atomically(args.out, "w") as f:  # never half a picture at --out
             f.write("\n".join(svg))
-    except OSError as exc:  # a missing folder, a folder of that name, no permission
+    except OSError as exc:  # a full disk, say
         sys.exit(f"error: cannot write {args.out} ({exc.strerror or exc}): give --out a file in a folder you can write")
     print(f"wrote {args.out}")
 

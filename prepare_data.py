@@ -1,36 +1,37 @@
 """Prepare text for MORA: text in, raw bytes out (data/train.bin, data/val.bin).
 
-The model reads bytes, so "preparing" is copying the text byte for byte into one
-file per split; nothing is tokenised, filtered or re-encoded.
+The model reads bytes, so "preparing" is copying the text byte for byte into one file per
+split; nothing is tokenised, filtered or re-encoded.
 
     python prepare_data.py                      # download TinyStoriesV2-GPT4 (2.2 GB), then convert
     python prepare_data.py --train-bytes 50000000   # only the first 50 MB of its train text (a CPU needs no more)
     python prepare_data.py --input-train a.txt b.txt --input-val v.txt   # local text files instead
     python prepare_data.py --dataset enwik8     # enwik8: train.bin, val.bin, test.bin (90M / 5M / 5M bytes)
+    python prepare_data.py --dataset shakespeare    # tiny Shakespeare: train.bin, val.bin (1,003,854 / 111,540 bytes)
 
-By default the two TinyStories text files are downloaded from the dataset's home on
-Hugging Face (roneneldan/TinyStories, licence CDLA-Sharing-1.0) into --out-dir, with
-a progress bar; an interrupted download resumes where it stopped when run again, and
---train-bytes N asks the server for the first N bytes alone (an HTTP Range request).
-Expected output of the default run (after the download bars):
+By default the two TinyStories text files are downloaded from the dataset's home on Hugging
+Face (roneneldan/TinyStories, licence CDLA-Sharing-1.0) into --out-dir, with a progress bar;
+an interrupted download resumes where it stopped when run again, and --train-bytes N asks the
+server for the first N bytes alone (an HTTP Range request).  Expected output (after the bars):
 
     data/train.bin: 2,227,753,162 bytes, 2,717,495 stories (<|endoftext|> separators)
     data/val.bin: 22,502,601 bytes, 27,629 stories (<|endoftext|> separators)
 
-enwik8 is the first 10^8 bytes of an English Wikipedia XML dump (the Hutter Prize
-text, http://mattmahoney.net/dc/textdata.html); the standard split is its first
-90,000,000 bytes for training, the next 5,000,000 for validation, the last 5,000,000
-for testing.
+enwik8 is the first 10^8 bytes of an English Wikipedia XML dump (the Hutter Prize text,
+http://mattmahoney.net/dc/textdata.html), split as is standard: its first 90,000,000 bytes for
+training, the next 5,000,000 for validation, the last 5,000,000 for testing.  Tiny Shakespeare
+is char-rnn's data/tinyshakespeare/input.txt (1,115,394 bytes of ASCII), split as nanoGPT's
+shakespeare_char: the first 90% for training, the last 10% for validation.  Expected output:
 
-Work already done is skipped: a finished download, and a .bin whose record (the
-.bin.json beside it: which files, which bytes, their sizes and times, and the .bin's
-SHA-256) still matches; a missing or damaged record, or a .bin whose bytes changed,
-means "not known to be done", and the .bin is rebuilt.  Every input is checked before
-anything is written (it must be a regular file, and not one this run writes).  Files
-are written as NAME.tmp and renamed once complete, so a full disk, Ctrl-C, SIGTERM or
-SIGHUP never leaves a partial .bin or record behind (an interrupted download stays as
-NAME.part, to resume).  Progress bars are drawn on a terminal only.  Needs about
-4.5 GB of disk for the full TinyStories (text + bins).
+    data/train.bin: 1,003,854 bytes, no <|endoftext|> separators, stories not counted
+    data/val.bin: 111,540 bytes, no <|endoftext|> separators, stories not counted
+
+Work already done is skipped: a finished download, and a .bin whose record (the .bin.json
+beside it: which bytes of which files, their sizes and times, the .bin's SHA-256) still
+matches.  Every input and output is checked before any work, and one run at a time writes in
+an --out-dir.  Files are written as NAME.tmp and renamed once whole, so a full disk, Ctrl-C,
+SIGTERM or SIGHUP never leaves a partial .bin or record (an interrupted download stays as
+NAME.part, to resume).  Bars are drawn on a terminal only.  TinyStories needs 4.5 GB of disk.
 """
 import argparse
 import hashlib
@@ -45,28 +46,32 @@ import zlib
 
 from tqdm import tqdm
 
-from mora import written_atomically  # path.tmp, renamed once complete; removed on any failure
+from mora import UserError, check_outputs, file_problem, positive_int, written_atomically  # the last: NAME.tmp, renamed once whole
 
 URL_BASE = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 TRAIN_FILE, VAL_FILE = "TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"
-ENWIK8_URL_BASE, ENWIK8_ZIP = "http://mattmahoney.net/dc/", "enwik8.zip"
-ENWIK8_SPLIT = {"train": 90_000_000, "val": 5_000_000, "test": 5_000_000}  # bytes, in this order
+# One text downloaded whole and cut at fixed sizes: where from, the file (a .zip holds the text as a member
+# named as the dataset), the splits in bytes, in order; their total is the text's size, checked.
+SPLIT_TEXTS = {"enwik8": ("http://mattmahoney.net/dc/", "enwik8.zip", {"train": 90_000_000, "val": 5_000_000, "test": 5_000_000}),
+               "shakespeare": ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/", "input.txt",
+                               {"train": 1_003_854, "val": 111_540})}  # nanoGPT's shakespeare_char: int(0.9 * n) bytes, the rest
 SEPARATOR = b"<|endoftext|>"
 CHUNK = 1 << 22  # 4 MiB: files are streamed, never held in memory
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
 
 
-class PrepareError(Exception):
-    """Printed as one line; exit code 1."""
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGTERM (`kill`, a job scheduler) or SIGHUP (the terminal closed), raised where the
-    run is, as Ctrl-C raises KeyboardInterrupt: the same clean-up removes partial files."""
-
-
 def stop(signum, frame):
-    raise Stopped(signum)
+    """SIGTERM (`kill`, a job scheduler) or SIGHUP (the terminal closed), raised where the run is as Ctrl-C
+    raises KeyboardInterrupt, its signal with it: the same clean-up removes partial files."""
+    raise KeyboardInterrupt(signum)
+
+
+def say(line):
+    """print(line) to a stdout that may go away (`| head`) or fill up: the work goes on, and ends as it would have."""
+    try:
+        print(line, flush=True)
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the rest, Python's last flush too, goes nowhere
 
 
 def progress_bar(**options):
@@ -80,9 +85,8 @@ def download(url, dest, limit=None):
     resuming a partial .part with an HTTP Range request, and check the size against
     what the server announced."""
     if os.path.exists(dest):
-        print(f"{dest}: already downloaded, skipped")
+        say(f"{dest}: already downloaded, skipped")
         return
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     part = dest + ".part"  # kept on Ctrl-C or a broken connection: the next run resumes it
     have = os.path.getsize(part) if os.path.exists(part) else 0
     if limit is not None and have >= limit:  # all asked for is there: a run stopped before the rename
@@ -93,10 +97,10 @@ def download(url, dest, limit=None):
     try:
         response = urllib.request.urlopen(request, timeout=60)
     except urllib.error.HTTPError as exc:
-        raise PrepareError(f"{url}: HTTP {exc.code} {exc.reason}: check --url-base, or convert local files with --input-train FILE --input-val FILE")
+        raise UserError(f"{url}: HTTP {exc.code} {exc.reason}: check --url-base, or convert local files with --input-train FILE --input-val FILE")
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise PrepareError(f"cannot reach {url} ({reason}): offline? convert local files with --input-train FILE --input-val FILE")
+        raise UserError(f"cannot reach {url} ({reason}): offline? convert local files with --input-train FILE --input-val FILE")
     with response:
         if have and response.status != 206:  # the server ignored the range: start over
             have = 0
@@ -111,19 +115,21 @@ def download(url, dest, limit=None):
                     f.write(chunk)
                     bar.update(len(chunk))
             except OSError as exc:
-                raise PrepareError(f"download of {url} broke off ({exc}): run the same command again to resume")
+                raise UserError(f"download of {url} broke off ({exc}): run the same command again to resume")
     size = os.path.getsize(part)
     if total is not None and size != total:
-        raise PrepareError(f"download of {url} stopped at {size:,} of {total:,} bytes: run the same command again to resume")
+        raise UserError(f"download of {url} stopped at {size:,} of {total:,} bytes: run the same command again to resume")
     os.replace(part, dest)
 
 
-def copy_counting_stories(chunks, out, bar):
-    """Write the byte chunks to out; return the story count: the number of
-    <|endoftext|> separators, plus one if text follows the last separator."""
+def copy_counting_stories(chunks, out, bar, digest):
+    """Write the byte chunks to out, each added to digest on its way (the SHA-256 of what is
+    written, without reading it back); return the story count: the number of <|endoftext|>
+    separators, plus one if text follows the last separator."""
     separators, tail, text_after_last = 0, b"", False
     for chunk in chunks:
         out.write(chunk)
+        digest.update(chunk)
         bar.update(len(chunk))
         window = tail + chunk  # a separator may straddle two chunks
         last = window.rfind(SEPARATOR)
@@ -151,22 +157,6 @@ def source_ranges(sources, start, length):
             return
 
 
-def hashed(chunks, digest):
-    """The chunks, unchanged, each added to digest on its way: the SHA-256 of what is
-    written, without reading it back."""
-    for chunk in chunks:
-        digest.update(chunk)
-        yield chunk
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_chunks(path, start, length):
     with open(path, "rb") as f:
         f.seek(start)
@@ -175,62 +165,78 @@ def read_chunks(path, start, length):
             yield chunk
 
 
-def same_file(path, other):
-    """path (which exists) and other are one file: the same real path (through symbolic
-    links and ..), or, other existing too, one file under two names (a hard link)."""
-    return os.path.realpath(path) == os.path.realpath(other) or (os.path.exists(other) and os.path.samefile(path, other))
-
-
-def check_texts(texts, out_dir):
-    """Each split's source files are regular files that can be read, none is a file
-    this run writes (SPLIT.bin, its record, their .tmp: writing would destroy it), and
-    the split is not empty: checked before anything is written, so that a wrong
-    --input-val is found before minutes of converting the train text.
-    texts: {split name: [file, ...]}."""
-    written = [os.path.join(out_dir, f"{split}.bin{end}") for split in texts for end in ("", ".tmp", ".json", ".json.tmp")]
+def check_files(args):
+    """Every input, then every output, before any work: so that a wrong --input-val, or a FIFO at val.bin.tmp, is
+    found before minutes of converting the train text.  Each input is a regular file that can be read, and no
+    split is empty; each output is what check_outputs asks (a regular file or nothing, none of the inputs)."""
+    texts = {"train": args.input_train, "val": [args.input_val]} if args.input_train else {}
     for split, paths in texts.items():
         for path in paths:
             if not os.path.exists(path):
-                raise PrepareError(f"{path}: no such file")
-            if os.path.isdir(path):
-                raise PrepareError(f"{path} is a folder: name the text file(s) in it")
-            if not os.path.isfile(path):  # a FIFO, a socket, a device: never opened, a FIFO would wait for a writer
-                raise PrepareError(f"{path} is not a regular file (a pipe or a device?): give a text file")
-            for output in written:
-                if same_file(path, output):
-                    raise PrepareError(f"{path} is {output}, which this run overwrites: "
-                                       f"copy it out of {out_dir} and give the copy, or choose another --out-dir")
+                raise UserError(f"{path}: no such file")
+            if problem := file_problem(path, "give a text file"):  # a FIFO is never opened: it would wait for a writer
+                raise UserError(problem)
             with open(path, "rb"):  # unreadable: the OSError says why, in main's one line
                 pass
         if sum(os.path.getsize(p) for p in paths) == 0:
-            raise PrepareError(f"the {split} text ({', '.join(paths)}) is empty: give a file that holds text")
+            raise UserError(f"the {split} text ({', '.join(paths)}) is empty: give a file that holds text")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out-dir {args.out_dir} is a file: name a folder")
+    os.makedirs(args.out_dir, exist_ok=True)
+    for path in written_files(args):  # one by one: the advice for each is "choose another --out-dir"
+        check_outputs([path], [text for paths in texts.values() for text in paths], flag="--out-dir")
+    if texts and any(os.path.samefile(args.input_val, train) for train in args.input_train):
+        print(f"warning: --input-val {args.input_val} is also a train text: val.bin then measures what the model "
+              f"trained on, not how it does on new text", file=sys.stderr)
 
 
-def read_record(record, dest):
-    """What the record says of dest ({"made_from": ..., "sha256": ...}), or {} when it is
-    missing or damaged (an empty file from a full disk, say): then dest is not known to be done."""
-    if not os.path.exists(record):
-        return {}
+def written_files(args):
+    """Every file this run may write: each .bin, its record and the text taken out of a .zip, with their .tmp (beside
+    the file a symbolic link names, as written_atomically writes it); each download with its .part."""
+    _, name, splits = SPLIT_TEXTS.get(args.dataset, (None, "", ["train", "val"]))
+    made = [f"{split}.bin{end}" for split in splits for end in ("", ".json")] + [args.dataset] * name.endswith(".zip")
+    downloads = [] if args.input_train else [name] if name else \
+        [VAL_FILE, TRAIN_FILE] + [f"{TRAIN_FILE}.first{args.train_bytes}"] * bool(args.train_bytes)
+    made, downloads = ([os.path.join(args.out_dir, f) for f in files] for files in (made, downloads))
+    return [p for f in made for p in (f, os.path.realpath(f) + ".tmp")] + [p for f in downloads for p in (f, f + ".part")]
+
+
+def lock_folder(folder):
+    """An exclusive lock on the folder while this run writes in it, so that a second run on it stops at once, before
+    it touches the first's .tmp and .part files.  The system drops the lock however the process ends."""
     try:
-        with open(record) as f:
-            recorded = json.load(f)
-        if isinstance(recorded, dict):
-            return recorded
-        problem = "not a record"
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        problem = exc.__class__.__name__
-    print(f"{record} is damaged ({problem}): rebuilding {dest}")
-    return {}
+        import fcntl
+    except ImportError:  # Windows: one run per --out-dir at a time is left to the user
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"another prepare_data.py is writing in {folder}: wait for it to end, or choose another --out-dir")
+    return fd
 
 
 def up_to_date(dest, record, made_from):
-    """dest holds what made_from describes: its record says so, and dest still has the
-    SHA-256 recorded as it was written (a byte damaged in place, at the same size, shows).
+    """dest holds what made_from describes: its record says so (a missing or damaged one: not known to be done), and
+    dest still has the SHA-256 recorded as it was written (a byte damaged in place, at the same size, shows).
     The hash, a full read of dest, comes last."""
-    if not os.path.exists(dest) or os.path.getsize(dest) != made_from["length"]:
+    if not (os.path.exists(dest) and os.path.getsize(dest) == made_from["length"] and os.path.exists(record)):
         return False
-    recorded = read_record(record, dest)
-    return recorded.get("made_from") == made_from and recorded.get("sha256") == file_sha256(dest)
+    try:
+        with open(record) as f:
+            recorded = json.load(f)
+        problem = None if isinstance(recorded, dict) else "not a record"
+    except ValueError as exc:  # JSONDecodeError (an empty file from a full disk, say), UnicodeDecodeError
+        problem = exc.__class__.__name__
+    if problem:
+        say(f"{record} is damaged ({problem}): rebuilding {dest}")
+    if problem or recorded.get("made_from") != made_from:
+        return False
+    digest = hashlib.sha256()
+    for chunk in read_chunks(dest, 0, made_from["length"]):
+        digest.update(chunk)
+    return recorded.get("sha256") == digest.hexdigest()
 
 
 def convert(sources, dest, start=0, length=None):
@@ -243,40 +249,42 @@ def convert(sources, dest, start=0, length=None):
                  "start": start, "length": length}
     record = dest + ".json"
     if up_to_date(dest, record, made_from):
-        print(f"{dest}: up to date ({length:,} bytes), skipped")
+        say(f"{dest}: up to date ({length:,} bytes), skipped")
         return
     if os.path.exists(record):  # dest is about to change: its old record must never vouch for the new bytes
         os.remove(record)
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     digest = hashlib.sha256()
     with written_atomically(dest) as out, progress_bar(total=length, desc=os.path.basename(dest)) as bar:
-        stories = sum(copy_counting_stories(hashed(chunks, digest), out, bar) for chunks in source_ranges(sources, start, length))
+        stories = sum(copy_counting_stories(chunks, out, bar, digest) for chunks in source_ranges(sources, start, length))
     with written_atomically(record, "w") as f:  # last: a record means dest is complete
         json.dump({"made_from": made_from, "sha256": digest.hexdigest()}, f)
     counted = f"{stories:,} stories (<|endoftext|> separators)" if stories else "no <|endoftext|> separators, stories not counted"
-    print(f"{dest}: {length:,} bytes, {counted}")
+    say(f"{dest}: {length:,} bytes, {counted}")
 
 
-def prepare_enwik8(args):
-    """enwik8.zip -> the enwik8 text (checked: ENWIK8_SPLIT's total) -> train/val/test.bin."""
-    text = os.path.join(args.out_dir, "enwik8")
-    size = sum(ENWIK8_SPLIT.values())
+def prepare_split_text(args):
+    """A dataset of SPLIT_TEXTS: download its file, take the text out if it is a .zip, check the
+    text's size, and cut the text into one .bin per split."""
+    url_base, name, splits = SPLIT_TEXTS[args.dataset]
+    archive, size = os.path.join(args.out_dir, name), sum(splits.values())
+    text = os.path.join(args.out_dir, args.dataset) if name.endswith(".zip") else archive
     if not os.path.exists(text) or os.path.getsize(text) != size:
-        archive = os.path.join(args.out_dir, ENWIK8_ZIP)
-        download((args.url_base or ENWIK8_URL_BASE).rstrip("/") + "/" + ENWIK8_ZIP, archive)
+        download((args.url_base or url_base).rstrip("/") + "/" + name, archive)
+    if text != archive and (not os.path.exists(text) or os.path.getsize(text) != size):
         try:
-            with zipfile.ZipFile(archive) as z, z.open("enwik8") as member, written_atomically(text) as out:
+            with zipfile.ZipFile(archive) as z, z.open(args.dataset) as member, written_atomically(text) as out:
                 while chunk := member.read(CHUNK):
                     out.write(chunk)
-        except (zipfile.BadZipFile, KeyError, zlib.error, EOFError) as exc:  # not a zip, no enwik8 in it, damaged data
+        except (zipfile.BadZipFile, KeyError, zlib.error, EOFError) as exc:  # not a zip, no text in it, damaged data
             os.remove(archive)  # else every later run would find the same damage
             what = "damaged compressed data" if isinstance(exc, zlib.error) else exc.__class__.__name__
-            raise PrepareError(f"{archive} is damaged or not the enwik8 archive ({what}: {exc}): "
+            raise UserError(f"{archive} is damaged or not the {args.dataset} archive ({what}: {exc}): "
                                f"it was removed; run the same command to download it again")
     if os.path.getsize(text) != size:
-        raise PrepareError(f"{text} holds {os.path.getsize(text):,} bytes, enwik8 has {size:,}: delete it and {ENWIK8_ZIP}, then run again")
+        also = "" if text == archive else f" and {name}"
+        raise UserError(f"{text} holds {os.path.getsize(text):,} bytes, {args.dataset} has {size:,}: delete it{also}, then run again")
     start = 0
-    for split, length in ENWIK8_SPLIT.items():
+    for split, length in splits.items():
         keep = min(length, args.train_bytes) if split == "train" and args.train_bytes else length
         convert([text], os.path.join(args.out_dir, f"{split}.bin"), start, keep)
         start += length
@@ -290,58 +298,50 @@ def prepare_tinystories(args):
         val_sources = [os.path.join(args.out_dir, VAL_FILE)]
         download(url_base + VAL_FILE, val_sources[0])
         full_train = os.path.join(args.out_dir, TRAIN_FILE)
-        if args.train_bytes and not os.path.exists(full_train):  # only the first N bytes, asked for by range
-            train_sources = [f"{full_train}.first{args.train_bytes}"]
-            download(url_base + TRAIN_FILE, train_sources[0], limit=args.train_bytes)
-        else:
-            train_sources = [full_train]
-            download(url_base + TRAIN_FILE, full_train)
-    check_texts({"train": train_sources, "val": val_sources}, args.out_dir)
+        first_n = args.train_bytes if not os.path.exists(full_train) else None  # only those bytes, asked for by range
+        train_sources = [f"{full_train}.first{first_n}" if first_n else full_train]
+        download(url_base + TRAIN_FILE, train_sources[0], limit=first_n)
     convert(train_sources, os.path.join(args.out_dir, "train.bin"), length=args.train_bytes)
     convert(val_sources, os.path.join(args.out_dir, "val.bin"))
 
 
-def positive_int(text):
-    if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return int(text)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=["tinystories", "enwik8"], default="tinystories")
+    parser.add_argument("--dataset", choices=["tinystories", *SPLIT_TEXTS], default="tinystories")
     parser.add_argument("--out-dir", default="data", help="where the .bin files go (and downloads)")
     parser.add_argument("--input-train", nargs="+", metavar="FILE", help="local train text file(s), concatenated in order")
     parser.add_argument("--input-val", metavar="FILE", help="local validation text file")
-    parser.add_argument("--url-base", help=f"where to download from (default {URL_BASE} for tinystories, "
-                                           f"{ENWIK8_URL_BASE} for enwik8)")
+    parser.add_argument("--url-base", help="the folder to download from (default " + ", ".join(
+        f"{base} for {name}" for name, (base, *_) in {"tinystories": (URL_BASE,), **SPLIT_TEXTS}.items()) + ")")
     parser.add_argument("--train-bytes", type=positive_int, help="only the first N bytes of the train text (downloads only those)")
     args = parser.parse_args(argv)
-    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    previous, lock = {s: signal.signal(s, stop) for s in STOP_SIGNALS}, None
     try:
         if bool(args.input_train) != bool(args.input_val):
-            raise PrepareError("give both --input-train and --input-val (or neither, to download TinyStories)")
+            raise UserError("give both --input-train and --input-val (or neither, to download TinyStories)")
         if args.input_train and args.dataset != "tinystories":
-            raise PrepareError("--input-train/--input-val convert local text; --dataset enwik8 downloads: choose one")
+            raise UserError(f"--input-train/--input-val convert local text; --dataset {args.dataset} downloads: choose one")
         if args.url_base and not args.url_base.startswith(("http://", "https://", "file:")):
-            raise PrepareError(f"--url-base {args.url_base} is not a URL: it must start with http:// or https://")
-        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-            raise PrepareError(f"--out-dir {args.out_dir} is a file: name a folder")
-        (prepare_enwik8 if args.dataset == "enwik8" else prepare_tinystories)(args)
-    except PrepareError as exc:
+            raise UserError(f"--url-base {args.url_base} is not a URL: it must start with http:// or https://")
+        check_files(args)
+        lock = lock_folder(args.out_dir)
+        (prepare_split_text if args.dataset in SPLIT_TEXTS else prepare_tinystories)(args)
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # unreadable input, unwritable folder, disk full: one line
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: the partial files are already removed (a .part is kept)
-        signum = exc.args[0] if isinstance(exc, Stopped) else signal.SIGINT
+        signum = exc.args[0] if exc.args else signal.SIGINT
         print(f"\ninterrupted by {signal.Signals(signum).name}: no partial .bin is left; run the same command again "
               f"to finish (a download resumes where it stopped)", file=sys.stderr)
         return 128 + signum  # as a shell reports a run a signal ended: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
     finally:  # main may be called from Python (the tests): leave the signals as they were
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if lock is not None:
+            os.close(lock)
     return 0
 
 

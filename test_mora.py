@@ -8,6 +8,7 @@ import hashlib
 import html.parser
 import http.server
 import inspect
+import io
 import json
 import math
 import os
@@ -549,6 +550,17 @@ def test_batch_sliced_over_threads_equals_the_whole_batch():
         slices.pool.shutdown()
 
 
+def test_the_note_on_blas_threads_counts_what_blas_runs(monkeypatch, capsys):
+    """NumPy's OpenBLAS runs OPENBLAS_NUM_THREADS threads (MORA sets it), whatever OMP_NUM_THREADS says."""
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    mora.cpu_slices(np, threads=cores)
+    assert capsys.readouterr().err == "" and " x 1 BLAS thread (" in mora.describe_backend(np)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    mora.cpu_slices(np, threads=cores)
+    assert f"{cores} threads x 4 BLAS threads" in capsys.readouterr().err and " x 4 BLAS threads (" in mora.describe_backend(np)
+
+
 def test_a_step_gives_the_same_bits_on_any_number_of_threads():
     """The batch's slices are fixed by the run; threads only share them out."""
     params = mora.init_params(mora.Config(d_model=8, n_layers=2), 0, mix=(0.5, -0.7, 1.0))
@@ -669,8 +681,14 @@ def enwik8_zip(text, compression=0):
     return archive.getvalue()
 
 
+def small_split_text(monkeypatch, dataset, splits):
+    """The dataset of SPLIT_TEXTS in small: its split sizes (and so its text's size) are `splits`."""
+    url_base, name, _ = prepare_data.SPLIT_TEXTS[dataset]
+    monkeypatch.setitem(prepare_data.SPLIT_TEXTS, dataset, (url_base, name, splits))
+
+
 def test_enwik8_split_from_a_zip(tmp_path, http_server, monkeypatch, capsys):
-    monkeypatch.setattr(prepare_data, "ENWIK8_SPLIT", {"train": 900, "val": 50, "test": 50})  # enwik8 in small
+    small_split_text(monkeypatch, "enwik8", {"train": 900, "val": 50, "test": 50})  # enwik8 in small
     text = bytes(np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8))
     RangeHandler.FILES = {"enwik8.zip": enwik8_zip(text)}
     out = tmp_path / "data"
@@ -687,7 +705,7 @@ def test_enwik8_split_from_a_zip(tmp_path, http_server, monkeypatch, capsys):
 def test_enwik8_train_bytes_cut_only_the_train_part(tmp_path, http_server, monkeypatch):
     """--train-bytes N: train.bin is the first N bytes; val and test stay where the
     standard split puts them (90M..95M, 95M..100M), whatever N is."""
-    monkeypatch.setattr(prepare_data, "ENWIK8_SPLIT", {"train": 900, "val": 50, "test": 50})
+    small_split_text(monkeypatch, "enwik8", {"train": 900, "val": 50, "test": 50})
     text = bytes(np.random.default_rng(1).integers(0, 256, 1000, dtype=np.uint8))
     RangeHandler.FILES = {"enwik8.zip": enwik8_zip(text)}
     out = tmp_path / "data"
@@ -699,7 +717,7 @@ def test_enwik8_train_bytes_cut_only_the_train_part(tmp_path, http_server, monke
 
 
 def test_a_damaged_enwik8_zip_is_removed_and_downloaded_again(tmp_path, http_server, monkeypatch, capsys):
-    monkeypatch.setattr(prepare_data, "ENWIK8_SPLIT", {"train": 900, "val": 50, "test": 50})
+    small_split_text(monkeypatch, "enwik8", {"train": 900, "val": 50, "test": 50})
     text = (b"<page><title>Anarchism</title><text>the quick brown fox</text></page>\n" * 20)[:1000]
     good = enwik8_zip(text, compression=8)
     damaged = bytearray(good)
@@ -714,6 +732,26 @@ def test_a_damaged_enwik8_zip_is_removed_and_downloaded_again(tmp_path, http_ser
     RangeHandler.FILES = {"enwik8.zip": good}
     assert prepare_data.main(args) == 0  # the next run downloads it again
     assert (out / "train.bin").read_bytes() == text[:900] and (out / "test.bin").read_bytes() == text[950:]
+
+
+def test_shakespeare_is_split_as_nanogpt_splits_it(tmp_path, http_server, monkeypatch, capsys):
+    url_base, name, splits = prepare_data.SPLIT_TEXTS["shakespeare"]
+    assert url_base + name == "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+    assert splits == {"train": 1_003_854, "val": 111_540}  # char-rnn's 1,115,394 bytes cut as nanoGPT does:
+    assert splits["train"] == int(0.9 * sum(splits.values()))  # its first int(0.9 * n) bytes, then the rest
+    small_split_text(monkeypatch, "shakespeare", {"train": 900, "val": 100})
+    text = (b"First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 20)[:1000]
+    RangeHandler.FILES = {"input.txt": text}
+    out = tmp_path / "data"
+    args = ["--dataset", "shakespeare", "--out-dir", str(out), "--url-base", http_server + "data/tinyshakespeare"]
+    assert prepare_data.main(args) == 0
+    assert (out / "train.bin").read_bytes() == text[:900] and (out / "val.bin").read_bytes() == text[900:]
+    printed = capsys.readouterr().out
+    assert f"{out / 'train.bin'}: 900 bytes" in printed and f"{out / 'val.bin'}: 100 bytes" in printed
+    assert prepare_data.main(args) == 0 and capsys.readouterr().out.count("skipped") == 2  # both .bin
+    (out / "input.txt").write_bytes(text + b"More.\n")  # not the text the split was made for
+    err = one_error_line(capsys, prepare_data.main(args))
+    assert err == f"error: {out / 'input.txt'} holds 1,006 bytes, shakespeare has 1,000: delete it, then run again\n"
 
 
 def test_a_damaged_record_means_rebuild(tmp_path, monkeypatch, capsys):
@@ -812,8 +850,9 @@ def test_every_input_is_checked_before_anything_is_written(tmp_path, monkeypatch
 def test_an_unwritable_out_dir_is_reported_as_it_is(tmp_path, monkeypatch, capsys):
     """The clean-up of a partial file that never came to be must not replace the real
     error (here: no permission to create files in --out-dir) by its own."""
-    text = tmp_path / "t.txt"
+    text, val = tmp_path / "t.txt", tmp_path / "v.txt"
     text.write_bytes(made_up_text(3))
+    val.write_bytes(made_up_text(1))
     real_open = open
 
     def read_only_folder(path, mode="r", *args, **kwargs):
@@ -823,7 +862,7 @@ def test_an_unwritable_out_dir_is_reported_as_it_is(tmp_path, monkeypatch, capsy
     for module in prepare_data, mora:  # the .bin files are opened by mora's written_atomically
         monkeypatch.setattr(module, "open", read_only_folder, raising=False)
     err = one_error_line(capsys, prepare_data.main(["--out-dir", str(tmp_path / "o"), "--input-train", str(text),
-                                                    "--input-val", str(text)]))
+                                                    "--input-val", str(val)]))
     assert "Permission denied" in err and "train.bin.tmp" in err and "No such file" not in err
 
 
@@ -838,7 +877,7 @@ def test_ctrl_c_in_prepare_data_is_one_line_and_leaves_nothing_half_done(tmp_pat
     args = ["--out-dir", str(out), "--input-train", str(text), "--input-val", str(text)]
     copy = prepare_data.copy_counting_stories
 
-    def interrupted_after_writing(chunks, f, bar):
+    def interrupted_after_writing(chunks, f, *args):
         f.write(b"half of it")
         raise KeyboardInterrupt
     monkeypatch.setattr(prepare_data, "copy_counting_stories", interrupted_after_writing)
@@ -868,7 +907,7 @@ def test_an_input_that_this_run_writes_is_refused_before_anything_is_written(tmp
     victim.write_bytes(text.read_bytes())
     train, val = (victim, text) if given_as == "train" else (text, victim)
     err = one_error_line(capsys, prepare_data.main(local_args(out, train, val)))
-    assert f"{victim} is {victim}" in err and "--out-dir" in err
+    assert f"{victim} is also an input of this command ({victim})" in err and "--out-dir" in err
     assert os.listdir(out) == [name] and victim.read_bytes() == text.read_bytes()
 
 
@@ -878,13 +917,13 @@ def test_an_input_reaching_an_output_by_a_link_or_another_spelling_is_refused(tm
     text.write_bytes(made_up_text(5))
     os.link(text, out / "train.bin.tmp")  # opening train.bin.tmp to write would empty story.txt
     err = one_error_line(capsys, prepare_data.main(local_args(out, text, text)))
-    assert f"{text} is {out / 'train.bin.tmp'}" in err
+    assert f"{out / 'train.bin.tmp'} is also an input of this command ({text})" in err
     (out / "train.bin.tmp").unlink()
     (tmp_path / "same").symlink_to(out)  # another name for the folder
     (out / "val.bin.tmp").write_bytes(text.read_bytes())
     (out / "sub").mkdir()
     err = one_error_line(capsys, prepare_data.main(local_args(tmp_path / "same", text, out / "sub" / ".." / "val.bin.tmp")))
-    assert "val.bin.tmp is" in err and text.read_bytes() == made_up_text(5)
+    assert "val.bin.tmp is also an input" in err and text.read_bytes() == made_up_text(5)
     assert sorted(os.listdir(out)) == ["sub", "val.bin.tmp"] and (out / "val.bin.tmp").read_bytes() == text.read_bytes()
 
 
@@ -904,7 +943,7 @@ def test_a_fifo_as_input_is_refused_without_opening_it(tmp_path):
     os.mkfifo(fifo)
     done = subprocess.run([sys.executable, "prepare_data.py", *local_args(tmp_path / "o", text, fifo)], cwd=HERE,
                           capture_output=True, text=True, timeout=60)  # opening the FIFO would wait here for ever
-    assert done.returncode == 1 and done.stderr == f"error: {fifo} is not a regular file (a pipe or a device?): give a text file\n"
+    assert done.returncode == 1 and done.stderr == f"error: {fifo} is not a regular file (a device or a FIFO, say): give a text file\n"
     assert not (tmp_path / "o").exists()
 
 
@@ -925,10 +964,11 @@ sys.exit(prepare_data.main(sys.argv[1:]))
 @pytest.mark.parametrize("name", [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)])
 def test_sigterm_and_sighup_in_prepare_data_are_one_line_and_leave_nothing_half_done(tmp_path, name):
     signum = getattr(signal, name)
-    text, out = tmp_path / "t.txt", tmp_path / "o"
+    text, val, out = tmp_path / "t.txt", tmp_path / "v.txt", tmp_path / "o"
     text.write_bytes(made_up_text(60) * 1500)  # about 14 MB: four chunks
+    val.write_bytes(made_up_text(2))
     assert text.stat().st_size > 3 * prepare_data.CHUNK
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, *local_args(out, text, text)], cwd=HERE,
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, *local_args(out, text, val)], cwd=HERE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     partial, deadline = out / "train.bin.tmp", time.time() + 60
     while not (partial.exists() and partial.stat().st_size >= prepare_data.CHUNK) and time.time() < deadline:
@@ -1004,13 +1044,116 @@ def test_a_record_that_is_not_a_record_means_rebuild(tmp_path, capsys):
 
 
 def test_prepare_data_into_a_pipe_draws_no_bars_and_prints_its_summaries(tmp_path):
-    text, out = tmp_path / "t.txt", tmp_path / "o"
+    text, val, out = tmp_path / "t.txt", tmp_path / "v.txt", tmp_path / "o"
     text.write_bytes(made_up_text(5))
-    done = subprocess.run([sys.executable, "prepare_data.py", *local_args(out, text, text)], cwd=HERE,
+    val.write_bytes(made_up_text(2))
+    done = subprocess.run([sys.executable, "prepare_data.py", *local_args(out, text, val)], cwd=HERE,
                           capture_output=True, timeout=60)  # bytes: text mode would turn each \r into \n
     assert done.returncode == 0 and b"\r" not in done.stdout + done.stderr and done.stderr == b""
     printed = done.stdout.decode()
     assert f"train.bin: {text.stat().st_size:,} bytes, 5 stories" in printed and "val.bin:" in printed
+
+
+PREPARE_SMALL = """
+import sys
+import prepare_data
+SMALL = {"enwik8": {"train": 900, "val": 50, "test": 50}, "shakespeare": {"train": 900, "val": 100}}
+prepare_data.SPLIT_TEXTS = {name: (base, file, SMALL[name]) for name, (base, file, _) in prepare_data.SPLIT_TEXTS.items()}
+sys.exit(prepare_data.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+@pytest.mark.parametrize("dataset, name, kind", [
+    ("local", "train.bin.tmp", "FIFO"), ("local", "val.bin.json.tmp", "FIFO"), ("local", "train.bin", "folder"),
+    ("tinystories", "TinyStoriesV2-GPT4-train.txt.part", "FIFO"), ("tinystories", "TinyStoriesV2-GPT4-valid.txt", "folder"),
+    ("enwik8", "enwik8.tmp", "FIFO"), ("enwik8", "test.bin", "folder"), ("shakespeare", "input.txt.part", "FIFO")])
+def test_a_fifo_or_folder_in_the_way_of_an_output_is_one_line_before_any_work(tmp_path, http_server, dataset, name, kind):
+    """Any file prepare_data writes, a .tmp or .part included: a FIFO there would hang the run (opening it waits
+    for a reader), a folder there would fail it at the rename, after the work, naming the .tmp."""
+    text = made_up_text(20)[:1000]
+    RangeHandler.FILES = {prepare_data.TRAIN_FILE: text, prepare_data.VAL_FILE: text, "enwik8.zip": enwik8_zip(text),
+                          "input.txt": text}
+    out, source = tmp_path / "out", tmp_path / "t.txt"
+    out.mkdir()
+    source.write_bytes(text)
+    os.mkfifo(out / name) if kind == "FIFO" else (out / name).mkdir()
+    args = local_args(out, source, source) if dataset == "local" else \
+        ["--out-dir", str(out), "--url-base", http_server] + ["--dataset", dataset] * (dataset != "tinystories")
+    done = subprocess.run([sys.executable, "-c", PREPARE_SMALL, *args], cwd=HERE, capture_output=True, text=True, timeout=20)
+    what = "is a folder" if kind == "folder" else "is not a regular file (a device or a FIFO, say)"
+    assert (done.returncode, done.stderr) == (1, f"error: {out / name} {what}: choose another --out-dir\n")
+    assert os.listdir(out) == [name]  # nothing downloaded, nothing written
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_the_tmp_beside_the_file_a_linked_bin_names_is_checked_too(tmp_path):
+    """train.bin a symbolic link to a file on another disk: the new train.bin is written beside that file, as
+    its .tmp, and renamed over it (the link stays); a FIFO there is found before any work, as at out/train.bin.tmp."""
+    text, val, out, disk = tmp_path / "t.txt", tmp_path / "v.txt", tmp_path / "o", tmp_path / "disk"
+    text.write_bytes(made_up_text(5))
+    val.write_bytes(made_up_text(2))
+    out.mkdir()
+    disk.mkdir()
+    (disk / "train.bin").write_bytes(b"an older train.bin")
+    (out / "train.bin").symlink_to(disk / "train.bin")
+    os.mkfifo(disk / "train.bin.tmp")
+    done = subprocess.run([sys.executable, "prepare_data.py", *local_args(out, text, val)], cwd=HERE,
+                          capture_output=True, text=True, timeout=20)
+    fifo = os.path.realpath(disk / "train.bin") + ".tmp"
+    assert (done.returncode, done.stderr) == (1, f"error: {fifo} is not a regular file (a device or a FIFO, say): choose another --out-dir\n")
+    assert sorted(os.listdir(out)) == ["train.bin"] and (disk / "train.bin").read_bytes() == b"an older train.bin"
+
+
+def test_a_second_run_on_one_out_dir_is_refused_at_once(tmp_path, capsys):
+    """Two runs writing one --out-dir would write the same .tmp files, and one of them would fail at
+    its rename: the second one stops before any work, in one line, and the first goes on."""
+    text, val, out = tmp_path / "t.txt", tmp_path / "v.txt", tmp_path / "o"
+    text.write_bytes(made_up_text(5))
+    val.write_bytes(made_up_text(2))
+    first = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, *local_args(out, text, val)], cwd=HERE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "train.bin.tmp").exists() and time.time() < deadline:  # the first is converting
+        time.sleep(0.02)
+    err = one_error_line(capsys, prepare_data.main(local_args(out, text, val)))
+    assert err == f"error: another prepare_data.py is writing in {out}: wait for it to end, or choose another --out-dir\n"
+    assert os.listdir(out) == ["train.bin.tmp"]
+    first.send_signal(signal.SIGTERM)  # the first, stopped as it would be, cleans up after itself
+    assert first.wait(timeout=60) == 128 + signal.SIGTERM and os.listdir(out) == []
+    assert prepare_data.main(local_args(out, text, val)) == 0  # the lock went with it
+
+
+def test_prepare_data_into_a_closed_pipe_finishes_its_work_and_exits_0(tmp_path):
+    """`prepare_data.py ... | head -1`: once head has gone, each summary line fails to be written (a broken
+    pipe); the work goes on to its end, silently, and the exit code is 0.  The pipe is closed from the start
+    here, so that even the first line fails, whatever the timing."""
+    text, val, out = tmp_path / "t.txt", tmp_path / "v.txt", tmp_path / "o"
+    text.write_bytes(made_up_text(5))
+    val.write_bytes(made_up_text(2))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "prepare_data.py", *local_args(out, text, val)], cwd=HERE,
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert (out / "train.bin").read_bytes() == text.read_bytes() and (out / "val.bin").read_bytes() == val.read_bytes()
+    assert sorted(os.listdir(out)) == ["train.bin", "train.bin.json", "val.bin", "val.bin.json"]
+
+
+def test_a_val_text_that_is_also_a_train_text_is_warned_of(tmp_path, capsys):
+    a, b, c = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"
+    for i, path in enumerate((a, b, c)):
+        path.write_bytes(made_up_text(3, seed=i))
+    os.link(b, tmp_path / "also_b.txt")  # the same file under another name
+    assert prepare_data.main(["--out-dir", str(tmp_path / "o"), "--input-train", str(a), str(b),
+                              "--input-val", str(tmp_path / "also_b.txt")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: --input-val {tmp_path / 'also_b.txt'} is also a train text") and err.count("\n") == 1
+    assert prepare_data.main(["--out-dir", str(tmp_path / "o"), "--input-train", str(a), str(b), "--input-val", str(c)]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_ctrl_c_in_a_download_leaves_it_resumable(tmp_path, http_server, monkeypatch, capsys):
@@ -1077,8 +1220,8 @@ def test_resume_is_bit_exact(data_dir, tmp_path):
     assert run_main(*common, "--ckpt", split, "--stop-after", 3) == 0
     assert mora.load_checkpoint(str(split))[2]["step"] == 3
     assert run_main("train", "--data-dir", data_dir, "--ckpt", split, "--resume", "--device", "cpu", "--eval-every", 0) == 0
-    _, p_straight, meta, opt_straight = mora.load_checkpoint(str(straight))
-    _, p_split, _, opt_split = mora.load_checkpoint(str(split))
+    _, p_straight, meta, opt_straight = mora.load_checkpoint(str(straight), adam=True)
+    _, p_split, _, opt_split = mora.load_checkpoint(str(split), adam=True)
     assert meta["step"] == 8
     for name in p_straight:
         assert np.array_equal(p_straight[name], p_split[name]), name
@@ -1098,8 +1241,8 @@ def test_resume_on_other_threads_is_bit_exact(data_dir, tmp_path):
     assert run_main(*common, "--ckpt", straight, "--threads", 2) == 0
     assert run_main(*common, "--ckpt", split, "--threads", 2, "--stop-after", 3) == 0
     assert run_main("train", "--data-dir", data_dir, "--ckpt", split, "--resume", "--device", "cpu", "--threads", 1) == 0
-    _, p_straight, meta, opt_straight = mora.load_checkpoint(str(straight))
-    _, p_split, meta_split, opt_split = mora.load_checkpoint(str(split))
+    _, p_straight, meta, opt_straight = mora.load_checkpoint(str(straight), adam=True)
+    _, p_split, meta_split, opt_split = mora.load_checkpoint(str(split), adam=True)
     assert meta_split["step"] == 6 and meta_split["train"]["slices"] == meta["train"]["slices"] == 2
     for name in p_straight:
         assert np.array_equal(p_straight[name], p_split[name]), name
@@ -1113,7 +1256,7 @@ def test_checkpoint_round_trip(tmp_path):
     m = np.arange(mora.count_params(cfg), dtype=np.float32)
     path = str(tmp_path / "c.npz")
     mora.save_checkpoint(path, params, {"config": mora.asdict(cfg), "step": 5}, m, 2 * m)
-    cfg2, params2, meta, opt = mora.load_checkpoint(path)
+    cfg2, params2, meta, opt = mora.load_checkpoint(path, adam=True)
     assert cfg2 == cfg and meta["step"] == 5 and np.array_equal(opt["adam.v"], 2 * m)
     assert all(np.array_equal(params[k], params2[k]) for k in params)
     with np.load(path) as f:  # plain NumPy reads the weights by name
@@ -1189,6 +1332,24 @@ def test_train_into_a_file_prints_plain_lines_and_samples(data_dir, tmp_path):
     assert (tmp_path / "m.samples.txt").read_text().splitlines()[1] == sample_line(8)
     (tmp_path / "m.samples.txt").unlink()
     assert "sample" not in train("--overwrite", "--sample-length", 0) and not (tmp_path / "m.samples.txt").exists()
+
+
+def test_the_lesson_uses_nothing_defined_after_it():
+    """Everything before "Running it for real" reads as a whole: no name it uses (a function, a class, a constant)
+    is defined only after that line, in the machinery or the kernels."""
+    import ast
+    with open(mora.__file__) as f:
+        source = f.read()
+    start = next(n for n, line in enumerate(source.splitlines(), 1) if line.startswith("# Running it for real"))
+    tree = ast.parse(source)
+
+    def defined(node):
+        targets = node.targets if isinstance(node, ast.Assign) else [node]
+        return {getattr(t, "name", getattr(t, "id", None)) for t in targets}
+    before = set().union(*(defined(n) for n in tree.body if n.lineno < start))
+    after = set().union(*(defined(n) for n in tree.body if n.lineno > start)) - before
+    used = {(n.id, n.lineno) for node in tree.body if node.lineno < start for n in ast.walk(node) if isinstance(n, ast.Name)}
+    assert after and not {(name, line) for name, line in used if name in after}
 
 
 def log_rows(log):
@@ -1352,7 +1513,7 @@ def test_bad_input_errors(data_dir, tmp_path, capsys):
     for split in ("train.bin", "val.bin"):  # other data: the order would not continue
         (short / split).write_bytes(made_up_text(200, seed=9))
     assert "trained on" in error_of("train", "--data-dir", short, "--ckpt", ckpt, "--resume", "--device", "cpu")
-    _, weights, meta, adam = mora.load_checkpoint(str(ckpt))
+    _, weights, meta, adam = mora.load_checkpoint(str(ckpt), adam=True)
     unhashed = dict(meta, data=dict(meta["data"], files={name: {"bytes": record["bytes"], "sampled_sha256": "0" * 64}
                                                          for name, record in meta["data"]["files"].items()}))
     mora.save_checkpoint(str(tmp_path / "unhashed.npz"), weights, unhashed, adam["adam.m"], adam["adam.v"])
@@ -1869,6 +2030,22 @@ def test_auto_falls_back_to_the_cpu_in_one_line_when_cupy_cannot_work(stand_in, 
     monkeypatch.setattr(stand_in, "RawModule", module_without_compiler)
     assert mora.select_backend("auto") is np and mora.cupy is None
     assert "(RuntimeError: libnvrtc.so.12: cannot open shared object file)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("raises", ["AttributeError(\"module 'numpy' has no attribute 'bool8'\")",
+                                    "OSError('libcudart.so.12: cannot open shared object file')"])
+def test_auto_falls_back_to_the_cpu_when_importing_cupy_fails_in_any_way(tmp_path, monkeypatch, capsys, raises):
+    (tmp_path / "cupy").mkdir()
+    (tmp_path / "cupy" / "__init__.py").write_text(f"raise {raises}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    monkeypatch.setattr(mora, "cupy", None)
+    assert mora.select_backend("auto") is np and mora.cupy is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("note: --device auto uses the CPU: CuPy cannot use the GPU (")
+    assert raises.split("(")[0] + ": " in err and ("bool8" in err or "libcudart.so.12" in err)
+    with pytest.raises(mora.UserError, match="--device cpu"):
+        mora.select_backend("gpu")
 
 
 def test_every_command_runs_on_the_gpu_path(gpu, data_dir, tmp_path, capsys):
@@ -2483,11 +2660,11 @@ def test_the_printed_resume_command_works(data_dir, tmp_path, monkeypatch, capsy
 
 def test_second_writer_is_refused_and_stale_locks_do_not_block(data_dir, tmp_path, capsys):
     ckpt = tmp_path / "m.npz"
-    lock = mora.lock_checkpoint(str(ckpt))  # this process trains it
+    files = mora.RunFiles(mora.build_parser().parse_args(["train", "--ckpt", str(ckpt)])).__enter__()  # this process trains it
     proc = start_training(data_dir, ckpt, "--max-steps", 2)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and f"process {os.getpid()}" in err and err.count("\n") == 1 and out == ""
-    lock.close()  # as when that process dies: the lock file stays, with its dead holder's pid
+    files.__exit__()  # as when that process dies: the lock file stays, with its dead holder's pid
     assert (tmp_path / "m.npz.lock").exists()
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 2) == 0
 
@@ -2560,7 +2737,7 @@ def test_resume_refuses_other_data_of_the_same_size(tmp_path, capsys):
     assert run_main(*train, "--data-dir", data, "--resume", "--stop-after", 1) == 0
     assert mora.load_checkpoint(str(ckpt))[2]["step"] == 3
     capsys.readouterr()
-    cfg, params, meta, adam = mora.load_checkpoint(str(ckpt))
+    cfg, params, meta, adam = mora.load_checkpoint(str(ckpt), adam=True)
     del meta["data"]["files"]  # a run's checkpoint without the record of its data cannot be checked: refused
     mora.save_checkpoint(str(ckpt), params, meta, adam["adam.m"], adam["adam.v"])
     assert "record of its data files" in one_error_line(capsys, run_main(*train, "--data-dir", data, "--resume"))
@@ -2604,7 +2781,6 @@ def test_file_system_faults_are_one_line(data_dir, tmp_path, capsys, monkeypatch
     assert "cannot create the folder" in error_of(*train, "--ckpt", tmp_path / "file" / "m.npz")
     (tmp_path / "folder.npz").mkdir()
     assert "is a folder" in error_of(*train, "--ckpt", tmp_path / "folder.npz", "--overwrite")
-    assert "own log" in error_of(*train, "--ckpt", tmp_path / "m.csv")
     bad_data = tmp_path / "bad"
     (bad_data / "train.bin").mkdir(parents=True)
     assert "not a file" in error_of("train", "--data-dir", bad_data, "--ckpt", tmp_path / "x.npz", "--device", "cpu")
@@ -2629,6 +2805,139 @@ def test_file_system_faults_are_one_line(data_dir, tmp_path, capsys, monkeypatch
     assert "still holds step 2" in err and "--resume" in err
 
 
+def test_outputs_in_the_way_are_one_line_before_any_work(data_dir, tmp_path, capsys):
+    """check_outputs: a folder, a FIFO (whose open would hang), a missing folder, a link into one, or one of the
+    command's own inputs, at any file a command writes, is refused in one line naming it, before any work."""
+    text = tmp_path / "in.txt"
+    text.write_text("abc")
+    os.link(text, tmp_path / "hard.txt")
+    os.symlink(text, tmp_path / "soft.txt")
+    os.symlink(tmp_path / "gone" / "m.npz", tmp_path / "dangling.npz")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    cases = {  # output -> words of its one line
+        tmp_path / "fifo": "not a regular file", tmp_path / "dir": "is a folder", tmp_path / "no" / "o.txt": "does not exist",
+        tmp_path / "dangling.npz": "does not exist", text: "also an input", tmp_path / "hard.txt": "also an input",
+        tmp_path / "soft.txt": "also an input", "": "names no file"}
+    for out, words in cases.items():
+        with pytest.raises(mora.UserError, match=words):
+            mora.check_outputs([out], inputs=[text])
+    mora.check_outputs([tmp_path / "new.txt", text.with_suffix(".txt.tmp")], inputs=[text])  # nothing in the way
+    train = ["train", "--data-dir", data_dir, *TINY, "--device", "cpu", "--max-steps", 2, "--eval-every", 0]
+    beside = {"m.npz.tmp": os.mkfifo, "m.csv.tmp": os.mkfifo, "m.npz.lock": os.mkdir, "m.samples.txt": os.mkfifo}
+    for k, (name, make) in enumerate(dict(beside, **{"m.npz.tmp ": os.mkdir}).items()):
+        run_dir = tmp_path / f"run{k}"
+        run_dir.mkdir()
+        make(run_dir / name.strip())
+        err = one_error_line(capsys, run_main(*train, "--ckpt", run_dir / "m.npz"))
+        assert f"{run_dir / name.strip()} is " in err and "--ckpt" in err and not (run_dir / "m.npz").exists(), name
+    err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "dangling.npz"))
+    assert "gone" in err and "does not exist" in err
+
+
+def test_run_files_are_named_from_the_whole_checkpoint_name_and_never_replace_what_they_should_not(data_dir, tmp_path, capsys,
+                                                                                                  monkeypatch):
+    """exp.1 and exp.2 are two runs with two logs; a --ckpt naming prepared data, or a lock that is a link, is one
+    line before any work; a folder that goes away mid-run is named as the cause, not a full disk."""
+    train = ["train", "--data-dir", data_dir, *TINY, "--device", "cpu", "--max-steps", 2, "--eval-every", 0]
+    for name in ("exp.1", "exp.2"):
+        assert run_main(*train, "--ckpt", tmp_path / name, "--no-final-eval") == 0
+    assert logged_steps(tmp_path / "exp.1.csv") == logged_steps(tmp_path / "exp.2.csv") == [1, 2]
+    capsys.readouterr()
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    (data / "mine.bin").write_bytes(b"x" * 100)
+    (data / "mine.bin.json").write_text("{}")
+    for ckpt in (data / "train.bin", data / "mine.bin"):
+        before = ckpt.read_bytes()
+        err = one_error_line(capsys, run_main(*train, "--ckpt", ckpt, "--overwrite"))
+        assert "prepared data" in err and ckpt.read_bytes() == before
+    other = tmp_path / "other.txt"
+    other.write_text("keep me")
+    os.symlink(other, tmp_path / "l.npz.lock")
+    assert "symbolic link" in one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "l.npz"))
+    assert other.read_text() == "keep me" and not (tmp_path / "l.npz").exists()
+    folder, train_step = tmp_path / "moving", mora.train_step
+
+    def folder_moved_at_step_3(*args, **kwargs):
+        if args[6] == 2:  # the step number
+            os.rename(folder, tmp_path / "moved")
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(mora, "train_step", folder_moved_at_step_3)
+    err = one_error_line(capsys, run_main(*train, "--ckpt", folder / "m.npz", "--max-steps", 4, "--ckpt-every", 2),
+                         after_progress=True)
+    assert f"{folder} is gone" in err and "put the folder" in err and "disk space" not in err and "--resume" in err
+
+
+def test_the_log_and_the_samples_follow_the_checkpoint_on_resume(data_dir, tmp_path, monkeypatch, capsys):
+    """One rule for the log and the samples file: on --resume each keeps its lines up to the checkpoint's step, so a
+    run stopped between a sample and the next checkpoint does not sample that step twice; a damaged log gets one
+    warning."""
+    import signal
+    ckpt, samples, train_step = tmp_path / "m.npz", tmp_path / "m.samples.txt", mora.train_step
+
+    def killed_at_step_7(*args, **kwargs):
+        if args[6] == 6:  # the step number: after step 6's sample, before the checkpoint of step 8
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(mora, "train_step", killed_at_step_7)
+    train = ["train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 8,
+             "--eval-every", 2, "--ckpt-every", 4, "--no-final-eval", "--sample-length", 5]
+    assert run_main(*train) == 130
+    assert [line.split(":")[0] for line in samples.read_text().splitlines()] == ["step 2", "step 4", "step 6"]
+    monkeypatch.setattr(mora, "train_step", train_step)
+    capsys.readouterr()
+    assert run_main(*train, "--resume") == 0
+    assert [line.split(":")[0] for line in samples.read_text().splitlines()] == ["step 2", "step 4", "step 6", "step 8"]
+    assert logged_steps(tmp_path / "m.csv") == list(range(1, 9))
+    lines = (tmp_path / "m.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "m.csv").write_text("".join(lines[:5]) + "5,x\n")
+    assert run_main(*train, "--resume", "--max-steps", 9) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "kept as" in warnings[0] and "4 lines" in warnings[0], warnings
+    assert logged_steps(tmp_path / "m.csv") == [1, 2, 3, 4, 9]
+
+
+def test_a_run_out_of_memory_or_with_an_empty_prompt_is_one_line(data_dir, tmp_path, monkeypatch, capsys):
+    train = ["train", "--data-dir", data_dir, *TINY, "--device", "cpu", "--max-steps", 6, "--eval-every", 0]
+    err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "e.npz", "--sample-prompt", ""))
+    assert "--sample-prompt is empty" in err and not (tmp_path / "e.npz").exists()
+    train_step = mora.train_step
+
+    def out_of_memory_at_step_5(*args, **kwargs):
+        if args[6] == 4:
+            raise MemoryError()
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(mora, "train_step", out_of_memory_at_step_5)
+    err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "m.npz", "--ckpt-every", 2), after_progress=True)
+    assert "out of memory in step 5" in err and "--batch-size" in err and "saved at step 4" in err
+    assert mora.load_checkpoint(str(tmp_path / "m.npz"))[2]["step"] == 4
+
+
+@pytest.mark.parametrize("fault", ["| head", "a full disk", "latin-1"])
+def test_an_output_stream_that_fails_never_ends_a_run(data_dir, tmp_path, fault):
+    """`train | head`, stdout on a full disk (/dev/full), a stdout that cannot encode the sample: training goes on,
+    said once on stderr, and ends saved.  (`sample | head` stays quiet: test_sample_into_a_closed_pipe_is_quiet.)"""
+    ckpt = tmp_path / "m.npz"
+    command = [sys.executable, "mora.py", "train", "--data-dir", str(data_dir), "--ckpt", str(ckpt), *TINY, "--device",
+               "cpu", "--max-steps", "40", "--eval-every", "2", "--sample-prompt", "Tom \u2603 \ufffd", "--sample-length", "200"]
+    env = dict(os.environ, PYTHONIOENCODING="latin-1" if fault == "latin-1" else "utf-8")
+    stdout = open("/dev/full", "w") if fault == "a full disk" else subprocess.PIPE
+    proc = subprocess.Popen(command, cwd=HERE, stdout=stdout, stderr=subprocess.PIPE, env=env)
+    if fault == "| head":
+        proc.stdout.readline()
+        proc.stdout.close()  # as head does once it has its lines
+    out, err = proc.communicate(timeout=300)
+    err = err.decode()
+    assert proc.returncode == 0 and "Traceback" not in err and "error" not in err, err
+    assert mora.load_checkpoint(str(ckpt))[2]["step"] == 40 and logged_steps(tmp_path / "m.csv")[-1] == 40
+    assert err.count("note:") == (fault != "latin-1"), err
+    if fault == "latin-1":
+        assert "sample: 'Tom ? ?" in out.decode("latin-1")
+
+
 def test_sample_into_a_closed_pipe_is_quiet(data_dir, tmp_path):
     ckpt = tmp_path / "m.npz"
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1) == 0
@@ -2647,7 +2956,7 @@ def test_damaged_checkpoints_and_contradictions_are_one_line(data_dir, tmp_path,
     ckpt = tmp_path / "m.npz"
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1) == 0
     capsys.readouterr()
-    cfg, params, meta, adam = mora.load_checkpoint(str(ckpt))
+    cfg, params, meta, adam = mora.load_checkpoint(str(ckpt), adam=True)
     assert "contradict" in error_of("train", "--data-dir", data_dir, "--ckpt", ckpt, "--resume", "--overwrite")
     broken = dict(params, embed=np.full_like(params["embed"], np.nan))
     mora.save_checkpoint(str(tmp_path / "nan.npz"), broken, meta, adam["adam.m"], adam["adam.v"])
@@ -2664,6 +2973,90 @@ def test_damaged_checkpoints_and_contradictions_are_one_line(data_dir, tmp_path,
     assert "evaluate on more text" in err and "--seq-len" not in err  # eval has no --seq-len to suggest
     assert "--d-model" in error_of("train", "--data-dir", data_dir, "--ckpt", tmp_path / "huge.npz", "--device", "cpu",
                                    "--d-model", 100000)
+
+
+def damaged(arrays, meta, name, change):
+    """The checkpoint's arrays and meta with one of them changed: an array (None: removed), or a meta field."""
+    arrays, meta = dict(arrays), json.loads(json.dumps(meta))
+    if name in arrays:
+        arrays[name] = change(arrays[name])
+        arrays = {k: v for k, v in arrays.items() if v is not None}
+    else:
+        *section, key = name.split(".")
+        (meta[section[0]] if section else meta)[key] = change
+    return arrays, meta
+
+
+def set_one(array, value, index=70):
+    array = array.copy()
+    array.reshape(-1)[index] = value
+    return array
+
+
+DAMAGED_CHECKPOINTS = [  # what is changed, how, the commands that must refuse it, and words of their one line
+    ("adam.v", lambda a: None, ["train", "sample", "eval"], "does not match its own config (adam.v: missing)"),
+    ("adam.v", lambda a: -a, ["train"], "adam.v, Adam's mean squared gradient, holds negative numbers"),
+    ("adam.m", lambda a: a.astype(np.int32), ["train", "sample", "eval"], "adam.m: not"),
+    ("embed", lambda a: set_one(a, 3e38), ["train", "sample", "eval"], "the model's output overflows"),
+    ("blocks.1.w_down", lambda a: set_one(a, -3e38), ["train", "sample", "eval"], "the model's output overflows"),
+    ("blocks.0.b_in", lambda a: set_one(a, np.inf, 1), ["train", "sample", "eval"], "non-finite numbers (NaN or inf in blocks.0.b_in)"),
+    ("train.lr", 0, ["train", "sample", "eval"], "(lr 0)"),
+    ("train.clip", -1.0, ["train", "sample", "eval"], "(clip -1.0)"),
+    ("train.beta2", 1.0, ["train", "sample", "eval"], "(beta2 1.0)"),
+    ("config.seq_len", 2.5, ["train", "sample", "eval"], "(seq_len 2.5)"),
+    ("step", -1, ["train", "sample", "eval"], "(step -1)"),
+]
+
+
+@pytest.mark.filterwarnings("error")  # no RuntimeWarning on the way: the checkpoint is refused before it is used
+def test_a_damaged_checkpoint_is_refused_by_every_command_that_reads_it(data_dir, tmp_path, capsys):
+    ckpt = tmp_path / "run.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 4,
+                    "--stop-after", 2, "--eval-every", 0) == 0
+    with np.load(ckpt) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    capsys.readouterr()
+    commands = {"sample": ["sample", "--length", 3], "eval": ["eval", "--data-dir", data_dir, "--max-bytes", 100],
+                "train": ["train", "--data-dir", data_dir, "--resume", "--eval-every", 0]}
+    for case, (name, change, refusing, words) in enumerate(DAMAGED_CHECKPOINTS):
+        path = tmp_path / f"d{case}.npz"
+        bad_arrays, bad_meta = damaged(arrays, meta, name, change)
+        np.savez(path, meta=np.array(json.dumps(bad_meta)), **bad_arrays)
+        before = path.read_bytes()
+        for command, flags in commands.items():
+            code = run_main(*flags, "--ckpt", path, "--device", "cpu")
+            if command in refusing:
+                err = one_error_line(capsys, code)
+                assert words in err and str(path) in err and "learning rate" not in err, (name, command, err)
+            else:
+                assert code == 0, (name, command, capsys.readouterr().err)
+        assert path.read_bytes() == before, name  # never trained on, never overwritten
+        capsys.readouterr()
+
+
+def test_a_checkpoint_is_read_no_further_than_its_members_need(data_dir, tmp_path, capsys):
+    """An .npz of a few MB may unpack to gigabytes: a member the command does not use, or bytes past the shape a
+    member's header gives, are never read."""
+    import tracemalloc
+    ckpt, big = tmp_path / "run.npz", tmp_path / "big.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1) == 0
+    zeros = bytes(48 << 20)
+    with zipfile.ZipFile(ckpt) as small, zipfile.ZipFile(big, "w", zipfile.ZIP_DEFLATED) as out:
+        for name in small.namelist():
+            out.writestr(name, small.read(name) + (zeros if name == "embed.npy" else b""))
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (12 << 20,)})
+        out.writestr("junk.npy", header.getvalue() + zeros)
+    assert big.stat().st_size < 2 << 20
+    capsys.readouterr()
+    tracemalloc.start()
+    try:
+        assert run_main("sample", "--ckpt", big, "--length", 3, "--device", "cpu") == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
 
 
 def refusal_names(err, name):
@@ -2857,6 +3250,23 @@ def test_errors_say_what_is_there(data_dir, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow on the way to NaN
+def test_messages_say_what_is_true(data_dir, tmp_path, capsys):
+    ckpt, tiny = tmp_path / "m.npz", tmp_path / "tiny"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1) == 0
+    tiny.mkdir()
+    (tiny / "val.bin").write_bytes(b"x")
+    capsys.readouterr()
+    err = one_error_line(capsys, run_main("eval", "--ckpt", ckpt, "--data-dir", tiny, "--stream", "--device", "cpu"))
+    assert f"{tiny / 'val.bin'} holds 1 byte: at least 2 are needed" in err and "--max-bytes" not in err  # never given
+    err = one_error_line(capsys, run_main("eval", "--ckpt", ckpt, "--data-dir", data_dir, "--stream", "--max-bytes", 1,
+                                          "--device", "cpu"))
+    assert "--max-bytes 1 leaves 1 byte: at least 2 are needed" in err
+    for flags in (["sample", "--ckpt", ckpt, "--length", "2.5"], ["train", "--max-steps", "2.5"], ["eval", "--seq-len", "2.5"]):
+        with pytest.raises(SystemExit):
+            run_main(*flags)
+        assert "must be a whole number" in capsys.readouterr().err, flags
+
+
 def test_divergence_names_the_value_and_the_likely_causes(data_dir, tmp_path, capsys):
     ckpt = tmp_path / "m.npz"
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 50,
@@ -3107,10 +3517,14 @@ def test_plot_log_flags_and_output_faults_are_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2 and "usage" in err and "Traceback" not in err, flags
     assert not os.path.exists(out)
     (tmp_path / "folder.svg").mkdir()
-    for unwritable in (tmp_path / "folder.svg", tmp_path / "none" / "c.svg"):
+    for unwritable, why in ((tmp_path / "folder.svg", "is a folder"), (tmp_path / "none" / "c.svg", "does not exist"),
+                            (log, "also an input")):
+        before = log.read_bytes()
         with pytest.raises(SystemExit) as exit_info:
             plot_log.main([str(log), "--out", str(unwritable)])
-        assert str(exit_info.value.code).startswith("error: ") and str(unwritable) in str(exit_info.value.code)
+        message = str(exit_info.value.code)
+        assert message.startswith("error: ") and why in message and str(unwritable.parent) in message
+        assert log.read_bytes() == before and not os.path.exists(str(unwritable) + ".tmp")
     plot_log.main([str(log), str(log), "--out", out, "--labels", "a & b", "<c>", "--title", "MORA <small> & co"])
     svg = open(out).read()
     xml.dom.minidom.parseString(svg)  # well-formed: the title and labels are escaped
@@ -3171,6 +3585,9 @@ def test_plot_log_leaves_out_what_is_no_number_and_draws_against_time(tmp_path, 
     assert ticks == ["0.0", "0.0", "0.0", "0.1", "0.1", "0.1"] and "minutes of training" in svg
     circle_x = float(re.search(r'<circle cx="([0-9.]+)"', svg).group(1))
     assert circle_x == pytest.approx(720 - 20)  # step 2 ends at 6 s = 0.1 min, the right end of the axis
+    log.write_text(header + "1,100,0.1,2,3.0,0,1,inf,,,\n2,200,0.1,2,2.9,0,1,1500,,,\n")  # a clock that jumped
+    plot_log.main([str(log), "--out", out, "--x", "time"])
+    assert "nan" not in open(out).read() and "inf" not in open(out).read()
     log.write_text(header + "0,0,0.1,2,3.0,0,1,,,,\n")
     plot_log.main([str(log), "--out", out])
     assert open(out).read().count("<polyline") == 1
@@ -3273,7 +3690,7 @@ def test_explain_caps_long_texts_and_bad_input_is_one_line(tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path / "m.npz")
     out = tmp_path / "page.html"
     assert explain.main(["--ckpt", ckpt, "--text", "a b c " * 50, "--max-bytes", "100", "--out", str(out)]) == 0
-    assert "the first 100 of 300 bytes" in capsys.readouterr().out
+    assert "the first 100 bytes of the text" in capsys.readouterr().out
     assert out.read_text(encoding="utf-8").count("data-bits=") == 99 and "--max-bytes caps it" in out.read_text(encoding="utf-8")
 
     def error_of(*args):
@@ -3286,8 +3703,32 @@ def test_explain_caps_long_texts_and_bad_input_is_one_line(tmp_path, capsys):
     assert "fewer than 2 bytes" in error_of("--ckpt", ckpt, "--text", "", "--out", out)
     assert "fewer than 2 bytes" in error_of("--ckpt", ckpt, "--file", tmp_path / "empty.txt", "--out", out)
     assert "cannot read --file" in error_of("--ckpt", ckpt, "--file", tmp_path / "none.txt", "--out", out)
-    assert "cannot write --out" in error_of("--ckpt", ckpt, "--text", "Once", "--out", tmp_path / "no" / "page.html")
+    assert f"the folder {tmp_path / 'no'} does not exist" in error_of("--ckpt", ckpt, "--text", "Once", "--out",
+                                                                      tmp_path / "no" / "page.html")
     assert "--max-bytes 1" in error_of("--ckpt", ckpt, "--text", "Once", "--max-bytes", 1, "--out", out)
+
+
+def test_explain_reads_no_more_than_max_bytes_and_never_writes_over_its_inputs(tmp_path, capsys):
+    import explain
+    import tracemalloc
+    ckpt, story, out = tmp_path / "m.npz", tmp_path / "story.txt", tmp_path / "page.html"
+    tiny_checkpoint(ckpt)
+    with open(story, "wb") as f:  # 256 MB that take no disk: a read of it all would take the memory
+        f.truncate(256 << 20)
+    tracemalloc.start()
+    try:
+        assert explain.main(["--ckpt", str(ckpt), "--file", str(story), "--max-bytes", "100", "--out", str(out)]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20 and out.read_text(encoding="utf-8").count("data-bits=") == 99
+    capsys.readouterr()
+    story.write_text("Once upon a time")
+    for given in (["--text", "Once", "--out", ckpt], ["--file", story, "--out", story], ["--text", "Once", "--out", tmp_path]):
+        before = {path: path.read_bytes() for path in (ckpt, story)}
+        err = one_error_line(capsys, explain.main(["--ckpt", str(ckpt)] + [str(a) for a in given]))
+        assert ("also an input" in err or "is a folder" in err) and "--out" in err, err
+        assert before == {path: path.read_bytes() for path in (ckpt, story)}
 
 
 def test_explain_summary_and_strips_follow_their_definitions(tmp_path):
