@@ -867,7 +867,8 @@ def generate(params, prompt, length, temperature, top_k, seed):
 
 
 # ----------------------------------------------------------------------------
-# Evaluation: loss, accuracy and bits/byte over a split, per record or as one text.
+# Evaluation: loss, accuracy and bits/byte over a split, record by record (reading it as
+# long texts, evaluate_stream, comes with the commands in "Running it for real").
 
 
 def progress_bar(items, show, **kwargs):
@@ -936,52 +937,11 @@ def evaluate(params, records, batch_size, slices=None, progress=False):
     return evaluation_result(position_loss, np.full(T, n), total_correct)
 
 
-def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=False):
-    """The bytes `data` read as `streams` texts side by side: cut into that many
-    contiguous parts, each read in chunks of seq_len with its own recurrent state
-    carried from chunk to chunk.  Each part begins with the byte the one before it
-    ended on, so every byte but the first is predicted once.  One stream is one text:
-    how the model reads a long text (the per-record protocol instead charges every
-    record a cold start).  More streams cost a cold start each, and run side by side
-    as the rows of a batch, shared over the CPU threads (see "CPU threads") like the
-    rows of `evaluate`.  Positions are counted within each chunk."""
-    streams = max(1, min(streams, len(data) - 1))  # at least one byte to predict in every stream
-    edges = np.linspace(0, len(data) - 1, streams + 1).astype(np.int64)  # stream k predicts bytes edges[k]+1 .. edges[k+1]
-    if slices is None:
-        parts = [stream_sums(params, data, edges, seq_len, progress)]
-    else:  # a slice of the streams per thread, each read from start to end
-        parts = slices.map(lambda rows: stream_sums(params, data, edges[rows.start:rows.stop + 1], seq_len,
-                                                    progress and rows.start == 0), streams)
-    position_loss, positions_each, total_correct = (sum(part[i] for part in parts) for i in range(3))
-    return dict(evaluation_result(position_loss, positions_each, total_correct), streams=streams)
-
-
-def stream_sums(params, data, edges, seq_len, progress=False):
-    """Per position within a chunk (seq_len,): the summed loss and the number of bytes
-    predicted, and the right predictions, over the streams between `edges` (as in
-    evaluate_stream) read side by side, each carrying its own state."""
-    xp = array_module(params["embed"])
-    starts, lengths = edges[:-1], np.diff(edges)  # (S,) each stream's first byte and its number of predictions
-    state = initial_state(params, len(starts))
-    position_loss, positions_each, total_correct = np.zeros(seq_len), np.zeros(seq_len), 0.0
-    for t0 in progress_bar(range(0, lengths.max(), seq_len), progress, desc="eval (stream)", unit="chunk"):
-        t = min(seq_len, lengths.max() - t0)
-        at = np.minimum(starts + t0 + np.arange(t + 1)[:, None], len(data) - 1)  # (t+1, S) one byte more: the last target
-        chunk = xp.asarray(np.asarray(data[at], dtype=np.int32))  # (t+1, S) time-major
-        logits, _, state = model_forward(params, chunk[:-1], state, keep_cache=False)  # (t, S, V)
-        losses, correct, _ = cross_entropy_forward(logits.reshape(-1, V), chunk[1:].reshape(-1))
-        scored = t0 + np.arange(t)[:, None] < lengths  # (t, S) the bytes inside each stream: a shorter one's end is left out
-        position_loss[:t] += (to_numpy(losses).reshape(t, -1) * scored).sum(1)
-        positions_each[:t] += scored.sum(1)
-        total_correct += float((to_numpy(correct).reshape(t, -1) * scored).sum())
-    return position_loss, positions_each, total_correct
-
-
 # ============================================================================
 # Running it for real.  Everything above is the lesson; what follows makes it a
 # program people can train with for hours: checkpoints and their checks, resume
-# rules, a lock against a second writer, stop signals, the log, the progress bar,
-# CPU threads, memory checks, the benchmark and the command line.
+# rules, every file a run writes, stop signals, the log, the progress, the commands
+# (and the streamed evaluation), CPU threads, memory checks, the benchmark, the command line.
 
 
 # ----------------------------------------------------------------------------
@@ -1750,7 +1710,7 @@ def warn_if_long(run, slices):
 
 
 # ----------------------------------------------------------------------------
-# The commands: train, eval, sample.
+# The commands: train, eval (per record, or the split read as long texts), sample.
 
 
 def train(args):
@@ -1859,6 +1819,47 @@ def command_line(args, *words):
 # The streams `eval --stream` and the final evaluation read side by side: the fewest that run about as fast as
 # the per-record protocol at batch 256 on 2 cores; a stream of the 22.5 MB val is ~350 KB, its cold start small.
 EVAL_STREAMS = 64
+
+
+def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=False):
+    """The bytes `data` read as `streams` texts side by side: cut into that many
+    contiguous parts, each read in chunks of seq_len with its own recurrent state
+    carried from chunk to chunk.  Each part begins with the byte the one before it
+    ended on, so every byte but the first is predicted once.  One stream is one text:
+    how the model reads a long text (the per-record protocol instead charges every
+    record a cold start).  More streams cost a cold start each, and run side by side
+    as the rows of a batch, shared over the CPU threads (see "CPU threads") like the
+    rows of `evaluate`.  Positions are counted within each chunk."""
+    streams = max(1, min(streams, len(data) - 1))  # at least one byte to predict in every stream
+    edges = np.linspace(0, len(data) - 1, streams + 1).astype(np.int64)  # stream k predicts bytes edges[k]+1 .. edges[k+1]
+    if slices is None:
+        parts = [stream_sums(params, data, edges, seq_len, progress)]
+    else:  # a slice of the streams per thread, each read from start to end
+        parts = slices.map(lambda rows: stream_sums(params, data, edges[rows.start:rows.stop + 1], seq_len,
+                                                    progress and rows.start == 0), streams)
+    position_loss, positions_each, total_correct = (sum(part[i] for part in parts) for i in range(3))
+    return dict(evaluation_result(position_loss, positions_each, total_correct), streams=streams)
+
+
+def stream_sums(params, data, edges, seq_len, progress=False):
+    """Per position within a chunk (seq_len,): the summed loss and the number of bytes
+    predicted, and the right predictions, over the streams between `edges` (as in
+    evaluate_stream) read side by side, each carrying its own state."""
+    xp = array_module(params["embed"])
+    starts, lengths = edges[:-1], np.diff(edges)  # (S,) each stream's first byte and its number of predictions
+    state = initial_state(params, len(starts))
+    position_loss, positions_each, total_correct = np.zeros(seq_len), np.zeros(seq_len), 0.0
+    for t0 in progress_bar(range(0, lengths.max(), seq_len), progress, desc="eval (stream)", unit="chunk"):
+        t = min(seq_len, lengths.max() - t0)
+        at = np.minimum(starts + t0 + np.arange(t + 1)[:, None], len(data) - 1)  # (t+1, S) one byte more: the last target
+        chunk = xp.asarray(np.asarray(data[at], dtype=np.int32))  # (t+1, S) time-major
+        logits, _, state = model_forward(params, chunk[:-1], state, keep_cache=False)  # (t, S, V)
+        losses, correct, _ = cross_entropy_forward(logits.reshape(-1, V), chunk[1:].reshape(-1))
+        scored = t0 + np.arange(t)[:, None] < lengths  # (t, S) the bytes inside each stream: a shorter one's end is left out
+        position_loss[:t] += (to_numpy(losses).reshape(t, -1) * scored).sum(1)
+        positions_each[:t] += scored.sum(1)
+        total_correct += float((to_numpy(correct).reshape(t, -1) * scored).sum())
+    return position_loss, positions_each, total_correct
 
 
 def final_evaluation(run, slices, files):
