@@ -1286,19 +1286,6 @@ def model_config(args, base=None):
 # Starting or resuming a run, and keeping it safe: outputs checked first, a lock, signals that save, the log.
 
 
-def print_summary(cfg, xp, slices=None):
-    d, shapes = cfg.d_model, block_shapes(cfg.d_model)
-    block = sum(math.prod(s) for s in shapes.values())
-    rows = [("embed (tied with the output layer)", (V, d), V * d)] + [(f"blocks.0.{k}", s, math.prod(s)) for k, s in shapes.items()]
-    rows += [(f"blocks.{i}  (as blocks.0)", "", block) for i in range(1, cfg.n_layers)] + [("final LayerNorm (no parameters)", "", 0)]
-    print(f"MORA  d_model={d}  n_layers={cfg.n_layers}  seq_len={cfg.seq_len}  batch_size={cfg.batch_size}")
-    print(f"backend: {describe_backend(xp, slices)}")
-    print(f"{'parameter':<38}{'shape':>12}{'count':>12}")
-    for name, shape, count in rows:
-        print(f"{name:<38}{str(shape):>12}{count:>12,}")
-    print(f"{'total':<38}{'':>12}{count_params(cfg):>12,}   (one block: {block:,})")
-
-
 def resumed_settings(args, meta, chosen):
     """The run's own settings, with what a resume may change: how it logs, and a longer run (--max-steps)."""
     settings = TrainSettings(**meta["train"])
@@ -1505,13 +1492,9 @@ class RunFiles:
                             f"another --ckpt") from None
         except ImportError:
             pass
-        try:
+        with contextlib.suppress(OSError):  # the pid is for the message alone: a full disk leaves it out
             os.ftruncate(self.lock_fd, 0)
             os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as exc:  # a full disk: leave nothing behind
-            self.__exit__()
-            os.remove(self.lock)
-            raise UserError(f"{self.failed(self.lock, exc)}: choose another --ckpt") from exc
         return self
 
     def __exit__(self, *exc):
@@ -1756,9 +1739,17 @@ def finish(run, args, files, report, slices):
 
 
 def print_plan(run, xp, slices, end):
-    """Before step 1: the model, the data, the steps and the schedule of this call."""
-    s = run.settings
-    print_summary(run.cfg, xp, slices)
+    """Before step 1: the model and its parameters, the backend, the data, the steps and the schedule of this call."""
+    cfg, s, d, shapes = run.cfg, run.settings, run.cfg.d_model, block_shapes(run.cfg.d_model)
+    block = sum(math.prod(s) for s in shapes.values())
+    rows = [("embed (tied with the output layer)", (V, d), V * d)] + [(f"blocks.0.{k}", s, math.prod(s)) for k, s in shapes.items()]
+    rows += [(f"blocks.{i}  (as blocks.0)", "", block) for i in range(1, cfg.n_layers)] + [("final LayerNorm (no parameters)", "", 0)]
+    print(f"MORA  d_model={d}  n_layers={cfg.n_layers}  seq_len={cfg.seq_len}  batch_size={cfg.batch_size}")
+    print(f"backend: {describe_backend(xp, slices)}")
+    print(f"{'parameter':<38}{'shape':>12}{'count':>12}")
+    for name, shape, count in rows:
+        print(f"{name:<38}{str(shape):>12}{count:>12,}")
+    print(f"{'total':<38}{'':>12}{count_params(cfg):>12,}   (one block: {block:,})")
     print(f"data: {len(run.train_records):,} train records of {run.cfg.seq_len + 1} bytes, "
           f"{len(run.train_records) // run.cfg.batch_size:,} steps per epoch; {len(run.val_records):,} val records")
     print(f"training: steps {run.step:,} -> {end:,} of {s.max_steps:,}, lr {s.lr:g} (warmup {s.warmup}, "
