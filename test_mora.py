@@ -2790,17 +2790,19 @@ def test_an_output_stream_that_fails_never_ends_a_run(data_dir, tmp_path, fault)
     said once on stderr, and ends saved.  (`sample | head` stays quiet: test_sample_into_a_closed_pipe_is_quiet.)"""
     ckpt = tmp_path / "m.npz"
     command = [sys.executable, "mora.py", "train", "--data-dir", str(data_dir), "--ckpt", str(ckpt), *TINY, "--device",
-               "cpu", "--max-steps", "40", "--eval-every", "2", "--sample-prompt", "Tom \u2603 \ufffd", "--sample-length", "200"]
+               "cpu", "--max-steps", "6", "--eval-every", "2", "--sample-prompt", "Tom \u2603 \ufffd", "--sample-length", "5"]
     env = dict(os.environ, PYTHONIOENCODING="latin-1" if fault == "latin-1" else "utf-8")
-    stdout = open("/dev/full", "w") if fault == "a full disk" else subprocess.PIPE
-    proc = subprocess.Popen(command, cwd=HERE, stdout=stdout, stderr=subprocess.PIPE, env=env)
+    reader, writer = os.pipe()
     if fault == "| head":
-        proc.stdout.readline()
-        proc.stdout.close()  # as head does once it has its lines
+        os.close(reader)  # as head does once it has its lines: every write to the pipe fails from then on
+    stdout = open("/dev/full", "w") if fault == "a full disk" else writer
+    proc = subprocess.Popen(command, cwd=HERE, stdout=stdout, stderr=subprocess.PIPE, env=env)
+    os.close(writer)
     out, err = proc.communicate(timeout=300)
+    out = b"" if fault == "| head" else os.read(reader, 1 << 20)
     err = err.decode()
     assert proc.returncode == 0 and "Traceback" not in err and "error" not in err, err
-    assert mora.load_checkpoint(str(ckpt))[2]["step"] == 40 and logged_steps(tmp_path / "m.csv")[-1] == 40
+    assert mora.load_checkpoint(str(ckpt))[2]["step"] == 6 and logged_steps(tmp_path / "m.csv")[-1] == 6
     assert err.count("note:") == (fault != "latin-1"), err
     if fault == "latin-1":
         assert "sample: 'Tom ? ?" in out.decode("latin-1")
