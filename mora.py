@@ -1429,8 +1429,9 @@ def lines_up_to(path, step, header, step_of):
     """The lines of a run's file (the log, the samples: `header` first, then a line per step_of) that belong to a
     checkpoint at `step`.  A file with a line cut short or unreadable (a kill mid-line, a hand edit) is set aside
     as .bad and the lines before it kept; lines after `step` (written after that checkpoint) are dropped."""
-    if not os.path.exists(path):
-        print(f"warning: {path} is missing: a new one starts at step {step:,}", file=sys.stderr)
+    if not os.path.exists(path):  # (said of the log alone: a run may have sampled nothing so far)
+        if header:
+            print(f"warning: {path} is missing: a new one starts at step {step:,}", file=sys.stderr)
         return []
     with open(path, newline="", errors="replace") as f:
         *lines, cut = f.read().split("\n")  # cut: the text after the last line end, a line cut short
@@ -1472,7 +1473,8 @@ class RunFiles:
         except OSError as exc:
             raise UserError(f"cannot create the folder {folder} for --ckpt ({exc.strerror}): choose another --ckpt")
         inputs = [os.path.join(args.data_dir, name) for name in ("train.bin", "val.bin")]
-        check_outputs([p for path in self.what for p in (path, os.path.realpath(path) + ".tmp")], inputs, "--ckpt")
+        written = [self.ckpt, self.log, self.samples]  # each through its .tmp (written_atomically)
+        check_outputs(written + [os.path.realpath(p) + ".tmp" for p in written] + [self.lock], inputs, "--ckpt")
 
     def __enter__(self):
         """Lock the run (CKPT.lock, never through a link): a second run on it stops at once.  The system drops the
