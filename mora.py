@@ -1359,13 +1359,15 @@ def print_summary(cfg, xp, slices=None):
     print(f"{'total':<38}{'':>12}{count_params(cfg):>12,}   (one block: {block:,})")
 
 
-def resumed_settings(args, meta, chosen):
-    """The run's own settings, with what a resume may change: how it logs, and a longer run (--max-steps)."""
+def resumed_settings(args, cfg, meta, chosen):
+    """The run's own settings, with what SETTINGS lets a resume change: how it reports, and a longer run
+    (--max-steps).  A flag that would change anything else (the model, the recipe) is refused."""
     settings = TrainSettings(**meta["train"])
-    changed = {k: v for k, v in chosen.items() if getattr(settings, k) != (tuple(v) if k == "mix_init" else v)}
-    refused = {k: v for k, v in changed.items() if not SETTINGS[k].on_resume}
-    if refused:
-        raise UserError(f"--resume continues the run with its own settings {asdict(settings)}; these flags differ: {refused}")
+    own, asked = dict(asdict(cfg), **asdict(settings)), dict(asdict(model_config(args, base=cfg)), **chosen)
+    changed = {k: v for k, v in asked.items() if own[k] != (tuple(v) if k == "mix_init" else v)}
+    if refused := {k: v for k, v in changed.items() if not SETTINGS[k].on_resume}:
+        raise UserError(f"--resume continues {args.ckpt} with its own model and settings {own}; these flags differ: "
+                        f"{refused}: drop them (drop the size flags too), or use another --ckpt")
     if changed.get("max_steps", 0) > meta["step"]:  # (one below the step is refused by settings_problem)
         print(f"schedule: the run now ends at step {changed['max_steps']:,} instead of {settings.max_steps:,}; warmup stays "
               f"{settings.warmup}, the cosine decay is stretched to the new end")
@@ -1381,12 +1383,9 @@ def start_or_resume(args, xp, checkpoint):
         if args.overwrite:
             raise UserError("--resume and --overwrite contradict each other: --resume continues --ckpt, --overwrite starts it over")
         cfg, params_np, meta, adam_state = checkpoint
-        asked = model_config(args, base=cfg)
-        if asked != cfg:
-            raise UserError(f"--resume: {args.ckpt} is a {asdict(cfg)} model, the flags ask for {asdict(asked)}: drop the size flags or use another --ckpt")
         if "train" not in meta or "data" not in meta:
             raise UserError(f"{args.ckpt} holds weights only (no optimizer state or settings): it cannot be resumed")
-        settings, step = resumed_settings(args, meta, chosen), meta["step"]
+        settings, step = resumed_settings(args, cfg, meta, chosen), meta["step"]
     else:
         if os.path.exists(args.ckpt) and not args.overwrite:
             raise UserError(f"{args.ckpt} exists: pass --resume to continue it, --overwrite to start over, or another --ckpt")
