@@ -797,31 +797,6 @@ def train_step(params, flat, adam_m, adam_v, x, y, step, lr, settings=TrainSetti
     return loss, accuracy, grad_norm
 
 
-@dataclass
-class Run:
-    """A training run: its model, settings and data, its parameters, gradient mask
-    and Adam moments on the device, and the step it stands at (also the data cursor)."""
-    cfg: Config
-    settings: TrainSettings
-    step: int
-    train_records: np.ndarray
-    val_records: np.ndarray
-    flat: object  # every parameter in one vector (xp array)
-    params: dict  # name -> view into flat
-    trainable: object  # flat 0/1 mask: 0 where an ablation holds a parameter at zero (None: no ablation)
-    adam_m: object
-    adam_v: object
-    data_files: dict  # what it trains and validates on: "train.bin" and "val.bin" -> data_fingerprint
-    saved_step: int = None  # the step of this run's checkpoint on disk (None: none saved yet)
-
-    def meta(self):
-        epoch, position = divmod(self.step, len(self.train_records) // self.cfg.batch_size)
-        return {"config": asdict(self.cfg), "step": self.step, "train": asdict(self.settings),
-                "data": {"train_records": len(self.train_records), "epoch": epoch, "batch_in_epoch": position,
-                         "order": "numpy default_rng([seed, epoch]).permutation(train_records)",
-                         "files": self.data_files}}
-
-
 def train_loop(run, end, report, save, slices=None):
     """The training loop from run.step to step `end`, and its cadence: each step's batch
     in its epoch's shuffled order, its learning rate and a training step; a stop when the
@@ -893,6 +868,11 @@ def generate(params, prompt, length, temperature, top_k, seed):
 
 # ----------------------------------------------------------------------------
 # Evaluation: loss, accuracy and bits/byte over a split, per record or as one text.
+
+
+def progress_bar(items, show, **kwargs):
+    """items, behind a progress bar when `show` and stderr is a terminal (in a file a bar is a flood of lines)."""
+    return tqdm(items, leave=False, dynamic_ncols=True, **kwargs) if show and sys.stderr.isatty() else items
 
 
 # Loss by position within a record (or chunk): how fast the model uses its context.
@@ -1376,6 +1356,40 @@ def resumed_settings(args, cfg, meta, chosen):
     return settings
 
 
+@dataclass
+class Run:
+    """A training run: its model, settings and data, its parameters, gradient mask
+    and Adam moments on the device, and the step it stands at (also the data cursor)."""
+    cfg: Config
+    settings: TrainSettings
+    step: int
+    train_records: np.ndarray
+    val_records: np.ndarray
+    flat: object  # every parameter in one vector (xp array)
+    params: dict  # name -> view into flat
+    trainable: object  # flat 0/1 mask: 0 where an ablation holds a parameter at zero (None: no ablation)
+    adam_m: object
+    adam_v: object
+    data_files: dict  # what it trains and validates on: "train.bin" and "val.bin" -> data_fingerprint
+    saved_step: int = None  # the step of this run's checkpoint on disk (None: none saved yet)
+
+    def meta(self):
+        epoch, position = divmod(self.step, len(self.train_records) // self.cfg.batch_size)
+        return {"config": asdict(self.cfg), "step": self.step, "train": asdict(self.settings),
+                "data": {"train_records": len(self.train_records), "epoch": epoch, "batch_in_epoch": position,
+                         "order": "numpy default_rng([seed, epoch]).permutation(train_records)",
+                         "files": self.data_files}}
+
+
+# Why a resumed run is bit for bit the same as one that never stopped:
+#   - one BLAS thread per worker (BLAS_VARIABLES, at the top), so no sum's order depends on the cores;
+#   - the saved slice count (cpu_slices, kept in the settings): the batch is cut the same way on any threads;
+#   - the step as the data cursor (batch_rows): an epoch's order is a function of the seed and the epoch;
+#   - the Adam moments (Run.meta and save_checkpoint write them with the weights, load_checkpoint checks them);
+#   - the schedule as a function of the step (learning_rate);
+#   - the data hash (open_run_data): only the run's own train.bin and val.bin will do;
+#   - the settings locked on resume (resumed_settings): only how a run reports and how long it runs may change.
+
 def start_or_resume(args, xp, checkpoint):
     """A new run from the flags, or (--resume) the run in `checkpoint`, load_checkpoint's reading of --ckpt."""
     chosen = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name, None) is not None}
@@ -1523,21 +1537,20 @@ class RunFiles:
         try:
             import fcntl  # (not on Windows: there, no lock)
             fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass
         except OSError:
             holder = os.pread(self.lock_fd, 64, 0).decode(errors="replace").strip() or "?"
             os.close(self.lock_fd)
             raise UserError(f"{self.ckpt} is being trained by process {holder}: wait for it to end (or stop it), or use "
                             f"another --ckpt") from None
+        except ImportError:
+            pass
         try:
             os.ftruncate(self.lock_fd, 0)
             os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
         except OSError as exc:  # a full disk: leave nothing behind
             self.__exit__()
             os.remove(self.lock)
-            error = self.failed(self.lock, exc)
-            raise UserError(f"{error}: {error.fix}, or choose another --ckpt") from exc
+            raise UserError(f"{self.failed(self.lock, exc)}: choose another --ckpt") from exc
         return self
 
     def __exit__(self, *exc):
@@ -1603,31 +1616,26 @@ class RunFiles:
 
 
 class QuietOnFailure:
-    """sys.stdout or sys.stderr while a run trains: a write that fails (a closed pipe: `train | head`; a full disk)
-    never ends the run.  The first failure is said once on stderr if it can be; the stream is silent from then on,
-    its file descriptor pointed at the null device so that nothing fails at exit either."""
+    """sys.stdout or sys.stderr while a run trains: a write that fails (`train | head`, a full disk, a closed
+    terminal, a character it cannot encode) never ends the run.  The first failure is said once on stderr if it
+    can be; from then on the stream's descriptor is the null device, so nothing fails later, at exit included."""
 
     def __init__(self, stream, name):
         self.stream, self.name, self.failed = stream, name, False
 
     def write(self, text):
-        self.guarded(self.stream.write, text)
-        return len(text)
+        return self.guarded("write", text) or len(text)
 
     def flush(self):
-        self.guarded(self.stream.flush)
+        self.guarded("flush")
 
     def guarded(self, action, *args):
-        if self.failed:
-            return
         try:
-            action(*args)
-        except (OSError, ValueError) as exc:  # ValueError: a character the stream cannot encode, or a closed stream
+            return None if self.failed else getattr(self.stream, action)(*args)
+        except (OSError, ValueError) as exc:  # ValueError: a character it cannot encode, or a closed stream
             self.failed = True
             with contextlib.suppress(OSError, ValueError):
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, self.stream.fileno())
-                os.close(null)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
             if self.name == "stdout":
                 print(f"note: {getattr(exc, 'strerror', None) or exc} writing the standard output; the run goes on "
                       f"without it and saves as usual", file=sys.stderr, flush=True)
@@ -1650,33 +1658,23 @@ def quiet_on_failure():
 
 
 class StopSignals:
-    """SIGINT (Ctrl-C), SIGTERM (`kill`, schedulers) and SIGHUP (terminal closed) while training: the first stops
-    the loop after the step under way, said at once; a second stops at once (KeyboardInterrupt), the last
-    checkpoint as it was.  Once the run is `saved` (its final evaluation), the first stops at once."""
+    """SIGINT (Ctrl-C), SIGTERM (`kill`, schedulers) and SIGHUP (terminal closed: its writes then fail, which
+    QuietOnFailure absorbs) while training: the first stops the loop after the step under way, said at once; a
+    second stops at once (KeyboardInterrupt), the last checkpoint as it was.  Once the run is `saved` (its final
+    evaluation), the first stops at once."""
     NAMES = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
 
     def __enter__(self):
         self.requested, self.saved = False, False
-        self.terminals = [fd for fd in (1, 2) if os.isatty(fd)]
         self.previous = {s: signal.signal(s, self.handle) for s in (getattr(signal, name) for name in self.NAMES)}
         return self
 
     def handle(self, signum, frame):
-        if signum == getattr(signal, "SIGHUP", None):
-            self.leave_closed_terminals()
         if self.requested or self.saved:
             raise KeyboardInterrupt
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: stopping after this step, then saving "
               f"(send it again to stop at once, without saving)", file=sys.stderr, flush=True)
-
-    def leave_closed_terminals(self):
-        """A closed terminal fails every write (EIO), which would end the run unsaved: write to the null device."""
-        for fd in self.terminals:
-            if not os.isatty(fd):  # a terminal that hung up answers no more
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, fd)
-                os.close(null)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -1731,11 +1729,6 @@ class Report:
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.close()
-
-
-def progress_bar(items, show, **kwargs):
-    """items, behind a progress bar when `show` and stderr is a terminal (in a file a bar is a flood of lines)."""
-    return tqdm(items, leave=False, dynamic_ncols=True, **kwargs) if show and sys.stderr.isatty() else items
 
 
 # Core-seconds a CPU spends per parameter and byte of a training step (the small

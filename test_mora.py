@@ -14,6 +14,7 @@ import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -1200,6 +1201,24 @@ def test_train_into_a_file_prints_plain_lines_and_samples(data_dir, tmp_path):
     assert (tmp_path / "m.samples.txt").read_text().splitlines()[1] == sample_line(8)
     (tmp_path / "m.samples.txt").unlink()
     assert "sample" not in train("--overwrite", "--sample-length", 0) and not (tmp_path / "m.samples.txt").exists()
+
+
+def test_the_lesson_uses_nothing_defined_after_it():
+    """Everything before "Running it for real" reads as a whole: no name it uses (a function, a class, a constant)
+    is defined only after that line, in the machinery or the kernels."""
+    import ast
+    with open(mora.__file__) as f:
+        source = f.read()
+    start = next(n for n, line in enumerate(source.splitlines(), 1) if line.startswith("# Running it for real"))
+    tree = ast.parse(source)
+
+    def defined(node):
+        targets = node.targets if isinstance(node, ast.Assign) else [node]
+        return {getattr(t, "name", getattr(t, "id", None)) for t in targets}
+    before = set().union(*(defined(n) for n in tree.body if n.lineno < start))
+    after = set().union(*(defined(n) for n in tree.body if n.lineno > start)) - before
+    used = {(n.id, n.lineno) for node in tree.body if node.lineno < start for n in ast.walk(node) if isinstance(n, ast.Name)}
+    assert after and not {(name, line) for name, line in used if name in after}
 
 
 def log_rows(log):
@@ -2908,6 +2927,103 @@ def test_a_checkpoint_is_read_no_further_than_its_members_need(data_dir, tmp_pat
     assert peak < 16 << 20, peak
 
 
+def refusal_names(err, name):
+    """Whether a one-line refusal names the setting `name`, as the checkpoint spells it or as its flag."""
+    return re.search(rf"\b{name}\b|--{name.replace('_', '-')}\b", err)
+
+
+OUT_OF_RANGE = [("step", -1), ("step", 2.5), ("step", 6), ("train_records", -1), ("lr", 0), ("lr", -0.01),
+                ("warmup", -1), ("warmup", 6), ("final_lr_fraction", 1.5), ("clip", 0), ("beta1", 1.0), ("beta2", 1.0),
+                ("eps", 0), ("seed", -1), ("epochs", 0), ("max_steps", 0), ("eval_every", -1), ("eval_bytes", 0),
+                ("eval_bytes", 16), ("ckpt_every", 0), ("slices", 0), ("d_model", 0), ("seq_len", 0), ("batch_size", 0)]
+
+
+def test_a_checkpoint_out_of_its_settings_range_is_refused_in_one_line_naming_the_setting(data_dir, tmp_path, capsys):
+    """Each value a flag would refuse, or that contradicts the run (a step past --max-steps 5, a
+    warmup longer than the run, eval bytes under one record of 17), written into a checkpoint's
+    meta: sample, eval and train --resume each refuse it in one line that names the setting."""
+    ckpt = tmp_path / "run.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 5,
+                    "--stop-after", 2, "--eval-every", 0) == 0
+    with np.load(ckpt) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    commands = [("sample", "--length", 3), ("eval", "--data-dir", data_dir, "--max-bytes", 100),
+                ("train", "--data-dir", data_dir, "--resume", "--stop-after", 1, "--eval-every", 0)]
+    for case, (name, value) in enumerate(OUT_OF_RANGE):
+        bad = json.loads(json.dumps(meta))
+        place = next(where for where in (bad, bad["config"], bad["train"], bad["data"]) if name in where)
+        place[name] = value
+        path = tmp_path / f"case{case}.npz"
+        np.savez(path, meta=np.array(json.dumps(bad)), **arrays)
+        capsys.readouterr()
+        for command in commands:
+            err = one_error_line(capsys, run_main(*command, "--ckpt", path, "--device", "cpu"))
+            assert refusal_names(err.replace(str(path), ""), name), (name, value, command, err)
+        assert mora.load_checkpoint(str(ckpt))[2]["step"] == 2 and json.loads(str(np.load(path)["meta"])) == bad
+
+
+def test_a_learning_rate_of_zero_is_refused_by_the_flag(data_dir, tmp_path, capsys):
+    """--lr 0 would train nothing for the whole run: the command line refuses it (exit 2), in one
+    error line that names the flag, under argparse's usage."""
+    for value in ("0", "0.0", "-0"):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main("train", "--data-dir", data_dir, "--ckpt", tmp_path / "m.npz", "--lr", value)
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert exit_info.value.code == 2 and len(errors) == 1 and "--lr" in errors[0] and "positive" in errors[0], errors
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_eval_bytes_may_be_one_record_and_no_less(data_dir, tmp_path, capsys):
+    """Evaluations during training read --eval-bytes of val: one record of seq_len + 1 = 17 bytes will
+    do, 16 is refused in one line before a step (a new run, or a resume that changes it)."""
+    ckpt = tmp_path / "m.npz"
+    train = ["train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--eval-every", 1,
+             "--sample-length", 0]
+    err = one_error_line(capsys, run_main(*train, "--max-steps", 2, "--eval-bytes", 16))
+    assert "--eval-bytes 16" in err and "17" in err and not ckpt.exists()
+    assert run_main(*train, "--max-steps", 2, "--eval-bytes", 17, "--no-final-eval") == 0
+    assert re.search(r"^step 2: val bits/byte [\d.]+", capsys.readouterr().out, re.M)
+    err = one_error_line(capsys, run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, "--device", "cpu", "--resume",
+                                          "--max-steps", 3, "--eval-bytes", 16))
+    assert "--eval-bytes 16" in err and "17" in err and mora.load_checkpoint(str(ckpt))[2]["step"] == 2
+
+
+class Hung(BaseException):
+    """Raised by TimeLimit: no handler of the code under test (none catches a BaseException) can take it for its own."""
+
+
+class TimeLimit:
+    """Raise Hung in the main thread if the block runs past `seconds` (a read that waits forever)."""
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __enter__(self):
+        def expire(signum, frame):
+            raise Hung(f"still running after {self.seconds} s")
+        self.previous = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+def test_a_fifo_or_a_device_as_the_checkpoint_is_refused_in_one_line_without_waiting(data_dir, tmp_path, capsys):
+    """A FIFO's read would wait for a writer forever, a device's read would never end: neither is
+    opened.  sample, eval and train --resume (and a new run on a FIFO) refuse it in one line."""
+    fifo = tmp_path / "fifo.npz"
+    os.mkfifo(fifo)
+    commands = [("sample", "--length", 3), ("eval", "--data-dir", data_dir),
+                ("train", "--data-dir", data_dir, "--resume")]
+    for path, commands in ((fifo, commands + [("train", "--data-dir", data_dir, *TINY)]), ("/dev/zero", commands)):
+        for command in commands:
+            with TimeLimit(10):
+                err = one_error_line(capsys, run_main(*command, "--ckpt", path, "--device", "cpu"))
+            assert str(path) in err and re.search("regular file|FIFO|device", err.replace(str(path), "")), (command, err)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(os.listdir(tmp_path)) == ["fifo.npz"]
+
+
 ODD_VALUES = [-5, 0, 1, 3, 2.5, -1e-3, 1e308, float("nan"), 10 ** 30, "7", "fast", "", None, True, False, [], {}, [1, 2, 3]]
 
 
@@ -3140,6 +3256,18 @@ def test_eval_reports_its_streams_and_reads_no_more_than_asked(data_dir, tmp_pat
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert run_main(*evaluate, "--max-bytes", 100, "--threads", 4 * cores) == 0
     assert f"more than the {cores} cores" in capsys.readouterr().err
+
+
+def test_eval_stream_without_max_bytes_reads_all_of_the_split(data_dir, tmp_path, capsys):
+    """--stream (one text, or --streams parts) predicts every byte of val.bin but the first."""
+    ckpt = tmp_path / "m.npz"
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 1,
+                    "--eval-every", 0, "--no-final-eval") == 0
+    predicted = os.path.getsize(os.path.join(data_dir, "val.bin")) - 1
+    for flags in (["--stream"], ["--stream", "--streams", "1"], ["--streams", "3"]):
+        capsys.readouterr()
+        assert run_main("eval", "--ckpt", ckpt, "--data-dir", data_dir, "--device", "cpu", *flags) == 0
+        assert f" {predicted:,} bytes predicted" in capsys.readouterr().out, flags
 
 
 def test_plot_log_draws_and_refuses_bad_logs(tmp_path):
