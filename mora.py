@@ -1032,9 +1032,8 @@ def select_backend(device, widths=()):
 
 
 def blas_threads():
-    """The threads each BLAS call of NumPy's OpenBLAS runs: its own OPENBLAS_NUM_THREADS (which MORA sets, see
-    BLAS_VARIABLES) wins over OMP_NUM_THREADS, so that one alone never counts."""
-    value = os.environ.get("OPENBLAS_NUM_THREADS", "")
+    """The threads of a call to NumPy's OpenBLAS: OPENBLAS_NUM_THREADS (set above) wins over OMP_NUM_THREADS."""
+    value = os.environ.get("OPENBLAS_NUM_THREADS", "1")
     return max(1, int(value)) if value.isdigit() else 1
 
 
@@ -1274,7 +1273,7 @@ SETTINGS = {
     "mix_init": Setting(finite_float, "initial mix of memory, running mean and delta in every block", nargs=3),
     "slices": Setting(positive_int, "cut each batch into this many slices for the CPU's threads (part of the run: the "
                                     "same result on any number of threads; default: one per thread)"),
-    # How the run reports and saves itself, and (max_steps) how long it runs: what --resume may change.
+    # How the run reports and saves itself: --resume may change these (and max_steps, for a longer run).
     "eval_every": Setting(nonnegative_int, "steps between evaluations on the start of val (0: never)", on_resume=True),
     "eval_bytes": Setting(positive_int, "bytes of val those evaluations read (and the final streamed one)", on_resume=True),
     "ckpt_every": Setting(positive_int, "steps between checkpoints", on_resume=True),
