@@ -1345,8 +1345,9 @@ def resumed_settings(args, cfg, meta, chosen):
     own, asked = dict(asdict(cfg), **asdict(settings)), dict(asdict(model_config(args, base=cfg)), **chosen)
     changed = {k: v for k, v in asked.items() if own[k] != (tuple(v) if k == "mix_init" else v)}
     if refused := {k: v for k, v in changed.items() if not SETTINGS[k].on_resume}:
+        fix = "drop the size flags" if set(refused) & set(asdict(cfg)) else "drop those flags"
         raise UserError(f"--resume continues {args.ckpt} with its own model and settings {own}; these flags differ: "
-                        f"{refused}: drop them (drop the size flags too), or use another --ckpt")
+                        f"{refused}: {fix}, or use another --ckpt")
     if changed.get("max_steps", 0) > meta["step"]:  # (one below the step is refused by settings_problem)
         print(f"schedule: the run now ends at step {changed['max_steps']:,} instead of {settings.max_steps:,}; warmup stays "
               f"{settings.warmup}, the cosine decay is stretched to the new end")
