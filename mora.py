@@ -867,7 +867,8 @@ def generate(params, prompt, length, temperature, top_k, seed):
 
 
 # ----------------------------------------------------------------------------
-# Evaluation: loss, accuracy and bits/byte over a split, per record or as one text.
+# Evaluation: loss, accuracy and bits/byte over a split, record by record (reading it as
+# long texts, evaluate_stream, comes with the commands in "Running it for real").
 
 
 def progress_bar(items, show, **kwargs):
@@ -936,52 +937,11 @@ def evaluate(params, records, batch_size, slices=None, progress=False):
     return evaluation_result(position_loss, np.full(T, n), total_correct)
 
 
-def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=False):
-    """The bytes `data` read as `streams` texts side by side: cut into that many
-    contiguous parts, each read in chunks of seq_len with its own recurrent state
-    carried from chunk to chunk.  Each part begins with the byte the one before it
-    ended on, so every byte but the first is predicted once.  One stream is one text:
-    how the model reads a long text (the per-record protocol instead charges every
-    record a cold start).  More streams cost a cold start each, and run side by side
-    as the rows of a batch, shared over the CPU threads (see "CPU threads") like the
-    rows of `evaluate`.  Positions are counted within each chunk."""
-    streams = max(1, min(streams, len(data) - 1))  # at least one byte to predict in every stream
-    edges = np.linspace(0, len(data) - 1, streams + 1).astype(np.int64)  # stream k predicts bytes edges[k]+1 .. edges[k+1]
-    if slices is None:
-        parts = [stream_sums(params, data, edges, seq_len, progress)]
-    else:  # a slice of the streams per thread, each read from start to end
-        parts = slices.map(lambda rows: stream_sums(params, data, edges[rows.start:rows.stop + 1], seq_len,
-                                                    progress and rows.start == 0), streams)
-    position_loss, positions_each, total_correct = (sum(part[i] for part in parts) for i in range(3))
-    return dict(evaluation_result(position_loss, positions_each, total_correct), streams=streams)
-
-
-def stream_sums(params, data, edges, seq_len, progress=False):
-    """Per position within a chunk (seq_len,): the summed loss and the number of bytes
-    predicted, and the right predictions, over the streams between `edges` (as in
-    evaluate_stream) read side by side, each carrying its own state."""
-    xp = array_module(params["embed"])
-    starts, lengths = edges[:-1], np.diff(edges)  # (S,) each stream's first byte and its number of predictions
-    state = initial_state(params, len(starts))
-    position_loss, positions_each, total_correct = np.zeros(seq_len), np.zeros(seq_len), 0.0
-    for t0 in progress_bar(range(0, lengths.max(), seq_len), progress, desc="eval (stream)", unit="chunk"):
-        t = min(seq_len, lengths.max() - t0)
-        at = np.minimum(starts + t0 + np.arange(t + 1)[:, None], len(data) - 1)  # (t+1, S) one byte more: the last target
-        chunk = xp.asarray(np.asarray(data[at], dtype=np.int32))  # (t+1, S) time-major
-        logits, _, state = model_forward(params, chunk[:-1], state, keep_cache=False)  # (t, S, V)
-        losses, correct, _ = cross_entropy_forward(logits.reshape(-1, V), chunk[1:].reshape(-1))
-        scored = t0 + np.arange(t)[:, None] < lengths  # (t, S) the bytes inside each stream: a shorter one's end is left out
-        position_loss[:t] += (to_numpy(losses).reshape(t, -1) * scored).sum(1)
-        positions_each[:t] += scored.sum(1)
-        total_correct += float((to_numpy(correct).reshape(t, -1) * scored).sum())
-    return position_loss, positions_each, total_correct
-
-
 # ============================================================================
 # Running it for real.  Everything above is the lesson; what follows makes it a
 # program people can train with for hours: checkpoints and their checks, resume
-# rules, a lock against a second writer, stop signals, the log, the progress bar,
-# CPU threads, memory checks, the benchmark and the command line.
+# rules, every file a run writes, stop signals, the log, the progress, the commands
+# (and the streamed evaluation), CPU threads, memory checks, the benchmark, the command line.
 
 
 # ----------------------------------------------------------------------------
@@ -1325,19 +1285,6 @@ def model_config(args, base=None):
 # Starting or resuming a run, and keeping it safe: outputs checked first, a lock, signals that save, the log.
 
 
-def print_summary(cfg, xp, slices=None):
-    d, shapes = cfg.d_model, block_shapes(cfg.d_model)
-    block = sum(math.prod(s) for s in shapes.values())
-    rows = [("embed (tied with the output layer)", (V, d), V * d)] + [(f"blocks.0.{k}", s, math.prod(s)) for k, s in shapes.items()]
-    rows += [(f"blocks.{i}  (as blocks.0)", "", block) for i in range(1, cfg.n_layers)] + [("final LayerNorm (no parameters)", "", 0)]
-    print(f"MORA  d_model={d}  n_layers={cfg.n_layers}  seq_len={cfg.seq_len}  batch_size={cfg.batch_size}")
-    print(f"backend: {describe_backend(xp, slices)}")
-    print(f"{'parameter':<38}{'shape':>12}{'count':>12}")
-    for name, shape, count in rows:
-        print(f"{name:<38}{str(shape):>12}{count:>12,}")
-    print(f"{'total':<38}{'':>12}{count_params(cfg):>12,}   (one block: {block:,})")
-
-
 def resumed_settings(args, cfg, meta, chosen):
     """The run's own settings, with what SETTINGS lets a resume change: how it reports, and a longer run
     (--max-steps).  A flag that would change anything else (the model, the recipe) is refused."""
@@ -1544,13 +1491,9 @@ class RunFiles:
                             f"another --ckpt") from None
         except ImportError:
             pass
-        try:
+        with contextlib.suppress(OSError):  # the pid is for the message alone: a full disk leaves it out
             os.ftruncate(self.lock_fd, 0)
             os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as exc:  # a full disk: leave nothing behind
-            self.__exit__()
-            os.remove(self.lock)
-            raise UserError(f"{self.failed(self.lock, exc)}: choose another --ckpt") from exc
         return self
 
     def __exit__(self, *exc):
@@ -1749,7 +1692,7 @@ def warn_if_long(run, slices):
 
 
 # ----------------------------------------------------------------------------
-# The commands: train, eval, sample.
+# The commands: train, eval (per record, or the split read as long texts), sample.
 
 
 def train(args):
@@ -1795,9 +1738,17 @@ def finish(run, args, files, report, slices):
 
 
 def print_plan(run, xp, slices, end):
-    """Before step 1: the model, the data, the steps and the schedule of this call."""
-    s = run.settings
-    print_summary(run.cfg, xp, slices)
+    """Before step 1: the model and its parameters, the backend, the data, the steps and the schedule of this call."""
+    cfg, s, d, shapes = run.cfg, run.settings, run.cfg.d_model, block_shapes(run.cfg.d_model)
+    block = sum(math.prod(s) for s in shapes.values())
+    rows = [("embed (tied with the output layer)", (V, d), V * d)] + [(f"blocks.0.{k}", s, math.prod(s)) for k, s in shapes.items()]
+    rows += [(f"blocks.{i}  (as blocks.0)", "", block) for i in range(1, cfg.n_layers)] + [("final LayerNorm (no parameters)", "", 0)]
+    print(f"MORA  d_model={d}  n_layers={cfg.n_layers}  seq_len={cfg.seq_len}  batch_size={cfg.batch_size}")
+    print(f"backend: {describe_backend(xp, slices)}")
+    print(f"{'parameter':<38}{'shape':>12}{'count':>12}")
+    for name, shape, count in rows:
+        print(f"{name:<38}{str(shape):>12}{count:>12,}")
+    print(f"{'total':<38}{'':>12}{count_params(cfg):>12,}   (one block: {block:,})")
     print(f"data: {len(run.train_records):,} train records of {run.cfg.seq_len + 1} bytes, "
           f"{len(run.train_records) // run.cfg.batch_size:,} steps per epoch; {len(run.val_records):,} val records")
     print(f"training: steps {run.step:,} -> {end:,} of {s.max_steps:,}, lr {s.lr:g} (warmup {s.warmup}, "
@@ -1858,6 +1809,47 @@ def command_line(args, *words):
 # The streams `eval --stream` and the final evaluation read side by side: the fewest that run about as fast as
 # the per-record protocol at batch 256 on 2 cores; a stream of the 22.5 MB val is ~350 KB, its cold start small.
 EVAL_STREAMS = 64
+
+
+def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=False):
+    """The bytes `data` read as `streams` texts side by side: cut into that many
+    contiguous parts, each read in chunks of seq_len with its own recurrent state
+    carried from chunk to chunk.  Each part begins with the byte the one before it
+    ended on, so every byte but the first is predicted once.  One stream is one text:
+    how the model reads a long text (the per-record protocol instead charges every
+    record a cold start).  More streams cost a cold start each, and run side by side
+    as the rows of a batch, shared over the CPU threads (see "CPU threads") like the
+    rows of `evaluate`.  Positions are counted within each chunk."""
+    streams = max(1, min(streams, len(data) - 1))  # at least one byte to predict in every stream
+    edges = np.linspace(0, len(data) - 1, streams + 1).astype(np.int64)  # stream k predicts bytes edges[k]+1 .. edges[k+1]
+    if slices is None:
+        parts = [stream_sums(params, data, edges, seq_len, progress)]
+    else:  # a slice of the streams per thread, each read from start to end
+        parts = slices.map(lambda rows: stream_sums(params, data, edges[rows.start:rows.stop + 1], seq_len,
+                                                    progress and rows.start == 0), streams)
+    position_loss, positions_each, total_correct = (sum(part[i] for part in parts) for i in range(3))
+    return dict(evaluation_result(position_loss, positions_each, total_correct), streams=streams)
+
+
+def stream_sums(params, data, edges, seq_len, progress=False):
+    """Per position within a chunk (seq_len,): the summed loss and the number of bytes
+    predicted, and the right predictions, over the streams between `edges` (as in
+    evaluate_stream) read side by side, each carrying its own state."""
+    xp = array_module(params["embed"])
+    starts, lengths = edges[:-1], np.diff(edges)  # (S,) each stream's first byte and its number of predictions
+    state = initial_state(params, len(starts))
+    position_loss, positions_each, total_correct = np.zeros(seq_len), np.zeros(seq_len), 0.0
+    for t0 in progress_bar(range(0, lengths.max(), seq_len), progress, desc="eval (stream)", unit="chunk"):
+        t = min(seq_len, lengths.max() - t0)
+        at = np.minimum(starts + t0 + np.arange(t + 1)[:, None], len(data) - 1)  # (t+1, S) one byte more: the last target
+        chunk = xp.asarray(np.asarray(data[at], dtype=np.int32))  # (t+1, S) time-major
+        logits, _, state = model_forward(params, chunk[:-1], state, keep_cache=False)  # (t, S, V)
+        losses, correct, _ = cross_entropy_forward(logits.reshape(-1, V), chunk[1:].reshape(-1))
+        scored = t0 + np.arange(t)[:, None] < lengths  # (t, S) the bytes inside each stream: a shorter one's end is left out
+        position_loss[:t] += (to_numpy(losses).reshape(t, -1) * scored).sum(1)
+        positions_each[:t] += scored.sum(1)
+        total_correct += float((to_numpy(correct).reshape(t, -1) * scored).sum())
+    return position_loss, positions_each, total_correct
 
 
 def final_evaluation(run, slices, files):
