@@ -1096,10 +1096,7 @@ def load_checkpoint(path, adam=False):
     except Exception as exc:  # zipfile, zlib, ValueError, KeyError, JSON: the bytes are not a checkpoint
         raise UserError(f"{path} is not a MORA checkpoint, or is cut short or corrupt ("
                         f"{'damaged compressed data' if isinstance(exc, zlib.error) else type(exc).__name__}): retrain, or use another copy")
-    return cfg, {k: arrays[k] for k in param_shapes(cfg)}, meta, {k: arrays[k] for k in ADAM_MOMENTS if adam}
-
-
-ADAM_MOMENTS = ("adam.m", "adam.v")
+    return cfg, {k: arrays[k] for k in param_shapes(cfg)}, meta, {k: arrays[k] for k in ("adam.m", "adam.v") if adam}
 
 
 def checkpoint_arrays(archive, path, cfg, adam):
@@ -1111,10 +1108,10 @@ def checkpoint_arrays(archive, path, cfg, adam):
     moments = {"adam.m.npy", "adam.v.npy"} & set(names)
     if adam and not moments:
         raise UserError(f"{path} holds weights only (no optimizer state or settings): it cannot be resumed")
-    shapes = dict(param_shapes(cfg), **dict.fromkeys(ADAM_MOMENTS if moments else (), (count_params(cfg),)))
+    shapes = dict(param_shapes(cfg), **dict.fromkeys(("adam.m", "adam.v") if moments else (), (count_params(cfg),)))
     arrays = {}
     for name, shape in shapes.items():
-        array = read_member(archive, name, shape, read=adam or name not in ADAM_MOMENTS)
+        array = read_member(archive, name, shape, read=adam or not name.startswith("adam."))
         if array is None:
             what = f"not {shape} floats" if f"{name}.npy" in names else "missing"
             raise UserError(f"{path} does not match its own config ({name}: {what}): the file is damaged")
@@ -1239,7 +1236,6 @@ SETTINGS = {
     "ckpt_every": Setting(positive_int, "steps between checkpoints", on_resume=True),
     "final_eval": Setting(yes_no, "evaluate on all of val when the run ends", on_resume=True),
 }
-DEFAULTS = dict(asdict(Config()), **asdict(TrainSettings()))
 SIZE_SETTINGS = ("d_model", "n_layers", "seq_len", "batch_size")  # the flags bench shares with train
 
 
@@ -1247,7 +1243,7 @@ def add_setting_flags(p, names):
     """A flag for each setting in `names`: its rule as the type, its help with the dataclass's default."""
     for name in names:
         rule, text, _, nargs = SETTINGS[name]
-        flag, default = "--" + name.replace("_", "-"), DEFAULTS[name]
+        flag, default = "--" + name.replace("_", "-"), dict(asdict(Config()), **asdict(TrainSettings()))[name]
         if rule is yes_no:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{text} (default: {'yes' if default else 'no'})")
             continue
