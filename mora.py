@@ -992,9 +992,8 @@ def select_backend(device, widths=()):
 
 
 def blas_threads():
-    """The threads each BLAS call of NumPy's OpenBLAS runs: its own OPENBLAS_NUM_THREADS (which MORA sets, see
-    BLAS_VARIABLES) wins over OMP_NUM_THREADS, so that one alone never counts."""
-    value = os.environ.get("OPENBLAS_NUM_THREADS", "")
+    """The threads of a call to NumPy's OpenBLAS: OPENBLAS_NUM_THREADS (set above) wins over OMP_NUM_THREADS."""
+    value = os.environ.get("OPENBLAS_NUM_THREADS", "1")
     return max(1, int(value)) if value.isdigit() else 1
 
 
@@ -1097,10 +1096,7 @@ def load_checkpoint(path, adam=False):
     except Exception as exc:  # zipfile, zlib, ValueError, KeyError, JSON: the bytes are not a checkpoint
         raise UserError(f"{path} is not a MORA checkpoint, or is cut short or corrupt ("
                         f"{'damaged compressed data' if isinstance(exc, zlib.error) else type(exc).__name__}): retrain, or use another copy")
-    return cfg, {k: arrays[k] for k in param_shapes(cfg)}, meta, {k: arrays[k] for k in ADAM_MOMENTS if adam}
-
-
-ADAM_MOMENTS = ("adam.m", "adam.v")
+    return cfg, {k: arrays[k] for k in param_shapes(cfg)}, meta, {k: arrays[k] for k in ("adam.m", "adam.v") if adam}
 
 
 def checkpoint_arrays(archive, path, cfg, adam):
@@ -1112,10 +1108,10 @@ def checkpoint_arrays(archive, path, cfg, adam):
     moments = {"adam.m.npy", "adam.v.npy"} & set(names)
     if adam and not moments:
         raise UserError(f"{path} holds weights only (no optimizer state or settings): it cannot be resumed")
-    shapes = dict(param_shapes(cfg), **dict.fromkeys(ADAM_MOMENTS if moments else (), (count_params(cfg),)))
+    shapes = dict(param_shapes(cfg), **dict.fromkeys(("adam.m", "adam.v") if moments else (), (count_params(cfg),)))
     arrays = {}
     for name, shape in shapes.items():
-        array = read_member(archive, name, shape, read=adam or name not in ADAM_MOMENTS)
+        array = read_member(archive, name, shape, read=adam or not name.startswith("adam."))
         if array is None:
             what = f"not {shape} floats" if f"{name}.npy" in names else "missing"
             raise UserError(f"{path} does not match its own config ({name}: {what}): the file is damaged")
@@ -1234,13 +1230,12 @@ SETTINGS = {
     "mix_init": Setting(finite_float, "initial mix of memory, running mean and delta in every block", nargs=3),
     "slices": Setting(positive_int, "cut each batch into this many slices for the CPU's threads (part of the run: the "
                                     "same result on any number of threads; default: one per thread)"),
-    # How the run reports and saves itself, and (max_steps) how long it runs: what --resume may change.
+    # How the run reports and saves itself: --resume may change these (and max_steps, for a longer run).
     "eval_every": Setting(nonnegative_int, "steps between evaluations on the start of val (0: never)", on_resume=True),
     "eval_bytes": Setting(positive_int, "bytes of val those evaluations read (and the final streamed one)", on_resume=True),
     "ckpt_every": Setting(positive_int, "steps between checkpoints", on_resume=True),
     "final_eval": Setting(yes_no, "evaluate on all of val when the run ends", on_resume=True),
 }
-DEFAULTS = dict(asdict(Config()), **asdict(TrainSettings()))
 SIZE_SETTINGS = ("d_model", "n_layers", "seq_len", "batch_size")  # the flags bench shares with train
 
 
@@ -1248,7 +1243,7 @@ def add_setting_flags(p, names):
     """A flag for each setting in `names`: its rule as the type, its help with the dataclass's default."""
     for name in names:
         rule, text, _, nargs = SETTINGS[name]
-        flag, default = "--" + name.replace("_", "-"), DEFAULTS[name]
+        flag, default = "--" + name.replace("_", "-"), dict(asdict(Config()), **asdict(TrainSettings()))[name]
         if rule is yes_no:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{text} (default: {'yes' if default else 'no'})")
             continue
@@ -1286,13 +1281,16 @@ def model_config(args, base=None):
 # Starting or resuming a run, and keeping it safe: outputs checked first, a lock, signals that save, the log.
 
 
-def resumed_settings(args, meta, chosen):
-    """The run's own settings, with what a resume may change: how it logs, and a longer run (--max-steps)."""
+def resumed_settings(args, cfg, meta, chosen):
+    """The run's own settings, with what SETTINGS lets a resume change: how it reports, and a longer run
+    (--max-steps).  A flag that would change anything else (the model, the recipe) is refused."""
     settings = TrainSettings(**meta["train"])
-    changed = {k: v for k, v in chosen.items() if getattr(settings, k) != (tuple(v) if k == "mix_init" else v)}
-    refused = {k: v for k, v in changed.items() if not SETTINGS[k].on_resume}
-    if refused:
-        raise UserError(f"--resume continues the run with its own settings {asdict(settings)}; these flags differ: {refused}")
+    own, asked = dict(asdict(cfg), **asdict(settings)), dict(asdict(model_config(args, base=cfg)), **chosen)
+    changed = {k: v for k, v in asked.items() if own[k] != (tuple(v) if k == "mix_init" else v)}
+    if refused := {k: v for k, v in changed.items() if not SETTINGS[k].on_resume}:
+        fix = "drop the size flags" if set(refused) & set(asdict(cfg)) else "drop those flags"
+        raise UserError(f"--resume continues {args.ckpt} with its own model and settings {own}; these flags differ: "
+                        f"{refused}: {fix}, or use another --ckpt")
     if changed.get("max_steps", 0) > meta["step"]:  # (one below the step is refused by settings_problem)
         print(f"schedule: the run now ends at step {changed['max_steps']:,} instead of {settings.max_steps:,}; warmup stays "
               f"{settings.warmup}, the cosine decay is stretched to the new end")
@@ -1342,12 +1340,9 @@ def start_or_resume(args, xp, checkpoint):
         if args.overwrite:
             raise UserError("--resume and --overwrite contradict each other: --resume continues --ckpt, --overwrite starts it over")
         cfg, params_np, meta, adam_state = checkpoint
-        asked = model_config(args, base=cfg)
-        if asked != cfg:
-            raise UserError(f"--resume: {args.ckpt} is a {asdict(cfg)} model, the flags ask for {asdict(asked)}: drop the size flags or use another --ckpt")
         if "train" not in meta or "data" not in meta:
             raise UserError(f"{args.ckpt} holds weights only (no optimizer state or settings): it cannot be resumed")
-        settings, step = resumed_settings(args, meta, chosen), meta["step"]
+        settings, step = resumed_settings(args, cfg, meta, chosen), meta["step"]
     else:
         if os.path.exists(args.ckpt) and not args.overwrite:
             raise UserError(f"{args.ckpt} exists: pass --resume to continue it, --overwrite to start over, or another --ckpt")

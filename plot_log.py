@@ -69,7 +69,8 @@ def running_mean(points, window):
     return out
 
 
-def main(argv=None):
+def parse_args(argv):
+    """The flags, checked together; an --out that cannot be written whole, or is a log, refused before any work."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("logs", nargs="+")
     parser.add_argument("--out", default="curve.svg")
@@ -90,6 +91,11 @@ def main(argv=None):
         mora.check_outputs([args.out], args.logs)
     except mora.UserError as exc:
         sys.exit(f"error: {exc}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     labels = args.labels or [os.path.splitext(os.path.basename(p))[0] for p in args.logs]
     curves = [(label, *read_log(p, args.x)) for label, p in zip(labels, args.logs)]
     width, height, left, right, top, bottom = 720, 420, 60, 20, 40, 50
