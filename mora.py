@@ -1717,7 +1717,9 @@ def train(args):
 
 
 def finish(run, args, files, report, slices):
-    """After the last save: where it is, the speed, and at the run's end its final evaluation."""
+    """After the last save: where it is, the speed, and at the run's end its final evaluation.  A signal now stops
+    at once, with a line saying what is on disk and what is left to do."""
+    saved, evaluates = f"{args.ckpt} is saved at step {run.step:,}", f"`{command_line(args, 'eval')}`"
     try:
         print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {files.log}")
         if report.steps:
@@ -1727,19 +1729,23 @@ def finish(run, args, files, report, slices):
         if run.step == run.settings.max_steps and run.settings.final_eval:
             final_evaluation(run, slices, files)
     except KeyboardInterrupt:
-        print(stopped_line(run, args))
+        if run.step < run.settings.max_steps:
+            print(f"stopped: {saved}; continue with `{command_line(args, 'train', '--resume')}`")
+        else:
+            print(f"stopped: {saved}, the end of the run" + f", without its final evaluation: {evaluates} gives it"
+                  * run.settings.final_eval)
         return 130
     except WriteError as exc:  # the final evaluation's row
-        raise UserError(f"{exc}: {args.ckpt} is saved at step {run.step:,}; `{command_line(args, 'eval')}` "
-                        f"evaluates it") from exc
+        raise UserError(f"{exc}: {saved}; {evaluates} evaluates it") from exc
     return 0
 
 
 def print_plan(run, xp, slices, end):
     """Before step 1: the model and its parameters, the backend, the data, the steps and the schedule of this call."""
     cfg, s, d, shapes = run.cfg, run.settings, run.cfg.d_model, block_shapes(run.cfg.d_model)
-    block = sum(math.prod(s) for s in shapes.values())
-    rows = [("embed (tied with the output layer)", (V, d), V * d)] + [(f"blocks.0.{k}", s, math.prod(s)) for k, s in shapes.items()]
+    block = sum(math.prod(shape) for shape in shapes.values())
+    rows = [("embed (tied with the output layer)", (V, d), V * d)] + [(f"blocks.0.{k}", shape, math.prod(shape))
+                                                                      for k, shape in shapes.items()]
     rows += [(f"blocks.{i}  (as blocks.0)", "", block) for i in range(1, cfg.n_layers)] + [("final LayerNorm (no parameters)", "", 0)]
     print(f"MORA  d_model={d}  n_layers={cfg.n_layers}  seq_len={cfg.seq_len}  batch_size={cfg.batch_size}")
     print(f"backend: {describe_backend(xp, slices)}")
@@ -1754,16 +1760,6 @@ def print_plan(run, xp, slices, end):
     if run.cfg.ablate != "none":
         print(f"ablation {run.cfg.ablate}: {int(run.trainable.sum()):,} trainable parameters")
     warn_if_long(run, slices)
-
-
-def stopped_line(run, args):
-    """What a run stopped by a signal after its last save has on disk, and what is left to do."""
-    saved = f"stopped: {args.ckpt} is saved at step {run.step:,}"
-    if run.step < run.settings.max_steps:
-        return f"{saved}; continue with `{command_line(args, 'train', '--resume')}`"
-    if run.settings.final_eval:
-        return f"{saved}, the end of the run, without its final evaluation: `{command_line(args, 'eval')}` gives it"
-    return f"{saved}, the end of the run"
 
 
 def train_and_save(run, end, report, files, slices):
