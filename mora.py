@@ -1765,12 +1765,12 @@ def print_plan(run, xp, slices, end):
 def train_and_save(run, end, report, files, slices):
     """train_loop, then a checkpoint where it ended.  Whatever ends it early gets one line saying what is on disk and
     what to do; a log that cannot be written still gets the checkpoint saved."""
-    problem = None
+    start, problem = run.step, None
     try:
         files.start_lines(run.step, report.sample_length > 0)
         train_loop(run, end, report, files.save, slices)
     except WriteError as exc:
-        if exc.path == files.ckpt:
+        if exc.path == files.ckpt or run.step == start:  # the checkpoint itself failed, or no step was taken
             raise UserError(f"{exc}: {files.on_disk(run, exc.fix)}") from exc
         problem = exc
     except FloatingPointError as exc:  # the loss or the gradient norm

@@ -2410,6 +2410,9 @@ def test_a_full_disk_when_the_log_is_rewritten_keeps_the_old_log(data_dir, tmp_p
     err = one_error_line(capsys, run_main(*train, "--resume"))
     assert "cannot write the log" in err and str(log) in err and "No space left" in err
     assert log.read_bytes() == before and ckpt.read_bytes() == saved and not (tmp_path / "m.csv.tmp").exists()
+    err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "new.npz"))  # a new run: no step, nothing saved
+    assert "cannot write the log" in err and "no checkpoint of this run was saved" in err
+    assert not (tmp_path / "new.npz").exists()
 
 
 def test_sigterm_saves_like_ctrl_c(data_dir, tmp_path):
