@@ -2410,6 +2410,11 @@ def test_a_full_disk_when_the_log_is_rewritten_keeps_the_old_log(data_dir, tmp_p
     err = one_error_line(capsys, run_main(*train, "--resume"))
     assert "cannot write the log" in err and str(log) in err and "No space left" in err
     assert log.read_bytes() == before and ckpt.read_bytes() == saved and not (tmp_path / "m.csv.tmp").exists()
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        file = builtins.open(path, mode, *args, **kwargs)
+        return FullDiskAfter(file, 0) if str(path).endswith(".csv.tmp") else file
+    monkeypatch.setattr(mora, "open", full_disk, raising=False)
     err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "new.npz"))  # a new run: no step, nothing saved
     assert "cannot write the log" in err and "no checkpoint of this run was saved" in err
     assert not (tmp_path / "new.npz").exists()
