@@ -1459,7 +1459,8 @@ class RunFiles:
         self.ckpt, self.lock, self.log, self.samples = ckpt, ckpt + ".lock", stem + ".csv", stem + ".samples.txt"
         self.what = {self.ckpt: "the checkpoint", self.lock: "the lock", self.log: "the log", self.samples: "the samples"}
         self.appending = {}
-        if os.path.basename(ckpt) in ("train.bin", "val.bin", "test.bin") or os.path.exists(ckpt + ".json"):
+        prepared = ckpt.endswith(".bin") and os.path.exists(ckpt + ".json")  # prepare_data.py's record beside it
+        if prepared or os.path.basename(ckpt) in ("train.bin", "val.bin", "test.bin"):
             raise UserError(f"--ckpt {ckpt} is a prepared data file (prepare_data.py's): a checkpoint would replace it; "
                             f"choose another --ckpt, e.g. checkpoints/mora.npz")
         folder = os.path.dirname(os.path.abspath(ckpt))
