@@ -1149,8 +1149,8 @@ def read_member(archive, name, shape, kind="f", read=True):
 def meta_problem(meta):
     """What in a checkpoint's meta is not what `train` writes, in words (None: nothing).  A weights-only one has a
     config and a step, a run's its settings and data too; each value is held to its flag's rule, then to each other."""
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        return f"checkpoint format {meta.get('format') if isinstance(meta, dict) else None!r}, this mora.py reads {CHECKPOINT_FORMAT!r}"
+    if (found := meta.get("format") if isinstance(meta, dict) else None) != CHECKPOINT_FORMAT:
+        return f"checkpoint format {found!r}, this mora.py reads {CHECKPOINT_FORMAT!r}"
     config, train, data = meta.get("config"), meta.get("train", {}), meta.get("data", {})
     if not (isinstance(config, dict) and isinstance(train, dict) and isinstance(data, dict) and "step" in meta):
         return "no config or step"
