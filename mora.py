@@ -1328,7 +1328,7 @@ class Run:
 #   - one BLAS thread per worker (BLAS_VARIABLES, at the top), so no sum's order depends on the cores;
 #   - the saved slice count (cpu_slices, kept in the settings): the batch is cut the same way on any threads;
 #   - the step as the data cursor (batch_rows): an epoch's order is a function of the seed and the epoch;
-#   - the Adam moments (Run.meta and save_checkpoint write them with the weights, load_checkpoint checks them);
+#   - the Adam moments (RunFiles.save writes them beside the weights, load_checkpoint reads and checks them);
 #   - the schedule as a function of the step (learning_rate);
 #   - the data hash (open_run_data): only the run's own train.bin and val.bin will do;
 #   - the settings locked on resume (resumed_settings): only how a run reports and how long it runs may change.
