@@ -1221,6 +1221,17 @@ def test_the_lesson_uses_nothing_defined_after_it():
     assert after and not {(name, line) for name, line in used if name in after}
 
 
+def test_the_resume_comment_names_where_each_reason_is_held():
+    """The comment above start_or_resume lists why a resumed run is bit for bit the same, each reason with the
+    name that holds it: every such name exists."""
+    import functools
+    with open(mora.__file__) as f:
+        source = f.read()
+    comment = source[source.index("# Why a resumed run is bit for bit the same"):source.index("def start_or_resume(")]
+    named = re.findall(r"^#   - [^(]*\(([\w.]+)", comment, re.M)
+    assert len(named) == 7 and all(functools.reduce(getattr, name.split("."), mora) for name in named), named
+
+
 def log_rows(log):
     import csv
     with open(log, newline="") as f:
