@@ -1328,7 +1328,7 @@ class Run:
 #   - one BLAS thread per worker (BLAS_VARIABLES, at the top), so no sum's order depends on the cores;
 #   - the saved slice count (cpu_slices, kept in the settings): the batch is cut the same way on any threads;
 #   - the step as the data cursor (batch_rows): an epoch's order is a function of the seed and the epoch;
-#   - the Adam moments (Run.meta and save_checkpoint write them with the weights, load_checkpoint checks them);
+#   - the Adam moments (RunFiles.save writes them beside the weights, load_checkpoint reads and checks them);
 #   - the schedule as a function of the step (learning_rate);
 #   - the data hash (open_run_data): only the run's own train.bin and val.bin will do;
 #   - the settings locked on resume (resumed_settings): only how a run reports and how long it runs may change.
@@ -1459,7 +1459,8 @@ class RunFiles:
         self.ckpt, self.lock, self.log, self.samples = ckpt, ckpt + ".lock", stem + ".csv", stem + ".samples.txt"
         self.what = {self.ckpt: "the checkpoint", self.lock: "the lock", self.log: "the log", self.samples: "the samples"}
         self.appending = {}
-        if os.path.basename(ckpt) in ("train.bin", "val.bin", "test.bin") or os.path.exists(ckpt + ".json"):
+        prepared = ckpt.endswith(".bin") and os.path.exists(ckpt + ".json")  # prepare_data.py's record beside it
+        if prepared or os.path.basename(ckpt) in ("train.bin", "val.bin", "test.bin"):
             raise UserError(f"--ckpt {ckpt} is a prepared data file (prepare_data.py's): a checkpoint would replace it; "
                             f"choose another --ckpt, e.g. checkpoints/mora.npz")
         folder = os.path.dirname(os.path.abspath(ckpt))
@@ -1717,7 +1718,9 @@ def train(args):
 
 
 def finish(run, args, files, report, slices):
-    """After the last save: where it is, the speed, and at the run's end its final evaluation."""
+    """After the last save: where it is, the speed, and at the run's end its final evaluation.  A signal now stops
+    at once, with a line saying what is on disk and what is left to do."""
+    saved, evaluates = f"{args.ckpt} is saved at step {run.step:,}", f"`{command_line(args, 'eval')}`"
     try:
         print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {files.log}")
         if report.steps:
@@ -1727,19 +1730,23 @@ def finish(run, args, files, report, slices):
         if run.step == run.settings.max_steps and run.settings.final_eval:
             final_evaluation(run, slices, files)
     except KeyboardInterrupt:
-        print(stopped_line(run, args))
+        if run.step < run.settings.max_steps:
+            print(f"stopped: {saved}; continue with `{command_line(args, 'train', '--resume')}`")
+        else:
+            print(f"stopped: {saved}, the end of the run" + f", without its final evaluation: {evaluates} gives it"
+                  * run.settings.final_eval)
         return 130
     except WriteError as exc:  # the final evaluation's row
-        raise UserError(f"{exc}: {args.ckpt} is saved at step {run.step:,}; `{command_line(args, 'eval')}` "
-                        f"evaluates it") from exc
+        raise UserError(f"{exc}: {saved}; {evaluates} evaluates it") from exc
     return 0
 
 
 def print_plan(run, xp, slices, end):
     """Before step 1: the model and its parameters, the backend, the data, the steps and the schedule of this call."""
     cfg, s, d, shapes = run.cfg, run.settings, run.cfg.d_model, block_shapes(run.cfg.d_model)
-    block = sum(math.prod(s) for s in shapes.values())
-    rows = [("embed (tied with the output layer)", (V, d), V * d)] + [(f"blocks.0.{k}", s, math.prod(s)) for k, s in shapes.items()]
+    block = sum(math.prod(shape) for shape in shapes.values())
+    rows = [("embed (tied with the output layer)", (V, d), V * d)] + [(f"blocks.0.{k}", shape, math.prod(shape))
+                                                                      for k, shape in shapes.items()]
     rows += [(f"blocks.{i}  (as blocks.0)", "", block) for i in range(1, cfg.n_layers)] + [("final LayerNorm (no parameters)", "", 0)]
     print(f"MORA  d_model={d}  n_layers={cfg.n_layers}  seq_len={cfg.seq_len}  batch_size={cfg.batch_size}")
     print(f"backend: {describe_backend(xp, slices)}")
@@ -1756,25 +1763,15 @@ def print_plan(run, xp, slices, end):
     warn_if_long(run, slices)
 
 
-def stopped_line(run, args):
-    """What a run stopped by a signal after its last save has on disk, and what is left to do."""
-    saved = f"stopped: {args.ckpt} is saved at step {run.step:,}"
-    if run.step < run.settings.max_steps:
-        return f"{saved}; continue with `{command_line(args, 'train', '--resume')}`"
-    if run.settings.final_eval:
-        return f"{saved}, the end of the run, without its final evaluation: `{command_line(args, 'eval')}` gives it"
-    return f"{saved}, the end of the run"
-
-
 def train_and_save(run, end, report, files, slices):
     """train_loop, then a checkpoint where it ended.  Whatever ends it early gets one line saying what is on disk and
     what to do; a log that cannot be written still gets the checkpoint saved."""
-    problem = None
+    start, problem = run.step, None
     try:
         files.start_lines(run.step, report.sample_length > 0)
         train_loop(run, end, report, files.save, slices)
     except WriteError as exc:
-        if exc.path == files.ckpt:
+        if exc.path == files.ckpt or run.step == start:  # the checkpoint itself failed, or no step was taken
             raise UserError(f"{exc}: {files.on_disk(run, exc.fix)}") from exc
         problem = exc
     except FloatingPointError as exc:  # the loss or the gradient norm

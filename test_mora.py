@@ -1221,6 +1221,17 @@ def test_the_lesson_uses_nothing_defined_after_it():
     assert after and not {(name, line) for name, line in used if name in after}
 
 
+def test_the_resume_comment_names_where_each_reason_is_held():
+    """The comment above start_or_resume lists why a resumed run is bit for bit the same, each reason with the
+    name that holds it: every such name exists."""
+    import functools
+    with open(mora.__file__) as f:
+        source = f.read()
+    comment = source[source.index("# Why a resumed run is bit for bit the same"):source.index("def start_or_resume(")]
+    named = re.findall(r"^#   - [^(]*\(([\w.]+)", comment, re.M)
+    assert len(named) == 7 and all(functools.reduce(getattr, name.split("."), mora) for name in named), named
+
+
 def log_rows(log):
     import csv
     with open(log, newline="") as f:
@@ -2410,6 +2421,14 @@ def test_a_full_disk_when_the_log_is_rewritten_keeps_the_old_log(data_dir, tmp_p
     err = one_error_line(capsys, run_main(*train, "--resume"))
     assert "cannot write the log" in err and str(log) in err and "No space left" in err
     assert log.read_bytes() == before and ckpt.read_bytes() == saved and not (tmp_path / "m.csv.tmp").exists()
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        file = builtins.open(path, mode, *args, **kwargs)
+        return FullDiskAfter(file, 0) if str(path).endswith(".csv.tmp") else file
+    monkeypatch.setattr(mora, "open", full_disk, raising=False)
+    err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "new.npz"))  # a new run: no step, nothing saved
+    assert "cannot write the log" in err and "no checkpoint of this run was saved" in err
+    assert not (tmp_path / "new.npz").exists()
 
 
 def test_sigterm_saves_like_ctrl_c(data_dir, tmp_path):
