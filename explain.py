@@ -211,6 +211,26 @@ h1{font-size:1.4em;margin:0}h2{font-size:1.1em;margin:1.4em 0 .3em}.legend{font-
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.1em .6em;text-align:right}"""
 
 
+def read_input(args):
+    """(the text's first --max-bytes bytes, a note for the page when that cut it); never more is read."""
+    if args.max_bytes < 2:
+        raise mora.UserError(f"--max-bytes {args.max_bytes}: at least 2 bytes are needed, one to read and one to predict")
+    if args.file is not None:
+        try:
+            with open(args.file, "rb") as f:
+                data = f.read(args.max_bytes + 1)  # no more: --file may be endless (/dev/zero) or huge
+        except OSError as exc:
+            raise mora.UserError(f"cannot read --file {args.file} ({exc.strerror}): give the path of a text file")
+    else:
+        data = os.fsencode(args.text)  # the text's bytes as given, as `mora.py sample` takes its prompt
+    if len(data) < 2:
+        raise mora.UserError("the text has fewer than 2 bytes: give at least one byte to read and one to predict")
+    if len(data) <= args.max_bytes:
+        return data, ""
+    print(f"explain: reading the first {args.max_bytes:,} bytes of the text (raise --max-bytes for more)")
+    return data[:args.max_bytes], f" (the first {args.max_bytes:,} bytes of the text: --max-bytes caps it)"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default="checkpoints/mora.npz")
@@ -221,24 +241,9 @@ def main(argv=None):
     parser.add_argument("--out", default="explain.html")
     args = parser.parse_args(argv)
     try:
-        if args.max_bytes < 2:
-            raise mora.UserError(f"--max-bytes {args.max_bytes}: at least 2 bytes are needed, one to read and one to predict")
-        mora.check_outputs([args.out], [args.ckpt] + [args.file] * (args.file is not None))
-        if args.file is not None:
-            try:
-                with open(args.file, "rb") as f:
-                    data = f.read(args.max_bytes + 1)  # no more: --file may be endless (/dev/zero) or huge
-            except OSError as exc:
-                raise mora.UserError(f"cannot read --file {args.file} ({exc.strerror}): give the path of a text file")
-        else:
-            data = os.fsencode(args.text)  # the text's bytes as given, as `mora.py sample` takes its prompt
-        if len(data) < 2:
-            raise mora.UserError("the text has fewer than 2 bytes: give at least one byte to read and one to predict")
-        cut_note = ""
-        if len(data) > args.max_bytes:
-            cut_note = f" (the first {args.max_bytes:,} bytes of the text: --max-bytes caps it)"
-            print(f"explain: reading the first {args.max_bytes:,} bytes of the text (raise --max-bytes for more)")
-            data = data[:args.max_bytes]
+        mora.check_outputs([args.out, os.path.realpath(args.out) + ".tmp"],  # the page and what written_atomically writes
+                           [args.ckpt] + [args.file] * (args.file is not None))
+        data, cut_note = read_input(args)
         cfg, params, meta, _ = mora.load_checkpoint(args.ckpt)
         bits, top, beta, delta = read_text(params, data)
         chars = characters(data)

@@ -867,7 +867,8 @@ def generate(params, prompt, length, temperature, top_k, seed):
 
 
 # ----------------------------------------------------------------------------
-# Evaluation: loss, accuracy and bits/byte over a split, per record or as one text.
+# Evaluation: loss, accuracy and bits/byte over a split, record by record (reading it as
+# long texts, evaluate_stream, comes with the commands in "Running it for real").
 
 
 def progress_bar(items, show, **kwargs):
@@ -936,52 +937,11 @@ def evaluate(params, records, batch_size, slices=None, progress=False):
     return evaluation_result(position_loss, np.full(T, n), total_correct)
 
 
-def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=False):
-    """The bytes `data` read as `streams` texts side by side: cut into that many
-    contiguous parts, each read in chunks of seq_len with its own recurrent state
-    carried from chunk to chunk.  Each part begins with the byte the one before it
-    ended on, so every byte but the first is predicted once.  One stream is one text:
-    how the model reads a long text (the per-record protocol instead charges every
-    record a cold start).  More streams cost a cold start each, and run side by side
-    as the rows of a batch, shared over the CPU threads (see "CPU threads") like the
-    rows of `evaluate`.  Positions are counted within each chunk."""
-    streams = max(1, min(streams, len(data) - 1))  # at least one byte to predict in every stream
-    edges = np.linspace(0, len(data) - 1, streams + 1).astype(np.int64)  # stream k predicts bytes edges[k]+1 .. edges[k+1]
-    if slices is None:
-        parts = [stream_sums(params, data, edges, seq_len, progress)]
-    else:  # a slice of the streams per thread, each read from start to end
-        parts = slices.map(lambda rows: stream_sums(params, data, edges[rows.start:rows.stop + 1], seq_len,
-                                                    progress and rows.start == 0), streams)
-    position_loss, positions_each, total_correct = (sum(part[i] for part in parts) for i in range(3))
-    return dict(evaluation_result(position_loss, positions_each, total_correct), streams=streams)
-
-
-def stream_sums(params, data, edges, seq_len, progress=False):
-    """Per position within a chunk (seq_len,): the summed loss and the number of bytes
-    predicted, and the right predictions, over the streams between `edges` (as in
-    evaluate_stream) read side by side, each carrying its own state."""
-    xp = array_module(params["embed"])
-    starts, lengths = edges[:-1], np.diff(edges)  # (S,) each stream's first byte and its number of predictions
-    state = initial_state(params, len(starts))
-    position_loss, positions_each, total_correct = np.zeros(seq_len), np.zeros(seq_len), 0.0
-    for t0 in progress_bar(range(0, lengths.max(), seq_len), progress, desc="eval (stream)", unit="chunk"):
-        t = min(seq_len, lengths.max() - t0)
-        at = np.minimum(starts + t0 + np.arange(t + 1)[:, None], len(data) - 1)  # (t+1, S) one byte more: the last target
-        chunk = xp.asarray(np.asarray(data[at], dtype=np.int32))  # (t+1, S) time-major
-        logits, _, state = model_forward(params, chunk[:-1], state, keep_cache=False)  # (t, S, V)
-        losses, correct, _ = cross_entropy_forward(logits.reshape(-1, V), chunk[1:].reshape(-1))
-        scored = t0 + np.arange(t)[:, None] < lengths  # (t, S) the bytes inside each stream: a shorter one's end is left out
-        position_loss[:t] += (to_numpy(losses).reshape(t, -1) * scored).sum(1)
-        positions_each[:t] += scored.sum(1)
-        total_correct += float((to_numpy(correct).reshape(t, -1) * scored).sum())
-    return position_loss, positions_each, total_correct
-
-
 # ============================================================================
 # Running it for real.  Everything above is the lesson; what follows makes it a
 # program people can train with for hours: checkpoints and their checks, resume
-# rules, a lock against a second writer, stop signals, the log, the progress bar,
-# CPU threads, memory checks, the benchmark and the command line.
+# rules, every file a run writes, stop signals, the log, the progress, the commands
+# (and the streamed evaluation), CPU threads, memory checks, the benchmark, the command line.
 
 
 # ----------------------------------------------------------------------------
@@ -1032,9 +992,8 @@ def select_backend(device, widths=()):
 
 
 def blas_threads():
-    """The threads each BLAS call of NumPy's OpenBLAS runs: its own OPENBLAS_NUM_THREADS (which MORA sets, see
-    BLAS_VARIABLES) wins over OMP_NUM_THREADS, so that one alone never counts."""
-    value = os.environ.get("OPENBLAS_NUM_THREADS", "")
+    """The threads of a call to NumPy's OpenBLAS: OPENBLAS_NUM_THREADS (set above) wins over OMP_NUM_THREADS."""
+    value = os.environ.get("OPENBLAS_NUM_THREADS", "1")
     return max(1, int(value)) if value.isdigit() else 1
 
 
@@ -1137,10 +1096,7 @@ def load_checkpoint(path, adam=False):
     except Exception as exc:  # zipfile, zlib, ValueError, KeyError, JSON: the bytes are not a checkpoint
         raise UserError(f"{path} is not a MORA checkpoint, or is cut short or corrupt ("
                         f"{'damaged compressed data' if isinstance(exc, zlib.error) else type(exc).__name__}): retrain, or use another copy")
-    return cfg, {k: arrays[k] for k in param_shapes(cfg)}, meta, {k: arrays[k] for k in ADAM_MOMENTS if adam}
-
-
-ADAM_MOMENTS = ("adam.m", "adam.v")
+    return cfg, {k: arrays[k] for k in param_shapes(cfg)}, meta, {k: arrays[k] for k in ("adam.m", "adam.v") if adam}
 
 
 def checkpoint_arrays(archive, path, cfg, adam):
@@ -1152,10 +1108,10 @@ def checkpoint_arrays(archive, path, cfg, adam):
     moments = {"adam.m.npy", "adam.v.npy"} & set(names)
     if adam and not moments:
         raise UserError(f"{path} holds weights only (no optimizer state or settings): it cannot be resumed")
-    shapes = dict(param_shapes(cfg), **dict.fromkeys(ADAM_MOMENTS if moments else (), (count_params(cfg),)))
+    shapes = dict(param_shapes(cfg), **dict.fromkeys(("adam.m", "adam.v") if moments else (), (count_params(cfg),)))
     arrays = {}
     for name, shape in shapes.items():
-        array = read_member(archive, name, shape, read=adam or name not in ADAM_MOMENTS)
+        array = read_member(archive, name, shape, read=adam or not name.startswith("adam."))
         if array is None:
             what = f"not {shape} floats" if f"{name}.npy" in names else "missing"
             raise UserError(f"{path} does not match its own config ({name}: {what}): the file is damaged")
@@ -1193,8 +1149,8 @@ def read_member(archive, name, shape, kind="f", read=True):
 def meta_problem(meta):
     """What in a checkpoint's meta is not what `train` writes, in words (None: nothing).  A weights-only one has a
     config and a step, a run's its settings and data too; each value is held to its flag's rule, then to each other."""
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        return f"checkpoint format {meta.get('format') if isinstance(meta, dict) else None!r}, this mora.py reads {CHECKPOINT_FORMAT!r}"
+    if (found := meta.get("format") if isinstance(meta, dict) else None) != CHECKPOINT_FORMAT:
+        return f"checkpoint format {found!r}, this mora.py reads {CHECKPOINT_FORMAT!r}"
     config, train, data = meta.get("config"), meta.get("train", {}), meta.get("data", {})
     if not (isinstance(config, dict) and isinstance(train, dict) and isinstance(data, dict) and "step" in meta):
         return "no config or step"
@@ -1274,13 +1230,12 @@ SETTINGS = {
     "mix_init": Setting(finite_float, "initial mix of memory, running mean and delta in every block", nargs=3),
     "slices": Setting(positive_int, "cut each batch into this many slices for the CPU's threads (part of the run: the "
                                     "same result on any number of threads; default: one per thread)"),
-    # How the run reports and saves itself, and (max_steps) how long it runs: what --resume may change.
+    # How the run reports and saves itself: --resume may change these (and max_steps, for a longer run).
     "eval_every": Setting(nonnegative_int, "steps between evaluations on the start of val (0: never)", on_resume=True),
     "eval_bytes": Setting(positive_int, "bytes of val those evaluations read (and the final streamed one)", on_resume=True),
     "ckpt_every": Setting(positive_int, "steps between checkpoints", on_resume=True),
     "final_eval": Setting(yes_no, "evaluate on all of val when the run ends", on_resume=True),
 }
-DEFAULTS = dict(asdict(Config()), **asdict(TrainSettings()))
 SIZE_SETTINGS = ("d_model", "n_layers", "seq_len", "batch_size")  # the flags bench shares with train
 
 
@@ -1288,7 +1243,7 @@ def add_setting_flags(p, names):
     """A flag for each setting in `names`: its rule as the type, its help with the dataclass's default."""
     for name in names:
         rule, text, _, nargs = SETTINGS[name]
-        flag, default = "--" + name.replace("_", "-"), DEFAULTS[name]
+        flag, default = "--" + name.replace("_", "-"), dict(asdict(Config()), **asdict(TrainSettings()))[name]
         if rule is yes_no:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{text} (default: {'yes' if default else 'no'})")
             continue
@@ -1299,16 +1254,13 @@ def add_setting_flags(p, names):
 
 def follows_rule(name, value):
     """Whether a checkpoint may hold `value` for `name` (a setting; else a count such as the step) by the rule of the
-    flag that sets it, the JSON read as the flag's text: so "7" is no step, 7.0 no batch size and true no lr."""
+    flag that sets it, the JSON read as the flag's text: so "7" is no step, 7.0 no batch size and true no lr.  A run
+    on the GPU has no slices (None)."""
     rule, _, _, nargs = SETTINGS.get(name, Setting(nonnegative_int, None))
-    if nargs:
-        return isinstance(value, list) and len(value) == nargs and all(obeys(rule, v) for v in value)
-    return (value is None and name == "slices") or obeys(rule, value)  # a run on the GPU has no slices
-
-
-def obeys(rule, value):
     try:
-        return rule(value if isinstance(value, str) else json.dumps(value)) == value
+        if nargs:
+            return isinstance(value, list) and len(value) == nargs and all(rule(json.dumps(v)) == v for v in value)
+        return (value is None and name == "slices") or rule(value if isinstance(value, str) else json.dumps(value)) == value
     except (argparse.ArgumentTypeError, ValueError):
         return False
 
@@ -1326,26 +1278,16 @@ def model_config(args, base=None):
 # Starting or resuming a run, and keeping it safe: outputs checked first, a lock, signals that save, the log.
 
 
-def print_summary(cfg, xp, slices=None):
-    d, shapes = cfg.d_model, block_shapes(cfg.d_model)
-    block = sum(math.prod(s) for s in shapes.values())
-    rows = [("embed (tied with the output layer)", (V, d), V * d)] + [(f"blocks.0.{k}", s, math.prod(s)) for k, s in shapes.items()]
-    rows += [(f"blocks.{i}  (as blocks.0)", "", block) for i in range(1, cfg.n_layers)] + [("final LayerNorm (no parameters)", "", 0)]
-    print(f"MORA  d_model={d}  n_layers={cfg.n_layers}  seq_len={cfg.seq_len}  batch_size={cfg.batch_size}")
-    print(f"backend: {describe_backend(xp, slices)}")
-    print(f"{'parameter':<38}{'shape':>12}{'count':>12}")
-    for name, shape, count in rows:
-        print(f"{name:<38}{str(shape):>12}{count:>12,}")
-    print(f"{'total':<38}{'':>12}{count_params(cfg):>12,}   (one block: {block:,})")
-
-
-def resumed_settings(args, meta, chosen):
-    """The run's own settings, with what a resume may change: how it logs, and a longer run (--max-steps)."""
+def resumed_settings(args, cfg, meta, chosen):
+    """The run's own settings, with what SETTINGS lets a resume change: how it reports, and a longer run
+    (--max-steps).  A flag that would change anything else (the model, the recipe) is refused."""
     settings = TrainSettings(**meta["train"])
-    changed = {k: v for k, v in chosen.items() if getattr(settings, k) != (tuple(v) if k == "mix_init" else v)}
-    refused = {k: v for k, v in changed.items() if not SETTINGS[k].on_resume}
-    if refused:
-        raise UserError(f"--resume continues the run with its own settings {asdict(settings)}; these flags differ: {refused}")
+    own, asked = dict(asdict(cfg), **asdict(settings)), dict(asdict(model_config(args, base=cfg)), **chosen)
+    changed = {k: v for k, v in asked.items() if own[k] != (tuple(v) if k == "mix_init" else v)}
+    if refused := {k: v for k, v in changed.items() if not SETTINGS[k].on_resume}:
+        fix = "drop the size flags" if set(refused) & set(asdict(cfg)) else "drop those flags"
+        raise UserError(f"--resume continues {args.ckpt} with its own model and settings {own}; these flags differ: "
+                        f"{refused}: {fix}, or use another --ckpt")
     if changed.get("max_steps", 0) > meta["step"]:  # (one below the step is refused by settings_problem)
         print(f"schedule: the run now ends at step {changed['max_steps']:,} instead of {settings.max_steps:,}; warmup stays "
               f"{settings.warmup}, the cosine decay is stretched to the new end")
@@ -1383,7 +1325,7 @@ class Run:
 #   - one BLAS thread per worker (BLAS_VARIABLES, at the top), so no sum's order depends on the cores;
 #   - the saved slice count (cpu_slices, kept in the settings): the batch is cut the same way on any threads;
 #   - the step as the data cursor (batch_rows): an epoch's order is a function of the seed and the epoch;
-#   - the Adam moments (Run.meta and save_checkpoint write them with the weights, load_checkpoint checks them);
+#   - the Adam moments (RunFiles.save writes them beside the weights, load_checkpoint reads and checks them);
 #   - the schedule as a function of the step (learning_rate);
 #   - the data hash (open_run_data): only the run's own train.bin and val.bin will do;
 #   - the settings locked on resume (resumed_settings): only how a run reports and how long it runs may change.
@@ -1395,12 +1337,9 @@ def start_or_resume(args, xp, checkpoint):
         if args.overwrite:
             raise UserError("--resume and --overwrite contradict each other: --resume continues --ckpt, --overwrite starts it over")
         cfg, params_np, meta, adam_state = checkpoint
-        asked = model_config(args, base=cfg)
-        if asked != cfg:
-            raise UserError(f"--resume: {args.ckpt} is a {asdict(cfg)} model, the flags ask for {asdict(asked)}: drop the size flags or use another --ckpt")
         if "train" not in meta or "data" not in meta:
             raise UserError(f"{args.ckpt} holds weights only (no optimizer state or settings): it cannot be resumed")
-        settings, step = resumed_settings(args, meta, chosen), meta["step"]
+        settings, step = resumed_settings(args, cfg, meta, chosen), meta["step"]
     else:
         if os.path.exists(args.ckpt) and not args.overwrite:
             raise UserError(f"{args.ckpt} exists: pass --resume to continue it, --overwrite to start over, or another --ckpt")
@@ -1421,8 +1360,7 @@ def start_or_resume(args, xp, checkpoint):
     flat, params = flat_parameters(params_np, xp)
     if trainable is not None:
         flat *= trainable  # ablated parameters start (and stay) at 0
-    adam_m = xp.asarray(adam_state.get("adam.m", np.zeros(flat.shape, np.float32)))
-    adam_v = xp.asarray(adam_state.get("adam.v", np.zeros(flat.shape, np.float32)))
+    adam_m, adam_v = (xp.asarray(adam_state[k]) if adam_state else xp.zeros_like(flat) for k in ("adam.m", "adam.v"))
     return Run(cfg, settings, step, train_records, val_records, flat, params, trainable, adam_m, adam_v, data_files,
                saved_step=step if args.resume else None)
 
@@ -1482,8 +1420,9 @@ def lines_up_to(path, step, header, step_of):
     """The lines of a run's file (the log, the samples: `header` first, then a line per step_of) that belong to a
     checkpoint at `step`.  A file with a line cut short or unreadable (a kill mid-line, a hand edit) is set aside
     as .bad and the lines before it kept; lines after `step` (written after that checkpoint) are dropped."""
-    if not os.path.exists(path):
-        print(f"warning: {path} is missing: a new one starts at step {step:,}", file=sys.stderr)
+    if not os.path.exists(path):  # (said of the log alone: a run may have sampled nothing so far)
+        if header:
+            print(f"warning: {path} is missing: a new one starts at step {step:,}", file=sys.stderr)
         return []
     with open(path, newline="", errors="replace") as f:
         *lines, cut = f.read().split("\n")  # cut: the text after the last line end, a line cut short
@@ -1516,7 +1455,8 @@ class RunFiles:
         self.ckpt, self.lock, self.log, self.samples = ckpt, ckpt + ".lock", stem + ".csv", stem + ".samples.txt"
         self.what = {self.ckpt: "the checkpoint", self.lock: "the lock", self.log: "the log", self.samples: "the samples"}
         self.appending = {}
-        if os.path.basename(ckpt) in ("train.bin", "val.bin", "test.bin") or os.path.exists(ckpt + ".json"):
+        prepared = ckpt.endswith(".bin") and os.path.exists(ckpt + ".json")  # prepare_data.py's record beside it
+        if prepared or os.path.basename(ckpt) in ("train.bin", "val.bin", "test.bin"):
             raise UserError(f"--ckpt {ckpt} is a prepared data file (prepare_data.py's): a checkpoint would replace it; "
                             f"choose another --ckpt, e.g. checkpoints/mora.npz")
         folder = os.path.dirname(os.path.abspath(ckpt))
@@ -1525,7 +1465,8 @@ class RunFiles:
         except OSError as exc:
             raise UserError(f"cannot create the folder {folder} for --ckpt ({exc.strerror}): choose another --ckpt")
         inputs = [os.path.join(args.data_dir, name) for name in ("train.bin", "val.bin")]
-        check_outputs([p for path in self.what for p in (path, os.path.realpath(path) + ".tmp")], inputs, "--ckpt")
+        written = [self.ckpt, self.log, self.samples]  # each through its .tmp (written_atomically)
+        check_outputs(written + [os.path.realpath(p) + ".tmp" for p in written] + [self.lock], inputs, "--ckpt")
 
     def __enter__(self):
         """Lock the run (CKPT.lock, never through a link): a second run on it stops at once.  The system drops the
@@ -1545,13 +1486,9 @@ class RunFiles:
                             f"another --ckpt") from None
         except ImportError:
             pass
-        try:
+        with contextlib.suppress(OSError):  # the pid is for the message alone: a full disk leaves it out
             os.ftruncate(self.lock_fd, 0)
             os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as exc:  # a full disk: leave nothing behind
-            self.__exit__()
-            os.remove(self.lock)
-            raise UserError(f"{self.failed(self.lock, exc)}: choose another --ckpt") from exc
         return self
 
     def __exit__(self, *exc):
@@ -1750,7 +1687,7 @@ def warn_if_long(run, slices):
 
 
 # ----------------------------------------------------------------------------
-# The commands: train, eval, sample.
+# The commands: train, eval (per record, or the split read as long texts), sample.
 
 
 def train(args):
@@ -1777,7 +1714,9 @@ def train(args):
 
 
 def finish(run, args, files, report, slices):
-    """After the last save: where it is, the speed, and at the run's end its final evaluation."""
+    """After the last save: where it is, the speed, and at the run's end its final evaluation.  A signal now stops
+    at once, with a line saying what is on disk and what is left to do."""
+    saved, evaluates = f"{args.ckpt} is saved at step {run.step:,}", f"`{command_line(args, 'eval')}`"
     try:
         print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {files.log}")
         if report.steps:
@@ -1787,18 +1726,30 @@ def finish(run, args, files, report, slices):
         if run.step == run.settings.max_steps and run.settings.final_eval:
             final_evaluation(run, slices, files)
     except KeyboardInterrupt:
-        print(stopped_line(run, args))
+        if run.step < run.settings.max_steps:
+            print(f"stopped: {saved}; continue with `{command_line(args, 'train', '--resume')}`")
+        else:
+            print(f"stopped: {saved}, the end of the run" + f", without its final evaluation: {evaluates} gives it"
+                  * run.settings.final_eval)
         return 130
     except WriteError as exc:  # the final evaluation's row
-        raise UserError(f"{exc}: {args.ckpt} is saved at step {run.step:,}; `{command_line(args, 'eval')}` "
-                        f"evaluates it") from exc
+        raise UserError(f"{exc}: {saved}; {evaluates} evaluates it") from exc
     return 0
 
 
 def print_plan(run, xp, slices, end):
-    """Before step 1: the model, the data, the steps and the schedule of this call."""
-    s = run.settings
-    print_summary(run.cfg, xp, slices)
+    """Before step 1: the model and its parameters, the backend, the data, the steps and the schedule of this call."""
+    cfg, s, d, shapes = run.cfg, run.settings, run.cfg.d_model, block_shapes(run.cfg.d_model)
+    block = sum(math.prod(shape) for shape in shapes.values())
+    rows = [("embed (tied with the output layer)", (V, d), V * d)] + [(f"blocks.0.{k}", shape, math.prod(shape))
+                                                                      for k, shape in shapes.items()]
+    rows += [(f"blocks.{i}  (as blocks.0)", "", block) for i in range(1, cfg.n_layers)] + [("final LayerNorm (no parameters)", "", 0)]
+    print(f"MORA  d_model={d}  n_layers={cfg.n_layers}  seq_len={cfg.seq_len}  batch_size={cfg.batch_size}")
+    print(f"backend: {describe_backend(xp, slices)}")
+    print(f"{'parameter':<38}{'shape':>12}{'count':>12}")
+    for name, shape, count in rows:
+        print(f"{name:<38}{str(shape):>12}{count:>12,}")
+    print(f"{'total':<38}{'':>12}{count_params(cfg):>12,}   (one block: {block:,})")
     print(f"data: {len(run.train_records):,} train records of {run.cfg.seq_len + 1} bytes, "
           f"{len(run.train_records) // run.cfg.batch_size:,} steps per epoch; {len(run.val_records):,} val records")
     print(f"training: steps {run.step:,} -> {end:,} of {s.max_steps:,}, lr {s.lr:g} (warmup {s.warmup}, "
@@ -1808,25 +1759,15 @@ def print_plan(run, xp, slices, end):
     warn_if_long(run, slices)
 
 
-def stopped_line(run, args):
-    """What a run stopped by a signal after its last save has on disk, and what is left to do."""
-    saved = f"stopped: {args.ckpt} is saved at step {run.step:,}"
-    if run.step < run.settings.max_steps:
-        return f"{saved}; continue with `{command_line(args, 'train', '--resume')}`"
-    if run.settings.final_eval:
-        return f"{saved}, the end of the run, without its final evaluation: `{command_line(args, 'eval')}` gives it"
-    return f"{saved}, the end of the run"
-
-
 def train_and_save(run, end, report, files, slices):
     """train_loop, then a checkpoint where it ended.  Whatever ends it early gets one line saying what is on disk and
     what to do; a log that cannot be written still gets the checkpoint saved."""
-    problem = None
+    start, problem = run.step, None
     try:
         files.start_lines(run.step, report.sample_length > 0)
         train_loop(run, end, report, files.save, slices)
     except WriteError as exc:
-        if exc.path == files.ckpt:
+        if exc.path == files.ckpt or run.step == start:  # the checkpoint itself failed, or no step was taken
             raise UserError(f"{exc}: {files.on_disk(run, exc.fix)}") from exc
         problem = exc
     except FloatingPointError as exc:  # the loss or the gradient norm
@@ -1859,6 +1800,47 @@ def command_line(args, *words):
 # The streams `eval --stream` and the final evaluation read side by side: the fewest that run about as fast as
 # the per-record protocol at batch 256 on 2 cores; a stream of the 22.5 MB val is ~350 KB, its cold start small.
 EVAL_STREAMS = 64
+
+
+def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=False):
+    """The bytes `data` read as `streams` texts side by side: cut into that many
+    contiguous parts, each read in chunks of seq_len with its own recurrent state
+    carried from chunk to chunk.  Each part begins with the byte the one before it
+    ended on, so every byte but the first is predicted once.  One stream is one text:
+    how the model reads a long text (the per-record protocol instead charges every
+    record a cold start).  More streams cost a cold start each, and run side by side
+    as the rows of a batch, shared over the CPU threads (see "CPU threads") like the
+    rows of `evaluate`.  Positions are counted within each chunk."""
+    streams = max(1, min(streams, len(data) - 1))  # at least one byte to predict in every stream
+    edges = np.linspace(0, len(data) - 1, streams + 1).astype(np.int64)  # stream k predicts bytes edges[k]+1 .. edges[k+1]
+    if slices is None:
+        parts = [stream_sums(params, data, edges, seq_len, progress)]
+    else:  # a slice of the streams per thread, each read from start to end
+        parts = slices.map(lambda rows: stream_sums(params, data, edges[rows.start:rows.stop + 1], seq_len,
+                                                    progress and rows.start == 0), streams)
+    position_loss, positions_each, total_correct = (sum(part[i] for part in parts) for i in range(3))
+    return dict(evaluation_result(position_loss, positions_each, total_correct), streams=streams)
+
+
+def stream_sums(params, data, edges, seq_len, progress=False):
+    """Per position within a chunk (seq_len,): the summed loss and the number of bytes
+    predicted, and the right predictions, over the streams between `edges` (as in
+    evaluate_stream) read side by side, each carrying its own state."""
+    xp = array_module(params["embed"])
+    starts, lengths = edges[:-1], np.diff(edges)  # (S,) each stream's first byte and its number of predictions
+    state = initial_state(params, len(starts))
+    position_loss, positions_each, total_correct = np.zeros(seq_len), np.zeros(seq_len), 0.0
+    for t0 in progress_bar(range(0, lengths.max(), seq_len), progress, desc="eval (stream)", unit="chunk"):
+        t = min(seq_len, lengths.max() - t0)
+        at = np.minimum(starts + t0 + np.arange(t + 1)[:, None], len(data) - 1)  # (t+1, S) one byte more: the last target
+        chunk = xp.asarray(np.asarray(data[at], dtype=np.int32))  # (t+1, S) time-major
+        logits, _, state = model_forward(params, chunk[:-1], state, keep_cache=False)  # (t, S, V)
+        losses, correct, _ = cross_entropy_forward(logits.reshape(-1, V), chunk[1:].reshape(-1))
+        scored = t0 + np.arange(t)[:, None] < lengths  # (t, S) the bytes inside each stream: a shorter one's end is left out
+        position_loss[:t] += (to_numpy(losses).reshape(t, -1) * scored).sum(1)
+        positions_each[:t] += scored.sum(1)
+        total_correct += float((to_numpy(correct).reshape(t, -1) * scored).sum())
+    return position_loss, positions_each, total_correct
 
 
 def final_evaluation(run, slices, files):

@@ -56,7 +56,8 @@ def positive(kind):
         except ValueError:
             value = None
         if value is None or not math.isfinite(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"must be a positive {'integer' if kind is int else 'number'}, got {text}")
+            rule = "a whole number, 1 or more" if kind is int else "a positive number"
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
     return parse
 
@@ -69,7 +70,8 @@ def running_mean(points, window):
     return out
 
 
-def main(argv=None):
+def parse_args(argv):
+    """The flags, checked together; an --out that cannot be written whole, or is a log, refused before any work."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("logs", nargs="+")
     parser.add_argument("--out", default="curve.svg")
@@ -87,9 +89,14 @@ def main(argv=None):
     if args.ymin is not None and args.ymin >= args.ymax:
         parser.error(f"--ymin {args.ymin:g} must be below --ymax {args.ymax:g}")
     try:
-        mora.check_outputs([args.out], args.logs)
+        mora.check_outputs([args.out, os.path.realpath(args.out) + ".tmp"], args.logs)  # the picture, then its .tmp
     except mora.UserError as exc:
         sys.exit(f"error: {exc}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     labels = args.labels or [os.path.splitext(os.path.basename(p))[0] for p in args.logs]
     curves = [(label, *read_log(p, args.x)) for label, p in zip(labels, args.logs)]
     width, height, left, right, top, bottom = 720, 420, 60, 20, 40, 50

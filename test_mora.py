@@ -1352,6 +1352,17 @@ def test_the_lesson_uses_nothing_defined_after_it():
     assert after and not {(name, line) for name, line in used if name in after}
 
 
+def test_the_resume_comment_names_where_each_reason_is_held():
+    """The comment above start_or_resume lists why a resumed run is bit for bit the same, each reason with the
+    name that holds it: every such name exists."""
+    import functools
+    with open(mora.__file__) as f:
+        source = f.read()
+    comment = source[source.index("# Why a resumed run is bit for bit the same"):source.index("def start_or_resume(")]
+    named = re.findall(r"^#   - [^(]*\(([\w.]+)", comment, re.M)
+    assert len(named) == 7 and all(functools.reduce(getattr, name.split("."), mora) for name in named), named
+
+
 def log_rows(log):
     import csv
     with open(log, newline="") as f:
@@ -2542,6 +2553,14 @@ def test_a_full_disk_when_the_log_is_rewritten_keeps_the_old_log(data_dir, tmp_p
     assert "cannot write the log" in err and str(log) in err and "No space left" in err
     assert log.read_bytes() == before and ckpt.read_bytes() == saved and not (tmp_path / "m.csv.tmp").exists()
 
+    def full_disk(path, mode="r", *args, **kwargs):
+        file = builtins.open(path, mode, *args, **kwargs)
+        return FullDiskAfter(file, 0) if str(path).endswith(".csv.tmp") else file
+    monkeypatch.setattr(mora, "open", full_disk, raising=False)
+    err = one_error_line(capsys, run_main(*train, "--ckpt", tmp_path / "new.npz"))  # a new run: no step, nothing saved
+    assert "cannot write the log" in err and "no checkpoint of this run was saved" in err
+    assert not (tmp_path / "new.npz").exists()
+
 
 def test_sigterm_saves_like_ctrl_c(data_dir, tmp_path):
     import signal
@@ -2922,17 +2941,19 @@ def test_an_output_stream_that_fails_never_ends_a_run(data_dir, tmp_path, fault)
     said once on stderr, and ends saved.  (`sample | head` stays quiet: test_sample_into_a_closed_pipe_is_quiet.)"""
     ckpt = tmp_path / "m.npz"
     command = [sys.executable, "mora.py", "train", "--data-dir", str(data_dir), "--ckpt", str(ckpt), *TINY, "--device",
-               "cpu", "--max-steps", "40", "--eval-every", "2", "--sample-prompt", "Tom \u2603 \ufffd", "--sample-length", "200"]
+               "cpu", "--max-steps", "6", "--eval-every", "2", "--sample-prompt", "Tom \u2603 \ufffd", "--sample-length", "5"]
     env = dict(os.environ, PYTHONIOENCODING="latin-1" if fault == "latin-1" else "utf-8")
-    stdout = open("/dev/full", "w") if fault == "a full disk" else subprocess.PIPE
-    proc = subprocess.Popen(command, cwd=HERE, stdout=stdout, stderr=subprocess.PIPE, env=env)
+    reader, writer = os.pipe()
     if fault == "| head":
-        proc.stdout.readline()
-        proc.stdout.close()  # as head does once it has its lines
+        os.close(reader)  # as head does once it has its lines: every write to the pipe fails from then on
+    stdout = open("/dev/full", "w") if fault == "a full disk" else writer
+    proc = subprocess.Popen(command, cwd=HERE, stdout=stdout, stderr=subprocess.PIPE, env=env)
+    os.close(writer)
     out, err = proc.communicate(timeout=300)
+    out = b"" if fault == "| head" else os.read(reader, 1 << 20)
     err = err.decode()
     assert proc.returncode == 0 and "Traceback" not in err and "error" not in err, err
-    assert mora.load_checkpoint(str(ckpt))[2]["step"] == 40 and logged_steps(tmp_path / "m.csv")[-1] == 40
+    assert mora.load_checkpoint(str(ckpt))[2]["step"] == 6 and logged_steps(tmp_path / "m.csv")[-1] == 6
     assert err.count("note:") == (fault != "latin-1"), err
     if fault == "latin-1":
         assert "sample: 'Tom ? ?" in out.decode("latin-1")
@@ -3517,14 +3538,17 @@ def test_plot_log_flags_and_output_faults_are_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2 and "usage" in err and "Traceback" not in err, flags
     assert not os.path.exists(out)
     (tmp_path / "folder.svg").mkdir()
+    os.mkfifo(tmp_path / "fifo.svg.tmp")
+    reader = os.open(tmp_path / "fifo.svg.tmp", os.O_RDONLY | os.O_NONBLOCK)  # a write to it then fails the test, not hangs
     for unwritable, why in ((tmp_path / "folder.svg", "is a folder"), (tmp_path / "none" / "c.svg", "does not exist"),
-                            (log, "also an input")):
+                            (log, "also an input"), (tmp_path / "fifo.svg", "not a regular file")):
         before = log.read_bytes()
         with pytest.raises(SystemExit) as exit_info:
             plot_log.main([str(log), "--out", str(unwritable)])
         message = str(exit_info.value.code)
         assert message.startswith("error: ") and why in message and str(unwritable.parent) in message
-        assert log.read_bytes() == before and not os.path.exists(str(unwritable) + ".tmp")
+        assert log.read_bytes() == before and (why == "not a regular file" or not os.path.exists(str(unwritable) + ".tmp"))
+    os.close(reader)
     plot_log.main([str(log), str(log), "--out", out, "--labels", "a & b", "<c>", "--title", "MORA <small> & co"])
     svg = open(out).read()
     xml.dom.minidom.parseString(svg)  # well-formed: the title and labels are escaped
@@ -3724,11 +3748,16 @@ def test_explain_reads_no_more_than_max_bytes_and_never_writes_over_its_inputs(t
     assert peak < 32 << 20 and out.read_text(encoding="utf-8").count("data-bits=") == 99
     capsys.readouterr()
     story.write_text("Once upon a time")
-    for given in (["--text", "Once", "--out", ckpt], ["--file", story, "--out", story], ["--text", "Once", "--out", tmp_path]):
+    os.mkfifo(tmp_path / "fifo.html.tmp")  # its write would wait for a reader for ever: one reads, so a bug fails, not hangs
+    reader = os.open(tmp_path / "fifo.html.tmp", os.O_RDONLY | os.O_NONBLOCK)
+    for given, why in ((["--text", "Once", "--out", ckpt], "also an input"), (["--file", story, "--out", story], "also an input"),
+                       (["--text", "Once", "--out", tmp_path], "is a folder"),
+                       (["--text", "Once", "--out", tmp_path / "fifo.html"], "not a regular file")):
         before = {path: path.read_bytes() for path in (ckpt, story)}
         err = one_error_line(capsys, explain.main(["--ckpt", str(ckpt)] + [str(a) for a in given]))
-        assert ("also an input" in err or "is a folder" in err) and "--out" in err, err
+        assert why in err and "--out" in err, err
         assert before == {path: path.read_bytes() for path in (ckpt, story)}
+    os.close(reader)
 
 
 def test_explain_summary_and_strips_follow_their_definitions(tmp_path):
