@@ -1923,21 +1923,17 @@ def sample(args):
 # release the GIL).  The slices are part of a run (saved in its checkpoint) and the threads only share them out,
 # so a step gives the same bits on any number of threads, with one BLAS thread each.
 
-def row_slices(n, count):
-    """The rows 0..n-1 cut into `count` contiguous slices (at most n)."""
-    edges = np.linspace(0, n, min(n, count) + 1).astype(int)
-    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
-
-
 class Slices:
     def __init__(self, count, threads):
         self.count, self.threads = count, min(threads, count)
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.threads - 1))
 
     def map(self, function, n):
-        """[function(rows) for each slice of the rows 0..n-1], in order.  Thread k computes slices k, k + threads,
-        ...; thread 0 is the main thread, which so keeps running Python and answers Ctrl-C at once."""
-        slices = row_slices(n, self.count)
+        """[function(rows) for each slice of the rows 0..n-1 cut into `count` contiguous slices (at most n)], in
+        order.  Thread k computes slices k, k + threads, ...; thread 0 is the main thread, which so keeps running
+        Python and answers Ctrl-C at once."""
+        edges = np.linspace(0, n, min(n, self.count) + 1).astype(int)
+        slices = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
         def work(k):
             return {i: function(slices[i]) for i in range(k, len(slices), self.threads)}
@@ -1953,13 +1949,9 @@ class Slices:
         def slice_gradient(rows):
             loss, accuracy, grad = batch_gradient(params, x[rows], y[rows])
             share = (rows.stop - rows.start) / len(x)
-            grad *= share
-            return float(loss) * share, float(accuracy) * share, grad
-        parts = self.map(slice_gradient, len(x))
-        grad = parts[0][2]
-        for _, _, more in parts[1:]:
-            grad += more
-        return np.float64(sum(p[0] for p in parts)), np.float64(sum(p[1] for p in parts)), grad
+            return float(loss) * share, float(accuracy) * share, grad * share
+        losses, accuracies, grads = zip(*self.map(slice_gradient, len(x)))
+        return np.float64(sum(losses)), np.float64(sum(accuracies)), sum(grads[1:], grads[0])
 
 
 def cpu_slices(xp, threads=None, count=None):
@@ -1983,12 +1975,10 @@ def keep_freed_memory():
     """Ask glibc (Linux) to keep freed memory: a step frees hundreds of MB of activations, and faulting them back
     in from the OS would cost about a quarter of a CPU step."""
     import ctypes
-    try:
+    with contextlib.suppress(OSError):  # no glibc: nothing to ask
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
 
 
 def step_memory_bytes(cfg):
