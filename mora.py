@@ -1981,15 +1981,11 @@ def keep_freed_memory():
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
 
 
-def step_memory_bytes(cfg):
-    """About what a training step holds: per position ~20 d floats a block kept for the backward and the logits
-    twice; then parameters, gradient and Adam's two moments (measured peaks: docs/results.md)."""
-    positions = cfg.batch_size * cfg.seq_len
-    return 4 * positions * (20 * cfg.n_layers * cfg.d_model + 2 * V) + 16 * count_params(cfg)
-
-
 def check_memory(cfg, xp):
-    """Refuse a model that cannot fit, before it is built, rather than be killed by the OS."""
+    """Refuse a model that cannot fit, before it is built, rather than be killed by the OS.  A step holds about, per
+    position, ~20 d floats a block keeps for the backward and the logits twice; then the parameters, their gradient
+    and Adam's two moments (measured peaks: docs/results.md)."""
+    need = 4 * cfg.batch_size * cfg.seq_len * (20 * cfg.n_layers * cfg.d_model + 2 * V) + 16 * count_params(cfg)
     if xp is np:
         try:
             with open("/proc/meminfo") as f:
@@ -1998,49 +1994,37 @@ def check_memory(cfg, xp):
             return
     else:
         available = cupy.cuda.runtime.memGetInfo()[0]
-    need = step_memory_bytes(cfg)
     if need > available:
-        raise UserError(f"a training step of this model needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB is free: "
-                        f"lower --batch-size, --seq-len or --d-model")
+        raise UserError(f"a training step of this model needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB "
+                        f"is free: lower --batch-size, --seq-len or --d-model")
 
 
 def step_traffic_bytes(cfg):
     """A floor on a step's memory traffic in bytes: per position and block the backward's 16 d floats and their
     gradients are each written once and read once (4 passes); the (N, V) logits take 6; parameters left out."""
-    positions = cfg.batch_size * cfg.seq_len
-    return 4 * positions * (cfg.n_layers * 16 * cfg.d_model * 4 + 6 * V)
+    return 4 * cfg.batch_size * cfg.seq_len * (cfg.n_layers * 16 * cfg.d_model * 4 + 6 * V)
 
 
 def time_training_steps(cfg, xp, slices, steps):
-    """Median time of `steps` training steps as `train` runs them on random bytes, after an untimed one (CuPy
-    compiles there); bytes/s, the traffic floor's GB/s, launches (where counted), memory."""
+    """The median milliseconds of `steps` training steps as `train` runs them on random bytes, after an untimed one
+    (CuPy compiles there), and the kernel launches of one step where they are counted (else None)."""
     flat, params = flat_parameters(init_params(cfg, 0), xp)
-    adam_m, adam_v = xp.zeros_like(flat), xp.zeros_like(flat)
-    trainable = trainable_vector(cfg, xp)
+    adam_m, adam_v, trainable = xp.zeros_like(flat), xp.zeros_like(flat), trainable_vector(cfg, xp)
     gradient = batch_gradient if slices is None else slices.gradient
     records = np.random.default_rng(0).integers(0, V, (cfg.batch_size, cfg.seq_len + 1), dtype=np.uint8)
-    settings, seconds = TrainSettings(), []
 
-    def step(k):
-        x, y = make_batch(records, np.arange(cfg.batch_size), xp)
-        return train_step(params, flat, adam_m, adam_v, x, y, k, 1e-3, settings, trainable, gradient)
-    for k in range(steps + 1):
+    def seconds(k):
         started = time.perf_counter()
-        float(step(k)[0])  # waits for the device
-        seconds.append(time.perf_counter() - started)
-    ms = 1000 * float(np.median(seconds[1:]))
-    result = {"ms": ms, "bytes_per_s": cfg.batch_size * cfg.seq_len / (ms / 1000),
-              "traffic_gb": step_traffic_bytes(cfg) / 1e9, "gb_per_s": step_traffic_bytes(cfg) / 1e6 / ms, "launches": None}
-    if hasattr(xp, "launches"):  # the tests' CPU stand-in for CuPy counts launches; CuPy itself does not
-        before = xp.launches
-        step(steps + 1)
-        result["launches"] = xp.launches - before
-    if xp is np:
-        import resource
-        result["memory"] = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB peak (process)"
-    else:
-        result["memory"] = f"{cupy.get_default_memory_pool().total_bytes() / 2**20:,.0f} MiB (CuPy's pool)"
-    return result
+        x, y = make_batch(records, np.arange(cfg.batch_size), xp)
+        loss = train_step(params, flat, adam_m, adam_v, x, y, k, 1e-3, TrainSettings(), trainable, gradient)[0]
+        float(loss)  # waits for the device
+        return time.perf_counter() - started
+    ms = 1000 * float(np.median([seconds(k) for k in range(steps + 1)][1:]))
+    if not hasattr(xp, "launches"):  # the tests' CPU stand-in for CuPy counts launches; CuPy itself does not
+        return ms, None
+    before = xp.launches
+    seconds(steps + 1)
+    return ms, xp.launches - before
 
 
 def bench(args):
@@ -2057,10 +2041,15 @@ def bench(args):
     print("|---|---|---|---|---|---|---|---|")
     for cfg in configs:
         check_memory(cfg, xp)
-        r = time_training_steps(cfg, xp, slices, args.steps)
-        launches = "not counted" if r["launches"] is None else r["launches"]
-        print(f"| d={cfg.d_model}, L={cfg.n_layers} | {cfg.batch_size} x {cfg.seq_len} | {r['ms']:.2f} | {r['bytes_per_s']:,.0f} "
-              f"| {r['traffic_gb']:.2f} GB | {r['gb_per_s']:,.0f} GB/s | {launches} | {r['memory']} |")
+        (ms, launches), traffic = time_training_steps(cfg, xp, slices, args.steps), step_traffic_bytes(cfg)
+        if xp is np:
+            import resource  # (not on Windows)
+            memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB peak (process)"
+        else:
+            memory = f"{cupy.get_default_memory_pool().total_bytes() / 2**20:,.0f} MiB (CuPy's pool)"
+        print(f"| d={cfg.d_model}, L={cfg.n_layers} | {cfg.batch_size} x {cfg.seq_len} | {ms:.2f} | "
+              f"{cfg.batch_size * cfg.seq_len / ms * 1000:,.0f} | {traffic / 1e9:.2f} GB | {traffic / 1e6 / ms:,.0f} GB/s | "
+              f"{'not counted' if launches is None else launches} | {memory} |")
     return 0
 
 
