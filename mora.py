@@ -1187,13 +1187,10 @@ def settings_problem(cfg, settings, step):
 def number_parser(kind, check, rule):
     """A setting's rule and an argparse type: kind(text), accepted when check(value), else 'must be {rule}'."""
     def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not check(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
-        return value
+        with contextlib.suppress(ValueError):  # (json.loads's errors are ValueErrors too)
+            if check(value := kind(text)):
+                return value
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
     parse.__name__ = rule  # argparse names the type by it in some messages
     return parse
 
@@ -1266,12 +1263,11 @@ def follows_rule(name, value):
 
 
 def model_config(args, base=None):
-    """Config from the model flags; those left out from `base` (a checkpoint's config) or the size's default."""
-    base = base or Config(**SIZES[args.size or "small"])
-    if args.size:
-        base = Config(**dict(asdict(base), **SIZES[args.size]))
+    """Config from the model flags; for those left out, --size's, else `base`'s (a checkpoint's config), else the
+    small model's."""
     given = {f.name: getattr(args, f.name, None) for f in fields(Config)}
-    return Config(**dict(asdict(base), **{k: v for k, v in given.items() if v is not None}))
+    return Config(**{**asdict(base or Config(**SIZES["small"])), **SIZES.get(args.size, {}),
+                     **{k: v for k, v in given.items() if v is not None}})
 
 
 # ----------------------------------------------------------------------------
