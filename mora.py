@@ -1799,14 +1799,11 @@ EVAL_STREAMS = 64
 
 
 def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=False):
-    """The bytes `data` read as `streams` texts side by side: cut into that many
-    contiguous parts, each read in chunks of seq_len with its own recurrent state
-    carried from chunk to chunk.  Each part begins with the byte the one before it
-    ended on, so every byte but the first is predicted once.  One stream is one text:
-    how the model reads a long text (the per-record protocol instead charges every
-    record a cold start).  More streams cost a cold start each, and run side by side
-    as the rows of a batch, shared over the CPU threads (see "CPU threads") like the
-    rows of `evaluate`.  Positions are counted within each chunk."""
+    """The bytes `data` read as `streams` texts side by side: cut into that many contiguous parts, each read in chunks
+    of seq_len with its own recurrent state carried from chunk to chunk, and begun with the byte the one before ended
+    on, so every byte but the first is predicted once.  One stream is how the model reads a long text (the per-record
+    protocol charges every record a cold start); more cost a cold start each, and run as the rows of a batch, shared
+    over the CPU threads like the rows of `evaluate`.  Positions are counted within each chunk."""
     streams = max(1, min(streams, len(data) - 1))  # at least one byte to predict in every stream
     edges = np.linspace(0, len(data) - 1, streams + 1).astype(np.int64)  # stream k predicts bytes edges[k]+1 .. edges[k+1]
     if slices is None:
@@ -1819,9 +1816,8 @@ def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=Fals
 
 
 def stream_sums(params, data, edges, seq_len, progress=False):
-    """Per position within a chunk (seq_len,): the summed loss and the number of bytes
-    predicted, and the right predictions, over the streams between `edges` (as in
-    evaluate_stream) read side by side, each carrying its own state."""
+    """Per position within a chunk (seq_len,): the summed loss and the number of bytes predicted, and the right
+    predictions, over the streams between `edges` (as in evaluate_stream) read side by side."""
     xp = array_module(params["embed"])
     starts, lengths = edges[:-1], np.diff(edges)  # (S,) each stream's first byte and its number of predictions
     state = initial_state(params, len(starts))
@@ -1872,23 +1868,21 @@ def evaluate_checkpoint(args):
                         f"TinyStories has train and val): use --split val, or --data-dir the enwik8 folder")
     params = {k: xp.asarray(p) for k, p in params_np.items()}
     seq_len = args.seq_len or cfg.seq_len  # a recurrent model reads records of any length
-    slices, record = cpu_slices(xp, args.threads), seq_len + 1
+    streams, record, slices = args.stream or args.streams, seq_len + 1, cpu_slices(xp, args.threads)
+    whole = open_bytes(path)
+    data = whole[:args.max_bytes or None]
+    if len(data) < (need := 2 if streams else record):
+        given, fix = (f"--max-bytes {args.max_bytes} leaves", "pass a larger --max-bytes") if len(data) < len(whole) \
+            else (f"{path} holds", "evaluate on more text")
+        why = "one to read and one to predict" if streams else \
+            f"one record of seq_len + 1: {fix}, or --stream to read any number of bytes"
+        raise UserError(f"{given} {len(data)} byte{'s' * (len(data) != 1)}: at least {need} are needed, {why}")
     started = time.perf_counter()
-    if args.stream or args.streams:
-        data = open_bytes(path)[:args.max_bytes or None]
-        if len(data) < 2:
-            given = f"--max-bytes {args.max_bytes} leaves" if args.max_bytes else f"{path} holds"
-            raise UserError(f"{given} {len(data)} byte{'s' * (len(data) != 1)}: at least 2 are needed, one to read and "
-                            f"one to predict")
+    if streams:
         result = evaluate_stream(params, data, seq_len, args.streams or EVAL_STREAMS, slices, progress=True)
         protocol = f"read as {stream_protocol(result['streams'], seq_len)}"
     else:
-        if 0 < args.max_bytes < record:
-            raise UserError(f"--max-bytes {args.max_bytes} is less than one record of seq_len + 1 = {record} bytes: "
-                            f"pass at least {record}, or --stream to read any number of bytes")
-        fix = f"this checkpoint reads records of seq_len + 1 = {record} bytes: evaluate on more text"
-        records = open_records(path, seq_len, fix)
-        records = records[:args.max_bytes // record or len(records)]
+        records = data[:len(data) // record * record].reshape(-1, record)
         result = evaluate(params, records, args.batch_size or EVAL_BATCH, slices, progress=True)
         protocol = f"{len(records):,} records, the state reset every record"
     seconds = time.perf_counter() - started
