@@ -2046,22 +2046,20 @@ def bench(args):
 # ----------------------------------------------------------------------------
 # Command line
 
-def add_common_flags(p, name, model=False, data=False):
+def add_common_flags(p, name):
     """The flags that several commands share (check, float64 on the CPU, takes none)."""
     if name != "check":
         p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                        help="auto: the GPU when CuPy can use one, else the CPU (default auto)")
-    if model:
+    if name in ("train", "bench"):
         p.add_argument("--size", choices=sorted(SIZES), help="small: d=64 (284,184 params); large: d=128 (1,092,632) "
                                                              "(default small)")
         add_setting_flags(p, SIZE_SETTINGS)
-    elif data:
-        p.add_argument("--batch-size", type=positive_int, help=f"records a batch (default {EVAL_BATCH})")
-    if data:
+    if name in ("train", "eval"):
         p.add_argument("--data-dir", default="data", help="the folder holding train.bin and val.bin (default data)")
-    if name not in ("sample", "check"):
+    if name in ("train", "eval", "bench"):
         p.add_argument("--threads", type=positive_int, help="CPU worker threads (default: every core)")
-    if name not in ("bench", "check"):
+    if name in ("train", "eval", "sample"):
         what = "the run to write or --resume; its log goes beside it as .csv" if name == "train" else "the checkpoint to read"
         p.add_argument("--ckpt", default="checkpoints/mora.npz", help=f"{what} (default checkpoints/mora.npz)")
 
@@ -2070,10 +2068,10 @@ def add_train_flags(p):
     add_setting_flags(p, [name for name, setting in SETTINGS.items() if setting.help and name not in SIZE_SETTINGS])
     p.add_argument("--resume", action="store_true", help="continue the run in --ckpt exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="start over even if --ckpt exists")
-    p.add_argument("--stop-after", type=positive_int, help="stop (and save) after this many steps of this call, "
-                                                           "keeping the whole run's schedule")
-    p.add_argument("--sample-prompt", default="Once upon a time", help="with each evaluation, a sample continues this "
-                                                                        "(not empty: --sample-length 0 for none; default: Once upon a time)")
+    p.add_argument("--stop-after", type=positive_int, help="stop (and save) after this many steps of this call, keeping "
+                                                           "the whole run's schedule")
+    p.add_argument("--sample-prompt", default="Once upon a time", help="with each evaluation, a sample continues this (not "
+                                                                        "empty: --sample-length 0 for none; default: Once upon a time)")
     p.add_argument("--sample-length", type=nonnegative_int, default=120, help="bytes of that sample, also kept in "
                                                                               "CKPT.samples.txt (default 120; 0: none)")
 
@@ -2087,38 +2085,40 @@ def add_sample_flags(p):
 
 
 def add_eval_flags(p):
+    p.add_argument("--batch-size", type=positive_int, help=f"records a batch (default {EVAL_BATCH})")
     p.add_argument("--split", choices=["val", "train", "test"], default="val", help="default val")
     p.add_argument("--max-bytes", type=nonnegative_int, default=0, help="only the first N bytes of the split (default 0: all)")
     p.add_argument("--stream", action="store_true", help="read the split as long texts, the state carried across chunks "
                                                          "(default: every record on its own, the published protocol)")
-    p.add_argument("--streams", type=positive_int, help=f"(implies --stream) the split cut into N contiguous parts read side by "
-                                                        f"side, each with its own state (1: one text; default {EVAL_STREAMS}, "
-                                                        f"about as fast as the per-record protocol)")
+    p.add_argument("--streams", type=positive_int, help=f"(implies --stream) the split cut into N contiguous parts read side "
+                                                        f"by side, each with its own state (1: one text; default "
+                                                        f"{EVAL_STREAMS}, about as fast as the per-record protocol)")
     p.add_argument("--seq-len", type=positive_int, help="records of N + 1 bytes, or chunks of N with --stream (default: the "
                                                         "checkpoint's seq_len; 64 reads val as nanoGPT's windows of 64 do)")
 
 
 def add_bench_flags(p):
+    add_setting_flags(p, ["slices"])
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps (default 10)")
-    p.add_argument("--slices", type=positive_int, help="cut each batch into this many slices on the CPU (default: one per thread)")
     p.add_argument("--report", action="store_true", help="the small and the large model (docs/gpu.md)")
 
 
-COMMANDS = {  # name -> (what it does, the function that runs it, its flags, which shared flags)
-    "train": ("train a model (defaults: the published run, one epoch)", train, add_train_flags, dict(model=True, data=True)),
-    "sample": ("generate text from a checkpoint", sample, add_sample_flags, {}),
-    "eval": ("loss, accuracy and bits/byte of a checkpoint on a split", evaluate_checkpoint, add_eval_flags, dict(data=True)),
-    "bench": ("time training steps on random bytes: ms/step and bytes/s", bench, add_bench_flags, dict(model=True)),
-    "check": ("every gradient against finite differences, on a tiny model", lambda args: int(not gradient_check()), lambda p: None, {}),
+COMMANDS = {  # name -> (what it does, the function that runs it, its own flags)
+    "train": ("train a model (defaults: the published run, one epoch)", train, add_train_flags),
+    "sample": ("generate text from a checkpoint", sample, add_sample_flags),
+    "eval": ("loss, accuracy and bits/byte of a checkpoint on a split", evaluate_checkpoint, add_eval_flags),
+    "bench": ("time training steps on random bytes: ms/step and bytes/s", bench, add_bench_flags),
+    "check": ("every gradient against finite differences, on a tiny model", lambda args: int(not gradient_check()),
+              lambda p: None),
 }
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="mora.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, (text, _, add_flags, shared) in COMMANDS.items():
+    for name, (text, _, add_flags) in COMMANDS.items():
         p = commands.add_parser(name, help=text, description=text)
-        add_common_flags(p, name, **shared)
+        add_common_flags(p, name)
         add_flags(p)
     return parser
 
