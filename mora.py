@@ -1804,35 +1804,33 @@ def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=Fals
     on, so every byte but the first is predicted once.  One stream is how the model reads a long text (the per-record
     protocol charges every record a cold start); more cost a cold start each, and run as the rows of a batch, shared
     over the CPU threads like the rows of `evaluate`.  Positions are counted within each chunk."""
+    xp = array_module(params["embed"])
     streams = max(1, min(streams, len(data) - 1))  # at least one byte to predict in every stream
-    edges = np.linspace(0, len(data) - 1, streams + 1).astype(np.int64)  # stream k predicts bytes edges[k]+1 .. edges[k+1]
+    edges = np.linspace(0, len(data) - 1, streams + 1).astype(np.int64)  # stream k predicts edges[k]+1 .. edges[k+1]
+
+    def sums(edges, progress):
+        """The streams between `edges`: per position (seq_len,) the summed loss and bytes predicted; right predictions."""
+        starts, lengths = edges[:-1], np.diff(edges)  # (S,) each stream's first byte and its number of predictions
+        state = initial_state(params, len(starts))
+        position_loss, positions_each, total_correct = np.zeros(seq_len), np.zeros(seq_len), 0.0
+        for t0 in progress_bar(range(0, lengths.max(), seq_len), progress, desc="eval (stream)", unit="chunk"):
+            t = min(seq_len, lengths.max() - t0)
+            at = np.minimum(starts + t0 + np.arange(t + 1)[:, None], len(data) - 1)  # (t+1, S) and the last target
+            chunk = xp.asarray(np.asarray(data[at], dtype=np.int32))  # (t+1, S) time-major
+            logits, _, state = model_forward(params, chunk[:-1], state, keep_cache=False)  # (t, S, V)
+            losses, correct, _ = cross_entropy_forward(logits.reshape(-1, V), chunk[1:].reshape(-1))
+            scored = t0 + np.arange(t)[:, None] < lengths  # (t, S) inside each stream: a shorter one's end left out
+            position_loss[:t] += (to_numpy(losses).reshape(t, -1) * scored).sum(1)
+            positions_each[:t] += scored.sum(1)
+            total_correct += float((to_numpy(correct).reshape(t, -1) * scored).sum())
+        return position_loss, positions_each, total_correct
+
     if slices is None:
-        parts = [stream_sums(params, data, edges, seq_len, progress)]
+        parts = [sums(edges, progress)]
     else:  # a slice of the streams per thread, each read from start to end
-        parts = slices.map(lambda rows: stream_sums(params, data, edges[rows.start:rows.stop + 1], seq_len,
-                                                    progress and rows.start == 0), streams)
+        parts = slices.map(lambda rows: sums(edges[rows.start:rows.stop + 1], progress and rows.start == 0), streams)
     position_loss, positions_each, total_correct = (sum(part[i] for part in parts) for i in range(3))
     return dict(evaluation_result(position_loss, positions_each, total_correct), streams=streams)
-
-
-def stream_sums(params, data, edges, seq_len, progress=False):
-    """Per position within a chunk (seq_len,): the summed loss and the number of bytes predicted, and the right
-    predictions, over the streams between `edges` (as in evaluate_stream) read side by side."""
-    xp = array_module(params["embed"])
-    starts, lengths = edges[:-1], np.diff(edges)  # (S,) each stream's first byte and its number of predictions
-    state = initial_state(params, len(starts))
-    position_loss, positions_each, total_correct = np.zeros(seq_len), np.zeros(seq_len), 0.0
-    for t0 in progress_bar(range(0, lengths.max(), seq_len), progress, desc="eval (stream)", unit="chunk"):
-        t = min(seq_len, lengths.max() - t0)
-        at = np.minimum(starts + t0 + np.arange(t + 1)[:, None], len(data) - 1)  # (t+1, S) one byte more: the last target
-        chunk = xp.asarray(np.asarray(data[at], dtype=np.int32))  # (t+1, S) time-major
-        logits, _, state = model_forward(params, chunk[:-1], state, keep_cache=False)  # (t, S, V)
-        losses, correct, _ = cross_entropy_forward(logits.reshape(-1, V), chunk[1:].reshape(-1))
-        scored = t0 + np.arange(t)[:, None] < lengths  # (t, S) the bytes inside each stream: a shorter one's end is left out
-        position_loss[:t] += (to_numpy(losses).reshape(t, -1) * scored).sum(1)
-        positions_each[:t] += scored.sum(1)
-        total_correct += float((to_numpy(correct).reshape(t, -1) * scored).sum())
-    return position_loss, positions_each, total_correct
 
 
 def final_evaluation(run, slices, files):
