@@ -1809,7 +1809,7 @@ def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=Fals
     edges = np.linspace(0, len(data) - 1, streams + 1).astype(np.int64)  # stream k predicts edges[k]+1 .. edges[k+1]
 
     def sums(edges, progress):
-        """The streams between `edges`: per position (seq_len,) the summed loss and bytes predicted; right predictions."""
+        """The streams between `edges`: summed loss and bytes predicted per position (seq_len,); right predictions."""
         starts, lengths = edges[:-1], np.diff(edges)  # (S,) each stream's first byte and its number of predictions
         state = initial_state(params, len(starts))
         position_loss, positions_each, total_correct = np.zeros(seq_len), np.zeros(seq_len), 0.0
