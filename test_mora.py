@@ -3279,6 +3279,9 @@ def test_messages_say_what_is_true(data_dir, tmp_path, capsys):
     capsys.readouterr()
     err = one_error_line(capsys, run_main("eval", "--ckpt", ckpt, "--data-dir", tiny, "--stream", "--device", "cpu"))
     assert f"{tiny / 'val.bin'} holds 1 byte: at least 2 are needed" in err and "--max-bytes" not in err  # never given
+    err = one_error_line(capsys, run_main("eval", "--ckpt", ckpt, "--data-dir", tiny, "--stream", "--max-bytes", 5,
+                                          "--device", "cpu"))
+    assert f"{tiny / 'val.bin'} holds 1 byte" in err and "--max-bytes" not in err  # given, but it cut nothing
     err = one_error_line(capsys, run_main("eval", "--ckpt", ckpt, "--data-dir", data_dir, "--stream", "--max-bytes", 1,
                                           "--device", "cpu"))
     assert "--max-bytes 1 leaves 1 byte: at least 2 are needed" in err
