@@ -2066,10 +2066,10 @@ def add_train_flags(p):
     add_setting_flags(p, [name for name, setting in SETTINGS.items() if setting.help and name not in SIZE_SETTINGS])
     p.add_argument("--resume", action="store_true", help="continue the run in --ckpt exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="start over even if --ckpt exists")
-    p.add_argument("--stop-after", type=positive_int, help="stop (and save) after this many steps of this call, keeping "
-                                                           "the whole run's schedule")
-    p.add_argument("--sample-prompt", default="Once upon a time", help="with each evaluation, a sample continues this (not "
-                                                                        "empty: --sample-length 0 for none; default: Once upon a time)")
+    p.add_argument("--stop-after", type=positive_int, help="stop (and save) after this many steps of this call, "
+                                                           "keeping the whole run's schedule")
+    p.add_argument("--sample-prompt", default="Once upon a time", help="with each evaluation, a sample continues this "
+                                                                        "(not empty: --sample-length 0 for none; default: Once upon a time)")
     p.add_argument("--sample-length", type=nonnegative_int, default=120, help="bytes of that sample, also kept in "
                                                                               "CKPT.samples.txt (default 120; 0: none)")
 
@@ -2088,9 +2088,9 @@ def add_eval_flags(p):
     p.add_argument("--max-bytes", type=nonnegative_int, default=0, help="only the first N bytes of the split (default 0: all)")
     p.add_argument("--stream", action="store_true", help="read the split as long texts, the state carried across chunks "
                                                          "(default: every record on its own, the published protocol)")
-    p.add_argument("--streams", type=positive_int, help=f"(implies --stream) the split cut into N contiguous parts read side "
-                                                        f"by side, each with its own state (1: one text; default "
-                                                        f"{EVAL_STREAMS}, about as fast as the per-record protocol)")
+    p.add_argument("--streams", type=positive_int, help=f"(implies --stream) the split cut into N contiguous parts read side by "
+                                                        f"side, each with its own state (1: one text; default {EVAL_STREAMS}, "
+                                                        f"about as fast as the per-record protocol)")
     p.add_argument("--seq-len", type=positive_int, help="records of N + 1 bytes, or chunks of N with --stream (default: the "
                                                         "checkpoint's seq_len; 64 reads val as nanoGPT's windows of 64 do)")
 
