@@ -1983,8 +1983,8 @@ def check_memory(cfg, xp):
     else:
         available = cupy.cuda.runtime.memGetInfo()[0]
     if need > available:
-        raise UserError(f"a training step of this model needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB "
-                        f"is free: lower --batch-size, --seq-len or --d-model")
+        raise UserError(f"a training step of this model needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} "
+                        f"GiB is free: lower --batch-size, --seq-len or --d-model")
 
 
 def step_traffic_bytes(cfg):
@@ -2036,8 +2036,8 @@ def bench(args):
         else:
             memory = f"{cupy.get_default_memory_pool().total_bytes() / 2**20:,.0f} MiB (CuPy's pool)"
         print(f"| d={cfg.d_model}, L={cfg.n_layers} | {cfg.batch_size} x {cfg.seq_len} | {ms:.2f} | "
-              f"{cfg.batch_size * cfg.seq_len / ms * 1000:,.0f} | {traffic / 1e9:.2f} GB | {traffic / 1e6 / ms:,.0f} GB/s | "
-              f"{'not counted' if launches is None else launches} | {memory} |")
+              f"{cfg.batch_size * cfg.seq_len / ms * 1000:,.0f} | {traffic / 1e9:.2f} GB | "
+              f"{traffic / 1e6 / ms:,.0f} GB/s | {'not counted' if launches is None else launches} | {memory} |")
     return 0
 
 
