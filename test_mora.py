@@ -2688,6 +2688,17 @@ def test_second_writer_is_refused_and_stale_locks_do_not_block(data_dir, tmp_pat
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 2) == 0
 
 
+def test_the_model_flags_layer_over_the_size_and_the_checkpoint():
+    """A model flag wins; one left out comes from --size, else the checkpoint's config, else the small model."""
+    def config(*flags, base=None):
+        return mora.model_config(mora.build_parser().parse_args(["train", *flags]), base)
+    own = mora.Config(d_model=8, n_layers=2, seq_len=16, batch_size=4)
+    assert config() == mora.Config(**mora.SIZES["small"]) and config(base=own) == own
+    assert config("--size", "large", "--n-layers", "3") == mora.Config(d_model=128, n_layers=3)
+    assert config("--size", "large", base=own) == mora.Config(d_model=128, n_layers=8, seq_len=16, batch_size=4)
+    assert config("--d-model", "12", base=own) == mora.Config(d_model=12, n_layers=2, seq_len=16, batch_size=4)
+
+
 def test_resume_keeps_the_run_settings_and_can_run_longer(data_dir, tmp_path, capsys):
     ckpt = tmp_path / "m.npz"
     assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 6,
