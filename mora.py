@@ -938,10 +938,9 @@ def evaluate(params, records, batch_size, slices=None, progress=False):
 
 
 # ============================================================================
-# Running it for real.  Everything above is the lesson; what follows makes it a
-# program people can train with for hours: checkpoints and their checks, resume
-# rules, every file a run writes, stop signals, the log, the progress, the commands
-# (and the streamed evaluation), CPU threads, memory checks, the benchmark, the command line.
+# Running it for real.  Everything above is the lesson; what follows makes it a program people can train with for
+# hours: checkpoints and their checks, resume rules, every file a run writes, stop signals, the log, the progress,
+# the commands (and the streamed evaluation), CPU threads, memory checks, the benchmark, the command line.
 
 
 # ----------------------------------------------------------------------------
