@@ -3582,12 +3582,17 @@ def test_bench_torch_helps_without_torch_and_says_what_to_install(monkeypatch, c
     spec = importlib.util.spec_from_file_location("bench_torch_without_torch", os.path.join(HERE, "bench_torch.py"))
     bench_torch = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_torch)
-    for flags in (["--help"], ["speed", "--help"], ["lstm", "--help"]):
+    for flags in (["--help"], ["speed", "--help"], ["lstm", "--help"], ["gpt", "--help"]):
         with pytest.raises(SystemExit) as exit_info:
             bench_torch.main(flags)
         assert exit_info.value.code == 0 and "usage" in capsys.readouterr().out
-    for command in ("check", "speed", "lstm"):
+    for command in ("check", "speed", "lstm", "gpt"):
         assert "pip install torch" in one_error_line(capsys, bench_torch.main([command]))
+    # the GPT peer's schedule is nanoGPT's get_lr: (it + 1) / (warmup + 1) of the peak, then cosine to the floor
+    lr = bench_torch.nanogpt_learning_rate
+    assert lr(0, 1e-3) == pytest.approx(1e-3 / 101) and lr(99, 1e-3) == pytest.approx(1e-3 * 100 / 101)
+    assert lr(100, 1e-3) == pytest.approx(1e-3) and lr(1050, 1e-3) == pytest.approx(5.5e-4)
+    assert lr(2000, 1e-3) == pytest.approx(1e-4) and lr(2500, 1e-3) == pytest.approx(1e-4)
 
 
 def bench_launches(out):
