@@ -1254,16 +1254,13 @@ def add_setting_flags(p, names):
 
 def follows_rule(name, value):
     """Whether a checkpoint may hold `value` for `name` (a setting; else a count such as the step) by the rule of the
-    flag that sets it, the JSON read as the flag's text: so "7" is no step, 7.0 no batch size and true no lr."""
+    flag that sets it, the JSON read as the flag's text: so "7" is no step, 7.0 no batch size and true no lr.  A run
+    on the GPU has no slices (None)."""
     rule, _, _, nargs = SETTINGS.get(name, Setting(nonnegative_int, None))
-    if nargs:
-        return isinstance(value, list) and len(value) == nargs and all(obeys(rule, v) for v in value)
-    return (value is None and name == "slices") or obeys(rule, value)  # a run on the GPU has no slices
-
-
-def obeys(rule, value):
     try:
-        return rule(value if isinstance(value, str) else json.dumps(value)) == value
+        if nargs:
+            return isinstance(value, list) and len(value) == nargs and all(rule(json.dumps(v)) == v for v in value)
+        return (value is None and name == "slices") or rule(value if isinstance(value, str) else json.dumps(value)) == value
     except (argparse.ArgumentTypeError, ValueError):
         return False
 
@@ -1363,8 +1360,7 @@ def start_or_resume(args, xp, checkpoint):
     flat, params = flat_parameters(params_np, xp)
     if trainable is not None:
         flat *= trainable  # ablated parameters start (and stay) at 0
-    adam_m = xp.asarray(adam_state.get("adam.m", np.zeros(flat.shape, np.float32)))
-    adam_v = xp.asarray(adam_state.get("adam.v", np.zeros(flat.shape, np.float32)))
+    adam_m, adam_v = (xp.asarray(adam_state[k]) if adam_state else xp.zeros_like(flat) for k in ("adam.m", "adam.v"))
     return Run(cfg, settings, step, train_records, val_records, flat, params, trainable, adam_m, adam_v, data_files,
                saved_step=step if args.resume else None)
 

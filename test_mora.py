@@ -3363,14 +3363,17 @@ def test_plot_log_flags_and_output_faults_are_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2 and "usage" in err and "Traceback" not in err, flags
     assert not os.path.exists(out)
     (tmp_path / "folder.svg").mkdir()
+    os.mkfifo(tmp_path / "fifo.svg.tmp")
+    reader = os.open(tmp_path / "fifo.svg.tmp", os.O_RDONLY | os.O_NONBLOCK)  # a write to it then fails the test, not hangs
     for unwritable, why in ((tmp_path / "folder.svg", "is a folder"), (tmp_path / "none" / "c.svg", "does not exist"),
-                            (log, "also an input")):
+                            (log, "also an input"), (tmp_path / "fifo.svg", "not a regular file")):
         before = log.read_bytes()
         with pytest.raises(SystemExit) as exit_info:
             plot_log.main([str(log), "--out", str(unwritable)])
         message = str(exit_info.value.code)
         assert message.startswith("error: ") and why in message and str(unwritable.parent) in message
-        assert log.read_bytes() == before and not os.path.exists(str(unwritable) + ".tmp")
+        assert log.read_bytes() == before and (why == "not a regular file" or not os.path.exists(str(unwritable) + ".tmp"))
+    os.close(reader)
     plot_log.main([str(log), str(log), "--out", out, "--labels", "a & b", "<c>", "--title", "MORA <small> & co"])
     svg = open(out).read()
     xml.dom.minidom.parseString(svg)  # well-formed: the title and labels are escaped
@@ -3570,11 +3573,16 @@ def test_explain_reads_no_more_than_max_bytes_and_never_writes_over_its_inputs(t
     assert peak < 32 << 20 and out.read_text(encoding="utf-8").count("data-bits=") == 99
     capsys.readouterr()
     story.write_text("Once upon a time")
-    for given in (["--text", "Once", "--out", ckpt], ["--file", story, "--out", story], ["--text", "Once", "--out", tmp_path]):
+    os.mkfifo(tmp_path / "fifo.html.tmp")  # its write would wait for a reader for ever: one reads, so a bug fails, not hangs
+    reader = os.open(tmp_path / "fifo.html.tmp", os.O_RDONLY | os.O_NONBLOCK)
+    for given, why in ((["--text", "Once", "--out", ckpt], "also an input"), (["--file", story, "--out", story], "also an input"),
+                       (["--text", "Once", "--out", tmp_path], "is a folder"),
+                       (["--text", "Once", "--out", tmp_path / "fifo.html"], "not a regular file")):
         before = {path: path.read_bytes() for path in (ckpt, story)}
         err = one_error_line(capsys, explain.main(["--ckpt", str(ckpt)] + [str(a) for a in given]))
-        assert ("also an input" in err or "is a folder" in err) and "--out" in err, err
+        assert why in err and "--out" in err, err
         assert before == {path: path.read_bytes() for path in (ckpt, story)}
+    os.close(reader)
 
 
 def test_explain_summary_and_strips_follow_their_definitions(tmp_path):
