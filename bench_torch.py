@@ -152,7 +152,11 @@ def lstm(args):
     model = lstm_peer()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, args.beta2))
     order_epoch, seconds = None, []
-    with mora.TrainingLog(args.log, 0) if args.log else contextlib.nullcontext() as log:
+    if args.log:
+        mora.check_outputs([args.log], flag="--log")
+    with open(args.log, "w", newline="", buffering=1) if args.log else contextlib.nullcontext() as log:  # a row a line
+        if log:
+            log.write(mora.LOG_HEADER)
         for step in range(args.max_steps):
             started = time.perf_counter()
             epoch, k = divmod(step, steps_per_epoch)
@@ -169,9 +173,9 @@ def lstm(args):
             optimizer.step()
             seconds.append(time.perf_counter() - started)
             if log:
-                log.write({"step": step + 1, "bytes": (step + 1) * B * T, "lr": f"{lr:.6g}", "loss": f"{loss.item():.5f}",
-                           "bpb": f"{loss.item() / math.log(2):.5f}", "grad_norm": f"{grad_norm.item():.4f}",
-                           "ms_per_step": f"{1000 * seconds[-1]:.2f}"})
+                log.write(mora.log_line({"step": step + 1, "bytes": (step + 1) * B * T, "lr": f"{lr:.6g}",
+                                         "loss": f"{loss.item():.5f}", "bpb": f"{loss.item() / math.log(2):.5f}",
+                                         "grad_norm": f"{grad_norm.item():.4f}", "ms_per_step": f"{1000 * seconds[-1]:.2f}"}))
             if (step + 1) % 50 == 0:
                 print(f"step {step + 1}: train bits/byte {loss.item() / math.log(2):.4f}")
         with torch.no_grad():
@@ -182,7 +186,8 @@ def lstm(args):
         val_loss = total / len(val_records)
         bpb = val_loss / math.log(2)
         if log:
-            log.write({"step": args.max_steps, "bytes": args.max_steps * B * T, "val_loss": f"{val_loss:.5f}", "val_bpb": f"{bpb:.5f}"})
+            log.write(mora.log_line({"step": args.max_steps, "bytes": args.max_steps * B * T, "val_loss": f"{val_loss:.5f}",
+                                     "val_bpb": f"{bpb:.5f}"}))
     print(f"LSTM lr {args.lr:g}, warmup {warmup}, beta2 {args.beta2:g}: val bits/byte {bpb:.4f} on {len(val_records) * (T + 1):,} bytes, "
           f"{1000 * np.median(seconds[1:]):.0f} ms/step")
     return 0
