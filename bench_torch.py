@@ -127,6 +127,25 @@ def val_bits_per_byte(forward, records, batch_size):
     return total / len(records) / math.log(2)
 
 
+@contextlib.contextmanager
+def peer_log(path):
+    """mora.py's CSV log at `path` (checked before any work), a row a line, for plot_log.py; None without --log."""
+    if not path:
+        yield None
+        return
+    mora.check_outputs([path], flag="--log")
+    with open(path, "w", newline="", buffering=1) as log:
+        log.write(mora.LOG_HEADER)
+        yield log
+
+
+def train_row(step, batch_bytes, lr, loss, grad_norm, seconds):
+    """A training step as a row of mora.py's log."""
+    return {"step": step, "bytes": step * batch_bytes, "lr": f"{lr:.6g}", "loss": f"{loss.item():.5f}",
+            "bpb": f"{loss.item() / math.log(2):.5f}", "grad_norm": f"{grad_norm.item():.4f}",
+            "ms_per_step": f"{1000 * seconds:.2f}"}
+
+
 def check(args):
     """Hand-written gradients (mora.py) against autograd (the twin), float64."""
     cfg = mora.Config(d_model=16, n_layers=3)
@@ -208,7 +227,7 @@ def lstm(args):
     model = lstm_peer()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, args.beta2))
     order_epoch, seconds = None, []
-    with mora.TrainingLog(args.log, 0) if args.log else contextlib.nullcontext() as log:
+    with peer_log(args.log) as log:
         for step in range(args.max_steps):
             started = time.perf_counter()
             epoch, k = divmod(step, steps_per_epoch)
@@ -225,17 +244,15 @@ def lstm(args):
             optimizer.step()
             seconds.append(time.perf_counter() - started)
             if log:
-                log.write({"step": step + 1, "bytes": (step + 1) * B * T, "lr": f"{lr:.6g}", "loss": f"{loss.item():.5f}",
-                           "bpb": f"{loss.item() / math.log(2):.5f}", "grad_norm": f"{grad_norm.item():.4f}",
-                           "ms_per_step": f"{1000 * seconds[-1]:.2f}"})
+                log.write(mora.log_line(train_row(step + 1, B * T, lr, loss, grad_norm, seconds[-1])))
             if (step + 1) % 50 == 0:
                 print(f"step {step + 1}: train bits/byte {loss.item() / math.log(2):.4f}")
         bpb = val_bits_per_byte(lambda x: lstm_forward(model, x), val_records, B)
         if log:
-            log.write({"step": args.max_steps, "bytes": args.max_steps * B * T, "val_loss": f"{bpb * math.log(2):.5f}",
-                       "val_bpb": f"{bpb:.5f}"})
-    print(f"LSTM lr {args.lr:g}, warmup {warmup}, beta2 {args.beta2:g}: val bits/byte {bpb:.4f} on {len(val_records) * (T + 1):,} bytes, "
-          f"{1000 * np.median(seconds[1:]):.0f} ms/step")
+            log.write(mora.log_line({"step": args.max_steps, "bytes": args.max_steps * B * T,
+                                     "val_loss": f"{bpb * math.log(2):.5f}", "val_bpb": f"{bpb:.5f}"}))
+    print(f"LSTM lr {args.lr:g}, warmup {warmup}, beta2 {args.beta2:g}: val bits/byte {bpb:.4f} "
+          f"on {len(val_records) * (T + 1):,} bytes, {1000 * np.median(seconds[1:]):.0f} ms/step")
     return 0
 
 
@@ -253,7 +270,7 @@ def gpt(args):
     windows = torch.Generator().manual_seed(args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     train_seconds, best = 0.0, math.inf
-    with mora.TrainingLog(args.log, 0) if args.log else contextlib.nullcontext() as log:
+    with peer_log(args.log) as log:
         for step in range(args.max_steps):
             started = time.perf_counter()
             starts = torch.randint(len(text) - T, (B,), generator=windows)
@@ -268,9 +285,7 @@ def gpt(args):
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             train_seconds += time.perf_counter() - started
-            row = {"step": step + 1, "bytes": (step + 1) * B * T, "lr": f"{lr:.6g}", "loss": f"{loss.item():.5f}",
-                   "bpb": f"{loss.item() / math.log(2):.5f}", "grad_norm": f"{grad_norm.item():.4f}",
-                   "ms_per_step": f"{1000 * (time.perf_counter() - started):.2f}"}
+            row = train_row(step + 1, B * T, lr, loss, grad_norm, time.perf_counter() - started)
             if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
                 bpb = val_bits_per_byte(model, val_records, 64)
                 best = min(best, bpb)
@@ -278,7 +293,7 @@ def gpt(args):
                 print(f"step {step + 1}: train {loss.item() / math.log(2):.4f}, val {bpb:.4f} bits/byte, "
                       f"{train_seconds:.0f} s of training")
             if log:
-                log.write(row)
+                log.write(mora.log_line(row))
     print(f"GPT {n_params:,} params, {args.max_steps:,} steps of {B} x {T}: val bits/byte {bpb:.4f} at the end, "
           f"{best:.4f} at best, on {len(val_records) * T:,} bytes predicted; {train_seconds:.0f} s of training steps")
     return 0

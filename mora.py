@@ -1460,17 +1460,18 @@ class RunFiles:
         except OSError as exc:
             raise UserError(f"cannot create the folder {folder} for --ckpt ({exc.strerror}): choose another --ckpt")
         inputs = [os.path.join(args.data_dir, name) for name in ("train.bin", "val.bin")]
-        written = [self.ckpt, self.log, self.samples]  # each through its .tmp (written_atomically)
-        check_outputs(written + [os.path.realpath(p) + ".tmp" for p in written] + [self.lock], inputs, "--ckpt")
+        written = [self.ckpt, self.log, self.samples]  # each through its .tmp, beside the file a link names
+        tmps = [(os.path.realpath(p) if os.path.islink(p) else p) + ".tmp" for p in written]
+        check_outputs(written + tmps + [self.lock], inputs, "--ckpt")
 
     def __enter__(self):
         """Lock the run (CKPT.lock, never through a link): a second run on it stops at once.  The system drops the
         lock however this process ends, so a stale lock file never blocks; it holds the pid, for the message."""
         try:
             self.lock_fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        except OSError as exc:
-            raise UserError(f"cannot open {self.lock} ({exc.strerror}{', a symbolic link' * (exc.errno == errno.ELOOP)}): "
-                            f"remove it, or choose another --ckpt") from exc
+        except OSError as exc:  # ELOOP: a symbolic link, which would take the pid to another file
+            problem = "is a symbolic link" if exc.errno == errno.ELOOP else f"cannot be opened ({exc.strerror})"
+            raise UserError(f"{self.lock} {problem}: remove it, or choose another --ckpt") from exc
         try:
             import fcntl  # (not on Windows: there, no lock)
             fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
