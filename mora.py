@@ -1308,6 +1308,12 @@ class Run:
     data_files: dict  # what it trains and validates on: "train.bin" and "val.bin" -> data_fingerprint
     saved_step: int = None  # the step of this run's checkpoint on disk (None: none saved yet)
 
+    def log_line(self, val=None, **columns):
+        """The log's row for this step: `columns`, and an evaluation's (`val`) when given."""
+        if val:
+            columns.update(val_loss=f"{val['loss']:.5f}", val_bpb=f"{val['bpb']:.5f}", val_accuracy=f"{val['accuracy']:.5f}")
+        return log_line({"step": self.step, "bytes": self.step * self.cfg.batch_size * self.cfg.seq_len, **columns})
+
     def meta(self):
         epoch, position = divmod(self.step, len(self.train_records) // self.cfg.batch_size)
         return {"config": asdict(self.cfg), "step": self.step, "train": asdict(self.settings),
@@ -1615,52 +1621,44 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def val_columns(val):
-    return {"val_loss": f"{val['loss']:.5f}", "val_bpb": f"{val['bpb']:.5f}", "val_accuracy": f"{val['accuracy']:.5f}"}
-
-
 class Report:
     """What train_loop shows of each step: the log's row, an evaluation and its sample (also to the samples file),
     and the progress: a bar on a terminal, else a line at the first and last step and every PLAIN_SECONDS.  The
     speed leaves out the first step, which warms caches (and compiles on the GPU)."""
     PLAIN_SECONDS = 10
 
-    def __init__(self, run, end, files, stop, sample_prompt, sample_length):
+    def __init__(self, run, end, files, stop, args):
         self.run, self.end, self.files, self.stop, self.start = run, end, files, stop, run.step
-        self.prompt, self.sample_length = os.fsencode(sample_prompt), sample_length
+        self.prompt, self.sample_length = os.fsencode(args.sample_prompt), args.sample_length
         self.bar = tqdm(total=end, initial=run.step, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
         self.steps, self.seconds, self.next_line = 0, 0.0, 0.0
 
     def step(self, lr, loss, accuracy, grad_norm, seconds, val=None, text=None):
-        run, s, cfg = self.run, self.run.settings, self.run.cfg
-        row = {"step": run.step, "bytes": run.step * cfg.batch_size * cfg.seq_len, "lr": f"{lr:.6g}", "loss": f"{loss:.5f}",
-               "bpb": f"{loss / math.log(2):.5f}", "accuracy": f"{accuracy:.5f}", "grad_norm": f"{grad_norm:.4f}",
-               "ms_per_step": f"{1000 * seconds:.2f}", **(val_columns(val) if val else {})}
+        run = self.run
         if val:
             tqdm.write(f"step {run.step:,}: val bits/byte {val['bpb']:.4f} (first {val['bytes']:,} bytes), accuracy "
                        f"{val['accuracy']:.4f}" + (f"\nstep {run.step:,}: sample: {text!r}" if self.sample_length else ""))
             if self.sample_length:
                 self.files.write_line(self.files.samples, f"step {run.step:,}: {text!r}\n")
-        self.files.write_line(self.files.log, log_line(row))
+        bpb = loss / math.log(2)
+        self.files.write_line(self.files.log, run.log_line(val, lr=f"{lr:.6g}", loss=f"{loss:.5f}", bpb=f"{bpb:.5f}",
+                              accuracy=f"{accuracy:.5f}", grad_norm=f"{grad_norm:.4f}", ms_per_step=f"{1000 * seconds:.2f}"))
         if run.step > self.start + 1:
             self.steps, self.seconds = self.steps + 1, self.seconds + seconds
-        numbers = f"loss {loss:.4f} acc {accuracy:.3f} bpb {loss / math.log(2):.4f} lr {lr:.2e} gnorm {grad_norm:.2f} {self.speed()}".rstrip()
+        numbers = f"loss {loss:.4f} acc {accuracy:.3f} bpb {bpb:.4f} lr {lr:.2e} gnorm {grad_norm:.2f} {self.speed()}".rstrip()
         if self.bar is not None:
             self.bar.set_postfix_str(numbers)
             self.bar.update(1)
         elif run.step in (self.start + 1, self.end) or time.monotonic() >= self.next_line:
             sys.stdout.flush()  # what was printed before this line comes before it in a file that holds both
-            print(f"step {run.step:,}/{s.max_steps:,}: {numbers}", file=sys.stderr, flush=True)
+            print(f"step {run.step:,}/{run.settings.max_steps:,}: {numbers}", file=sys.stderr, flush=True)
             self.next_line = time.monotonic() + self.PLAIN_SECONDS
 
     def speed(self):
         bytes_per_s = self.run.cfg.batch_size * self.run.cfg.seq_len * self.steps / (self.seconds or 1)
         return f"{1000 * self.seconds / self.steps:.1f} ms/step, {bytes_per_s:,.0f} bytes/s" if self.steps else ""
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def close(self):
         if self.bar is not None:
             self.bar.close()
 
@@ -1703,7 +1701,7 @@ def train(args):
             keep_freed_memory()
         end = run.settings.max_steps if args.stop_after is None else min(run.settings.max_steps, run.step + args.stop_after)
         print_plan(run, xp, slices, end)
-        with StopSignals() as stop, Report(run, end, files, stop, args.sample_prompt, args.sample_length) as report:
+        with StopSignals() as stop, contextlib.closing(Report(run, end, files, stop, args)) as report:
             train_and_save(run, end, report, files, slices)
             stop.saved = True  # a signal from here on stops at once: nothing is left to save
             return finish(run, args, files, report, slices)
@@ -1839,8 +1837,7 @@ def final_evaluation(run, slices, files):
     full = evaluate(run.params, run.val_records, EVAL_BATCH, slices, progress=True)
     text = run.val_records.reshape(-1)[:run.settings.eval_bytes]
     stream = evaluate_stream(run.params, text, cfg.seq_len, EVAL_STREAMS, slices, progress=True)
-    files.write_line(files.log, log_line({"step": run.step, "bytes": run.step * cfg.batch_size * cfg.seq_len,
-                                          **val_columns(full), "val_stream_bpb": f"{stream['bpb']:.5f}"}))
+    files.write_line(files.log, run.log_line(full, val_stream_bpb=f"{stream['bpb']:.5f}"))
     print_evaluation(f"val, per record (all {len(run.val_records):,} records, the state reset every {cfg.seq_len + 1} bytes)", full)
     print_evaluation(f"val, streamed (the first {len(text):,} bytes as {stream_protocol(stream['streams'], cfg.seq_len)})",
                      stream)
