@@ -1351,8 +1351,7 @@ def start_or_resume(args, xp, checkpoint):
     steps_per_epoch = len(train_records) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"train.bin has {len(train_records)} records of {cfg.seq_len + 1} bytes, fewer than one batch of {cfg.batch_size}: lower --batch-size or --seq-len")
-    if settings.max_steps is None:
-        settings.max_steps = settings.epochs * steps_per_epoch
+    settings.max_steps = settings.max_steps or settings.epochs * steps_per_epoch  # (a given one is never 0)
     if settings.warmup is None:
         settings.warmup = default_warmup(settings.max_steps)
     if problem := settings_problem(cfg, settings, step):
@@ -1698,7 +1697,6 @@ def train(args):
         slices = cpu_slices(xp, args.threads, run.settings.slices)
         if slices:
             run.settings.slices = slices.count  # kept in the checkpoint: a resume slices the batch the same way
-            keep_freed_memory()
         end = run.settings.max_steps if args.stop_after is None else min(run.settings.max_steps, run.step + args.stop_after)
         print_plan(run, xp, slices, end)
         with StopSignals() as stop, contextlib.closing(Report(run, end, files, stop, args)) as report:
@@ -1854,24 +1852,28 @@ def print_evaluation(name, result):
     print(f"    {result['by_position']}")
 
 
-def evaluate_checkpoint(args):
-    cfg, params_np, meta, _ = load_checkpoint(args.ckpt)
+def checkpoint_on_device(args):
+    """--ckpt's config, its parameters on the device --device chooses, its meta, and that device's array module."""
+    cfg, params, meta, _ = load_checkpoint(args.ckpt)
     xp = select_backend(args.device, [cfg.d_model])
+    return cfg, {k: xp.asarray(p) for k, p in params.items()}, meta, xp
+
+
+def evaluate_checkpoint(args):
+    cfg, params, meta, xp = checkpoint_on_device(args)
     path = os.path.join(args.data_dir, f"{args.split}.bin")
     if args.split == "test" and not os.path.exists(path):
         raise UserError(f"{path} not found: prepare_data.py makes a test split for enwik8 alone (--dataset enwik8; "
                         f"TinyStories has train and val): use --split val, or --data-dir the enwik8 folder")
-    params = {k: xp.asarray(p) for k, p in params_np.items()}
     seq_len = args.seq_len or cfg.seq_len  # a recurrent model reads records of any length
     streams, record, slices = args.stream or args.streams, seq_len + 1, cpu_slices(xp, args.threads)
     whole = open_bytes(path)
     data = whole[:args.max_bytes or None]
     if len(data) < (need := 2 if streams else record):
-        given, fix = (f"--max-bytes {args.max_bytes} leaves", "pass a larger --max-bytes") if len(data) < len(whole) \
-            else (f"{path} holds", "evaluate on more text")
-        why = "one to read and one to predict" if streams else \
-            f"one record of seq_len + 1: {fix}, or --stream to read any number of bytes"
-        raise UserError(f"{given} {len(data)} byte{'s' * (len(data) != 1)}: at least {need} are needed, {why}")
+        cut = len(data) < len(whole)
+        given, fix = (f"--max-bytes {args.max_bytes} leaves", "a larger --max-bytes") if cut else (f"{path} holds", "more text")
+        why = "one to read and one to predict" if streams else "one record of seq_len + 1 (--stream reads any number)"
+        raise UserError(f"{given} {len(data)} byte{'s' * (len(data) != 1)}: at least {need} are needed, {why}: give {fix}")
     started = time.perf_counter()
     if streams:
         result = evaluate_stream(params, data, seq_len, args.streams or EVAL_STREAMS, slices, progress=True)
@@ -1890,9 +1892,7 @@ def sample(args):
     prompt = os.fsencode(args.prompt)  # the prompt's bytes as given, even if they are not valid UTF-8
     if not prompt:
         raise UserError('--prompt is empty: the model needs at least one byte to continue, e.g. --prompt "Once"')
-    cfg, params_np, _, _ = load_checkpoint(args.ckpt)
-    xp = select_backend(args.device, [cfg.d_model])
-    params = {k: xp.asarray(p) for k, p in params_np.items()}
+    params = checkpoint_on_device(args)[1]
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span bytes
     sys.stdout.write(args.prompt)
     for byte in generate(params, prompt, args.length, args.temperature, args.top_k, args.seed):
@@ -1940,7 +1940,8 @@ class Slices:
 
 
 def cpu_slices(xp, threads=None, count=None):
-    """Slices for the CPU (None on the GPU): a thread per core, a slice per thread by default (docs/results.md)."""
+    """Slices for the CPU (None on the GPU): a thread per core, a slice per thread by default (docs/results.md).
+    The process then keeps the memory it frees (keep_freed_memory)."""
     if xp is not np:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -1949,6 +1950,7 @@ def cpu_slices(xp, threads=None, count=None):
         fix = f"unset {' '.join(BLAS_VARIABLES)} (MORA gives each thread one BLAS thread)" if blas > 1 else f"--threads {cores}"
         print(f"note: {threads or cores} threads x {blas} BLAS threads is more than the {cores} cores here: they take turns, "
               f"which can be several times slower; {fix}", file=sys.stderr)
+    keep_freed_memory()
     return Slices(count or threads or cores, threads or cores)
 
 
@@ -2019,8 +2021,6 @@ def bench(args):
         configs = [Config(**dict(asdict(configs[0]), **SIZES[size])) for size in ("small", "large")]
     xp = select_backend(args.device, sorted({cfg.d_model for cfg in configs}))
     slices = cpu_slices(xp, args.threads, args.slices)
-    if slices:
-        keep_freed_memory()
     print(f"backend: {describe_backend(xp, slices)}; the median of {args.steps} steps after an untimed one")
     print("| model | batch x seq | ms/step | bytes/s | traffic floor | achieved | launches/step | memory |")
     print("|---|---|---|---|---|---|---|---|")
