@@ -1662,23 +1662,6 @@ class Report:
             self.bar.close()
 
 
-# Core-seconds a CPU spends per parameter and byte of a training step (the small
-# model at 32 x 256 on a 2-core Intel Xeon VM: docs/results.md), to warn before long runs.
-CPU_SECONDS_PER_PARAM_BYTE = 2.1e-10
-
-
-def warn_if_long(run, slices):
-    """On the CPU, say before step 1 when the run will take hours, and what is quicker."""
-    if slices is None:
-        return
-    seconds = ((run.settings.max_steps - run.step) * run.cfg.batch_size * run.cfg.seq_len * count_params(run.cfg)
-               * CPU_SECONDS_PER_PARAM_BYTE / slices.threads)
-    if seconds > 3600:
-        hours = f"about {seconds / 3600:,.1f} hours" if seconds < 3600e6 else "more than a hundred years"
-        print(f"note: on this CPU ({slices.threads} threads) this run will take {hours}. "
-              f"A good small model in minutes: --batch-size 32 --max-steps 3000 (README: The reference CPU run)")
-
-
 # ----------------------------------------------------------------------------
 # The commands: train, eval (per record, or the split read as long texts), sample.
 
@@ -1729,8 +1712,14 @@ def finish(run, args, files, report, slices):
     return 0
 
 
+# Core-seconds a CPU spends per parameter and byte of a training step (the small
+# model at 32 x 256 on a 2-core Intel Xeon VM: docs/results.md), to warn before long runs.
+CPU_SECONDS_PER_PARAM_BYTE = 2.1e-10
+
+
 def print_plan(run, xp, slices, end):
-    """Before step 1: the model and its parameters, the backend, the data, the steps and the schedule of this call."""
+    """Before step 1: the model and its parameters, the backend, the data, the steps and the schedule of this call,
+    and on the CPU, when the run will take hours, what is quicker."""
     cfg, s, d, shapes = run.cfg, run.settings, run.cfg.d_model, block_shapes(run.cfg.d_model)
     block = sum(math.prod(shape) for shape in shapes.values())
     rows = [("embed (tied with the output layer)", (V, d), V * d)] + [(f"blocks.0.{k}", shape, math.prod(shape))
@@ -1742,13 +1731,19 @@ def print_plan(run, xp, slices, end):
     for name, shape, count in rows:
         print(f"{name:<38}{str(shape):>12}{count:>12,}")
     print(f"{'total':<38}{'':>12}{count_params(cfg):>12,}   (one block: {block:,})")
-    print(f"data: {len(run.train_records):,} train records of {run.cfg.seq_len + 1} bytes, "
-          f"{len(run.train_records) // run.cfg.batch_size:,} steps per epoch; {len(run.val_records):,} val records")
+    print(f"data: {len(run.train_records):,} train records of {cfg.seq_len + 1} bytes, "
+          f"{len(run.train_records) // cfg.batch_size:,} steps per epoch; {len(run.val_records):,} val records")
     print(f"training: steps {run.step:,} -> {end:,} of {s.max_steps:,}, lr {s.lr:g} (warmup {s.warmup}, "
           f"cosine to {s.final_lr_fraction:g}x), clip {s.clip:g}, Adam beta2 {s.beta2:g}")
-    if run.cfg.ablate != "none":
-        print(f"ablation {run.cfg.ablate}: {int(run.trainable.sum()):,} trainable parameters")
-    warn_if_long(run, slices)
+    if cfg.ablate != "none":
+        print(f"ablation {cfg.ablate}: {int(run.trainable.sum()):,} trainable parameters")
+    if slices:
+        hours = ((s.max_steps - run.step) * cfg.batch_size * cfg.seq_len * count_params(cfg)
+                 * CPU_SECONDS_PER_PARAM_BYTE / slices.threads / 3600)
+        if hours > 1:
+            took = f"about {hours:,.1f} hours" if hours < 1e6 else "more than a hundred years"
+            print(f"note: on this CPU ({slices.threads} threads) this run will take {took}. "
+                  f"A good small model in minutes: --batch-size 32 --max-steps 3000 (README: The reference CPU run)")
 
 
 def train_and_save(run, end, report, files, slices):
