@@ -1502,47 +1502,46 @@ class RunFiles:
         its lines up to that step (lines_up_to), then opened to append, one whole line at a time (write_line)."""
         for path, header, step_of in [(self.log, LOG_HEADER, logged_step)] + [(self.samples, "", sampled_step)] * sampling:
             lines = lines_up_to(path, step, header, step_of) if step else []
-            try:
-                with written_atomically(path, "w", newline="") as f:
+            with self.writing(path):
+                with written_atomically(path, "w", newline="") as f:  # on a failure the old file stays as it was
                     f.writelines([header] + lines)
                 self.appending[path] = open(path, "ab", buffering=0)
-            except OSError as exc:  # the old file stays as it was
-                raise self.failed(path, exc) from exc
 
     def write_line(self, path, line):
         """Append one line to the log or the samples; however the write stops (a full disk, a second Ctrl-C), the
         file is cut back to where it was: never half a line."""
         file = self.appending[path]
         data, start = line.encode(), file.tell()
-        try:
-            while data:
-                data = data[file.write(data):]  # an unbuffered write may take only part
-        except BaseException as exc:
-            file.truncate(start)
-            if isinstance(exc, OSError):
-                raise self.failed(path, exc) from exc
-            raise
+        with self.writing(path):
+            try:
+                while data:
+                    data = data[file.write(data):]  # an unbuffered write may take only part
+            except BaseException:
+                file.truncate(start)
+                raise
 
     def save(self, run):
-        try:
+        with self.writing(self.ckpt):
             save_checkpoint(self.ckpt, run.params, run.meta(), run.adam_m, run.adam_v)
-        except OSError as exc:
-            raise self.failed(self.ckpt, exc) from exc
         run.saved_step = run.step
 
-    def failed(self, path, exc):
-        """The WriteError for an OSError writing `path`: which file, the real cause, and what to do about it."""
-        folder = os.path.dirname(os.path.abspath(path))
-        cause, fix = exc.strerror or str(exc), f"see why {path} cannot be written"
-        if not os.path.isdir(folder):
-            cause, fix = f"its folder {folder} is gone", f"put the folder {folder} back"
-        elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            fix = "free some disk space"
-        elif exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
-            cause, fix = f"{cause}: a folder is in the way", f"move {exc.filename or path} away"
-        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            fix = f"make {folder} writable"
-        return WriteError(f"cannot write {self.what[path]} {path} ({cause})", path, fix)
+    @contextlib.contextmanager
+    def writing(self, path):
+        """Every write of a run's file: an OSError becomes a WriteError naming the file, the real cause, and the fix."""
+        try:
+            yield
+        except OSError as exc:
+            folder = os.path.dirname(os.path.abspath(path))
+            cause, fix = exc.strerror or str(exc), f"see why {path} cannot be written"
+            if not os.path.isdir(folder):
+                cause, fix = f"its folder {folder} is gone", f"put the folder {folder} back"
+            elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                fix = "free some disk space"
+            elif exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+                cause, fix = f"{cause}: a folder is in the way", f"move {exc.filename or path} away"
+            elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                fix = f"make {folder} writable"
+            raise WriteError(f"cannot write {self.what[path]} {path} ({cause})", path, fix) from exc
 
     def on_disk(self, run, fix):
         """What this run has on disk and how to go on once `fix` is done: the end of every line a failure gets."""
