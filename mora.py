@@ -1793,7 +1793,8 @@ def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=Fals
     of seq_len with its own recurrent state carried from chunk to chunk, and begun with the byte the one before ended
     on, so every byte but the first is predicted once.  One stream is how the model reads a long text (the per-record
     protocol charges every record a cold start); more cost a cold start each, and run as the rows of a batch, shared
-    over the CPU threads like the rows of `evaluate`.  Positions are counted within each chunk."""
+    over the CPU threads like the rows of `evaluate`.  Positions are counted within each chunk; `protocol` says all
+    this in words."""
     xp = array_module(params["embed"])
     streams = max(1, min(streams, len(data) - 1))  # at least one byte to predict in every stream
     edges = np.linspace(0, len(data) - 1, streams + 1).astype(np.int64)  # stream k predicts edges[k]+1 .. edges[k+1]
@@ -1815,12 +1816,12 @@ def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=Fals
             total_correct += float((to_numpy(correct).reshape(t, -1) * scored).sum())
         return position_loss, positions_each, total_correct
 
-    if slices is None:
-        parts = [sums(edges, progress)]
-    else:  # a slice of the streams per thread, each read from start to end
-        parts = slices.map(lambda rows: sums(edges[rows.start:rows.stop + 1], progress and rows.start == 0), streams)
+    parts = [sums(edges, progress)] if slices is None else \
+        slices.map(lambda rows: sums(edges[rows.start:rows.stop + 1], progress and rows.start == 0), streams)
     position_loss, positions_each, total_correct = (sum(part[i] for part in parts) for i in range(3))
-    return dict(evaluation_result(position_loss, positions_each, total_correct), streams=streams)
+    side_by_side = "1 stream" if streams == 1 else f"{streams:,} streams side by side"
+    return dict(evaluation_result(position_loss, positions_each, total_correct), streams=streams,
+                protocol=f"{side_by_side}, each read in chunks of {seq_len} with its state carried")
 
 
 def final_evaluation(run, slices, files):
@@ -1831,14 +1832,7 @@ def final_evaluation(run, slices, files):
     stream = evaluate_stream(run.params, text, cfg.seq_len, EVAL_STREAMS, slices, progress=True)
     files.write_line(files.log, run.log_line(full, val_stream_bpb=f"{stream['bpb']:.5f}"))
     print_evaluation(f"val, per record (all {len(run.val_records):,} records, the state reset every {cfg.seq_len + 1} bytes)", full)
-    print_evaluation(f"val, streamed (the first {len(text):,} bytes as {stream_protocol(stream['streams'], cfg.seq_len)})",
-                     stream)
-
-
-def stream_protocol(streams, seq_len):
-    """How evaluate_stream read a text, in words."""
-    side_by_side = "1 stream" if streams == 1 else f"{streams:,} streams side by side"
-    return f"{side_by_side}, each read in chunks of {seq_len} with its state carried"
+    print_evaluation(f"val, streamed (the first {len(text):,} bytes as {stream['protocol']})", stream)
 
 
 def print_evaluation(name, result):
@@ -1871,7 +1865,7 @@ def evaluate_checkpoint(args):
     started = time.perf_counter()
     if streams:
         result = evaluate_stream(params, data, seq_len, args.streams or EVAL_STREAMS, slices, progress=True)
-        protocol = f"read as {stream_protocol(result['streams'], seq_len)}"
+        protocol = f"read as {result['protocol']}"
     else:
         records = data[:len(data) // record * record].reshape(-1, record)
         result = evaluate(params, records, args.batch_size or EVAL_BATCH, slices, progress=True)
