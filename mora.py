@@ -1859,9 +1859,10 @@ def evaluate_checkpoint(args):
     data = whole[:args.max_bytes or None]
     if len(data) < (need := 2 if streams else record):
         cut = len(data) < len(whole)
-        given, fix = (f"--max-bytes {args.max_bytes} leaves", "a larger --max-bytes") if cut else (f"{path} holds", "more text")
+        given, fix = (f"--max-bytes {args.max_bytes} leaves", "pass a larger --max-bytes") if cut \
+            else (f"{path} holds", "evaluate on more text")
         why = "one to read and one to predict" if streams else "one record of seq_len + 1 (--stream reads any number)"
-        raise UserError(f"{given} {len(data)} byte{'s' * (len(data) != 1)}: at least {need} are needed, {why}: give {fix}")
+        raise UserError(f"{given} {len(data)} byte{'s' * (len(data) != 1)}: at least {need} are needed, {why}: {fix}")
     started = time.perf_counter()
     if streams:
         result = evaluate_stream(params, data, seq_len, args.streams or EVAL_STREAMS, slices, progress=True)
