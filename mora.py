@@ -1311,7 +1311,7 @@ class Run:
     def log_line(self, val=None, **columns):
         """The log's row for this step: `columns`, and an evaluation's (`val`) when given."""
         if val:
-            columns.update(val_loss=f"{val['loss']:.5f}", val_bpb=f"{val['bpb']:.5f}", val_accuracy=f"{val['accuracy']:.5f}")
+            columns.update({f"val_{k}": f"{val[k]:.5f}" for k in ("loss", "bpb", "accuracy")})
         return log_line({"step": self.step, "bytes": self.step * self.cfg.batch_size * self.cfg.seq_len, **columns})
 
     def meta(self):
@@ -1451,7 +1451,7 @@ class RunFiles:
 
     def __init__(self, args):
         ckpt, self.args = args.ckpt, args
-        stem = ckpt[:-len(".npz")] if ckpt.endswith(".npz") else ckpt
+        stem = ckpt.removesuffix(".npz")
         self.ckpt, self.lock, self.log, self.samples = ckpt, ckpt + ".lock", stem + ".csv", stem + ".samples.txt"
         self.what = {self.ckpt: "the checkpoint", self.lock: "the lock", self.log: "the log", self.samples: "the samples"}
         self.appending = {}
@@ -1639,11 +1639,13 @@ class Report:
             if self.sample_length:
                 self.files.write_line(self.files.samples, f"step {run.step:,}: {text!r}\n")
         bpb = loss / math.log(2)
-        self.files.write_line(self.files.log, run.log_line(val, lr=f"{lr:.6g}", loss=f"{loss:.5f}", bpb=f"{bpb:.5f}",
-                              accuracy=f"{accuracy:.5f}", grad_norm=f"{grad_norm:.4f}", ms_per_step=f"{1000 * seconds:.2f}"))
+        row = run.log_line(val, lr=f"{lr:.6g}", loss=f"{loss:.5f}", bpb=f"{bpb:.5f}", accuracy=f"{accuracy:.5f}",
+                           grad_norm=f"{grad_norm:.4f}", ms_per_step=f"{1000 * seconds:.2f}")
+        self.files.write_line(self.files.log, row)
         if run.step > self.start + 1:
             self.steps, self.seconds = self.steps + 1, self.seconds + seconds
-        numbers = f"loss {loss:.4f} acc {accuracy:.3f} bpb {bpb:.4f} lr {lr:.2e} gnorm {grad_norm:.2f} {self.speed()}".rstrip()
+        numbers = f"loss {loss:.4f} acc {accuracy:.3f} bpb {bpb:.4f} lr {lr:.2e} gnorm {grad_norm:.2f}"
+        numbers += f" {self.speed()}" if self.steps else ""
         if self.bar is not None:
             self.bar.set_postfix_str(numbers)
             self.bar.update(1)
@@ -1653,8 +1655,9 @@ class Report:
             self.next_line = time.monotonic() + self.PLAIN_SECONDS
 
     def speed(self):
+        """The speed of the timed steps (once there are some)."""
         bytes_per_s = self.run.cfg.batch_size * self.run.cfg.seq_len * self.steps / (self.seconds or 1)
-        return f"{1000 * self.seconds / self.steps:.1f} ms/step, {bytes_per_s:,.0f} bytes/s" if self.steps else ""
+        return f"{1000 * self.seconds / self.steps:.1f} ms/step, {bytes_per_s:,.0f} bytes/s"
 
     def close(self):
         if self.bar is not None:
