@@ -43,7 +43,7 @@ import zipfile
 import zlib
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 # On the CPU, training runs its own worker threads over slices of the batch (see
 # "CPU threads"), so each may use only one BLAS thread: BLAS's own threads would
@@ -1286,9 +1286,7 @@ def resumed_settings(args, cfg, meta, chosen):
     if changed.get("max_steps", 0) > meta["step"]:  # (one below the step is refused by settings_problem)
         print(f"schedule: the run now ends at step {changed['max_steps']:,} instead of {settings.max_steps:,}; warmup stays "
               f"{settings.warmup}, the cosine decay is stretched to the new end")
-    for k, v in changed.items():
-        setattr(settings, k, v)
-    return settings
+    return replace(settings, **changed)
 
 
 @dataclass
@@ -1426,8 +1424,7 @@ def lines_up_to(path, step, header, step_of):
         return []
     with open(path, newline="", errors="replace") as f:
         *lines, cut = f.read().split("\n")  # cut: the text after the last line end, a line cut short
-    ours = lines[:1] == [header.rstrip("\n")] if header else True
-    body = lines[1:] if header else lines
+    ours, body = (lines[:1] == [header.rstrip("\n")], lines[1:]) if header else (True, lines)
     good = list(itertools.takewhile(lambda s: s is not None, map(step_of, body))) if ours else []
     if len(good) < len(body) or cut or not ours:
         os.replace(path, path + ".bad")
