@@ -199,7 +199,6 @@ def speed(args):
         torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
         lstm_optimizer.step()
 
-    mora.keep_freed_memory()
     flat, params = mora.flat_parameters(mora.init_params(cfg, 0))
     m, v = np.zeros_like(flat), np.zeros_like(flat)
     slices = mora.cpu_slices(np, args.threads)

@@ -43,7 +43,7 @@ import zipfile
 import zlib
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 # On the CPU, training runs its own worker threads over slices of the batch (see
 # "CPU threads"), so each may use only one BLAS thread: BLAS's own threads would
@@ -1286,9 +1286,7 @@ def resumed_settings(args, cfg, meta, chosen):
     if changed.get("max_steps", 0) > meta["step"]:  # (one below the step is refused by settings_problem)
         print(f"schedule: the run now ends at step {changed['max_steps']:,} instead of {settings.max_steps:,}; warmup stays "
               f"{settings.warmup}, the cosine decay is stretched to the new end")
-    for k, v in changed.items():
-        setattr(settings, k, v)
-    return settings
+    return replace(settings, **changed)
 
 
 @dataclass
@@ -1307,6 +1305,12 @@ class Run:
     adam_v: object
     data_files: dict  # what it trains and validates on: "train.bin" and "val.bin" -> data_fingerprint
     saved_step: int = None  # the step of this run's checkpoint on disk (None: none saved yet)
+
+    def log_line(self, val=None, **columns):
+        """The log's row for this step: `columns`, and an evaluation's (`val`) when given."""
+        if val:
+            columns.update({f"val_{k}": f"{val[k]:.5f}" for k in ("loss", "bpb", "accuracy")})
+        return log_line({"step": self.step, "bytes": self.step * self.cfg.batch_size * self.cfg.seq_len, **columns})
 
     def meta(self):
         epoch, position = divmod(self.step, len(self.train_records) // self.cfg.batch_size)
@@ -1345,8 +1349,7 @@ def start_or_resume(args, xp, checkpoint):
     steps_per_epoch = len(train_records) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"train.bin has {len(train_records)} records of {cfg.seq_len + 1} bytes, fewer than one batch of {cfg.batch_size}: lower --batch-size or --seq-len")
-    if settings.max_steps is None:
-        settings.max_steps = settings.epochs * steps_per_epoch
+    settings.max_steps = settings.max_steps or settings.epochs * steps_per_epoch  # (a given one is never 0)
     if settings.warmup is None:
         settings.warmup = default_warmup(settings.max_steps)
     if problem := settings_problem(cfg, settings, step):
@@ -1421,8 +1424,7 @@ def lines_up_to(path, step, header, step_of):
         return []
     with open(path, newline="", errors="replace") as f:
         *lines, cut = f.read().split("\n")  # cut: the text after the last line end, a line cut short
-    ours = lines[:1] == [header.rstrip("\n")] if header else True
-    body = lines[1:] if header else lines
+    ours, body = (lines[:1] == [header.rstrip("\n")], lines[1:]) if header else (True, lines)
     good = list(itertools.takewhile(lambda s: s is not None, map(step_of, body))) if ours else []
     if len(good) < len(body) or cut or not ours:
         os.replace(path, path + ".bad")
@@ -1446,7 +1448,7 @@ class RunFiles:
 
     def __init__(self, args):
         ckpt, self.args = args.ckpt, args
-        stem = ckpt[:-len(".npz")] if ckpt.endswith(".npz") else ckpt
+        stem = ckpt.removesuffix(".npz")
         self.ckpt, self.lock, self.log, self.samples = ckpt, ckpt + ".lock", stem + ".csv", stem + ".samples.txt"
         self.what = {self.ckpt: "the checkpoint", self.lock: "the lock", self.log: "the log", self.samples: "the samples"}
         self.appending = {}
@@ -1497,47 +1499,46 @@ class RunFiles:
         its lines up to that step (lines_up_to), then opened to append, one whole line at a time (write_line)."""
         for path, header, step_of in [(self.log, LOG_HEADER, logged_step)] + [(self.samples, "", sampled_step)] * sampling:
             lines = lines_up_to(path, step, header, step_of) if step else []
-            try:
-                with written_atomically(path, "w", newline="") as f:
+            with self.writing(path):
+                with written_atomically(path, "w", newline="") as f:  # on a failure the old file stays as it was
                     f.writelines([header] + lines)
                 self.appending[path] = open(path, "ab", buffering=0)
-            except OSError as exc:  # the old file stays as it was
-                raise self.failed(path, exc) from exc
 
     def write_line(self, path, line):
         """Append one line to the log or the samples; however the write stops (a full disk, a second Ctrl-C), the
         file is cut back to where it was: never half a line."""
         file = self.appending[path]
         data, start = line.encode(), file.tell()
-        try:
-            while data:
-                data = data[file.write(data):]  # an unbuffered write may take only part
-        except BaseException as exc:
-            file.truncate(start)
-            if isinstance(exc, OSError):
-                raise self.failed(path, exc) from exc
-            raise
+        with self.writing(path):
+            try:
+                while data:
+                    data = data[file.write(data):]  # an unbuffered write may take only part
+            except BaseException:
+                file.truncate(start)
+                raise
 
     def save(self, run):
-        try:
+        with self.writing(self.ckpt):
             save_checkpoint(self.ckpt, run.params, run.meta(), run.adam_m, run.adam_v)
-        except OSError as exc:
-            raise self.failed(self.ckpt, exc) from exc
         run.saved_step = run.step
 
-    def failed(self, path, exc):
-        """The WriteError for an OSError writing `path`: which file, the real cause, and what to do about it."""
-        folder = os.path.dirname(os.path.abspath(path))
-        cause, fix = exc.strerror or str(exc), f"see why {path} cannot be written"
-        if not os.path.isdir(folder):
-            cause, fix = f"its folder {folder} is gone", f"put the folder {folder} back"
-        elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            fix = "free some disk space"
-        elif exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
-            cause, fix = f"{cause}: a folder is in the way", f"move {exc.filename or path} away"
-        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            fix = f"make {folder} writable"
-        return WriteError(f"cannot write {self.what[path]} {path} ({cause})", path, fix)
+    @contextlib.contextmanager
+    def writing(self, path):
+        """Every write of a run's file: an OSError becomes a WriteError naming the file, the real cause, and the fix."""
+        try:
+            yield
+        except OSError as exc:
+            folder = os.path.dirname(os.path.abspath(path))
+            cause, fix = exc.strerror or str(exc), f"see why {path} cannot be written"
+            if not os.path.isdir(folder):
+                cause, fix = f"its folder {folder} is gone", f"put the folder {folder} back"
+            elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                fix = "free some disk space"
+            elif exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+                cause, fix = f"{cause}: a folder is in the way", f"move {exc.filename or path} away"
+            elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                fix = f"make {folder} writable"
+            raise WriteError(f"cannot write {self.what[path]} {path} ({cause})", path, fix) from exc
 
     def on_disk(self, run, fix):
         """What this run has on disk and how to go on once `fix` is done: the end of every line a failure gets."""
@@ -1615,71 +1616,49 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def val_columns(val):
-    return {"val_loss": f"{val['loss']:.5f}", "val_bpb": f"{val['bpb']:.5f}", "val_accuracy": f"{val['accuracy']:.5f}"}
-
-
 class Report:
     """What train_loop shows of each step: the log's row, an evaluation and its sample (also to the samples file),
     and the progress: a bar on a terminal, else a line at the first and last step and every PLAIN_SECONDS.  The
     speed leaves out the first step, which warms caches (and compiles on the GPU)."""
     PLAIN_SECONDS = 10
 
-    def __init__(self, run, end, files, stop, sample_prompt, sample_length):
+    def __init__(self, run, end, files, stop, args):
         self.run, self.end, self.files, self.stop, self.start = run, end, files, stop, run.step
-        self.prompt, self.sample_length = os.fsencode(sample_prompt), sample_length
+        self.prompt, self.sample_length = os.fsencode(args.sample_prompt), args.sample_length
         self.bar = tqdm(total=end, initial=run.step, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
         self.steps, self.seconds, self.next_line = 0, 0.0, 0.0
 
     def step(self, lr, loss, accuracy, grad_norm, seconds, val=None, text=None):
-        run, s, cfg = self.run, self.run.settings, self.run.cfg
-        row = {"step": run.step, "bytes": run.step * cfg.batch_size * cfg.seq_len, "lr": f"{lr:.6g}", "loss": f"{loss:.5f}",
-               "bpb": f"{loss / math.log(2):.5f}", "accuracy": f"{accuracy:.5f}", "grad_norm": f"{grad_norm:.4f}",
-               "ms_per_step": f"{1000 * seconds:.2f}", **(val_columns(val) if val else {})}
+        run = self.run
         if val:
             tqdm.write(f"step {run.step:,}: val bits/byte {val['bpb']:.4f} (first {val['bytes']:,} bytes), accuracy "
                        f"{val['accuracy']:.4f}" + (f"\nstep {run.step:,}: sample: {text!r}" if self.sample_length else ""))
             if self.sample_length:
                 self.files.write_line(self.files.samples, f"step {run.step:,}: {text!r}\n")
-        self.files.write_line(self.files.log, log_line(row))
+        bpb = loss / math.log(2)
+        row = run.log_line(val, lr=f"{lr:.6g}", loss=f"{loss:.5f}", bpb=f"{bpb:.5f}", accuracy=f"{accuracy:.5f}",
+                           grad_norm=f"{grad_norm:.4f}", ms_per_step=f"{1000 * seconds:.2f}")
+        self.files.write_line(self.files.log, row)
         if run.step > self.start + 1:
             self.steps, self.seconds = self.steps + 1, self.seconds + seconds
-        numbers = f"loss {loss:.4f} acc {accuracy:.3f} bpb {loss / math.log(2):.4f} lr {lr:.2e} gnorm {grad_norm:.2f} {self.speed()}".rstrip()
+        numbers = f"loss {loss:.4f} acc {accuracy:.3f} bpb {bpb:.4f} lr {lr:.2e} gnorm {grad_norm:.2f}"
+        numbers += f" {self.speed()}" if self.steps else ""
         if self.bar is not None:
             self.bar.set_postfix_str(numbers)
             self.bar.update(1)
         elif run.step in (self.start + 1, self.end) or time.monotonic() >= self.next_line:
             sys.stdout.flush()  # what was printed before this line comes before it in a file that holds both
-            print(f"step {run.step:,}/{s.max_steps:,}: {numbers}", file=sys.stderr, flush=True)
+            print(f"step {run.step:,}/{run.settings.max_steps:,}: {numbers}", file=sys.stderr, flush=True)
             self.next_line = time.monotonic() + self.PLAIN_SECONDS
 
     def speed(self):
+        """The speed of the timed steps (once there are some)."""
         bytes_per_s = self.run.cfg.batch_size * self.run.cfg.seq_len * self.steps / (self.seconds or 1)
-        return f"{1000 * self.seconds / self.steps:.1f} ms/step, {bytes_per_s:,.0f} bytes/s" if self.steps else ""
+        return f"{1000 * self.seconds / self.steps:.1f} ms/step, {bytes_per_s:,.0f} bytes/s"
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def close(self):
         if self.bar is not None:
             self.bar.close()
-
-
-# Core-seconds a CPU spends per parameter and byte of a training step (the small
-# model at 32 x 256 on a 2-core Intel Xeon VM: docs/results.md), to warn before long runs.
-CPU_SECONDS_PER_PARAM_BYTE = 2.1e-10
-
-
-def warn_if_long(run, slices):
-    """On the CPU, say before step 1 when the run will take hours, and what is quicker."""
-    if slices is None:
-        return
-    seconds = ((run.settings.max_steps - run.step) * run.cfg.batch_size * run.cfg.seq_len * count_params(run.cfg)
-               * CPU_SECONDS_PER_PARAM_BYTE / slices.threads)
-    if seconds > 3600:
-        hours = f"about {seconds / 3600:,.1f} hours" if seconds < 3600e6 else "more than a hundred years"
-        print(f"note: on this CPU ({slices.threads} threads) this run will take {hours}. "
-              f"A good small model in minutes: --batch-size 32 --max-steps 3000 (README: The reference CPU run)")
 
 
 # ----------------------------------------------------------------------------
@@ -1700,10 +1679,9 @@ def train(args):
         slices = cpu_slices(xp, args.threads, run.settings.slices)
         if slices:
             run.settings.slices = slices.count  # kept in the checkpoint: a resume slices the batch the same way
-            keep_freed_memory()
         end = run.settings.max_steps if args.stop_after is None else min(run.settings.max_steps, run.step + args.stop_after)
         print_plan(run, xp, slices, end)
-        with StopSignals() as stop, Report(run, end, files, stop, args.sample_prompt, args.sample_length) as report:
+        with StopSignals() as stop, contextlib.closing(Report(run, end, files, stop, args)) as report:
             train_and_save(run, end, report, files, slices)
             stop.saved = True  # a signal from here on stops at once: nothing is left to save
             return finish(run, args, files, report, slices)
@@ -1733,8 +1711,14 @@ def finish(run, args, files, report, slices):
     return 0
 
 
+# Core-seconds a CPU spends per parameter and byte of a training step (the small
+# model at 32 x 256 on a 2-core Intel Xeon VM: docs/results.md), to warn before long runs.
+CPU_SECONDS_PER_PARAM_BYTE = 2.1e-10
+
+
 def print_plan(run, xp, slices, end):
-    """Before step 1: the model and its parameters, the backend, the data, the steps and the schedule of this call."""
+    """Before step 1: the model and its parameters, the backend, the data, the steps and the schedule of this call,
+    and on the CPU, when the run will take hours, what is quicker."""
     cfg, s, d, shapes = run.cfg, run.settings, run.cfg.d_model, block_shapes(run.cfg.d_model)
     block = sum(math.prod(shape) for shape in shapes.values())
     rows = [("embed (tied with the output layer)", (V, d), V * d)] + [(f"blocks.0.{k}", shape, math.prod(shape))
@@ -1746,13 +1730,19 @@ def print_plan(run, xp, slices, end):
     for name, shape, count in rows:
         print(f"{name:<38}{str(shape):>12}{count:>12,}")
     print(f"{'total':<38}{'':>12}{count_params(cfg):>12,}   (one block: {block:,})")
-    print(f"data: {len(run.train_records):,} train records of {run.cfg.seq_len + 1} bytes, "
-          f"{len(run.train_records) // run.cfg.batch_size:,} steps per epoch; {len(run.val_records):,} val records")
+    print(f"data: {len(run.train_records):,} train records of {cfg.seq_len + 1} bytes, "
+          f"{len(run.train_records) // cfg.batch_size:,} steps per epoch; {len(run.val_records):,} val records")
     print(f"training: steps {run.step:,} -> {end:,} of {s.max_steps:,}, lr {s.lr:g} (warmup {s.warmup}, "
           f"cosine to {s.final_lr_fraction:g}x), clip {s.clip:g}, Adam beta2 {s.beta2:g}")
-    if run.cfg.ablate != "none":
-        print(f"ablation {run.cfg.ablate}: {int(run.trainable.sum()):,} trainable parameters")
-    warn_if_long(run, slices)
+    if cfg.ablate != "none":
+        print(f"ablation {cfg.ablate}: {int(run.trainable.sum()):,} trainable parameters")
+    if slices:
+        hours = ((s.max_steps - run.step) * cfg.batch_size * cfg.seq_len * count_params(cfg)
+                 * CPU_SECONDS_PER_PARAM_BYTE / slices.threads / 3600)
+        if hours > 1:
+            took = f"about {hours:,.1f} hours" if hours < 1e6 else "more than a hundred years"
+            print(f"note: on this CPU ({slices.threads} threads) this run will take {took}. "
+                  f"A good small model in minutes: --batch-size 32 --max-steps 3000 (README: The reference CPU run)")
 
 
 def train_and_save(run, end, report, files, slices):
@@ -1803,7 +1793,8 @@ def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=Fals
     of seq_len with its own recurrent state carried from chunk to chunk, and begun with the byte the one before ended
     on, so every byte but the first is predicted once.  One stream is how the model reads a long text (the per-record
     protocol charges every record a cold start); more cost a cold start each, and run as the rows of a batch, shared
-    over the CPU threads like the rows of `evaluate`.  Positions are counted within each chunk."""
+    over the CPU threads like the rows of `evaluate`.  Positions are counted within each chunk; `protocol` says all
+    this in words."""
     xp = array_module(params["embed"])
     streams = max(1, min(streams, len(data) - 1))  # at least one byte to predict in every stream
     edges = np.linspace(0, len(data) - 1, streams + 1).astype(np.int64)  # stream k predicts edges[k]+1 .. edges[k+1]
@@ -1825,12 +1816,12 @@ def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=Fals
             total_correct += float((to_numpy(correct).reshape(t, -1) * scored).sum())
         return position_loss, positions_each, total_correct
 
-    if slices is None:
-        parts = [sums(edges, progress)]
-    else:  # a slice of the streams per thread, each read from start to end
-        parts = slices.map(lambda rows: sums(edges[rows.start:rows.stop + 1], progress and rows.start == 0), streams)
+    parts = [sums(edges, progress)] if slices is None else \
+        slices.map(lambda rows: sums(edges[rows.start:rows.stop + 1], progress and rows.start == 0), streams)
     position_loss, positions_each, total_correct = (sum(part[i] for part in parts) for i in range(3))
-    return dict(evaluation_result(position_loss, positions_each, total_correct), streams=streams)
+    side_by_side = "1 stream" if streams == 1 else f"{streams:,} streams side by side"
+    return dict(evaluation_result(position_loss, positions_each, total_correct), streams=streams,
+                protocol=f"{side_by_side}, each read in chunks of {seq_len} with its state carried")
 
 
 def final_evaluation(run, slices, files):
@@ -1839,17 +1830,9 @@ def final_evaluation(run, slices, files):
     full = evaluate(run.params, run.val_records, EVAL_BATCH, slices, progress=True)
     text = run.val_records.reshape(-1)[:run.settings.eval_bytes]
     stream = evaluate_stream(run.params, text, cfg.seq_len, EVAL_STREAMS, slices, progress=True)
-    files.write_line(files.log, log_line({"step": run.step, "bytes": run.step * cfg.batch_size * cfg.seq_len,
-                                          **val_columns(full), "val_stream_bpb": f"{stream['bpb']:.5f}"}))
+    files.write_line(files.log, run.log_line(full, val_stream_bpb=f"{stream['bpb']:.5f}"))
     print_evaluation(f"val, per record (all {len(run.val_records):,} records, the state reset every {cfg.seq_len + 1} bytes)", full)
-    print_evaluation(f"val, streamed (the first {len(text):,} bytes as {stream_protocol(stream['streams'], cfg.seq_len)})",
-                     stream)
-
-
-def stream_protocol(streams, seq_len):
-    """How evaluate_stream read a text, in words."""
-    side_by_side = "1 stream" if streams == 1 else f"{streams:,} streams side by side"
-    return f"{side_by_side}, each read in chunks of {seq_len} with its state carried"
+    print_evaluation(f"val, streamed (the first {len(text):,} bytes as {stream['protocol']})", stream)
 
 
 def print_evaluation(name, result):
@@ -1857,28 +1840,33 @@ def print_evaluation(name, result):
     print(f"    {result['by_position']}")
 
 
-def evaluate_checkpoint(args):
-    cfg, params_np, meta, _ = load_checkpoint(args.ckpt)
+def checkpoint_on_device(args):
+    """--ckpt's config, its parameters on the device --device chooses, its meta, and that device's array module."""
+    cfg, params, meta, _ = load_checkpoint(args.ckpt)
     xp = select_backend(args.device, [cfg.d_model])
+    return cfg, {k: xp.asarray(p) for k, p in params.items()}, meta, xp
+
+
+def evaluate_checkpoint(args):
+    cfg, params, meta, xp = checkpoint_on_device(args)
     path = os.path.join(args.data_dir, f"{args.split}.bin")
     if args.split == "test" and not os.path.exists(path):
         raise UserError(f"{path} not found: prepare_data.py makes a test split for enwik8 alone (--dataset enwik8; "
                         f"TinyStories has train and val): use --split val, or --data-dir the enwik8 folder")
-    params = {k: xp.asarray(p) for k, p in params_np.items()}
     seq_len = args.seq_len or cfg.seq_len  # a recurrent model reads records of any length
     streams, record, slices = args.stream or args.streams, seq_len + 1, cpu_slices(xp, args.threads)
     whole = open_bytes(path)
     data = whole[:args.max_bytes or None]
     if len(data) < (need := 2 if streams else record):
-        given, fix = (f"--max-bytes {args.max_bytes} leaves", "pass a larger --max-bytes") if len(data) < len(whole) \
+        cut = len(data) < len(whole)
+        given, fix = (f"--max-bytes {args.max_bytes} leaves", "pass a larger --max-bytes") if cut \
             else (f"{path} holds", "evaluate on more text")
-        why = "one to read and one to predict" if streams else \
-            f"one record of seq_len + 1: {fix}, or --stream to read any number of bytes"
-        raise UserError(f"{given} {len(data)} byte{'s' * (len(data) != 1)}: at least {need} are needed, {why}")
+        why = "one to read and one to predict" if streams else "one record of seq_len + 1 (--stream reads any number)"
+        raise UserError(f"{given} {len(data)} byte{'s' * (len(data) != 1)}: at least {need} are needed, {why}: {fix}")
     started = time.perf_counter()
     if streams:
         result = evaluate_stream(params, data, seq_len, args.streams or EVAL_STREAMS, slices, progress=True)
-        protocol = f"read as {stream_protocol(result['streams'], seq_len)}"
+        protocol = f"read as {result['protocol']}"
     else:
         records = data[:len(data) // record * record].reshape(-1, record)
         result = evaluate(params, records, args.batch_size or EVAL_BATCH, slices, progress=True)
@@ -1893,9 +1881,7 @@ def sample(args):
     prompt = os.fsencode(args.prompt)  # the prompt's bytes as given, even if they are not valid UTF-8
     if not prompt:
         raise UserError('--prompt is empty: the model needs at least one byte to continue, e.g. --prompt "Once"')
-    cfg, params_np, _, _ = load_checkpoint(args.ckpt)
-    xp = select_backend(args.device, [cfg.d_model])
-    params = {k: xp.asarray(p) for k, p in params_np.items()}
+    params = checkpoint_on_device(args)[1]
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span bytes
     sys.stdout.write(args.prompt)
     for byte in generate(params, prompt, args.length, args.temperature, args.top_k, args.seed):
@@ -1943,7 +1929,8 @@ class Slices:
 
 
 def cpu_slices(xp, threads=None, count=None):
-    """Slices for the CPU (None on the GPU): a thread per core, a slice per thread by default (docs/results.md)."""
+    """Slices for the CPU (None on the GPU): a thread per core, a slice per thread by default (docs/results.md).
+    The process then keeps the memory it frees (keep_freed_memory)."""
     if xp is not np:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -1952,6 +1939,7 @@ def cpu_slices(xp, threads=None, count=None):
         fix = f"unset {' '.join(BLAS_VARIABLES)} (MORA gives each thread one BLAS thread)" if blas > 1 else f"--threads {cores}"
         print(f"note: {threads or cores} threads x {blas} BLAS threads is more than the {cores} cores here: they take turns, "
               f"which can be several times slower; {fix}", file=sys.stderr)
+    keep_freed_memory()
     return Slices(count or threads or cores, threads or cores)
 
 
@@ -2022,8 +2010,6 @@ def bench(args):
         configs = [Config(**dict(asdict(configs[0]), **SIZES[size])) for size in ("small", "large")]
     xp = select_backend(args.device, sorted({cfg.d_model for cfg in configs}))
     slices = cpu_slices(xp, args.threads, args.slices)
-    if slices:
-        keep_freed_memory()
     print(f"backend: {describe_backend(xp, slices)}; the median of {args.steps} steps after an untimed one")
     print("| model | batch x seq | ms/step | bytes/s | traffic floor | achieved | launches/step | memory |")
     print("|---|---|---|---|---|---|---|---|")
