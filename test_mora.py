@@ -3026,14 +3026,19 @@ DAMAGED_CHECKPOINTS = [  # what is changed, how, the commands that must refuse i
 ]
 
 
-@pytest.mark.filterwarnings("error")  # no RuntimeWarning on the way: the checkpoint is refused before it is used
-def test_a_damaged_checkpoint_is_refused_by_every_command_that_reads_it(data_dir, tmp_path, capsys):
-    ckpt = tmp_path / "run.npz"
-    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 4,
+def stopped_run(data_dir, ckpt, max_steps):
+    """A tiny run stopped (and saved) after 2 of its max_steps, its checkpoint read back: (arrays, meta)."""
+    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", max_steps,
                     "--stop-after", 2, "--eval-every", 0) == 0
     with np.load(ckpt) as f:
         arrays = {k: f[k] for k in f.files}
-    meta = json.loads(str(arrays.pop("meta")))
+    return arrays, json.loads(str(arrays.pop("meta")))
+
+
+@pytest.mark.filterwarnings("error")  # no RuntimeWarning on the way: the checkpoint is refused before it is used
+def test_a_damaged_checkpoint_is_refused_by_every_command_that_reads_it(data_dir, tmp_path, capsys):
+    ckpt = tmp_path / "run.npz"
+    arrays, meta = stopped_run(data_dir, ckpt, max_steps=4)
     capsys.readouterr()
     commands = {"sample": ["sample", "--length", 3], "eval": ["eval", "--data-dir", data_dir, "--max-bytes", 100],
                 "train": ["train", "--data-dir", data_dir, "--resume", "--eval-every", 0]}
@@ -3093,11 +3098,7 @@ def test_a_checkpoint_out_of_its_settings_range_is_refused_in_one_line_naming_th
     warmup longer than the run, eval bytes under one record of 17), written into a checkpoint's
     meta: sample, eval and train --resume each refuse it in one line that names the setting."""
     ckpt = tmp_path / "run.npz"
-    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 5,
-                    "--stop-after", 2, "--eval-every", 0) == 0
-    with np.load(ckpt) as f:
-        arrays = {k: f[k] for k in f.files}
-    meta = json.loads(str(arrays.pop("meta")))
+    arrays, meta = stopped_run(data_dir, ckpt, max_steps=5)
     commands = [("sample", "--length", 3), ("eval", "--data-dir", data_dir, "--max-bytes", 100),
                 ("train", "--data-dir", data_dir, "--resume", "--stop-after", 1, "--eval-every", 0)]
     for case, (name, value) in enumerate(OUT_OF_RANGE):
@@ -3212,11 +3213,7 @@ def test_every_command_refuses_a_tampered_checkpoint_in_one_line_or_runs_it(data
     checkpoint then loads with the settings it was given) or prints one line `error: ...`
     and exits 1.  Never a traceback (it would fail this test), never a hang."""
     ckpt = tmp_path / "run.npz"
-    assert run_main("train", "--data-dir", data_dir, "--ckpt", ckpt, *TINY, "--device", "cpu", "--max-steps", 5,
-                    "--stop-after", 2, "--eval-every", 0) == 0
-    with np.load(ckpt) as f:
-        arrays = {k: f[k] for k in f.files}
-    meta = json.loads(str(arrays.pop("meta")))
+    arrays, meta = stopped_run(data_dir, ckpt, max_steps=5)
     rng, outcomes = np.random.default_rng(0), {0: 0, 1: 0}
     commands = [("sample", "--length", 3), ("eval", "--data-dir", data_dir, "--max-bytes", 100),
                 ("train", "--data-dir", data_dir, "--resume", "--stop-after", 1, "--eval-every", 0)]
