@@ -25,11 +25,9 @@ block of [v | z | q], and beta_t, c_t, e_t are contiguous (B, d); batch-major, i
 import argparse
 import codecs
 import contextlib
-import csv
 import errno
 import functools
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -801,12 +799,12 @@ def train_loop(run, end, report, save, slices=None):
     """The training loop from run.step to step `end`, and its cadence: each step's batch
     in its epoch's shuffled order, its learning rate and a training step; a stop when the
     loss is not finite; every eval_every steps an evaluation and a sample; every
-    ckpt_every steps `save(run)`; an early stop when report.stop asks (a signal).
+    ckpt_every steps `save(run)`; an early stop when report.stop_requested (a signal).
     `report` (a Report, in "Running it for real") writes the log and draws the progress.
     slices: CPU threads sharing each batch (`Slices`, also there), or None."""
     cfg, s, xp = run.cfg, run.settings, array_module(run.flat)
     gradient = batch_gradient if slices is None else slices.gradient
-    while run.step < end and not report.stop.requested:
+    while run.step < end and not report.stop_requested:
         started = time.perf_counter()
         x, y = make_batch(run.train_records, batch_rows(len(run.train_records), cfg.batch_size, s.seed, run.step), xp)
         lr = learning_rate(run.step, s.max_steps, s.lr, s.warmup, s.final_lr_fraction)
@@ -1310,7 +1308,8 @@ class Run:
         """The log's row for this step: `columns`, and an evaluation's (`val`) when given."""
         if val:
             columns.update({f"val_{k}": f"{val[k]:.5f}" for k in ("loss", "bpb", "accuracy")})
-        return log_line({"step": self.step, "bytes": self.step * self.cfg.batch_size * self.cfg.seq_len, **columns})
+        row = dict(columns, step=self.step, bytes=self.step * self.cfg.batch_size * self.cfg.seq_len)
+        return ",".join(str(row.get(k, "")) for k in LOG_FIELDS) + "\n"
 
     def meta(self):
         epoch, position = divmod(self.step, len(self.train_records) // self.cfg.batch_size)
@@ -1333,8 +1332,6 @@ def start_or_resume(args, xp, checkpoint):
     """A new run from the flags, or (--resume) the run in `checkpoint`, load_checkpoint's reading of --ckpt."""
     chosen = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name, None) is not None}
     if args.resume:
-        if args.overwrite:
-            raise UserError("--resume and --overwrite contradict each other: --resume continues --ckpt, --overwrite starts it over")
         cfg, params_np, meta, adam_state = checkpoint
         if "train" not in meta or "data" not in meta:
             raise UserError(f"{args.ckpt} holds weights only (no optimizer state or settings): it cannot be resumed")
@@ -1385,25 +1382,16 @@ def open_run_data(args, cfg, meta):
 
 LOG_FIELDS = ["step", "bytes", "lr", "loss", "bpb", "accuracy", "grad_norm", "ms_per_step",
               "val_loss", "val_bpb", "val_accuracy", "val_stream_bpb"]
-
-
-def log_line(row):
-    """A row of the log (a dict; columns left out are empty) as one CSV line ending in '\n' (csv's default: '\r\n')."""
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerow([row.get(k, "") for k in LOG_FIELDS])
-    return text.getvalue()
-
-
-LOG_HEADER = log_line({k: k for k in LOG_FIELDS})
+LOG_HEADER = ",".join(LOG_FIELDS) + "\n"  # then a row a step: numbers, or nothing, which need no CSV quoting
 
 
 def logged_step(line):
     """The step of a whole log row: every column, a whole-number step, numbers (or nothing) elsewhere (else None)."""
-    row = next(csv.reader([line]), [])
+    row = line.split(",")
     try:
         list(map(float, filter(None, row)))  # each a number, or a ValueError
         return int(row[0]) if len(row) == len(LOG_FIELDS) else None
-    except (ValueError, IndexError):
+    except ValueError:
         return None
 
 
@@ -1436,19 +1424,19 @@ def lines_up_to(path, step, header, step_of):
 
 class WriteError(UserError):
     """A file of a run could not be written: the message says which and why, `fix` what to do about it."""
-    def __init__(self, message, path, fix):
+    def __init__(self, message, fix):
         super().__init__(message)
-        self.path, self.fix = path, fix
+        self.fix = fix
 
 
 class RunFiles:
     """Every file `train` writes, each named from the checkpoint's whole name (STEM: CKPT less a last .npz, so exp.1
-    and exp.2 are two runs): CKPT, CKPT.lock, the log STEM.csv, STEM.samples.txt, and the .tmp each is written to.
-    All are checked before any work; each write is whole or undone, and an OSError on any becomes one WriteError."""
+    and exp.2 are two runs): CKPT, CKPT.lock, the log STEM.csv, STEM.samples.txt, and the .tmp each is written to;
+    and, while the run trains, its standard output and error (QuietOnFailure).  All are checked before any work;
+    each write is whole or undone, and an OSError on any file becomes one WriteError."""
 
     def __init__(self, args):
-        ckpt, self.args = args.ckpt, args
-        stem = ckpt.removesuffix(".npz")
+        ckpt, stem, self.args = args.ckpt, args.ckpt.removesuffix(".npz"), args
         self.ckpt, self.lock, self.log, self.samples = ckpt, ckpt + ".lock", stem + ".csv", stem + ".samples.txt"
         self.what = {self.ckpt: "the checkpoint", self.lock: "the lock", self.log: "the log", self.samples: "the samples"}
         self.appending = {}
@@ -1461,14 +1449,15 @@ class RunFiles:
             os.makedirs(folder, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot create the folder {folder} for --ckpt ({exc.strerror}): choose another --ckpt")
-        inputs = [os.path.join(args.data_dir, name) for name in ("train.bin", "val.bin")]
         written = [self.ckpt, self.log, self.samples]  # each through its .tmp, beside the file a link names
         tmps = [(os.path.realpath(p) if os.path.islink(p) else p) + ".tmp" for p in written]
-        check_outputs(written + tmps + [self.lock], inputs, "--ckpt")
+        check_outputs(written + tmps + [self.lock], [os.path.join(args.data_dir, n) for n in ("train.bin", "val.bin")],
+                      "--ckpt")
 
     def __enter__(self):
-        """Lock the run (CKPT.lock, never through a link): a second run on it stops at once.  The system drops the
-        lock however this process ends, so a stale lock file never blocks; it holds the pid, for the message."""
+        """Lock the run (CKPT.lock, never through a link): a second run on it stops at once, before it prints.  The
+        system drops the lock however this process ends, so a stale lock file never blocks; it holds the pid, for
+        the message.  Then the standard streams become QuietOnFailure ones until the run ends."""
         try:
             self.lock_fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as exc:  # ELOOP: a symbolic link, which would take the pid to another file
@@ -1487,9 +1476,14 @@ class RunFiles:
         with contextlib.suppress(OSError):  # the pid is for the message alone: a full disk leaves it out
             os.ftruncate(self.lock_fd, 0)
             os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
+        self.streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = QuietOnFailure(sys.stdout, "stdout"), QuietOnFailure(sys.stderr, "stderr")
         return self
 
     def __exit__(self, *exc):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = self.streams
         for file in self.appending.values():
             file.close()
         os.close(self.lock_fd)
@@ -1538,7 +1532,7 @@ class RunFiles:
                 cause, fix = f"{cause}: a folder is in the way", f"move {exc.filename or path} away"
             elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 fix = f"make {folder} writable"
-            raise WriteError(f"cannot write {self.what[path]} {path} ({cause})", path, fix) from exc
+            raise WriteError(f"cannot write {self.what[path]} {path} ({cause})", fix) from exc
 
     def on_disk(self, run, fix):
         """What this run has on disk and how to go on once `fix` is done: the end of every line a failure gets."""
@@ -1579,66 +1573,53 @@ class QuietOnFailure:
         return getattr(self.stream, name)
 
 
-@contextlib.contextmanager
-def quiet_on_failure():
-    """sys.stdout and sys.stderr as QuietOnFailure streams, flushed before they are handed back."""
-    saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = QuietOnFailure(sys.stdout, "stdout"), QuietOnFailure(sys.stderr, "stderr")
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        sys.stdout, sys.stderr = saved
+class Report:
+    """What train_loop shows of each step, and whether it should stop.  A step's row goes to the log, an evaluation
+    and its sample to stdout and the samples file, and the progress to stderr: a bar on a terminal, else a line at
+    the first and last step and every PLAIN_SECONDS (the speed leaves out the first step, which warms caches and
+    compiles on the GPU).  SIGINT (Ctrl-C), SIGTERM (`kill`, schedulers) and SIGHUP (a closed terminal) stop the
+    loop after the step under way, as does a log or samples file that cannot be written (kept as `problem`); a
+    second signal, or one once the run is `saved`, stops at once (KeyboardInterrupt), the last checkpoint as it was."""
+    PLAIN_SECONDS = 10
+    SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
 
-
-class StopSignals:
-    """SIGINT (Ctrl-C), SIGTERM (`kill`, schedulers) and SIGHUP (terminal closed: its writes then fail, which
-    QuietOnFailure absorbs) while training: the first stops the loop after the step under way, said at once; a
-    second stops at once (KeyboardInterrupt), the last checkpoint as it was.  Once the run is `saved` (its final
-    evaluation), the first stops at once."""
-    NAMES = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
+    def __init__(self, run, end, files, args):
+        self.run, self.end, self.files, self.start = run, end, files, run.step
+        self.prompt, self.sample_length = os.fsencode(args.sample_prompt), args.sample_length
+        self.steps, self.seconds, self.next_line = 0, 0.0, 0.0
+        self.stop_requested, self.saved, self.problem = False, False, None
 
     def __enter__(self):
-        self.requested, self.saved = False, False
-        self.previous = {s: signal.signal(s, self.handle) for s in (getattr(signal, name) for name in self.NAMES)}
+        self.previous = {s: signal.signal(s, self.on_signal) for s in self.SIGNALS}
+        self.bar = tqdm(total=self.end, initial=self.start, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
         return self
 
-    def handle(self, signum, frame):
-        if self.requested or self.saved:
+    def on_signal(self, signum, frame):
+        if self.stop_requested or self.saved:
             raise KeyboardInterrupt
-        self.requested = True
+        self.stop_requested = True
         print(f"\n{signal.Signals(signum).name}: stopping after this step, then saving "
               f"(send it again to stop at once, without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-
-
-class Report:
-    """What train_loop shows of each step: the log's row, an evaluation and its sample (also to the samples file),
-    and the progress: a bar on a terminal, else a line at the first and last step and every PLAIN_SECONDS.  The
-    speed leaves out the first step, which warms caches (and compiles on the GPU)."""
-    PLAIN_SECONDS = 10
-
-    def __init__(self, run, end, files, stop, args):
-        self.run, self.end, self.files, self.stop, self.start = run, end, files, stop, run.step
-        self.prompt, self.sample_length = os.fsencode(args.sample_prompt), args.sample_length
-        self.bar = tqdm(total=end, initial=run.step, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
-        self.steps, self.seconds, self.next_line = 0, 0.0, 0.0
+        if self.bar is not None:
+            self.bar.close()
 
     def step(self, lr, loss, accuracy, grad_norm, seconds, val=None, text=None):
-        run = self.run
+        run, bpb = self.run, loss / math.log(2)
         if val:
             tqdm.write(f"step {run.step:,}: val bits/byte {val['bpb']:.4f} (first {val['bytes']:,} bytes), accuracy "
                        f"{val['accuracy']:.4f}" + (f"\nstep {run.step:,}: sample: {text!r}" if self.sample_length else ""))
-            if self.sample_length:
+        try:
+            if val and self.sample_length:
                 self.files.write_line(self.files.samples, f"step {run.step:,}: {text!r}\n")
-        bpb = loss / math.log(2)
-        row = run.log_line(val, lr=f"{lr:.6g}", loss=f"{loss:.5f}", bpb=f"{bpb:.5f}", accuracy=f"{accuracy:.5f}",
-                           grad_norm=f"{grad_norm:.4f}", ms_per_step=f"{1000 * seconds:.2f}")
-        self.files.write_line(self.files.log, row)
+            self.files.write_line(self.files.log, run.log_line(
+                val, lr=f"{lr:.6g}", loss=f"{loss:.5f}", bpb=f"{bpb:.5f}", accuracy=f"{accuracy:.5f}",
+                grad_norm=f"{grad_norm:.4f}", ms_per_step=f"{1000 * seconds:.2f}"))
+        except WriteError as exc:  # the loop stops as for a signal: the checkpoint is saved, then this is said
+            self.problem, self.stop_requested = exc, True
         if run.step > self.start + 1:
             self.steps, self.seconds = self.steps + 1, self.seconds + seconds
         numbers = f"loss {loss:.4f} acc {accuracy:.3f} bpb {bpb:.4f} lr {lr:.2e} gnorm {grad_norm:.2f}"
@@ -1656,21 +1637,19 @@ class Report:
         bytes_per_s = self.run.cfg.batch_size * self.run.cfg.seq_len * self.steps / (self.seconds or 1)
         return f"{1000 * self.seconds / self.steps:.1f} ms/step, {bytes_per_s:,.0f} bytes/s"
 
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
 
 # ----------------------------------------------------------------------------
 # The commands: train, eval (per record, or the split read as long texts), sample.
 
 
 def train(args):
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: --resume continues --ckpt, --overwrite starts it over")
     if args.sample_length and not args.sample_prompt:
         raise UserError("--sample-prompt is empty: give the text each sample continues, or --sample-length 0 for none")
-    checkpoint = load_checkpoint(args.ckpt, adam=True) if args.resume and not args.overwrite else None
+    checkpoint = load_checkpoint(args.ckpt, adam=True) if args.resume else None
     xp = select_backend(args.device, [(checkpoint[0] if checkpoint else model_config(args)).d_model])
-    with RunFiles(args) as files, quiet_on_failure():  # the lock first: a second run on it stops before it prints
+    with RunFiles(args) as files:
         run = start_or_resume(args, xp, checkpoint)
         if run.step >= run.settings.max_steps:
             print(f"{args.ckpt} is finished: it stands at step {run.step:,}, the end of its run; to train it longer, "
@@ -1681,10 +1660,33 @@ def train(args):
             run.settings.slices = slices.count  # kept in the checkpoint: a resume slices the batch the same way
         end = run.settings.max_steps if args.stop_after is None else min(run.settings.max_steps, run.step + args.stop_after)
         print_plan(run, xp, slices, end)
-        with StopSignals() as stop, contextlib.closing(Report(run, end, files, stop, args)) as report:
+        with Report(run, end, files, args) as report:
             train_and_save(run, end, report, files, slices)
-            stop.saved = True  # a signal from here on stops at once: nothing is left to save
+            report.saved = True  # a signal from here on stops at once: nothing is left to save
             return finish(run, args, files, report, slices)
+
+
+def train_and_save(run, end, report, files, slices):
+    """train_loop, then a checkpoint where it ended.  Whatever ends it early gets one line saying what is on disk and
+    what to do; a log that cannot be written stops the loop as a signal does, so the checkpoint is still saved."""
+    try:
+        files.start_lines(run.step, report.sample_length > 0)
+        train_loop(run, end, report, files.save, slices)
+        files.save(run)
+    except WriteError as exc:  # the checkpoint, or the log before the first step
+        also = f"{report.problem}; " if report.problem else ""
+        raise UserError(f"{also}{exc}: {files.on_disk(run, exc.fix)}") from exc
+    except FloatingPointError as exc:  # the loss or the gradient norm
+        s = run.settings
+        saved = (f"{files.ckpt} holds the last good checkpoint (step {run.saved_step:,})" if run.saved_step is not None
+                 else f"no checkpoint of this run was saved before it (one is saved every {s.ckpt_every:,} steps)")
+        raise UserError(f"{exc}; likely causes: a learning rate too high (--lr {s.lr:g}), an Adam beta2 too close to 1 "
+                        f"({s.beta2:g}), or a damaged train.bin. {saved}") from exc
+    except MemoryError as exc:
+        raise UserError(f"out of memory in step {run.step + 1:,} (a new run can lower --batch-size, --seq-len or "
+                        f"--d-model): {files.on_disk(run, 'free some memory')}") from exc
+    if report.problem:
+        raise UserError(f"{report.problem}: {files.on_disk(run, report.problem.fix)}") from report.problem
 
 
 def finish(run, args, files, report, slices):
@@ -1695,7 +1697,7 @@ def finish(run, args, files, report, slices):
         print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {files.log}")
         if report.steps:
             print(f"speed: {report.speed()}")
-        if report.stop.requested:
+        if report.stop_requested:
             raise KeyboardInterrupt
         if run.step == run.settings.max_steps and run.settings.final_eval:
             final_evaluation(run, slices, files)
@@ -1719,17 +1721,17 @@ CPU_SECONDS_PER_PARAM_BYTE = 2.1e-10
 def print_plan(run, xp, slices, end):
     """Before step 1: the model and its parameters, the backend, the data, the steps and the schedule of this call,
     and on the CPU, when the run will take hours, what is quicker."""
-    cfg, s, d, shapes = run.cfg, run.settings, run.cfg.d_model, block_shapes(run.cfg.d_model)
-    block = sum(math.prod(shape) for shape in shapes.values())
-    rows = [("embed (tied with the output layer)", (V, d), V * d)] + [(f"blocks.0.{k}", shape, math.prod(shape))
-                                                                      for k, shape in shapes.items()]
-    rows += [(f"blocks.{i}  (as blocks.0)", "", block) for i in range(1, cfg.n_layers)] + [("final LayerNorm (no parameters)", "", 0)]
+    cfg, s, d = run.cfg, run.settings, run.cfg.d_model
+    block = sum(math.prod(shape) for shape in block_shapes(d).values())
     print(f"MORA  d_model={d}  n_layers={cfg.n_layers}  seq_len={cfg.seq_len}  batch_size={cfg.batch_size}")
     print(f"backend: {describe_backend(xp, slices)}")
     print(f"{'parameter':<38}{'shape':>12}{'count':>12}")
-    for name, shape, count in rows:
-        print(f"{name:<38}{str(shape):>12}{count:>12,}")
-    print(f"{'total':<38}{'':>12}{count_params(cfg):>12,}   (one block: {block:,})")
+    for name, shape in [("embed (tied with the output layer)", (V, d))] + [
+            (f"blocks.0.{k}", shape) for k, shape in block_shapes(d).items()]:
+        print(f"{name:<38}{str(shape):>12}{math.prod(shape):>12,}")
+    if cfg.n_layers > 1:
+        print(f"{f'blocks.1 .. blocks.{cfg.n_layers - 1} (as blocks.0)':<38}{'':>12}{(cfg.n_layers - 1) * block:>12,}")
+    print(f"{'total':<38}{'':>12}{count_params(cfg):>12,}   (one block: {block:,}; the final LayerNorm: none)")
     print(f"data: {len(run.train_records):,} train records of {cfg.seq_len + 1} bytes, "
           f"{len(run.train_records) // cfg.batch_size:,} steps per epoch; {len(run.val_records):,} val records")
     print(f"training: steps {run.step:,} -> {end:,} of {s.max_steps:,}, lr {s.lr:g} (warmup {s.warmup}, "
@@ -1743,34 +1745,6 @@ def print_plan(run, xp, slices, end):
             took = f"about {hours:,.1f} hours" if hours < 1e6 else "more than a hundred years"
             print(f"note: on this CPU ({slices.threads} threads) this run will take {took}. "
                   f"A good small model in minutes: --batch-size 32 --max-steps 3000 (README: The reference CPU run)")
-
-
-def train_and_save(run, end, report, files, slices):
-    """train_loop, then a checkpoint where it ended.  Whatever ends it early gets one line saying what is on disk and
-    what to do; a log that cannot be written still gets the checkpoint saved."""
-    start, problem = run.step, None
-    try:
-        files.start_lines(run.step, report.sample_length > 0)
-        train_loop(run, end, report, files.save, slices)
-    except WriteError as exc:
-        if exc.path == files.ckpt or run.step == start:  # the checkpoint itself failed, or no step was taken
-            raise UserError(f"{exc}: {files.on_disk(run, exc.fix)}") from exc
-        problem = exc
-    except FloatingPointError as exc:  # the loss or the gradient norm
-        s = run.settings
-        saved = (f"{files.ckpt} holds the last good checkpoint (step {run.saved_step:,})" if run.saved_step is not None
-                 else f"no checkpoint of this run was saved before it (one is saved every {s.ckpt_every:,} steps)")
-        raise UserError(f"{exc}; likely causes: a learning rate too high (--lr {s.lr:g}), an Adam beta2 too close to 1 "
-                        f"({s.beta2:g}), or a damaged train.bin. {saved}") from exc
-    except MemoryError as exc:
-        raise UserError(f"out of memory in step {run.step + 1:,} (a new run can lower --batch-size, --seq-len or "
-                        f"--d-model): {files.on_disk(run, 'free some memory')}") from exc
-    try:
-        files.save(run)
-    except WriteError as exc:
-        raise UserError(f"{f'{problem}; ' if problem else ''}{exc}: {files.on_disk(run, exc.fix)}") from exc
-    if problem:
-        raise UserError(f"{problem}: {files.on_disk(run, problem.fix)}") from problem
 
 
 def command_line(args, *words):

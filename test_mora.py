@@ -2617,9 +2617,10 @@ def test_a_signal_in_the_final_evaluation_says_the_run_is_saved(data_dir, tmp_pa
 
 def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
     import signal
-    with mora.StopSignals() as stop:
+    from types import SimpleNamespace
+    with mora.Report(SimpleNamespace(step=0), 1, None, SimpleNamespace(sample_prompt="a", sample_length=0)) as report:
         signal.raise_signal(signal.SIGTERM)
-        assert stop.requested  # the first: stop after the step under way
+        assert report.stop_requested  # the first: stop after the step under way
         with pytest.raises(KeyboardInterrupt):  # the second: at once
             signal.raise_signal(signal.SIGINT)
     assert "stopping after this step" in capsys.readouterr().err
