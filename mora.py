@@ -1534,14 +1534,18 @@ class RunFiles:
                 fix = f"make {folder} writable"
             raise WriteError(f"cannot write {self.what[path]} {path} ({cause})", fix) from exc
 
-    def on_disk(self, run, fix):
-        """What this run has on disk and how to go on once `fix` is done: the end of every line a failure gets."""
+    def on_disk(self, run, fix=None):
+        """What this run has on disk and what to do next (once `fix` is done): the end of every line that ends it."""
+        then = f"{fix}, then " if fix else ""
         if run.saved_step is None:
-            return f"no checkpoint of this run was saved; {fix}, then start it again"
+            return f"no checkpoint of this run was saved; {then}start it again"
         held = "is saved at" if run.saved_step == run.step else "still holds"
         if not os.path.isdir(os.path.dirname(os.path.abspath(self.ckpt))):
             held = "held"
-        return f"{self.ckpt} {held} step {run.saved_step:,}; {fix}, then continue with `{command_line(self.args, 'train', '--resume')}`"
+        if run.saved_step < run.settings.max_steps:
+            return f"{self.ckpt} {held} step {run.saved_step:,}; {then}continue with `{command_line(self.args, 'train', '--resume')}`"
+        return f"{self.ckpt} {held} step {run.saved_step:,}, the end of the run; {then}`{command_line(self.args, 'eval')}` " \
+               f"gives its final evaluation"
 
 
 class QuietOnFailure:
@@ -1692,7 +1696,6 @@ def train_and_save(run, end, report, files, slices):
 def finish(run, args, files, report, slices):
     """After the last save: where it is, the speed, and at the run's end its final evaluation.  A signal now stops
     at once, with a line saying what is on disk and what is left to do."""
-    saved, evaluates = f"{args.ckpt} is saved at step {run.step:,}", f"`{command_line(args, 'eval')}`"
     try:
         print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {files.log}")
         if report.steps:
@@ -1702,14 +1705,10 @@ def finish(run, args, files, report, slices):
         if run.step == run.settings.max_steps and run.settings.final_eval:
             final_evaluation(run, slices, files)
     except KeyboardInterrupt:
-        if run.step < run.settings.max_steps:
-            print(f"stopped: {saved}; continue with `{command_line(args, 'train', '--resume')}`")
-        else:
-            print(f"stopped: {saved}, the end of the run" + f", without its final evaluation: {evaluates} gives it"
-                  * run.settings.final_eval)
+        print(f"stopped: {files.on_disk(run)}")
         return 130
     except WriteError as exc:  # the final evaluation's row
-        raise UserError(f"{exc}: {saved}; {evaluates} evaluates it") from exc
+        raise UserError(f"{exc}: {files.on_disk(run, exc.fix)}") from exc
     return 0
 
 
