@@ -1762,12 +1762,9 @@ EVAL_STREAMS = 64
 
 
 def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=False):
-    """The bytes `data` read as `streams` texts side by side: cut into that many contiguous parts, each read in chunks
-    of seq_len with its own recurrent state carried from chunk to chunk, and begun with the byte the one before ended
-    on, so every byte but the first is predicted once.  One stream is how the model reads a long text (the per-record
-    protocol charges every record a cold start); more cost a cold start each, and run as the rows of a batch, shared
-    over the CPU threads like the rows of `evaluate`.  Positions are counted within each chunk; `protocol` says all
-    this in words."""
+    """`data` cut into `streams` contiguous texts read side by side as the rows of a batch (shared over the CPU
+    threads), each in chunks of seq_len with its state carried and begun on the byte the one before ended on: every
+    byte but the first is predicted once, each stream pays one cold start.  Positions count within a chunk."""
     xp = array_module(params["embed"])
     streams = max(1, min(streams, len(data) - 1))  # at least one byte to predict in every stream
     edges = np.linspace(0, len(data) - 1, streams + 1).astype(np.int64)  # stream k predicts edges[k]+1 .. edges[k+1]
@@ -1791,26 +1788,24 @@ def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=Fals
 
     parts = [sums(edges, progress)] if slices is None else \
         slices.map(lambda rows: sums(edges[rows.start:rows.stop + 1], progress and rows.start == 0), streams)
-    position_loss, positions_each, total_correct = (sum(part[i] for part in parts) for i in range(3))
     side_by_side = "1 stream" if streams == 1 else f"{streams:,} streams side by side"
-    return dict(evaluation_result(position_loss, positions_each, total_correct), streams=streams,
+    return dict(evaluation_result(*map(sum, zip(*parts))), streams=streams,
                 protocol=f"{side_by_side}, each read in chunks of {seq_len} with its state carried")
 
 
 def final_evaluation(run, slices, files):
     """All of val by the published protocol (state reset every record), and its start as EVAL_STREAMS texts."""
-    cfg = run.cfg
     full = evaluate(run.params, run.val_records, EVAL_BATCH, slices, progress=True)
     text = run.val_records.reshape(-1)[:run.settings.eval_bytes]
-    stream = evaluate_stream(run.params, text, cfg.seq_len, EVAL_STREAMS, slices, progress=True)
+    stream = evaluate_stream(run.params, text, run.cfg.seq_len, EVAL_STREAMS, slices, progress=True)
     files.write_line(files.log, run.log_line(full, val_stream_bpb=f"{stream['bpb']:.5f}"))
-    print_evaluation(f"val, per record (all {len(run.val_records):,} records, the state reset every {cfg.seq_len + 1} bytes)", full)
+    print_evaluation(f"val, per record (all {len(run.val_records):,} records, the state reset every record)", full)
     print_evaluation(f"val, streamed (the first {len(text):,} bytes as {stream['protocol']})", stream)
 
 
 def print_evaluation(name, result):
-    print(f"{name}: loss {result['loss']:.4f} nats/byte, accuracy {result['accuracy']:.4f}, {result['bpb']:.4f} bits/byte")
-    print(f"    {result['by_position']}")
+    print(f"{name}: loss {result['loss']:.4f} nats/byte, accuracy {result['accuracy']:.4f}, "
+          f"{result['bpb']:.4f} bits/byte\n    {result['by_position']}")
 
 
 def checkpoint_on_device(args):
@@ -1824,29 +1819,25 @@ def evaluate_checkpoint(args):
     cfg, params, meta, xp = checkpoint_on_device(args)
     path = os.path.join(args.data_dir, f"{args.split}.bin")
     if args.split == "test" and not os.path.exists(path):
-        raise UserError(f"{path} not found: prepare_data.py makes a test split for enwik8 alone (--dataset enwik8; "
-                        f"TinyStories has train and val): use --split val, or --data-dir the enwik8 folder")
+        raise UserError(f"{path} not found: prepare_data.py makes a test split for enwik8 alone (--dataset enwik8): "
+                        "use --split val, or --data-dir the enwik8 folder")
     seq_len = args.seq_len or cfg.seq_len  # a recurrent model reads records of any length
-    streams, record, slices = args.stream or args.streams, seq_len + 1, cpu_slices(xp, args.threads)
-    whole = open_bytes(path)
-    data = whole[:args.max_bytes or None]
-    if len(data) < (need := 2 if streams else record):
-        cut = len(data) < len(whole)
-        given, fix = (f"--max-bytes {args.max_bytes} leaves", "pass a larger --max-bytes") if cut \
-            else (f"{path} holds", "evaluate on more text")
+    streams = args.streams or (EVAL_STREAMS if args.stream else 0)  # 0: record by record
+    data = open_bytes(path)[:args.max_bytes or None]
+    if len(data) < (need := 2 if streams else seq_len + 1):
+        given = f"--max-bytes {args.max_bytes} leaves" if len(data) == args.max_bytes else f"{path} holds"
         why = "one to read and one to predict" if streams else "one record of seq_len + 1 (--stream reads any number)"
-        raise UserError(f"{given} {len(data)} byte{'s' * (len(data) != 1)}: at least {need} are needed, {why}: {fix}")
-    started = time.perf_counter()
+        raise UserError(f"{given} {len(data)} byte{'s' * (len(data) != 1)}: at least {need} are needed, {why}: "
+                        "evaluate on more text")
+    slices, started = cpu_slices(xp, args.threads), time.perf_counter()
     if streams:
-        result = evaluate_stream(params, data, seq_len, args.streams or EVAL_STREAMS, slices, progress=True)
-        protocol = f"read as {result['protocol']}"
+        result = evaluate_stream(params, data, seq_len, streams, slices, progress=True)
     else:
-        records = data[:len(data) // record * record].reshape(-1, record)
-        result = evaluate(params, records, args.batch_size or EVAL_BATCH, slices, progress=True)
-        protocol = f"{len(records):,} records, the state reset every record"
-    seconds = time.perf_counter() - started
+        records = data[:len(data) // (seq_len + 1) * (seq_len + 1)].reshape(-1, seq_len + 1)
+        result = dict(evaluate(params, records, args.batch_size or EVAL_BATCH, slices, progress=True),
+                      protocol=f"{len(records):,} records, the state reset every record")
     print_evaluation(f"{args.ckpt} (step {meta['step']:,}) on {args.split}, {result['bytes']:,} bytes predicted, "
-                     f"{protocol}, {result['bytes'] / seconds:,.0f} bytes/s", result)
+                     f"{result['protocol']}, {result['bytes'] / (time.perf_counter() - started):,.0f} bytes/s", result)
     return 0
 
 
@@ -1856,11 +1847,10 @@ def sample(args):
         raise UserError('--prompt is empty: the model needs at least one byte to continue, e.g. --prompt "Once"')
     params = checkpoint_on_device(args)[1]
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span bytes
-    sys.stdout.write(args.prompt)
+    print(args.prompt, end="")
     for byte in generate(params, prompt, args.length, args.temperature, args.top_k, args.seed):
-        sys.stdout.write(decoder.decode(bytes([byte])))
-        sys.stdout.flush()
-    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+        print(decoder.decode(bytes([byte])), end="", flush=True)
+    print(decoder.decode(b"", final=True))
     return 0
 
 
@@ -1876,23 +1866,16 @@ class Slices:
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.threads - 1))
 
     def map(self, function, n):
-        """[function(rows) for each slice of the rows 0..n-1 cut into `count` contiguous slices (at most n)], in
-        order.  Thread k computes slices k, k + threads, ...; thread 0 is the main thread, which so keeps running
-        Python and answers Ctrl-C at once."""
+        """[function(rows) for the rows 0..n-1 cut into `count` contiguous slices (at most n)], in order.  The main
+        thread computes slices 0, threads, ... itself, so it answers Ctrl-C at once; the pool's threads the others."""
         edges = np.linspace(0, n, min(n, self.count) + 1).astype(int)
         slices = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
-
-        def work(k):
-            return {i: function(slices[i]) for i in range(k, len(slices), self.threads)}
-        others = [self.pool.submit(work, k) for k in range(1, min(self.threads, len(slices)))]
-        results = work(0)
-        for other in others:
-            results.update(other.result())
-        return [results[i] for i in range(len(slices))]
+        others = {i: self.pool.submit(function, rows) for i, rows in enumerate(slices) if i % self.threads}
+        own = {i: function(rows) for i, rows in enumerate(slices) if i % self.threads == 0}
+        return [own[i] if i in own else others[i].result() for i in range(len(slices))]
 
     def gradient(self, params, x, y):
-        """batch_gradient, slice by slice: each slice's loss, accuracy and gradient weighted by its share of the
-        batch and summed in slice order, which is the whole batch's mean to float rounding."""
+        """batch_gradient as the sum, in slice order, of each slice's weighted by its share of the batch."""
         def slice_gradient(rows):
             loss, accuracy, grad = batch_gradient(params, x[rows], y[rows])
             share = (rows.stop - rows.start) / len(x)
@@ -1902,18 +1885,18 @@ class Slices:
 
 
 def cpu_slices(xp, threads=None, count=None):
-    """Slices for the CPU (None on the GPU): a thread per core, a slice per thread by default (docs/results.md).
-    The process then keeps the memory it frees (keep_freed_memory)."""
+    """Slices for the CPU (None on the GPU): a thread per core, a slice per thread by default (docs/results.md)."""
     if xp is not np:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    blas = blas_threads()
-    if (threads or cores) * blas > cores:
-        fix = f"unset {' '.join(BLAS_VARIABLES)} (MORA gives each thread one BLAS thread)" if blas > 1 else f"--threads {cores}"
-        print(f"note: {threads or cores} threads x {blas} BLAS threads is more than the {cores} cores here: they take turns, "
+    threads, blas = threads or cores, blas_threads()
+    if threads * blas > cores:
+        fix = f"--threads {cores}" if blas == 1 else \
+            f"unset {' '.join(BLAS_VARIABLES)} (MORA gives each thread one BLAS thread)"
+        print(f"note: {threads} threads x {blas} BLAS threads is more than the {cores} cores here: they take turns, "
               f"which can be several times slower; {fix}", file=sys.stderr)
     keep_freed_memory()
-    return Slices(count or threads or cores, threads or cores)
+    return Slices(count or threads, threads)
 
 
 # ----------------------------------------------------------------------------
@@ -1931,18 +1914,15 @@ def keep_freed_memory():
 
 
 def check_memory(cfg, xp):
-    """Refuse a model that cannot fit, before it is built, rather than be killed by the OS.  A step holds about, per
-    position, ~20 d floats a block keeps for the backward and the logits twice; then the parameters, their gradient
-    and Adam's two moments (measured peaks: docs/results.md)."""
+    """Refuse a model that cannot fit before it is built, rather than be killed by the OS (peaks: docs/results.md): a
+    step keeps ~20 d floats a block and the logits twice a position, and 4 floats a parameter (with gradient, m, v)."""
     need = 4 * cfg.batch_size * cfg.seq_len * (20 * cfg.n_layers * cfg.d_model + 2 * V) + 16 * count_params(cfg)
-    if xp is np:
-        try:
-            with open("/proc/meminfo") as f:
-                available = int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
-        except (OSError, StopIteration):
-            return
-    else:
+    available = math.inf  # not known without /proc/meminfo (not Linux): no check
+    if xp is not np:
         available = cupy.cuda.runtime.memGetInfo()[0]
+    else:
+        with contextlib.suppress(OSError, StopIteration), open("/proc/meminfo") as f:
+            available = int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
     if need > available:
         raise UserError(f"a training step of this model needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} "
                         f"GiB is free: lower --batch-size, --seq-len or --d-model")
@@ -1956,7 +1936,7 @@ def step_traffic_bytes(cfg):
 
 def time_training_steps(cfg, xp, slices, steps):
     """The median milliseconds of `steps` training steps as `train` runs them on random bytes, after an untimed one
-    (CuPy compiles there), and the kernel launches of one step where they are counted (else None)."""
+    (CuPy compiles there), and the kernel launches a step where they are counted (else None)."""
     flat, params = flat_parameters(init_params(cfg, 0), xp)
     adam_m, adam_v, trainable = xp.zeros_like(flat), xp.zeros_like(flat), trainable_vector(cfg, xp)
     gradient = batch_gradient if slices is None else slices.gradient
@@ -1968,19 +1948,15 @@ def time_training_steps(cfg, xp, slices, steps):
         loss = train_step(params, flat, adam_m, adam_v, x, y, k, 1e-3, TrainSettings(), trainable, gradient)[0]
         float(loss)  # waits for the device
         return time.perf_counter() - started
+    launched = getattr(xp, "launches", None)  # the tests' CPU stand-in for CuPy counts launches; CuPy itself does not
     ms = 1000 * float(np.median([seconds(k) for k in range(steps + 1)][1:]))
-    if not hasattr(xp, "launches"):  # the tests' CPU stand-in for CuPy counts launches; CuPy itself does not
-        return ms, None
-    before = xp.launches
-    seconds(steps + 1)
-    return ms, xp.launches - before
+    return ms, None if launched is None else (xp.launches - launched) // (steps + 1)
 
 
 def bench(args):
     """A table of the chosen model's step time, or (--report) the small and large model's (docs/gpu.md)."""
-    configs = [model_config(args)]
-    if args.report:
-        configs = [Config(**dict(asdict(configs[0]), **SIZES[size])) for size in ("small", "large")]
+    cfg = model_config(args)
+    configs = [replace(cfg, **SIZES[size]) for size in ("small", "large")] if args.report else [cfg]
     xp = select_backend(args.device, sorted({cfg.d_model for cfg in configs}))
     slices = cpu_slices(xp, args.threads, args.slices)
     print(f"backend: {describe_backend(xp, slices)}; the median of {args.steps} steps after an untimed one")
@@ -2009,15 +1985,15 @@ def add_common_flags(p, name):
         p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                        help="auto: the GPU when CuPy can use one, else the CPU (default auto)")
     if name in ("train", "bench"):
-        p.add_argument("--size", choices=sorted(SIZES), help="small: d=64 (284,184 params); large: d=128 (1,092,632) "
-                                                             "(default small)")
+        p.add_argument("--size", choices=sorted(SIZES),
+                       help="small: d=64 (284,184 params); large: d=128 (1,092,632) (default small)")
         add_setting_flags(p, SIZE_SETTINGS)
     if name in ("train", "eval"):
         p.add_argument("--data-dir", default="data", help="the folder holding train.bin and val.bin (default data)")
     if name in ("train", "eval", "bench"):
         p.add_argument("--threads", type=positive_int, help="CPU worker threads (default: every core)")
     if name in ("train", "eval", "sample"):
-        what = "the run to write or --resume; its log goes beside it as .csv" if name == "train" else "the checkpoint to read"
+        what = "the run to write or --resume, its .csv log beside it" if name == "train" else "the checkpoint to read"
         p.add_argument("--ckpt", default="checkpoints/mora.npz", help=f"{what} (default checkpoints/mora.npz)")
 
 
@@ -2025,33 +2001,31 @@ def add_train_flags(p):
     add_setting_flags(p, [name for name, setting in SETTINGS.items() if setting.help and name not in SIZE_SETTINGS])
     p.add_argument("--resume", action="store_true", help="continue the run in --ckpt exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="start over even if --ckpt exists")
-    p.add_argument("--stop-after", type=positive_int, help="stop (and save) after this many steps of this call, "
-                                                           "keeping the whole run's schedule")
-    p.add_argument("--sample-prompt", default="Once upon a time", help="with each evaluation, a sample continues this "
-                                                                        "(not empty: --sample-length 0 for none; default: Once upon a time)")
-    p.add_argument("--sample-length", type=nonnegative_int, default=120, help="bytes of that sample, also kept in "
-                                                                              "CKPT.samples.txt (default 120; 0: none)")
+    p.add_argument("--stop-after", type=positive_int, help="save and stop after N more steps, on the run's schedule")
+    p.add_argument("--sample-prompt", default="Once upon a time",
+                   help="each evaluation's sample continues this (not empty; default: Once upon a time)")
+    p.add_argument("--sample-length", type=nonnegative_int, default=120,
+                   help="bytes of that sample, also kept in CKPT.samples.txt (default 120; 0: none)")
 
 
 def add_sample_flags(p):
     p.add_argument("--prompt", default="Once upon a time", help="the text to continue (default: Once upon a time)")
     p.add_argument("--length", type=nonnegative_int, default=500, help="bytes to generate (default 500)")
     p.add_argument("--temperature", type=nonnegative_float, default=0.8, help="0: greedy (default 0.8)")
-    p.add_argument("--top-k", type=nonnegative_int, default=0, help="sample among the k likeliest bytes (default 0: all)")
+    p.add_argument("--top-k", type=nonnegative_int, default=0, help="sample among the k likeliest (default 0: all)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="default 0")
 
 
 def add_eval_flags(p):
     p.add_argument("--batch-size", type=positive_int, help=f"records a batch (default {EVAL_BATCH})")
     p.add_argument("--split", choices=["val", "train", "test"], default="val", help="default val")
-    p.add_argument("--max-bytes", type=nonnegative_int, default=0, help="only the first N bytes of the split (default 0: all)")
-    p.add_argument("--stream", action="store_true", help="read the split as long texts, the state carried across chunks "
-                                                         "(default: every record on its own, the published protocol)")
-    p.add_argument("--streams", type=positive_int, help=f"(implies --stream) the split cut into N contiguous parts read side by "
-                                                        f"side, each with its own state (1: one text; default {EVAL_STREAMS}, "
-                                                        f"about as fast as the per-record protocol)")
-    p.add_argument("--seq-len", type=positive_int, help="records of N + 1 bytes, or chunks of N with --stream (default: the "
-                                                        "checkpoint's seq_len; 64 reads val as nanoGPT's windows of 64 do)")
+    p.add_argument("--max-bytes", type=nonnegative_int, default=0, help="only the first N bytes (default 0: all)")
+    p.add_argument("--stream", action="store_true",
+                   help="read the split as long texts, the state carried (default: each record alone, as published)")
+    p.add_argument("--streams", type=positive_int,
+                   help=f"implies --stream: N texts read side by side (default {EVAL_STREAMS}; 1: one text)")
+    p.add_argument("--seq-len", type=positive_int, help="records of N + 1 bytes, or chunks of N with --stream "
+                   "(default: the checkpoint's seq_len; 64 reads val as nanoGPT's windows of 64 do)")
 
 
 def add_bench_flags(p):
@@ -2082,22 +2056,19 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    command = COMMANDS[args.command][1]
     try:
         if sys.stdout is None:  # started with its output closed (`>&-`): what it says would be lost
             raise UserError("the standard output is closed: give it a file, e.g. > out.txt (or /dev/null)")
         for stream in (sys.stdout, sys.stderr):  # a character the terminal cannot show (latin-1, say) becomes '?'
             if hasattr(stream, "reconfigure"):
                 stream.reconfigure(errors="replace")
-        return command(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return COMMANDS[args.command][1](args)
     except BrokenPipeError:  # `mora.py sample | head`: the reader has all it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
-    except OSError as exc:  # the file system said no: say what and where, in one line
-        print(f"error: {exc.strerror or exc}: {exc.filename or 'the output'}", file=sys.stderr)
+    except (UserError, OSError) as exc:  # a mistake to fix, or the file system said no: what and where, in one line
+        what = exc if isinstance(exc, UserError) else f"{exc.strerror or exc}: {exc.filename or 'the output'}"
+        print(f"error: {what}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C in training, or one elsewhere: nothing more to save
         print("\ninterrupted", file=sys.stderr)
