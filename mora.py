@@ -1308,8 +1308,7 @@ class Run:
         """The log's row for this step: `columns`, and an evaluation's (`val`) when given."""
         if val:
             columns.update({f"val_{k}": f"{val[k]:.5f}" for k in ("loss", "bpb", "accuracy")})
-        row = dict(columns, step=self.step, bytes=self.step * self.cfg.batch_size * self.cfg.seq_len)
-        return ",".join(str(row.get(k, "")) for k in LOG_FIELDS) + "\n"
+        return log_line(dict(columns, step=self.step, bytes=self.step * self.cfg.batch_size * self.cfg.seq_len))
 
     def meta(self):
         epoch, position = divmod(self.step, len(self.train_records) // self.cfg.batch_size)
@@ -1382,7 +1381,14 @@ def open_run_data(args, cfg, meta):
 
 LOG_FIELDS = ["step", "bytes", "lr", "loss", "bpb", "accuracy", "grad_norm", "ms_per_step",
               "val_loss", "val_bpb", "val_accuracy", "val_stream_bpb"]
-LOG_HEADER = ",".join(LOG_FIELDS) + "\n"  # then a row a step: numbers, or nothing, which need no CSV quoting
+
+
+def log_line(row):
+    """A row of the log (a dict; the columns left out are empty) as one line: its numbers need no CSV quoting."""
+    return ",".join(str(row.get(k, "")) for k in LOG_FIELDS) + "\n"
+
+
+LOG_HEADER = log_line({k: k for k in LOG_FIELDS})
 
 
 def logged_step(line):
@@ -1977,80 +1983,63 @@ def bench(args):
 
 
 # ----------------------------------------------------------------------------
-# Command line
+# Command line: the commands, and the flags that are not settings (those are SETTINGS', above).
 
-def add_common_flags(p, name):
-    """The flags that several commands share (check, float64 on the CPU, takes none)."""
-    if name != "check":
-        p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
-                       help="auto: the GPU when CuPy can use one, else the CPU (default auto)")
-    if name in ("train", "bench"):
-        p.add_argument("--size", choices=sorted(SIZES),
-                       help="small: d=64 (284,184 params); large: d=128 (1,092,632) (default small)")
-        add_setting_flags(p, SIZE_SETTINGS)
-    if name in ("train", "eval"):
-        p.add_argument("--data-dir", default="data", help="the folder holding train.bin and val.bin (default data)")
-    if name in ("train", "eval", "bench"):
-        p.add_argument("--threads", type=positive_int, help="CPU worker threads (default: every core)")
-    if name in ("train", "eval", "sample"):
-        what = "the run to write or --resume, its .csv log beside it" if name == "train" else "the checkpoint to read"
-        p.add_argument("--ckpt", default="checkpoints/mora.npz", help=f"{what} (default checkpoints/mora.npz)")
-
-
-def add_train_flags(p):
-    add_setting_flags(p, [name for name, setting in SETTINGS.items() if setting.help and name not in SIZE_SETTINGS])
-    p.add_argument("--resume", action="store_true", help="continue the run in --ckpt exactly where it stopped")
-    p.add_argument("--overwrite", action="store_true", help="start over even if --ckpt exists")
-    p.add_argument("--stop-after", type=positive_int, help="save and stop after N more steps, on the run's schedule")
-    p.add_argument("--sample-prompt", default="Once upon a time",
-                   help="each evaluation's sample continues this (not empty; default: Once upon a time)")
-    p.add_argument("--sample-length", type=nonnegative_int, default=120,
-                   help="bytes of that sample, also kept in CKPT.samples.txt (default 120; 0: none)")
-
-
-def add_sample_flags(p):
-    p.add_argument("--prompt", default="Once upon a time", help="the text to continue (default: Once upon a time)")
-    p.add_argument("--length", type=nonnegative_int, default=500, help="bytes to generate (default 500)")
-    p.add_argument("--temperature", type=nonnegative_float, default=0.8, help="0: greedy (default 0.8)")
-    p.add_argument("--top-k", type=nonnegative_int, default=0, help="sample among the k likeliest (default 0: all)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="default 0")
-
-
-def add_eval_flags(p):
-    p.add_argument("--batch-size", type=positive_int, help=f"records a batch (default {EVAL_BATCH})")
-    p.add_argument("--split", choices=["val", "train", "test"], default="val", help="default val")
-    p.add_argument("--max-bytes", type=nonnegative_int, default=0, help="only the first N bytes (default 0: all)")
-    p.add_argument("--stream", action="store_true",
-                   help="read the split as long texts, the state carried (default: each record alone, as published)")
-    p.add_argument("--streams", type=positive_int,
-                   help=f"implies --stream: N texts read side by side (default {EVAL_STREAMS}; 1: one text)")
-    p.add_argument("--seq-len", type=positive_int, help="records of N + 1 bytes, or chunks of N with --stream "
-                   "(default: the checkpoint's seq_len; 64 reads val as nanoGPT's windows of 64 do)")
-
-
-def add_bench_flags(p):
-    add_setting_flags(p, ["slices"])
-    p.add_argument("--steps", type=positive_int, default=10, help="timed steps (default 10)")
-    p.add_argument("--report", action="store_true", help="the small and the large model (docs/gpu.md)")
-
-
-COMMANDS = {  # name -> (what it does, the function that runs it, its own flags)
-    "train": ("train a model (defaults: the published run, one epoch)", train, add_train_flags),
-    "sample": ("generate text from a checkpoint", sample, add_sample_flags),
-    "eval": ("loss, accuracy and bits/byte of a checkpoint on a split", evaluate_checkpoint, add_eval_flags),
-    "bench": ("time training steps on random bytes: ms/step and bytes/s", bench, add_bench_flags),
-    "check": ("every gradient against finite differences, on a tiny model", lambda args: int(not gradient_check()),
-              lambda p: None),
+COMMANDS = {  # name -> what it does, the function that runs it
+    "train": ("train a model (defaults: the published run, one epoch)", train),
+    "sample": ("generate text from a checkpoint", sample),
+    "eval": ("loss, accuracy and bits/byte of a checkpoint on a split", evaluate_checkpoint),
+    "bench": ("time training steps on random bytes: ms/step and bytes/s", bench),
+    "check": ("every gradient against finite differences, on a tiny model", lambda args: int(not gradient_check())),
 }
+CKPT = "checkpoints/mora.npz"
+FLAGS = [  # the commands that take it, the flag, argparse's arguments for it
+    ("train eval sample bench", "--device", dict(choices=["auto", "cpu", "gpu"], default="auto", help="auto: the GPU "
+                                                 "when CuPy can use one, else the CPU (default auto)")),
+    ("train bench", "--size", dict(choices=sorted(SIZES),
+                                   help="small: d=64 (284,184 params); large: d=128 (1,092,632) (default small)")),
+    ("train eval", "--data-dir", dict(default="data", help="the folder holding train.bin and val.bin (default data)")),
+    ("train eval bench", "--threads", dict(type=positive_int, help="CPU worker threads (default: every core)")),
+    ("train", "--ckpt", dict(default=CKPT, help=f"the run to write or --resume, its .csv log beside it (default "
+                                                f"{CKPT})")),
+    ("eval sample", "--ckpt", dict(default=CKPT, help=f"the checkpoint to read (default {CKPT})")),
+    ("train", "--resume", dict(action="store_true", help="continue the run in --ckpt exactly where it stopped")),
+    ("train", "--overwrite", dict(action="store_true", help="start over even if --ckpt exists")),
+    ("train", "--stop-after", dict(type=positive_int, help="save and stop after N more steps, on the run's schedule")),
+    ("train", "--sample-prompt", dict(default="Once upon a time", help="each evaluation's sample continues this (not "
+                                                                       "empty; default: Once upon a time)")),
+    ("train", "--sample-length", dict(type=nonnegative_int, default=120, help="bytes of that sample, kept in CKPT."
+                                                                             "samples.txt (default 120; 0: none)")),
+    ("sample", "--prompt", dict(default="Once upon a time", help="the text to continue (default: Once upon a time)")),
+    ("sample", "--length", dict(type=nonnegative_int, default=500, help="bytes to generate (default 500)")),
+    ("sample", "--temperature", dict(type=nonnegative_float, default=0.8, help="0: greedy (default 0.8)")),
+    ("sample", "--top-k", dict(type=nonnegative_int, default=0, help="sample among the k likeliest (default 0: all)")),
+    ("sample", "--seed", dict(type=nonnegative_int, default=0, help="default 0")),
+    ("eval", "--batch-size", dict(type=positive_int, help=f"records a batch (default {EVAL_BATCH})")),
+    ("eval", "--split", dict(choices=["val", "train", "test"], default="val", help="default val")),
+    ("eval", "--max-bytes", dict(type=nonnegative_int, default=0, help="only the first N bytes (default 0: all)")),
+    ("eval", "--stream", dict(action="store_true", help="read the split as long texts, the state carried (default: "
+                                                        "each record alone, as published)")),
+    ("eval", "--streams", dict(type=positive_int, help=f"implies --stream: N texts read side by side (default "
+                                                       f"{EVAL_STREAMS}; 1: one text)")),
+    ("eval", "--seq-len", dict(type=positive_int, help="records of N + 1 bytes, or chunks of N with --stream (default: "
+                                                       "the checkpoint's seq_len; 64 reads val as nanoGPT's windows)")),
+    ("bench", "--steps", dict(type=positive_int, default=10, help="timed steps (default 10)")),
+    ("bench", "--report", dict(action="store_true", help="the small and the large model (docs/gpu.md)")),
+]
+SETTING_FLAGS = {"train": [name for name, setting in SETTINGS.items() if setting.help],  # each setting's flag, its rule
+                 "bench": [*SIZE_SETTINGS, "slices"]}
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="mora.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, (text, _, add_flags) in COMMANDS.items():
+    for name, (text, _) in COMMANDS.items():
         p = commands.add_parser(name, help=text, description=text)
-        add_common_flags(p, name)
-        add_flags(p)
+        for takers, flag, arguments in FLAGS:
+            if name in takers.split():
+                p.add_argument(flag, **arguments)
+        add_setting_flags(p, SETTING_FLAGS.get(name, []))
     return parser
 
 
