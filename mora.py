@@ -2008,8 +2008,8 @@ FLAGS = [  # the commands that take it, the flag, argparse's arguments for it
     ("train", "--stop-after", dict(type=positive_int, help="save and stop after N more steps, on the run's schedule")),
     ("train", "--sample-prompt", dict(default="Once upon a time", help="each evaluation's sample continues this (not "
                                                                        "empty; default: Once upon a time)")),
-    ("train", "--sample-length", dict(type=nonnegative_int, default=120, help="bytes of that sample, kept in CKPT."
-                                                                             "samples.txt (default 120; 0: none)")),
+    ("train", "--sample-length", dict(type=nonnegative_int, default=120,
+                                      help="bytes of that sample, kept in CKPT.samples.txt (default 120; 0: none)")),
     ("sample", "--prompt", dict(default="Once upon a time", help="the text to continue (default: Once upon a time)")),
     ("sample", "--length", dict(type=nonnegative_int, default=500, help="bytes to generate (default 500)")),
     ("sample", "--temperature", dict(type=nonnegative_float, default=0.8, help="0: greedy (default 0.8)")),
