@@ -959,8 +959,7 @@ def gpu_problem(widths=()):
         if module.cuda.runtime.getDeviceCount() < 1:
             return "CuPy finds no CUDA GPU"
         cupy = module
-        ones = cupy.ones((4, 4), dtype=np.float32)
-        float((ones @ ones).sum())
+        float((cupy.ones((4, 4), dtype=np.float32) @ cupy.ones(4, dtype=np.float32)).sum())  # cuBLAS loads
         cuda_module().get_function("adam_update")  # CuPy compiles a module when first asked for a kernel
         for width in widths:
             cuda_module(width).get_function("block_input_forward")
@@ -1128,8 +1127,7 @@ def read_member(archive, name, shape, kind="f", read=True):
 
 
 def meta_problem(meta):
-    """What in a checkpoint's meta is not what `train` writes, in words (None: nothing).  A weights-only one has a
-    config and a step, a run's its settings and data too; each value is held to its flag's rule, then to each other."""
+    """What in a checkpoint's meta is not what `train` writes, in words (None: nothing); weights alone: config, step."""
     if (found := meta.get("format") if isinstance(meta, dict) else None) != CHECKPOINT_FORMAT:
         return f"checkpoint format {found!r}, this mora.py reads {CHECKPOINT_FORMAT!r}"
     config, train, data = meta.get("config"), meta.get("train", {}), meta.get("data", {})
@@ -1202,8 +1200,7 @@ SETTINGS = {
     "eps": Setting(positive_float, None),
     "seed": Setting(nonnegative_int, "initialisation and data order"),
     "epochs": Setting(positive_int, "whole passes over train.bin"),
-    "max_steps": Setting(positive_int, "train this many steps instead of whole epochs (--resume: a longer run)",
-                         on_resume=True),
+    "max_steps": Setting(positive_int, "steps to train, not whole epochs (--resume: a longer run)", on_resume=True),
     "mix_init": Setting(finite_float, "initial mix of memory, running mean and delta in every block", nargs=3),
     "slices": Setting(positive_int, "cut each batch into this many slices for the CPU's threads (part of the run: the "
                                     "same result on any number of threads; default: one per thread)"),
@@ -1242,7 +1239,7 @@ def follows_rule(name, value):
 
 
 def model_config(args, base=None):
-    """Config from the model flags; for those left out, --size's, else `base`'s (a checkpoint's), else the small model's."""
+    """Config from the model flags; for those not given, --size's, else `base`'s (a checkpoint's), else small's."""
     given = {f.name: getattr(args, f.name, None) for f in fields(Config)}
     return Config(**{**asdict(base or Config(**SIZES["small"])), **SIZES.get(args.size, {}),
                      **{k: v for k, v in given.items() if v is not None}})
