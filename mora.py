@@ -1018,12 +1018,11 @@ def file_problem(path, fix):
 def check_outputs(paths, inputs=(), flag="--out"):
     """Refuse, in one line before any work, each of `paths` (the file `flag` names, then those written beside it) that
     cannot be written whole: each must be a regular file or nothing yet, in a writable folder, and none of `inputs`."""
-    first = os.fspath(paths[0])
     for path in map(os.fspath, paths):
         real = os.path.realpath(path)
         folder = os.path.dirname(real)
-        fix = f"choose another {flag}" if path == first else \
-            f"{flag} {first} writes a file there: move it, or choose another {flag}"
+        fix = f"choose another {flag}" if path == os.fspath(paths[0]) else \
+            f"{flag} {paths[0]} writes a file there: move it, or choose another {flag}"
         if problem := file_problem(path, fix):
             raise UserError(problem)
         if not os.path.isdir(folder):
@@ -1136,9 +1135,9 @@ def meta_problem(meta):
     for given, known in ((config, fields(Config)), (train, fields(TrainSettings) if train else [])):
         if set(given) != {f.name for f in known}:
             return f"the keys {sorted(set(given) ^ {f.name for f in known})}"
-    files = data.get("files", {})
-    if not (isinstance(files, dict) and all(isinstance(f, dict) and isinstance(f.get("bytes"), int) for f in files.values())
-            and set(files) == ({"train.bin", "val.bin"} if train else set(files))):
+    files = data.get("files")  # a run's, which --resume checks its data against
+    if train and not (isinstance(files, dict) and set(files) == {"train.bin", "val.bin"}
+                      and all(isinstance(f, dict) and isinstance(f.get("bytes"), int) for f in files.values())):
         return "the record of its data files"
     for name, value in dict(config, **train, step=meta["step"], train_records=data.get("train_records", 0)).items():
         if not follows_rule(name, value):
