@@ -1085,28 +1085,26 @@ def load_checkpoint(path, adam=False):
 
 def checkpoint_arrays(archive, path, cfg, adam):
     """The parameters and Adam's moments (without `adam`: their headers alone) of the checkpoint `archive`, checked."""
-    names = archive.namelist()
+    names, fix = archive.namelist(), "use an earlier checkpoint or retrain"
     if cfg.n_layers > len(names):  # more blocks than members: damaged (and no list of blocks to build)
-        raise UserError(f"{path} does not match its own config (n_layers {cfg.n_layers:,}): the file is damaged")
+        raise UserError(f"{path} does not match its own config (n_layers {cfg.n_layers:,}): the file is damaged; {fix}")
     moments = ("adam.m", "adam.v") if adam or {"adam.m.npy", "adam.v.npy"} & set(names) else ()
     arrays = {}
     for name, shape in dict(param_shapes(cfg), **dict.fromkeys(moments, (count_params(cfg),))).items():
         array = read_member(archive, name, shape, read=adam or name not in moments)
         if array is None:
             what = f"not {shape} floats" if f"{name}.npy" in names else "missing"
-            raise UserError(f"{path} does not match its own config ({name}: {what}): the file is damaged")
+            raise UserError(f"{path} does not match its own config ({name}: {what}): the file is damaged; {fix}")
         arrays[name] = array.astype(np.float32)
         if not np.isfinite(arrays[name]).all():
-            raise UserError(f"{path} holds non-finite numbers (NaN or inf in {name}): that run diverged; use an earlier "
-                            f"checkpoint or retrain")
+            raise UserError(f"{path} holds non-finite numbers (NaN or inf in {name}): that run diverged; {fix}")
     if adam and (arrays["adam.v"] < 0).any():
-        raise UserError(f"{path} is damaged: adam.v, Adam's mean squared gradient, holds negative numbers; use an earlier "
-                        f"checkpoint or retrain")
+        raise UserError(f"{path} is damaged: adam.v, Adam's mean squared gradient, holds negative numbers; {fix}")
     with np.errstate(all="ignore"):  # a weight of 3e38 is finite, but the sums it takes part in overflow
         finite = np.isfinite(forward(arrays, np.arange(V, dtype=np.uint8)[None])).all()
     if not finite:
         raise UserError(f"{path} holds weights so large that the model's output overflows (not finite on the bytes "
-                        f"0..255): that run diverged or the file is damaged; use an earlier checkpoint or retrain")
+                        f"0..255): that run diverged or the file is damaged; {fix}")
     return arrays
 
 
