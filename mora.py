@@ -1156,9 +1156,8 @@ def settings_problem(cfg, settings, step):
 
 
 # ----------------------------------------------------------------------------
-# Settings: one table of every setting a run keeps, Config's fields and TrainSettings'.  The command line's flags and
-# their help, what --resume may change, and the check of a checkpoint's meta all read it; the defaults are the
-# dataclasses' own.
+# Settings: one table of every setting a run keeps, Config's fields and TrainSettings' (the defaults stay theirs).
+# The command line's flags and their help, what --resume may change, and the check of a checkpoint's meta read it.
 
 def number_parser(kind, check, rule):
     """A setting's rule and an argparse type: kind(text), accepted when check(value), else 'must be {rule}'."""
