@@ -957,8 +957,7 @@ def gpu_problem(widths=()):
         if module.cuda.runtime.getDeviceCount() < 1:
             return "CuPy finds no CUDA GPU"
         cupy = module
-        ones = cupy.ones((4, 4), dtype=np.float32)
-        float((ones @ ones).sum())
+        float((cupy.ones((4, 4), dtype=np.float32) @ cupy.ones(4, dtype=np.float32)).sum())  # cuBLAS loads
         cuda_module().get_function("adam_update")  # CuPy compiles a module when first asked for a kernel
         for width in widths:
             cuda_module(width).get_function("block_input_forward")
@@ -966,25 +965,21 @@ def gpu_problem(widths=()):
         cupy = None
         if isinstance(exc, ModuleNotFoundError) and exc.name == "cupy":
             return NO_CUPY
-        first_line = (str(exc).splitlines() or [""])[0][:160]
+        first_line = str(exc).partition("\n")[0][:160]
         return f"CuPy cannot use the GPU ({exc.__class__.__name__}: {first_line})"
     fuse_kernels(True)  # from here the fused layers call their kernels on float32 CuPy arrays (the appendix)
     return None
 
 
 def select_backend(device, widths=()):
-    """'cpu' -> numpy; 'gpu' -> cupy (else an error saying why); 'auto' -> cupy when a GPU works, else numpy.
-    widths: the model widths the command runs, whose kernels are compiled now."""
-    if device == "cpu":
-        fuse_kernels(False)  # the plain layers themselves
-        return np
-    problem = gpu_problem(widths)
-    if problem is None:
+    """numpy or cupy, as --device (cpu, gpu or auto) asks; the kernels for the model `widths` are compiled now."""
+    if device != "cpu" and (problem := gpu_problem(widths)) is None:
         return cupy
     if device == "gpu":
         raise UserError(f"--device gpu: {problem}; run with --device cpu instead")
-    if problem != NO_CUPY:  # CuPy is there but cannot work: say why the CPU it is
+    if device == "auto" and problem != NO_CUPY:  # CuPy is there but cannot work: say why the CPU it is
         print(f"note: --device auto uses the CPU: {problem}", file=sys.stderr)
+    fuse_kernels(False)  # the plain layers themselves
     return np
 
 
@@ -1005,85 +1000,75 @@ def describe_backend(xp, slices=None):
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints: one .npz.  Every parameter under its own name (any NumPy user can load the weights), the
-# flat Adam moments as "adam.m" and "adam.v", and a JSON "meta": the config, the step (also the data
-# cursor), the settings, the data's identity.  Written to a temporary file and renamed (written_atomically).
+# Checkpoints: one .npz.  Every parameter under its own name (any NumPy user can load the weights), Adam's moments
+# as "adam.m" and "adam.v", and a JSON "meta": the config, the step (the data cursor), the settings, the data's hashes.
 
 
 def file_problem(path, fix):
     """Why `path` cannot be read or written as one whole file, ending in `fix` (None: a regular file, or nothing yet).
     A folder, a device or a FIFO (whose read or write would hang) is never opened or replaced."""
-    if os.path.isdir(path):
-        return f"{path} is a folder: {fix}"
-    if os.path.exists(path) and not os.path.isfile(path):
-        return f"{path} is not a regular file (a device or a FIFO, say): {fix}"
-    return None
+    if not os.path.basename(path):
+        return f"{shlex.quote(path)} names no file: {fix}"
+    what = "is a folder" if os.path.isdir(path) else "is not a regular file (a device or a FIFO, say)"
+    return f"{path} {what}: {fix}" if os.path.exists(path) and not os.path.isfile(path) else None
 
 
 def check_outputs(paths, inputs=(), flag="--out"):
-    """Refuse, in one line and before any work, an output that cannot be written whole.  Each of `paths` (the file
-    `flag` names, then those written beside it) must be a regular file or nothing yet, in a folder that exists and
-    can be written, and none of `inputs`, which writing it would destroy.  A symbolic link is judged by what it names."""
+    """Refuse, in one line before any work, each of `paths` (the file `flag` names, then those written beside it) that
+    cannot be written whole: each must be a regular file or nothing yet, in a writable folder, and none of `inputs`."""
     for path in map(os.fspath, paths):
         real = os.path.realpath(path)
         folder = os.path.dirname(real)
-        same = [i for i in map(os.fspath, inputs) if os.path.realpath(i) == real
-                or os.path.exists(i) and os.path.exists(real) and os.path.samefile(i, real)]
         fix = f"choose another {flag}" if path == os.fspath(paths[0]) else \
             f"{flag} {paths[0]} writes a file there: move it, or choose another {flag}"
-        if not os.path.basename(path):
-            problem = f"{flag} {shlex.quote(path)} names no file: give a file name"
-        elif not (problem := file_problem(path, fix) or file_problem(real, fix)):
-            if not os.path.isdir(folder):
-                problem = f"the folder {folder} does not exist (or is not a folder): create it, or {fix}"
-            elif not os.access(folder, os.W_OK):
-                problem = f"cannot write to {folder}: {fix}"
-            elif os.path.isfile(real) and not os.stat(real).st_mode & stat.S_IWUSR:
-                problem = f"{path} is read-only: make it writable (chmod u+w), or {fix}"
-            elif same:
-                problem = f"{path} is also an input of this command ({same[0]}): writing it would destroy it; {fix}"
-        if problem:
+        if problem := file_problem(path, fix):
             raise UserError(problem)
+        if not os.path.isdir(folder):
+            raise UserError(f"the folder {folder} does not exist (or is not a folder): create it, or {fix}")
+        if not os.access(folder, os.W_OK):
+            raise UserError(f"cannot write to {folder}: {fix}")
+        if os.path.isfile(real) and not os.stat(real).st_mode & stat.S_IWUSR:
+            raise UserError(f"{path} is read-only: make it writable (chmod u+w), or {fix}")
+        if same := [i for i in map(os.fspath, inputs) if os.path.realpath(i) == real
+                    or os.path.exists(i) and os.path.exists(real) and os.path.samefile(i, real)]:
+            raise UserError(f"{path} is also an input of this command ({same[0]}): writing it would destroy it; {fix}")
 
 
 @contextlib.contextmanager
 def written_atomically(path, mode="wb", **open_args):
-    """A file opened as path.tmp and renamed to path once fully written.  On any failure (a full disk,
-    Ctrl-C) the partial file is removed, so nothing half-written stands at path; the error goes on."""
+    """A file opened as path.tmp and renamed to path once whole; on any failure (a full disk, Ctrl-C) it is removed."""
     path = os.path.realpath(path)  # through a symbolic link: the link stays, the file it names is replaced
     tmp = path + ".tmp"
     try:
         with open(tmp, mode, **open_args) as f:
             yield f
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):  # the open itself failed: keep its error, not ours
+    finally:  # renamed, or failed (the open itself, say: its error goes on, not ours)
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        raise
 
 
 def save_checkpoint(path, params, meta, adam_m=None, adam_v=None):
-    arrays = {name: to_numpy(p) for name, p in params.items()}
-    if adam_m is not None:
-        arrays["adam.m"], arrays["adam.v"] = to_numpy(adam_m), to_numpy(adam_v)
-    arrays["meta"] = np.array(json.dumps(dict(meta, format=CHECKPOINT_FORMAT)))
+    moments = {} if adam_m is None else {"adam.m": to_numpy(adam_m), "adam.v": to_numpy(adam_v)}
     with written_atomically(path) as f:
-        np.savez(f, **arrays)
+        np.savez(f, **{name: to_numpy(p) for name, p in params.items()}, **moments,
+                 meta=np.array(json.dumps(dict(meta, format=CHECKPOINT_FORMAT))))
 
 
 def load_checkpoint(path, adam=False):
-    """-> (Config, float32 params, meta, Adam's {"adam.m", "adam.v"} if `adam` else {}): a checkpoint whole, or a
-    UserError naming it and what is wrong.  Every command reads one here, only the members it uses, each checked."""
-    problem = file_problem(path, "--ckpt names the checkpoint file, e.g. checkpoints/mora.npz") if os.path.basename(path) \
-        else f"--ckpt {shlex.quote(path)} names no file: give a file name, e.g. checkpoints/mora.npz"
+    """-> (Config, float32 params, meta, Adam's {"adam.m", "adam.v"} if `adam` (to resume) else {}): a checkpoint
+    whole, or a UserError naming it and what is wrong.  Every command reads one here, only the members it uses."""
+    problem = file_problem(path, "--ckpt names the checkpoint file, e.g. checkpoints/mora.npz")
     if problem or not os.path.exists(path):
         raise UserError(problem or f"no checkpoint at {path}: train one with `python mora.py train`, or pass --ckpt PATH")
     try:
         with open(path, "rb") as file, zipfile.ZipFile(file) as archive:
-            meta = json.loads(str(read_member(archive, "meta", (), "U")[()]))
+            meta = json.loads(str(read_member(archive, "meta", (), "U")))
             if problem := meta_problem(meta):
                 raise UserError(f"{path} is damaged or has settings this mora.py does not know ({problem}): use the "
                                 f"mora.py that wrote it, an earlier copy, or retrain")
+            if adam and not meta.get("train"):  # (meta_problem: a run's settings come with its data's record)
+                raise UserError(f"{path} holds weights only (no optimizer state or settings): it cannot be resumed")
             cfg = Config(**meta["config"])
             arrays = checkpoint_arrays(archive, path, cfg, adam)
     except UserError:
@@ -1097,33 +1082,27 @@ def load_checkpoint(path, adam=False):
 
 
 def checkpoint_arrays(archive, path, cfg, adam):
-    """The parameters (and with `adam` Adam's moments, else their headers alone) of the checkpoint `archive`, each
-    of its shape, floats and finite, adam.v not negative, and the weights' output on every byte value finite."""
-    names = archive.namelist()
+    """The parameters and Adam's moments (without `adam`: their headers alone) of the checkpoint `archive`, checked."""
+    names, fix = archive.namelist(), "use an earlier checkpoint or retrain"
     if cfg.n_layers > len(names):  # more blocks than members: damaged (and no list of blocks to build)
-        raise UserError(f"{path} does not match its own config (n_layers {cfg.n_layers:,}): the file is damaged")
-    moments = {"adam.m.npy", "adam.v.npy"} & set(names)
-    if adam and not moments:
-        raise UserError(f"{path} holds weights only (no optimizer state or settings): it cannot be resumed")
-    shapes = dict(param_shapes(cfg), **dict.fromkeys(("adam.m", "adam.v") if moments else (), (count_params(cfg),)))
+        raise UserError(f"{path} does not match its own config (n_layers {cfg.n_layers:,}): the file is damaged; {fix}")
+    moments = ("adam.m", "adam.v") if adam or {"adam.m.npy", "adam.v.npy"} & set(names) else ()
     arrays = {}
-    for name, shape in shapes.items():
-        array = read_member(archive, name, shape, read=adam or not name.startswith("adam."))
+    for name, shape in dict(param_shapes(cfg), **dict.fromkeys(moments, (count_params(cfg),))).items():
+        array = read_member(archive, name, shape, read=adam or name not in moments)
         if array is None:
             what = f"not {shape} floats" if f"{name}.npy" in names else "missing"
-            raise UserError(f"{path} does not match its own config ({name}: {what}): the file is damaged")
+            raise UserError(f"{path} does not match its own config ({name}: {what}): the file is damaged; {fix}")
         arrays[name] = array.astype(np.float32)
         if not np.isfinite(arrays[name]).all():
-            raise UserError(f"{path} holds non-finite numbers (NaN or inf in {name}): that run diverged; use an earlier "
-                            f"checkpoint or retrain")
+            raise UserError(f"{path} holds non-finite numbers (NaN or inf in {name}): that run diverged; {fix}")
     if adam and (arrays["adam.v"] < 0).any():
-        raise UserError(f"{path} is damaged: adam.v, Adam's mean squared gradient, holds negative numbers; use an earlier "
-                        f"checkpoint or retrain")
+        raise UserError(f"{path} is damaged: adam.v, Adam's mean squared gradient, holds negative numbers; {fix}")
     with np.errstate(all="ignore"):  # a weight of 3e38 is finite, but the sums it takes part in overflow
         finite = np.isfinite(forward(arrays, np.arange(V, dtype=np.uint8)[None])).all()
     if not finite:
         raise UserError(f"{path} holds weights so large that the model's output overflows (not finite on the bytes "
-                        f"0..255): that run diverged or the file is damaged; use an earlier checkpoint or retrain")
+                        f"0..255): that run diverged or the file is damaged; {fix}")
     return arrays
 
 
@@ -1133,30 +1112,28 @@ def read_member(archive, name, shape, kind="f", read=True):
     if f"{name}.npy" not in archive.namelist():
         return None
     with archive.open(f"{name}.npy") as file:
-        version = np.lib.format.read_magic(file)
-        header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
-        stored, fortran, dtype = header(file)
+        header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        stored, fortran, dtype = header[np.lib.format.read_magic(file)](file)
         if stored != shape or dtype.kind != kind or dtype.itemsize > 1 << 18:  # a meta of 64 K characters at most
             return None
         count = math.prod(shape) if read else 0
         data = np.frombuffer(file.read(count * dtype.itemsize), dtype, count)
-    return data.reshape(shape, order="F" if fortran else "C") if read else data
+    return data.reshape(shape if read else 0, order="F" if fortran else "C")
 
 
 def meta_problem(meta):
-    """What in a checkpoint's meta is not what `train` writes, in words (None: nothing).  A weights-only one has a
-    config and a step, a run's its settings and data too; each value is held to its flag's rule, then to each other."""
+    """What in a checkpoint's meta is not what `train` writes, in words (None: nothing); weights alone: config, step."""
     if (found := meta.get("format") if isinstance(meta, dict) else None) != CHECKPOINT_FORMAT:
         return f"checkpoint format {found!r}, this mora.py reads {CHECKPOINT_FORMAT!r}"
     config, train, data = meta.get("config"), meta.get("train", {}), meta.get("data", {})
-    if not (isinstance(config, dict) and isinstance(train, dict) and isinstance(data, dict) and "step" in meta):
+    if not (all(isinstance(part, dict) for part in (config, train, data)) and "step" in meta):
         return "no config or step"
     for given, known in ((config, fields(Config)), (train, fields(TrainSettings) if train else [])):
         if set(given) != {f.name for f in known}:
             return f"the keys {sorted(set(given) ^ {f.name for f in known})}"
-    files = data.get("files", {})
-    if not (isinstance(files, dict) and all(isinstance(f, dict) and isinstance(f.get("bytes"), int) for f in files.values())
-            and set(files) == ({"train.bin", "val.bin"} if train else set(files))):
+    files = data.get("files")  # a run's, which --resume checks its data against
+    if train and not (isinstance(files, dict) and set(files) == {"train.bin", "val.bin"}
+                      and all(isinstance(f, dict) and isinstance(f.get("bytes"), int) for f in files.values())):
         return "the record of its data files"
     for name, value in dict(config, **train, step=meta["step"], train_records=data.get("train_records", 0)).items():
         if not follows_rule(name, value):
@@ -1177,9 +1154,8 @@ def settings_problem(cfg, settings, step):
 
 
 # ----------------------------------------------------------------------------
-# Settings: one table of every setting a run keeps, Config's fields and TrainSettings'.  The command line's flags and
-# their help, what --resume may change, and the check of a checkpoint's meta all read it; the defaults are the
-# dataclasses' own.
+# Settings: one table of every setting a run keeps, Config's fields and TrainSettings' (the defaults stay theirs).
+# The command line's flags and their help, what --resume may change, and the check of a checkpoint's meta read it.
 
 def number_parser(kind, check, rule):
     """A setting's rule and an argparse type: kind(text), accepted when check(value), else 'must be {rule}'."""
@@ -1188,7 +1164,6 @@ def number_parser(kind, check, rule):
             if check(value := kind(text)):
                 return value
         raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
-    parse.__name__ = rule  # argparse names the type by it in some messages
     return parse
 
 
@@ -1219,8 +1194,7 @@ SETTINGS = {
     "eps": Setting(positive_float, None),
     "seed": Setting(nonnegative_int, "initialisation and data order"),
     "epochs": Setting(positive_int, "whole passes over train.bin"),
-    "max_steps": Setting(positive_int, "train this many steps instead of whole epochs (default: whole epochs; with "
-                                       "--resume: a longer run)", on_resume=True),
+    "max_steps": Setting(positive_int, "steps to train, not whole epochs (--resume: a longer run)", on_resume=True),
     "mix_init": Setting(finite_float, "initial mix of memory, running mean and delta in every block", nargs=3),
     "slices": Setting(positive_int, "cut each batch into this many slices for the CPU's threads (part of the run: the "
                                     "same result on any number of threads; default: one per thread)"),
@@ -1247,9 +1221,8 @@ def add_setting_flags(p, names):
 
 
 def follows_rule(name, value):
-    """Whether a checkpoint may hold `value` for `name` (a setting; else a count such as the step) by the rule of the
-    flag that sets it, the JSON read as the flag's text: so "7" is no step, 7.0 no batch size and true no lr.  A run
-    on the GPU has no slices (None)."""
+    """Whether a checkpoint may hold `value` for `name` (a setting, else a count such as the step) by its flag's rule,
+    the JSON read as the flag's text: "7" is no step, 7.0 no batch size, true no lr; a GPU run has no slices (None)."""
     rule, _, _, nargs = SETTINGS.get(name, Setting(nonnegative_int, None))
     try:
         if nargs:
@@ -1260,8 +1233,7 @@ def follows_rule(name, value):
 
 
 def model_config(args, base=None):
-    """Config from the model flags; for those left out, --size's, else `base`'s (a checkpoint's config), else the
-    small model's."""
+    """Config from the model flags; for those not given, --size's, else `base`'s (a checkpoint's), else small's."""
     given = {f.name: getattr(args, f.name, None) for f in fields(Config)}
     return Config(**{**asdict(base or Config(**SIZES["small"])), **SIZES.get(args.size, {}),
                      **{k: v for k, v in given.items() if v is not None}})

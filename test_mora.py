@@ -1241,12 +1241,18 @@ def test_checkpoint_round_trip(tmp_path):
     params = mora.init_params(cfg, 7)
     m = np.arange(mora.count_params(cfg), dtype=np.float32)
     path = str(tmp_path / "c.npz")
-    mora.save_checkpoint(path, params, {"config": mora.asdict(cfg), "step": 5}, m, 2 * m)
+    data = {"train_records": 100, "files": {name: {"bytes": 1700} for name in ("train.bin", "val.bin")}}
+    run = {"train": mora.asdict(mora.TrainSettings(max_steps=10, warmup=3)), "data": data}  # Adam's moments: a run's
+    mora.save_checkpoint(path, params, {"config": mora.asdict(cfg), "step": 5, **run}, m, 2 * m)
     cfg2, params2, meta, opt = mora.load_checkpoint(path, adam=True)
     assert cfg2 == cfg and meta["step"] == 5 and np.array_equal(opt["adam.v"], 2 * m)
     assert all(np.array_equal(params[k], params2[k]) for k in params)
     with np.load(path) as f:  # plain NumPy reads the weights by name
         assert np.array_equal(f["blocks.1.w_up"], params["blocks.1.w_up"])
+    mora.save_checkpoint(path, params, {"config": mora.asdict(cfg), "step": 5}, m, 2 * m)  # no run's settings
+    assert mora.load_checkpoint(path)[2]["step"] == 5
+    with pytest.raises(mora.UserError, match="holds weights only .*: it cannot be resumed"):
+        mora.load_checkpoint(path, adam=True)
 
 
 def test_commands_end_to_end(data_dir, tmp_path):
