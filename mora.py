@@ -1304,8 +1304,6 @@ def start_or_resume(args, xp, checkpoint):
     chosen = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name, None) is not None}
     if args.resume:
         cfg, params_np, meta, adam_state = checkpoint
-        if "train" not in meta or "data" not in meta:
-            raise UserError(f"{args.ckpt} holds weights only (no optimizer state or settings): it cannot be resumed")
         settings, step = resumed_settings(args, cfg, meta, chosen), meta["step"]
     else:
         if os.path.exists(args.ckpt) and not args.overwrite:
