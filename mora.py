@@ -942,64 +942,6 @@ def evaluate(params, records, batch_size, slices=None, progress=False):
 
 
 # ----------------------------------------------------------------------------
-# Choosing the device: CuPy where it can work, else NumPy, said in one line.
-
-NO_CUPY = "CuPy is not installed (pip install 'cupy-cuda12x[ctk]', see README)"
-
-
-def gpu_problem(widths=()):
-    """None when CuPy can run here (then `cupy` is set, the kernels fused in, matmuls in TF32 unless CUPY_TF32=0),
-    else why not.  A small matmul and the kernels (for each width) run now, so a broken driver fails here."""
-    global cupy
-    os.environ.setdefault("CUPY_TF32", "1")
-    try:
-        import cupy as module
-        if module.cuda.runtime.getDeviceCount() < 1:
-            return "CuPy finds no CUDA GPU"
-        cupy = module
-        float((cupy.ones((4, 4), dtype=np.float32) @ cupy.ones(4, dtype=np.float32)).sum())  # cuBLAS loads
-        cuda_module().get_function("adam_update")  # CuPy compiles a module when first asked for a kernel
-        for width in widths:
-            cuda_module(width).get_function("block_input_forward")
-    except Exception as exc:  # an import or a driver that fails in any of many ways: the CPU, and why
-        cupy = None
-        if isinstance(exc, ModuleNotFoundError) and exc.name == "cupy":
-            return NO_CUPY
-        first_line = str(exc).partition("\n")[0][:160]
-        return f"CuPy cannot use the GPU ({exc.__class__.__name__}: {first_line})"
-    fuse_kernels(True)  # from here the fused layers call their kernels on float32 CuPy arrays (the appendix)
-    return None
-
-
-def select_backend(device, widths=()):
-    """numpy or cupy, as --device (cpu, gpu or auto) asks; the kernels for the model `widths` are compiled now."""
-    if device != "cpu" and (problem := gpu_problem(widths)) is None:
-        return cupy
-    if device == "gpu":
-        raise UserError(f"--device gpu: {problem}; run with --device cpu instead")
-    if device == "auto" and problem != NO_CUPY:  # CuPy is there but cannot work: say why the CPU it is
-        print(f"note: --device auto uses the CPU: {problem}", file=sys.stderr)
-    fuse_kernels(False)  # the plain layers themselves
-    return np
-
-
-def blas_threads():
-    """The threads of a call to NumPy's OpenBLAS: OPENBLAS_NUM_THREADS (set above) wins over OMP_NUM_THREADS."""
-    value = os.environ.get("OPENBLAS_NUM_THREADS", "1")
-    return max(1, int(value)) if value.isdigit() else 1
-
-
-def describe_backend(xp, slices=None):
-    if xp is np:
-        blas = blas_threads()
-        threads, count = (slices.threads, slices.count) if slices else (1, 1)
-        return (f"numpy {np.__version__} on the CPU: the batch in {count} slice{'s' * (count > 1)} over {threads} "
-                f"thread{'s' * (threads > 1)} x {blas} BLAS thread{'s' * (blas > 1)} (of {os.cpu_count()} cores)")
-    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-    return f"cupy {cupy.__version__} on {props['name'].decode()} (TF32 matmuls: CUPY_TF32={os.environ.get('CUPY_TF32')})"
-
-
-# ----------------------------------------------------------------------------
 # Checkpoints: one .npz.  Every parameter under its own name (any NumPy user can load the weights), Adam's moments
 # as "adam.m" and "adam.v", and a JSON "meta": the config, the step (the data cursor), the settings, the data's hashes.
 
@@ -1361,27 +1303,24 @@ def log_line(row):
 LOG_HEADER = log_line({k: k for k in LOG_FIELDS})
 
 
-def logged_step(line):
-    """The step of a whole log row: every column, a whole-number step, numbers (or nothing) elsewhere (else None)."""
-    row = line.split(",")
-    try:
-        list(map(float, filter(None, row)))  # each a number, or a ValueError
-        return int(row[0]) if len(row) == len(LOG_FIELDS) else None
-    except ValueError:
+def line_step(line, log):
+    """The step of a whole line of the log (`log`: a number, or nothing, in each of its columns) or of the samples
+    (`step N: 'text'`); None for a line cut short or unreadable."""
+    if log:
+        row = line.split(",")
+        with contextlib.suppress(ValueError):
+            list(map(float, filter(None, row)))  # each a number, or a ValueError
+            return int(row[0]) if len(row) == len(LOG_FIELDS) else None
         return None
-
-
-def sampled_step(line):
-    """The step of a whole line of CKPT.samples.txt, `step N: 'text'` (else None)."""
     number, _, text = line.partition(": ")
     number = number.removeprefix("step ").replace(",", "")
     return int(number) if number.isdigit() and text[-1:] in ("'", '"') and len(text) > 1 else None
 
 
-def lines_up_to(path, step, header, step_of):
-    """The lines of a run's file (the log, the samples: `header` first, then a line per step_of) that belong to a
-    checkpoint at `step`.  A file with a line cut short or unreadable (a kill mid-line, a hand edit) is set aside
-    as .bad and the lines before it kept; lines after `step` (written after that checkpoint) are dropped."""
+def lines_up_to(path, step, header):
+    """The lines of a run's file (the log: `header` first; the samples: none) that belong to a checkpoint at `step`.
+    A file with a line cut short or unreadable (a kill mid-line, a hand edit) is set aside as .bad and the lines
+    before it kept; lines after `step` (written after that checkpoint) are dropped."""
     if not os.path.exists(path):  # (said of the log alone: a run may have sampled nothing so far)
         if header:
             print(f"warning: {path} is missing: a new one starts at step {step:,}", file=sys.stderr)
@@ -1389,7 +1328,7 @@ def lines_up_to(path, step, header, step_of):
     with open(path, newline="", errors="replace") as f:
         *lines, cut = f.read().split("\n")  # cut: the text after the last line end, a line cut short
     ours, body = (lines[:1] == [header.rstrip("\n")], lines[1:]) if header else (True, lines)
-    good = list(itertools.takewhile(lambda s: s is not None, map(step_of, body))) if ours else []
+    good = list(itertools.takewhile(lambda s: s is not None, (line_step(s, header) for s in body))) if ours else []
     if len(good) < len(body) or cut or not ours:
         os.replace(path, path + ".bad")
         what = f"line {len(good) + 1 + bool(header)} is cut short or unreadable" if ours else "it is not what a run writes there"
@@ -1420,11 +1359,8 @@ class RunFiles:
         if prepared or os.path.basename(ckpt) in ("train.bin", "val.bin", "test.bin"):
             raise UserError(f"--ckpt {ckpt} is a prepared data file (prepare_data.py's): a checkpoint would replace it; "
                             f"choose another --ckpt, e.g. checkpoints/mora.npz")
-        folder = os.path.dirname(os.path.abspath(ckpt))
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot create the folder {folder} for --ckpt ({exc.strerror}): choose another --ckpt")
+        with contextlib.suppress(OSError):  # a folder that cannot be made is check_outputs' to say
+            os.makedirs(os.path.dirname(os.path.abspath(ckpt)), exist_ok=True)
         written = [self.ckpt, self.log, self.samples]  # each through its .tmp, beside the file a link names
         tmps = [(os.path.realpath(p) if os.path.islink(p) else p) + ".tmp" for p in written]
         check_outputs(written + tmps + [self.lock], [os.path.join(args.data_dir, n) for n in ("train.bin", "val.bin")],
@@ -1467,8 +1403,8 @@ class RunFiles:
     def start_lines(self, step, sampling):
         """The log, and (sampling) the samples, as of the checkpoint at `step`: each rewritten, in one rename, to
         its lines up to that step (lines_up_to), then opened to append, one whole line at a time (write_line)."""
-        for path, header, step_of in [(self.log, LOG_HEADER, logged_step)] + [(self.samples, "", sampled_step)] * sampling:
-            lines = lines_up_to(path, step, header, step_of) if step else []
+        for path, header in [(self.log, LOG_HEADER)] + [(self.samples, "")] * sampling:
+            lines = lines_up_to(path, step, header) if step else []
             with self.writing(path):
                 with written_atomically(path, "w", newline="") as f:  # on a failure the old file stays as it was
                     f.writelines([header] + lines)
@@ -1641,20 +1577,32 @@ def train(args):
         end = run.settings.max_steps if args.stop_after is None else min(run.settings.max_steps, run.step + args.stop_after)
         print_plan(run, xp, slices, end)
         with Report(run, end, files, args) as report:
-            train_and_save(run, end, report, files, slices)
-            report.saved = True  # a signal from here on stops at once: nothing is left to save
-            return finish(run, args, files, report, slices)
+            return train_and_finish(run, end, report, files, slices)
 
 
-def train_and_save(run, end, report, files, slices):
-    """train_loop, then a checkpoint where it ended.  Whatever ends it early gets one line saying what is on disk and
-    what to do; a log that cannot be written stops the loop as a signal does, so the checkpoint is still saved."""
+def train_and_finish(run, end, report, files, slices):
+    """train_loop, a checkpoint where it ends, and at the run's end the final evaluation.  A log that cannot be
+    written stops the loop as a signal does, so the checkpoint is still saved; whatever ends the run early gets one
+    line saying what is on disk and what to do."""
     try:
         files.start_lines(run.step, report.sample_length > 0)
         train_loop(run, end, report, files.save, slices)
         files.save(run)
-    except WriteError as exc:  # the checkpoint, or the log before the first step
-        also = f"{report.problem}; " if report.problem else ""
+        report.saved = True  # a signal from here on stops at once: nothing is left to save
+        if report.problem:
+            raise report.problem
+        print(f"checkpoint: {files.ckpt} (step {run.step:,}); log: {files.log}")
+        if report.steps:
+            print(f"speed: {report.speed()}")
+        if report.stop_requested:
+            raise KeyboardInterrupt
+        if run.step == run.settings.max_steps and run.settings.final_eval:
+            final_evaluation(run, slices, files)
+    except KeyboardInterrupt:  # a signal: after the step under way (then saved), or a second one at once
+        print(f"stopped: {files.on_disk(run)}")
+        return 130
+    except WriteError as exc:  # a file of the run; the log's failure comes first where the checkpoint's follows it
+        also = f"{report.problem}; " if report.problem not in (None, exc) else ""
         raise UserError(f"{also}{exc}: {files.on_disk(run, exc.fix)}") from exc
     except FloatingPointError as exc:  # the loss or the gradient norm
         s = run.settings
@@ -1665,26 +1613,6 @@ def train_and_save(run, end, report, files, slices):
     except MemoryError as exc:
         raise UserError(f"out of memory in step {run.step + 1:,} (a new run can lower --batch-size, --seq-len or "
                         f"--d-model): {files.on_disk(run, 'free some memory')}") from exc
-    if report.problem:
-        raise UserError(f"{report.problem}: {files.on_disk(run, report.problem.fix)}") from report.problem
-
-
-def finish(run, args, files, report, slices):
-    """After the last save: where it is, the speed, and at the run's end its final evaluation.  A signal now stops
-    at once, with a line saying what is on disk and what is left to do."""
-    try:
-        print(f"checkpoint: {args.ckpt} (step {run.step:,}); log: {files.log}")
-        if report.steps:
-            print(f"speed: {report.speed()}")
-        if report.stop_requested:
-            raise KeyboardInterrupt
-        if run.step == run.settings.max_steps and run.settings.final_eval:
-            final_evaluation(run, slices, files)
-    except KeyboardInterrupt:
-        print(f"stopped: {files.on_disk(run)}")
-        return 130
-    except WriteError as exc:  # the final evaluation's row
-        raise UserError(f"{exc}: {files.on_disk(run, exc.fix)}") from exc
     return 0
 
 
@@ -1696,17 +1624,13 @@ CPU_SECONDS_PER_PARAM_BYTE = 2.1e-10
 def print_plan(run, xp, slices, end):
     """Before step 1: the model and its parameters, the backend, the data, the steps and the schedule of this call,
     and on the CPU, when the run will take hours, what is quicker."""
-    cfg, s, d = run.cfg, run.settings, run.cfg.d_model
-    block = sum(math.prod(shape) for shape in block_shapes(d).values())
-    print(f"MORA  d_model={d}  n_layers={cfg.n_layers}  seq_len={cfg.seq_len}  batch_size={cfg.batch_size}")
+    cfg, s = run.cfg, run.settings
+    print(f"MORA  d_model={cfg.d_model}  n_layers={cfg.n_layers}  seq_len={cfg.seq_len}  batch_size={cfg.batch_size}")
     print(f"backend: {describe_backend(xp, slices)}")
-    print(f"{'parameter':<38}{'shape':>12}{'count':>12}")
-    for name, shape in [("embed (tied with the output layer)", (V, d))] + [
-            (f"blocks.0.{k}", shape) for k, shape in block_shapes(d).items()]:
-        print(f"{name:<38}{str(shape):>12}{math.prod(shape):>12,}")
-    if cfg.n_layers > 1:
-        print(f"{f'blocks.1 .. blocks.{cfg.n_layers - 1} (as blocks.0)':<38}{'':>12}{(cfg.n_layers - 1) * block:>12,}")
-    print(f"{'total':<38}{'':>12}{count_params(cfg):>12,}   (one block: {block:,}; the final LayerNorm: none)")
+    print(f"{'parameter':<24}{'shape':>12}{'count':>12}")
+    for name, shape in param_shapes(replace(cfg, n_layers=1)).items():  # the embedding, then one block
+        print(f"{name:<24}{str(shape):>12}{math.prod(shape):>12,}")
+    print(f"{'total':<24}{'':>12}{count_params(cfg):>12,}   ({cfg.n_layers} blocks; embed is also the output layer)")
     print(f"data: {len(run.train_records):,} train records of {cfg.seq_len + 1} bytes, "
           f"{len(run.train_records) // cfg.batch_size:,} steps per epoch; {len(run.val_records):,} val records")
     print(f"training: steps {run.step:,} -> {end:,} of {s.max_steps:,}, lr {s.lr:g} (warmup {s.warmup}, "
@@ -1831,10 +1755,39 @@ def sample(args):
 
 
 # ----------------------------------------------------------------------------
-# CPU threads.  NumPy runs an operation on one core, and on arrays this thin BLAS gains little from threads, so
-# the CPU path cuts the batch into slices of rows, each slice's forward and backward in a thread (NumPy and BLAS
-# release the GIL).  The slices are part of a run (saved in its checkpoint) and the threads only share them out,
-# so a step gives the same bits on any number of threads, with one BLAS thread each.
+# The device: CuPy where it can work (gpu_problem, with the kernels in the appendix), else NumPy on CPU threads.
+# NumPy runs an operation on one core, and on arrays this thin BLAS gains little from threads, so the CPU path
+# cuts the batch into slices of rows, each slice's forward and backward in a thread (NumPy and BLAS release the
+# GIL).  The slices are part of a run (saved in its checkpoint) and the threads only share them out, so a step
+# gives the same bits on any number of threads, with one BLAS thread each.
+
+def select_backend(device, widths=()):
+    """numpy or cupy, as --device (cpu, gpu or auto) asks; the kernels for the model `widths` are compiled now."""
+    if device != "cpu" and (problem := gpu_problem(widths)) is None:
+        return cupy
+    if device == "gpu":
+        raise UserError(f"--device gpu: {problem}; run with --device cpu instead")
+    if device == "auto" and problem != NO_CUPY:  # CuPy is there but cannot work: say why the CPU it is
+        print(f"note: --device auto uses the CPU: {problem}", file=sys.stderr)
+    fuse_kernels(False)  # the plain layers themselves
+    return np
+
+
+def blas_threads():
+    """The threads of a call to NumPy's OpenBLAS: OPENBLAS_NUM_THREADS (set above) wins over OMP_NUM_THREADS."""
+    value = os.environ.get("OPENBLAS_NUM_THREADS", "1")
+    return max(1, int(value)) if value.isdigit() else 1
+
+
+def describe_backend(xp, slices=None):
+    if xp is np:
+        blas = blas_threads()
+        threads, count = (slices.threads, slices.count) if slices else (1, 1)
+        return (f"numpy {np.__version__} on the CPU: the batch in {count} slice{'s' * (count > 1)} over {threads} "
+                f"thread{'s' * (threads > 1)} x {blas} BLAS thread{'s' * (blas > 1)} (of {os.cpu_count()} cores)")
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    return f"cupy {cupy.__version__} on {props['name'].decode()} (TF32 matmuls: CUPY_TF32={os.environ.get('CUPY_TF32')})"
+
 
 class Slices:
     def __init__(self, count, threads):
@@ -1904,12 +1857,6 @@ def check_memory(cfg, xp):
                         f"GiB is free: lower --batch-size, --seq-len or --d-model")
 
 
-def step_traffic_bytes(cfg):
-    """A floor on a step's memory traffic in bytes: per position and block the backward's 16 d floats and their
-    gradients are each written once and read once (4 passes); the (N, V) logits take 6; parameters left out."""
-    return 4 * cfg.batch_size * cfg.seq_len * (cfg.n_layers * 16 * cfg.d_model * 4 + 6 * V)
-
-
 def time_training_steps(cfg, xp, slices, steps):
     """The median milliseconds of `steps` training steps as `train` runs them on random bytes, after an untimed one
     (CuPy compiles there), and the kernel launches a step where they are counted (else None)."""
@@ -1940,7 +1887,10 @@ def bench(args):
     print("|---|---|---|---|---|---|---|---|")
     for cfg in configs:
         check_memory(cfg, xp)
-        (ms, launches), traffic = time_training_steps(cfg, xp, slices, args.steps), step_traffic_bytes(cfg)
+        ms, launches = time_training_steps(cfg, xp, slices, args.steps)
+        # A floor on a step's memory traffic in bytes: per position and block the backward's 16 d floats and their
+        # gradients are each written once and read once (4 passes); the (N, V) logits take 6; parameters left out.
+        traffic = 4 * cfg.batch_size * cfg.seq_len * (cfg.n_layers * 16 * cfg.d_model * 4 + 6 * V)
         if xp is np:
             import resource  # (not on Windows)
             memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB peak (process)"
@@ -2029,7 +1979,7 @@ def main(argv=None):
         what = exc if isinstance(exc, UserError) else f"{exc.strerror or exc}: {exc.filename or 'the output'}"
         print(f"error: {what}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # a second Ctrl-C in training, or one elsewhere: nothing more to save
+    except KeyboardInterrupt:  # Ctrl-C outside training (which says what it saved): nothing to save
         print("\ninterrupted", file=sys.stderr)
         return 130
 
@@ -2046,7 +1996,7 @@ def main(argv=None):
 # weights that every thread reads at once (so one load serves the whole warp), as
 # fully fused MLPs do for narrow layers (tiny-cuda-nn).  The weight gradients, sums
 # over all positions, stay with cuBLAS.  Constants come from Python as -D options.
-# Used for float32 CuPy arrays while USE_KERNELS.
+# Used for float32 CuPy arrays while USE_KERNELS, once gpu_problem finds that CuPy works.
 
 USE_KERNELS = True
 
@@ -2427,6 +2377,33 @@ def fuse_kernels(on):
     with no frame between a caller and the plain function."""
     for name, (plain, dispatch) in FUSED.items():
         globals()[name] = dispatch if on else plain
+
+
+NO_CUPY = "CuPy is not installed (pip install 'cupy-cuda12x[ctk]', see README)"
+
+
+def gpu_problem(widths=()):
+    """None when CuPy can run here (then `cupy` is set, the kernels fused in, matmuls in TF32 unless CUPY_TF32=0),
+    else why not.  A small matmul and the kernels (for each width) run now, so a broken driver fails here."""
+    global cupy
+    os.environ.setdefault("CUPY_TF32", "1")
+    try:
+        import cupy as module
+        if module.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy finds no CUDA GPU"
+        cupy = module
+        float((cupy.ones((4, 4), dtype=np.float32) @ cupy.ones(4, dtype=np.float32)).sum())  # cuBLAS loads
+        cuda_module().get_function("adam_update")  # CuPy compiles a module when first asked for a kernel
+        for width in widths:
+            cuda_module(width).get_function("block_input_forward")
+    except Exception as exc:  # an import or a driver that fails in any of many ways: the CPU, and why
+        cupy = None
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "cupy":
+            return NO_CUPY
+        first_line = str(exc).partition("\n")[0][:160]
+        return f"CuPy cannot use the GPU ({exc.__class__.__name__}: {first_line})"
+    fuse_kernels(True)  # from here the fused layers call their kernels on float32 CuPy arrays
+    return None
 
 
 # The caches of the launchers that keep what their kernels need, which is not what the
