@@ -65,7 +65,7 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------
 # Array backend: xp is numpy or cupy, chosen by the arrays themselves, so one code
-# path serves both.  `gpu_problem` (in "Running it for real") sets `cupy` when
+# path serves both.  `gpu_problem` (in the appendix) sets `cupy` when
 # the command asks for a GPU and one works.
 
 cupy = None  # the CuPy module, once gpu_problem has found a GPU that works
@@ -1451,9 +1451,8 @@ class RunFiles:
         then = f"{fix}, then " if fix else ""
         if run.saved_step is None:
             return f"no checkpoint of this run was saved; {then}start it again"
-        held = "is saved at" if run.saved_step == run.step else "still holds"
-        if not os.path.isdir(os.path.dirname(os.path.abspath(self.ckpt))):
-            held = "held"
+        gone = not os.path.isdir(os.path.dirname(os.path.abspath(self.ckpt)))  # its folder moved away
+        held = "held" if gone else "is saved at" if run.saved_step == run.step else "still holds"
         if run.saved_step < run.settings.max_steps:
             return f"{self.ckpt} {held} step {run.saved_step:,}; {then}continue with `{command_line(self.args, 'train', '--resume')}`"
         return f"{self.ckpt} {held} step {run.saved_step:,}, the end of the run; {then}`{command_line(self.args, 'eval')}` " \
@@ -1555,7 +1554,91 @@ class Report:
 
 
 # ----------------------------------------------------------------------------
-# The commands: train, eval (per record, or the split read as long texts), sample.
+# CPU threads, and the device: CuPy where it can work (gpu_problem, in the appendix), else NumPy.  NumPy runs an
+# operation on one core, and on arrays this thin BLAS gains little from threads, so the CPU path cuts the batch
+# into slices of rows, each slice's forward and backward in a thread (NumPy and BLAS release the GIL).  The slices
+# are part of a run (saved in its checkpoint) and the threads only share them out, so a step gives the same bits
+# on any number of threads, with one BLAS thread each.
+
+def select_backend(device, widths=()):
+    """numpy or cupy, as --device (cpu, gpu or auto) asks; the kernels for the model `widths` are compiled now."""
+    if device != "cpu" and (problem := gpu_problem(widths)) is None:
+        return cupy
+    if device == "gpu":
+        raise UserError(f"--device gpu: {problem}; run with --device cpu instead")
+    if device == "auto" and problem != NO_CUPY:  # CuPy is there but cannot work: say why the CPU it is
+        print(f"note: --device auto uses the CPU: {problem}", file=sys.stderr)
+    fuse_kernels(False)  # the plain layers themselves
+    return np
+
+
+def blas_threads():
+    """The threads of a call to NumPy's OpenBLAS: OPENBLAS_NUM_THREADS (set above) wins over OMP_NUM_THREADS."""
+    value = os.environ.get("OPENBLAS_NUM_THREADS", "1")
+    return max(1, int(value)) if value.isdigit() else 1
+
+
+def describe_backend(xp, slices=None):
+    if xp is np:
+        blas = blas_threads()
+        threads, count = (slices.threads, slices.count) if slices else (1, 1)
+        return (f"numpy {np.__version__} on the CPU: the batch in {count} slice{'s' * (count > 1)} over {threads} "
+                f"thread{'s' * (threads > 1)} x {blas} BLAS thread{'s' * (blas > 1)} (of {os.cpu_count()} cores)")
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    return f"cupy {cupy.__version__} on {props['name'].decode()} (TF32 matmuls: CUPY_TF32={os.environ.get('CUPY_TF32')})"
+
+
+class Slices:
+    def __init__(self, count, threads):
+        self.count, self.threads = count, min(threads, count)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, self.threads - 1))
+
+    def map(self, function, n):
+        """[function(rows) for the rows 0..n-1 cut into `count` contiguous slices (at most n)], in order.  The main
+        thread computes slices 0, threads, ... itself, so it answers Ctrl-C at once; the pool's threads the others."""
+        edges = np.linspace(0, n, min(n, self.count) + 1).astype(int)
+        slices = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+        others = {i: self.pool.submit(function, rows) for i, rows in enumerate(slices) if i % self.threads}
+        own = {i: function(rows) for i, rows in enumerate(slices) if i % self.threads == 0}
+        return [own[i] if i in own else others[i].result() for i in range(len(slices))]
+
+    def gradient(self, params, x, y):
+        """batch_gradient as the sum, in slice order, of each slice's weighted by its share of the batch."""
+        def slice_gradient(rows):
+            loss, accuracy, grad = batch_gradient(params, x[rows], y[rows])
+            share = (rows.stop - rows.start) / len(x)
+            return float(loss) * share, float(accuracy) * share, grad * share
+        losses, accuracies, grads = zip(*self.map(slice_gradient, len(x)))
+        return np.float64(sum(losses)), np.float64(sum(accuracies)), sum(grads[1:], grads[0])
+
+
+def cpu_slices(xp, threads=None, count=None):
+    """Slices for the CPU (None on the GPU): a thread per core, a slice per thread by default (docs/results.md)."""
+    if xp is not np:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads, blas = threads or cores, blas_threads()
+    if threads * blas > cores:
+        fix = f"--threads {cores}" if blas == 1 else \
+            f"unset {' '.join(BLAS_VARIABLES)} (MORA gives each thread one BLAS thread)"
+        print(f"note: {threads} threads x {blas} BLAS threads is more than the {cores} cores here: they take turns, "
+              f"which can be several times slower; {fix}", file=sys.stderr)
+    keep_freed_memory()
+    return Slices(count or threads, threads)
+
+
+def keep_freed_memory():
+    """Ask glibc (Linux) to keep freed memory: a step frees hundreds of MB of activations, and faulting them back
+    in from the OS would cost about a quarter of a CPU step."""
+    import ctypes
+    with contextlib.suppress(OSError):  # no glibc: nothing to ask
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+
+
+# ----------------------------------------------------------------------------
+# The commands: train, eval (per record, or the split read as long texts), sample, bench.
 
 
 def train(args):
@@ -1752,94 +1835,6 @@ def sample(args):
         print(decoder.decode(bytes([byte])), end="", flush=True)
     print(decoder.decode(b"", final=True))
     return 0
-
-
-# ----------------------------------------------------------------------------
-# The device: CuPy where it can work (gpu_problem, with the kernels in the appendix), else NumPy on CPU threads.
-# NumPy runs an operation on one core, and on arrays this thin BLAS gains little from threads, so the CPU path
-# cuts the batch into slices of rows, each slice's forward and backward in a thread (NumPy and BLAS release the
-# GIL).  The slices are part of a run (saved in its checkpoint) and the threads only share them out, so a step
-# gives the same bits on any number of threads, with one BLAS thread each.
-
-def select_backend(device, widths=()):
-    """numpy or cupy, as --device (cpu, gpu or auto) asks; the kernels for the model `widths` are compiled now."""
-    if device != "cpu" and (problem := gpu_problem(widths)) is None:
-        return cupy
-    if device == "gpu":
-        raise UserError(f"--device gpu: {problem}; run with --device cpu instead")
-    if device == "auto" and problem != NO_CUPY:  # CuPy is there but cannot work: say why the CPU it is
-        print(f"note: --device auto uses the CPU: {problem}", file=sys.stderr)
-    fuse_kernels(False)  # the plain layers themselves
-    return np
-
-
-def blas_threads():
-    """The threads of a call to NumPy's OpenBLAS: OPENBLAS_NUM_THREADS (set above) wins over OMP_NUM_THREADS."""
-    value = os.environ.get("OPENBLAS_NUM_THREADS", "1")
-    return max(1, int(value)) if value.isdigit() else 1
-
-
-def describe_backend(xp, slices=None):
-    if xp is np:
-        blas = blas_threads()
-        threads, count = (slices.threads, slices.count) if slices else (1, 1)
-        return (f"numpy {np.__version__} on the CPU: the batch in {count} slice{'s' * (count > 1)} over {threads} "
-                f"thread{'s' * (threads > 1)} x {blas} BLAS thread{'s' * (blas > 1)} (of {os.cpu_count()} cores)")
-    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-    return f"cupy {cupy.__version__} on {props['name'].decode()} (TF32 matmuls: CUPY_TF32={os.environ.get('CUPY_TF32')})"
-
-
-class Slices:
-    def __init__(self, count, threads):
-        self.count, self.threads = count, min(threads, count)
-        self.pool = ThreadPoolExecutor(max_workers=max(1, self.threads - 1))
-
-    def map(self, function, n):
-        """[function(rows) for the rows 0..n-1 cut into `count` contiguous slices (at most n)], in order.  The main
-        thread computes slices 0, threads, ... itself, so it answers Ctrl-C at once; the pool's threads the others."""
-        edges = np.linspace(0, n, min(n, self.count) + 1).astype(int)
-        slices = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
-        others = {i: self.pool.submit(function, rows) for i, rows in enumerate(slices) if i % self.threads}
-        own = {i: function(rows) for i, rows in enumerate(slices) if i % self.threads == 0}
-        return [own[i] if i in own else others[i].result() for i in range(len(slices))]
-
-    def gradient(self, params, x, y):
-        """batch_gradient as the sum, in slice order, of each slice's weighted by its share of the batch."""
-        def slice_gradient(rows):
-            loss, accuracy, grad = batch_gradient(params, x[rows], y[rows])
-            share = (rows.stop - rows.start) / len(x)
-            return float(loss) * share, float(accuracy) * share, grad * share
-        losses, accuracies, grads = zip(*self.map(slice_gradient, len(x)))
-        return np.float64(sum(losses)), np.float64(sum(accuracies)), sum(grads[1:], grads[0])
-
-
-def cpu_slices(xp, threads=None, count=None):
-    """Slices for the CPU (None on the GPU): a thread per core, a slice per thread by default (docs/results.md)."""
-    if xp is not np:
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads, blas = threads or cores, blas_threads()
-    if threads * blas > cores:
-        fix = f"--threads {cores}" if blas == 1 else \
-            f"unset {' '.join(BLAS_VARIABLES)} (MORA gives each thread one BLAS thread)"
-        print(f"note: {threads} threads x {blas} BLAS threads is more than the {cores} cores here: they take turns, "
-              f"which can be several times slower; {fix}", file=sys.stderr)
-    keep_freed_memory()
-    return Slices(count or threads, threads)
-
-
-# ----------------------------------------------------------------------------
-# Memory and the benchmark
-
-
-def keep_freed_memory():
-    """Ask glibc (Linux) to keep freed memory: a step frees hundreds of MB of activations, and faulting them back
-    in from the OS would cost about a quarter of a CPU step."""
-    import ctypes
-    with contextlib.suppress(OSError):  # no glibc: nothing to ask
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
 
 
 def check_memory(cfg, xp):
