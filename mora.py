@@ -1554,11 +1554,10 @@ class Report:
 
 
 # ----------------------------------------------------------------------------
-# CPU threads, and the device: CuPy where it can work (gpu_problem, in the appendix), else NumPy.  NumPy runs an
-# operation on one core, and on arrays this thin BLAS gains little from threads, so the CPU path cuts the batch
-# into slices of rows, each slice's forward and backward in a thread (NumPy and BLAS release the GIL).  The slices
-# are part of a run (saved in its checkpoint) and the threads only share them out, so a step gives the same bits
-# on any number of threads, with one BLAS thread each.
+# CPU threads, and the device: CuPy where it can work (gpu_problem, in the appendix), else NumPy, which runs an
+# operation on one core (BLAS gains little from threads on arrays this thin).  So the CPU path cuts the batch into
+# slices of rows, each slice's forward and backward in a thread (NumPy and BLAS release the GIL).  The slices are
+# part of a run (saved in its checkpoint) and threads only share them out: the same bits on any number of threads.
 
 def select_backend(device, widths=()):
     """numpy or cupy, as --device (cpu, gpu or auto) asks; the kernels for the model `widths` are compiled now."""
@@ -1572,16 +1571,9 @@ def select_backend(device, widths=()):
     return np
 
 
-def blas_threads():
-    """The threads of a call to NumPy's OpenBLAS: OPENBLAS_NUM_THREADS (set above) wins over OMP_NUM_THREADS."""
-    value = os.environ.get("OPENBLAS_NUM_THREADS", "1")
-    return max(1, int(value)) if value.isdigit() else 1
-
-
-def describe_backend(xp, slices=None):
+def describe_backend(xp, slices):
     if xp is np:
-        blas = blas_threads()
-        threads, count = (slices.threads, slices.count) if slices else (1, 1)
+        count, threads, blas = slices.count, slices.threads, slices.blas
         return (f"numpy {np.__version__} on the CPU: the batch in {count} slice{'s' * (count > 1)} over {threads} "
                 f"thread{'s' * (threads > 1)} x {blas} BLAS thread{'s' * (blas > 1)} (of {os.cpu_count()} cores)")
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
@@ -1589,8 +1581,9 @@ def describe_backend(xp, slices=None):
 
 
 class Slices:
-    def __init__(self, count, threads):
-        self.count, self.threads = count, min(threads, count)
+    """A batch's rows cut into `count` slices, shared out over `threads` threads, each running `blas` BLAS threads."""
+    def __init__(self, count, threads, blas=1):
+        self.count, self.threads, self.blas = count, min(threads, count), blas
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.threads - 1))
 
     def map(self, function, n):
@@ -1599,8 +1592,7 @@ class Slices:
         edges = np.linspace(0, n, min(n, self.count) + 1).astype(int)
         slices = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
         others = {i: self.pool.submit(function, rows) for i, rows in enumerate(slices) if i % self.threads}
-        own = {i: function(rows) for i, rows in enumerate(slices) if i % self.threads == 0}
-        return [own[i] if i in own else others[i].result() for i in range(len(slices))]
+        return [others[i].result() if i in others else function(rows) for i, rows in enumerate(slices)]
 
     def gradient(self, params, x, y):
         """batch_gradient as the sum, in slice order, of each slice's weighted by its share of the batch."""
@@ -1617,14 +1609,15 @@ def cpu_slices(xp, threads=None, count=None):
     if xp is not np:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads, blas = threads or cores, blas_threads()
+    blas = os.environ.get("OPENBLAS_NUM_THREADS", "1")  # NumPy's OpenBLAS: it wins over OMP_NUM_THREADS
+    threads, blas = threads or cores, max(1, int(blas)) if blas.isdigit() else 1
     if threads * blas > cores:
         fix = f"--threads {cores}" if blas == 1 else \
             f"unset {' '.join(BLAS_VARIABLES)} (MORA gives each thread one BLAS thread)"
         print(f"note: {threads} threads x {blas} BLAS threads is more than the {cores} cores here: they take turns, "
               f"which can be several times slower; {fix}", file=sys.stderr)
     keep_freed_memory()
-    return Slices(count or threads, threads)
+    return Slices(count or threads, threads, blas)
 
 
 def keep_freed_memory():
@@ -1750,27 +1743,27 @@ def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=Fals
     byte but the first is predicted once, each stream pays one cold start.  Positions count within a chunk."""
     xp = array_module(params["embed"])
     streams = max(1, min(streams, len(data) - 1))  # at least one byte to predict in every stream
-    edges = np.linspace(0, len(data) - 1, streams + 1).astype(np.int64)  # stream k predicts edges[k]+1 .. edges[k+1]
+    edges = np.linspace(0, len(data) - 1, streams + 1).astype(np.int64)
+    starts, lengths = edges[:-1], np.diff(edges)  # (S,): stream k predicts the lengths[k] bytes after starts[k]
 
-    def sums(edges, progress):
-        """The streams between `edges`: summed loss and bytes predicted per position (seq_len,); right predictions."""
-        starts, lengths = edges[:-1], np.diff(edges)  # (S,) each stream's first byte and its number of predictions
-        state = initial_state(params, len(starts))
+    def sums(rows):
+        """The streams `rows`: summed loss and bytes predicted per position (seq_len,), and the right predictions."""
+        state, steps = initial_state(params, rows.stop - rows.start), lengths[rows].max()
         position_loss, positions_each, total_correct = np.zeros(seq_len), np.zeros(seq_len), 0.0
-        for t0 in progress_bar(range(0, lengths.max(), seq_len), progress, desc="eval (stream)", unit="chunk"):
-            t = min(seq_len, lengths.max() - t0)
-            at = np.minimum(starts + t0 + np.arange(t + 1)[:, None], len(data) - 1)  # (t+1, S) and the last target
+        shown = progress and rows.start == 0  # one progress bar: the first slice's
+        for t0 in progress_bar(range(0, steps, seq_len), shown, desc="eval (stream)", unit="chunk"):
+            t = min(seq_len, steps - t0)
+            at = np.minimum(starts[rows] + t0 + np.arange(t + 1)[:, None], len(data) - 1)  # (t+1, S), the last target
             chunk = xp.asarray(np.asarray(data[at], dtype=np.int32))  # (t+1, S) time-major
             logits, _, state = model_forward(params, chunk[:-1], state, keep_cache=False)  # (t, S, V)
             losses, correct, _ = cross_entropy_forward(logits.reshape(-1, V), chunk[1:].reshape(-1))
-            scored = t0 + np.arange(t)[:, None] < lengths  # (t, S) inside each stream: a shorter one's end left out
+            scored = t0 + np.arange(t)[:, None] < lengths[rows]  # (t, S) in its stream: a shorter one's end left out
             position_loss[:t] += (to_numpy(losses).reshape(t, -1) * scored).sum(1)
             positions_each[:t] += scored.sum(1)
             total_correct += float((to_numpy(correct).reshape(t, -1) * scored).sum())
         return position_loss, positions_each, total_correct
 
-    parts = [sums(edges, progress)] if slices is None else \
-        slices.map(lambda rows: sums(edges[rows.start:rows.stop + 1], progress and rows.start == 0), streams)
+    parts = [sums(slice(0, streams))] if slices is None else slices.map(sums, streams)
     side_by_side = "1 stream" if streams == 1 else f"{streams:,} streams side by side"
     return dict(evaluation_result(*map(sum, zip(*parts))), streams=streams,
                 protocol=f"{side_by_side}, each read in chunks of {seq_len} with its state carried")
@@ -1841,10 +1834,8 @@ def check_memory(cfg, xp):
     """Refuse a model that cannot fit before it is built, rather than be killed by the OS (peaks: docs/results.md): a
     step keeps ~20 d floats a block and the logits twice a position, and 4 floats a parameter (with gradient, m, v)."""
     need = 4 * cfg.batch_size * cfg.seq_len * (20 * cfg.n_layers * cfg.d_model + 2 * V) + 16 * count_params(cfg)
-    available = math.inf  # not known without /proc/meminfo (not Linux): no check
-    if xp is not np:
-        available = cupy.cuda.runtime.memGetInfo()[0]
-    else:
+    available = math.inf if xp is np else cupy.cuda.runtime.memGetInfo()[0]  # the CPU's: what Linux says, else no check
+    if xp is np:
         with contextlib.suppress(OSError, StopIteration), open("/proc/meminfo") as f:
             available = int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
     if need > available:
@@ -1853,22 +1844,19 @@ def check_memory(cfg, xp):
 
 
 def time_training_steps(cfg, xp, slices, steps):
-    """The median milliseconds of `steps` training steps as `train` runs them on random bytes, after an untimed one
-    (CuPy compiles there), and the kernel launches a step where they are counted (else None)."""
-    flat, params = flat_parameters(init_params(cfg, 0), xp)
-    adam_m, adam_v, trainable = xp.zeros_like(flat), xp.zeros_like(flat), trainable_vector(cfg, xp)
-    gradient = batch_gradient if slices is None else slices.gradient
+    """The median milliseconds of `steps` steps of train_loop on random bytes, after an untimed one (CuPy compiles
+    there), and the kernel launches a step where they are counted (else None)."""
+    from types import SimpleNamespace
     records = np.random.default_rng(0).integers(0, V, (cfg.batch_size, cfg.seq_len + 1), dtype=np.uint8)
-
-    def seconds(k):
-        started = time.perf_counter()
-        x, y = make_batch(records, np.arange(cfg.batch_size), xp)
-        loss = train_step(params, flat, adam_m, adam_v, x, y, k, 1e-3, TrainSettings(), trainable, gradient)[0]
-        float(loss)  # waits for the device
-        return time.perf_counter() - started
+    flat, params = flat_parameters(init_params(cfg, 0), xp)
+    run = Run(cfg, TrainSettings(lr=1e-3, warmup=0, max_steps=steps + 1, eval_every=0), 0, records, records, flat,
+              params, trainable_vector(cfg, xp), xp.zeros_like(flat), xp.zeros_like(flat), data_files={})
+    seconds = []
+    report = SimpleNamespace(stop_requested=False,  # all that train_loop asks of its report here: each step's time
+                             step=lambda lr, loss, accuracy, grad_norm, took, val, text: seconds.append(took))
     launched = getattr(xp, "launches", None)  # the tests' CPU stand-in for CuPy counts launches; CuPy itself does not
-    ms = 1000 * float(np.median([seconds(k) for k in range(steps + 1)][1:]))
-    return ms, None if launched is None else (xp.launches - launched) // (steps + 1)
+    train_loop(run, steps + 1, report, lambda run: None, slices)
+    return 1000 * float(np.median(seconds[1:])), None if launched is None else (xp.launches - launched) // (steps + 1)
 
 
 def bench(args):
@@ -1915,16 +1903,15 @@ FLAGS = [  # the commands that take it, the flag, argparse's arguments for it
                                    help="small: d=64 (284,184 params); large: d=128 (1,092,632) (default small)")),
     ("train eval", "--data-dir", dict(default="data", help="the folder holding train.bin and val.bin (default data)")),
     ("train eval bench", "--threads", dict(type=positive_int, help="CPU worker threads (default: every core)")),
-    ("train", "--ckpt", dict(default=CKPT, help=f"the run to write or --resume, its .csv log beside it (default "
-                                                f"{CKPT})")),
+    ("train", "--ckpt", dict(default=CKPT, help=f"the run to write or --resume, its .csv log and .samples.txt beside "
+                                                f"it (default {CKPT})")),
     ("eval sample", "--ckpt", dict(default=CKPT, help=f"the checkpoint to read (default {CKPT})")),
     ("train", "--resume", dict(action="store_true", help="continue the run in --ckpt exactly where it stopped")),
     ("train", "--overwrite", dict(action="store_true", help="start over even if --ckpt exists")),
     ("train", "--stop-after", dict(type=positive_int, help="save and stop after N more steps, on the run's schedule")),
     ("train", "--sample-prompt", dict(default="Once upon a time", help="each evaluation's sample continues this (not "
                                                                        "empty; default: Once upon a time)")),
-    ("train", "--sample-length", dict(type=nonnegative_int, default=120,
-                                      help="bytes of that sample, kept in CKPT.samples.txt (default 120; 0: none)")),
+    ("train", "--sample-length", dict(type=nonnegative_int, default=120, help="bytes a sample (default 120; 0: none)")),
     ("sample", "--prompt", dict(default="Once upon a time", help="the text to continue (default: Once upon a time)")),
     ("sample", "--length", dict(type=nonnegative_int, default=500, help="bytes to generate (default 500)")),
     ("sample", "--temperature", dict(type=nonnegative_float, default=0.8, help="0: greedy (default 0.8)")),
@@ -1933,10 +1920,8 @@ FLAGS = [  # the commands that take it, the flag, argparse's arguments for it
     ("eval", "--batch-size", dict(type=positive_int, help=f"records a batch (default {EVAL_BATCH})")),
     ("eval", "--split", dict(choices=["val", "train", "test"], default="val", help="default val")),
     ("eval", "--max-bytes", dict(type=nonnegative_int, default=0, help="only the first N bytes (default 0: all)")),
-    ("eval", "--stream", dict(action="store_true", help="read the split as long texts, the state carried (default: "
-                                                        "each record alone, as published)")),
-    ("eval", "--streams", dict(type=positive_int, help=f"implies --stream: N texts read side by side (default "
-                                                       f"{EVAL_STREAMS}; 1: one text)")),
+    ("eval", "--stream", dict(action="store_true", help="read the split as long texts, not each record alone")),
+    ("eval", "--streams", dict(type=positive_int, help=f"--stream as N texts side by side (default {EVAL_STREAMS})")),
     ("eval", "--seq-len", dict(type=positive_int, help="records of N + 1 bytes, or chunks of N with --stream (default: "
                                                        "the checkpoint's seq_len; 64 reads val as nanoGPT's windows)")),
     ("bench", "--steps", dict(type=positive_int, default=10, help="timed steps (default 10)")),

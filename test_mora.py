@@ -554,11 +554,12 @@ def test_the_note_on_blas_threads_counts_what_blas_runs(monkeypatch, capsys):
     """NumPy's OpenBLAS runs OPENBLAS_NUM_THREADS threads (MORA sets it), whatever OMP_NUM_THREADS says."""
     cores = len(os.sched_getaffinity(0))
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
-    mora.cpu_slices(np, threads=cores)
-    assert capsys.readouterr().err == "" and " x 1 BLAS thread (" in mora.describe_backend(np)
+    slices = mora.cpu_slices(np, threads=cores)
+    assert capsys.readouterr().err == "" and " x 1 BLAS thread (" in mora.describe_backend(np, slices)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
-    mora.cpu_slices(np, threads=cores)
-    assert f"{cores} threads x 4 BLAS threads" in capsys.readouterr().err and " x 4 BLAS threads (" in mora.describe_backend(np)
+    slices = mora.cpu_slices(np, threads=cores)
+    note = capsys.readouterr().err
+    assert f"{cores} threads x 4 BLAS threads" in note and " x 4 BLAS threads (" in mora.describe_backend(np, slices)
 
 
 def test_a_step_gives_the_same_bits_on_any_number_of_threads():
