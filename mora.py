@@ -1616,18 +1616,14 @@ def cpu_slices(xp, threads=None, count=None):
             f"unset {' '.join(BLAS_VARIABLES)} (MORA gives each thread one BLAS thread)"
         print(f"note: {threads} threads x {blas} BLAS threads is more than the {cores} cores here: they take turns, "
               f"which can be several times slower; {fix}", file=sys.stderr)
-    keep_freed_memory()
-    return Slices(count or threads, threads, blas)
-
-
-def keep_freed_memory():
-    """Ask glibc (Linux) to keep freed memory: a step frees hundreds of MB of activations, and faulting them back
-    in from the OS would cost about a quarter of a CPU step."""
+    # glibc (Linux) is asked to keep freed memory: a step frees hundreds of MB of activations, and faulting them
+    # back in from the OS would cost about a quarter of a CPU step.
     import ctypes
     with contextlib.suppress(OSError):  # no glibc: nothing to ask
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+    return Slices(count or threads, threads, blas)
 
 
 # ----------------------------------------------------------------------------
