@@ -1749,7 +1749,7 @@ def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=Fals
         shown = progress and rows.start == 0  # one progress bar: the first slice's
         for t0 in progress_bar(range(0, steps, seq_len), shown, desc="eval (stream)", unit="chunk"):
             t = min(seq_len, steps - t0)
-            at = np.minimum(starts[rows] + t0 + np.arange(t + 1)[:, None], len(data) - 1)  # (t+1, S), the last target
+            at = np.minimum(starts[rows] + t0 + np.arange(t + 1)[:, None], len(data) - 1)  # (t+1, S), last target too
             chunk = xp.asarray(np.asarray(data[at], dtype=np.int32))  # (t+1, S) time-major
             logits, _, state = model_forward(params, chunk[:-1], state, keep_cache=False)  # (t, S, V)
             losses, correct, _ = cross_entropy_forward(logits.reshape(-1, V), chunk[1:].reshape(-1))
