@@ -1389,7 +1389,7 @@ class RunFiles:
             os.ftruncate(self.lock_fd, 0)
             os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
         self.streams = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = QuietOnFailure(sys.stdout, "stdout"), QuietOnFailure(sys.stderr, "stderr")
+        sys.stdout, sys.stderr = QuietOnFailure(sys.stdout), QuietOnFailure(sys.stderr)
         return self
 
     def __exit__(self, *exc):
@@ -1464,8 +1464,8 @@ class QuietOnFailure:
     terminal, a character it cannot encode) never ends the run.  The first failure is said once on stderr if it
     can be; from then on the stream's descriptor is the null device, so nothing fails later, at exit included."""
 
-    def __init__(self, stream, name):
-        self.stream, self.name, self.failed = stream, name, False
+    def __init__(self, stream):
+        self.stream, self.failed = stream, False
 
     def write(self, text):
         return self.guarded("write", text) or len(text)
@@ -1480,9 +1480,8 @@ class QuietOnFailure:
             self.failed = True
             with contextlib.suppress(OSError, ValueError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-            if self.name == "stdout":
-                print(f"note: {getattr(exc, 'strerror', None) or exc} writing the standard output; the run goes on "
-                      f"without it and saves as usual", file=sys.stderr, flush=True)
+            print(f"note: {getattr(exc, 'strerror', None) or exc} writing the standard output; the run goes on "
+                  f"without it and saves as usual", file=sys.stderr, flush=True)  # (unsaid when stderr is what failed)
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
