@@ -937,8 +937,7 @@ def evaluate(params, records, batch_size, slices=None, progress=False):
 
 # ============================================================================
 # Running it for real.  Everything above is the lesson; what follows makes it a program people can train with for
-# hours: checkpoints and their checks, resume rules, every file a run writes, stop signals, the log, the progress,
-# the commands (and the streamed evaluation), CPU threads, memory checks, the benchmark, the command line.
+# hours: checkpoints, settings and resume rules, every file a run writes, signals, the log, threads, the commands.
 
 
 # ----------------------------------------------------------------------------
@@ -1096,13 +1095,13 @@ def settings_problem(cfg, settings, step):
 # Settings: one table of every setting a run keeps, Config's fields and TrainSettings' (the defaults stay theirs).
 # The command line's flags and their help, what --resume may change, and the check of a checkpoint's meta read it.
 
-def number_parser(kind, check, rule):
-    """A setting's rule and an argparse type: kind(text), accepted when check(value), else 'must be {rule}'."""
+def number_parser(kind, check, words):
+    """A setting's rule and an argparse type: kind(text), accepted when check(value), else 'must be {words}'."""
     def parse(text):
         with contextlib.suppress(ValueError):  # (json.loads's errors are ValueErrors too)
             if check(value := kind(text)):
                 return value
-        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        raise argparse.ArgumentTypeError(f"must be {words}, got {text}")
     return parse
 
 
@@ -1137,7 +1136,6 @@ SETTINGS = {
     "mix_init": Setting(finite_float, "initial mix of memory, running mean and delta in every block", nargs=3),
     "slices": Setting(positive_int, "cut each batch into this many slices for the CPU's threads (part of the run: the "
                                     "same result on any number of threads; default: one per thread)"),
-    # How the run reports and saves itself: --resume may change these (and max_steps, for a longer run).
     "eval_every": Setting(nonnegative_int, "steps between evaluations on the start of val (0: never)", on_resume=True),
     "eval_bytes": Setting(positive_int, "bytes of val those evaluations read (and the final streamed one)", on_resume=True),
     "ckpt_every": Setting(positive_int, "steps between checkpoints", on_resume=True),
