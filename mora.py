@@ -937,8 +937,7 @@ def evaluate(params, records, batch_size, slices=None, progress=False):
 
 # ============================================================================
 # Running it for real.  Everything above is the lesson; what follows makes it a program people can train with for
-# hours: checkpoints and their checks, resume rules, every file a run writes, stop signals, the log, the progress,
-# the commands (and the streamed evaluation), CPU threads, memory checks, the benchmark, the command line.
+# hours: checkpoints, settings and resume rules, every file a run writes, signals, the log, threads, the commands.
 
 
 # ----------------------------------------------------------------------------
@@ -1005,14 +1004,7 @@ def load_checkpoint(path, adam=False):
         raise UserError(problem or f"no checkpoint at {path}: train one with `python mora.py train`, or pass --ckpt PATH")
     try:
         with open(path, "rb") as file, zipfile.ZipFile(file) as archive:
-            meta = json.loads(str(read_member(archive, "meta", (), "U")))
-            if problem := meta_problem(meta):
-                raise UserError(f"{path} is damaged or has settings this mora.py does not know ({problem}): use the "
-                                f"mora.py that wrote it, an earlier copy, or retrain")
-            if adam and not meta.get("train"):  # (meta_problem: a run's settings come with its data's record)
-                raise UserError(f"{path} holds weights only (no optimizer state or settings): it cannot be resumed")
-            cfg = Config(**meta["config"])
-            arrays = checkpoint_arrays(archive, path, cfg, adam)
+            return read_checkpoint(archive, path, adam)
     except UserError:
         raise
     except PermissionError as exc:
@@ -1020,12 +1012,17 @@ def load_checkpoint(path, adam=False):
     except Exception as exc:  # zipfile, zlib, ValueError, KeyError, JSON: the bytes are not a checkpoint
         raise UserError(f"{path} is not a MORA checkpoint, or is cut short or corrupt ("
                         f"{'damaged compressed data' if isinstance(exc, zlib.error) else type(exc).__name__}): retrain, or use another copy")
-    return cfg, {k: arrays[k] for k in param_shapes(cfg)}, meta, {k: arrays[k] for k in ("adam.m", "adam.v") if adam}
 
 
-def checkpoint_arrays(archive, path, cfg, adam):
-    """The parameters and Adam's moments (without `adam`: their headers alone) of the checkpoint `archive`, checked."""
-    names, fix = archive.namelist(), "use an earlier checkpoint or retrain"
+def read_checkpoint(archive, path, adam):
+    """The checkpoint in the open `archive`, as load_checkpoint returns it: its meta, then its arrays, each checked."""
+    meta = json.loads(str(read_member(archive, "meta", (), "U")))
+    if problem := meta_problem(meta):
+        raise UserError(f"{path} is damaged or has settings this mora.py does not know ({problem}): use the "
+                        f"mora.py that wrote it, an earlier copy, or retrain")
+    if adam and not meta.get("train"):  # (meta_problem: a run's settings come with its data's record)
+        raise UserError(f"{path} holds weights only (no optimizer state or settings): it cannot be resumed")
+    cfg, names, fix = Config(**meta["config"]), archive.namelist(), "use an earlier checkpoint or retrain"
     if cfg.n_layers > len(names):  # more blocks than members: damaged (and no list of blocks to build)
         raise UserError(f"{path} does not match its own config (n_layers {cfg.n_layers:,}): the file is damaged; {fix}")
     moments = ("adam.m", "adam.v") if adam or {"adam.m.npy", "adam.v.npy"} & set(names) else ()
@@ -1041,11 +1038,10 @@ def checkpoint_arrays(archive, path, cfg, adam):
     if adam and (arrays["adam.v"] < 0).any():
         raise UserError(f"{path} is damaged: adam.v, Adam's mean squared gradient, holds negative numbers; {fix}")
     with np.errstate(all="ignore"):  # a weight of 3e38 is finite, but the sums it takes part in overflow
-        finite = np.isfinite(forward(arrays, np.arange(V, dtype=np.uint8)[None])).all()
-    if not finite:
-        raise UserError(f"{path} holds weights so large that the model's output overflows (not finite on the bytes "
-                        f"0..255): that run diverged or the file is damaged; {fix}")
-    return arrays
+        if not np.isfinite(forward(arrays, np.arange(V, dtype=np.uint8)[None])).all():
+            raise UserError(f"{path} holds weights so large that the model's output overflows (not finite on the "
+                            f"bytes 0..255): that run diverged or the file is damaged; {fix}")
+    return cfg, {k: arrays[k] for k in param_shapes(cfg)}, meta, {k: arrays[k] for k in moments if adam}
 
 
 def read_member(archive, name, shape, kind="f", read=True):
@@ -1071,8 +1067,8 @@ def meta_problem(meta):
     if not (all(isinstance(part, dict) for part in (config, train, data)) and "step" in meta):
         return "no config or step"
     for given, known in ((config, fields(Config)), (train, fields(TrainSettings) if train else [])):
-        if set(given) != {f.name for f in known}:
-            return f"the keys {sorted(set(given) ^ {f.name for f in known})}"
+        if odd := sorted(set(given) ^ {f.name for f in known}):  # missing or unknown
+            return f"the keys {odd}"
     files = data.get("files")  # a run's, which --resume checks its data against
     if train and not (isinstance(files, dict) and set(files) == {"train.bin", "val.bin"}
                       and all(isinstance(f, dict) and isinstance(f.get("bytes"), int) for f in files.values())):
@@ -1099,13 +1095,13 @@ def settings_problem(cfg, settings, step):
 # Settings: one table of every setting a run keeps, Config's fields and TrainSettings' (the defaults stay theirs).
 # The command line's flags and their help, what --resume may change, and the check of a checkpoint's meta read it.
 
-def number_parser(kind, check, rule):
-    """A setting's rule and an argparse type: kind(text), accepted when check(value), else 'must be {rule}'."""
+def number_parser(kind, check, words):
+    """A setting's rule and an argparse type: kind(text), accepted when check(value), else 'must be {words}'."""
     def parse(text):
         with contextlib.suppress(ValueError):  # (json.loads's errors are ValueErrors too)
             if check(value := kind(text)):
                 return value
-        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        raise argparse.ArgumentTypeError(f"must be {words}, got {text}")
     return parse
 
 
@@ -1140,7 +1136,6 @@ SETTINGS = {
     "mix_init": Setting(finite_float, "initial mix of memory, running mean and delta in every block", nargs=3),
     "slices": Setting(positive_int, "cut each batch into this many slices for the CPU's threads (part of the run: the "
                                     "same result on any number of threads; default: one per thread)"),
-    # How the run reports and saves itself: --resume may change these (and max_steps, for a longer run).
     "eval_every": Setting(nonnegative_int, "steps between evaluations on the start of val (0: never)", on_resume=True),
     "eval_bytes": Setting(positive_int, "bytes of val those evaluations read (and the final streamed one)", on_resume=True),
     "ckpt_every": Setting(positive_int, "steps between checkpoints", on_resume=True),
@@ -1154,31 +1149,27 @@ def add_setting_flags(p, names):
     for name in names:
         rule, text, _, nargs = SETTINGS[name]
         flag, default = "--" + name.replace("_", "-"), dict(asdict(Config()), **asdict(TrainSettings()))[name]
-        if rule is yes_no:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{text} (default: {'yes' if default else 'no'})")
-            continue
         shown = " ".join(f"{v:g}" for v in default) if nargs else default
-        p.add_argument(flag, type=rule, nargs=nargs, metavar=("C", "A", "E")[:nargs] if nargs else None,
-                       help=text if default is None else f"{text} (default {shown})")
+        how = dict(action=argparse.BooleanOptionalAction) if rule is yes_no else \
+            dict(type=rule, nargs=nargs, metavar=("C", "A", "E")[:nargs] if nargs else None)
+        p.add_argument(flag, **how, help=text if default is None else f"{text} (default {shown})")
 
 
 def follows_rule(name, value):
     """Whether a checkpoint may hold `value` for `name` (a setting, else a count such as the step) by its flag's rule,
     the JSON read as the flag's text: "7" is no step, 7.0 no batch size, true no lr; a GPU run has no slices (None)."""
     rule, _, _, nargs = SETTINGS.get(name, Setting(nonnegative_int, None))
-    try:
+    with contextlib.suppress(argparse.ArgumentTypeError, ValueError):  # (the rule's refusal)
         if nargs:
             return isinstance(value, list) and len(value) == nargs and all(rule(json.dumps(v)) == v for v in value)
         return (value is None and name == "slices") or rule(value if isinstance(value, str) else json.dumps(value)) == value
-    except (argparse.ArgumentTypeError, ValueError):
-        return False
+    return False
 
 
 def model_config(args, base=None):
     """Config from the model flags; for those not given, --size's, else `base`'s (a checkpoint's), else small's."""
-    given = {f.name: getattr(args, f.name, None) for f in fields(Config)}
-    return Config(**{**asdict(base or Config(**SIZES["small"])), **SIZES.get(args.size, {}),
-                     **{k: v for k, v in given.items() if v is not None}})
+    given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
+    return Config(**{**asdict(base or Config(**SIZES["small"])), **SIZES.get(args.size, {}), **given})
 
 
 # ----------------------------------------------------------------------------
