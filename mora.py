@@ -110,9 +110,8 @@ ABLATIONS = {
 
 @dataclass
 class TrainSettings:
-    """How a run trains.  A checkpoint stores its run's settings and --resume goes on
-    with them.  Measured at the CPU budget (docs/results.md, Recipe): lr 2e-2, beta2 0.95 and a
-    long warmup beat the reference recipe (lr 2e-2, beta2 0.999, 50 warmup steps)."""
+    """How a run trains; a checkpoint keeps its run's settings and --resume goes on with
+    them.  beta2 0.95 and a long warmup are the CPU budget's best (docs/results.md, Recipe)."""
     lr: float = 2e-2  # peak learning rate
     warmup: int = None  # warmup steps; None: a third of the run, at most WARMUP_CAP
     final_lr_fraction: float = 0.1  # the cosine decay ends at this fraction of lr
@@ -195,11 +194,9 @@ def trainable_vector(cfg, xp):
 # (dout, cache) and returns the gradients.  Shapes: any leading axes (...), last
 # axis as stated; the leading axes are the positions (T, B) of the model, N = T * B.
 #
-# Every body is written as its equation.  On a GPU the appendix's kernels, each
-# launcher marked `@fuses(plain_function, ...)`, take the place of the mixer, the
-# final LayerNorm (no gain), cross-entropy, a block's input and output parts (below)
-# and Adam, from when `gpu_problem` finds the GPU; on the CPU these functions run as
-# they stand, and they define what the kernels compute.
+# Every body is written as its equation, and defines what the appendix's GPU kernels
+# compute: each launcher, marked `@fuses(plain_function, ...)`, takes that function's
+# place once `gpu_problem` finds a GPU; on the CPU these functions run as they stand.
 #
 # A cache holds only what its backward reads, under the maths' names, each array once
 # (one array needs no name: an embedding's cache is x, a sigmoid's s, the mean's divisors):
@@ -482,8 +479,7 @@ def initial_state(params, batch):
 #   block input:   u = LayerNorm1(h);  [v | z | q] = u @ w_in + b_in                 (each position alone)
 #   mixer:         the memory scan and the running mean over t                      (across time)
 #   block output:  h = h + gated @ w_out + b_out;  h = h + MLP(LayerNorm2(h))       (each position alone)
-# So on the GPU each per-position part is one kernel, a thread per position (last
-# section), and a block is three launches forward.  Their caches hold the layers'
+# (on the GPU, a kernel each: a block is three launches).  Their caches hold the layers'
 # caches under the weights they go with, and the model's hold the blocks':
 BlockInputCache = namedtuple("BlockInputCache", "ln1 w_in")
 BlockOutputCache = namedtuple("BlockOutputCache", "w_out ln2 w_up gelu w_down")
@@ -795,6 +791,23 @@ def train_step(params, flat, adam_m, adam_v, x, y, step, lr, settings=TrainSetti
     return loss, accuracy, grad_norm
 
 
+@dataclass
+class Run:
+    """A training run as train_loop reads and advances it; its step is also the data cursor."""
+    cfg: Config
+    settings: TrainSettings
+    step: int
+    train_records: np.ndarray  # (n, seq_len + 1) bytes
+    val_records: np.ndarray
+    flat: object  # every parameter in one vector (xp array)
+    params: dict  # name -> view into flat
+    trainable: object  # flat 0/1 mask: 0 where an ablation holds a parameter at zero (None: no ablation)
+    adam_m: object
+    adam_v: object
+    data_files: dict  # what it trains and validates on: "train.bin" and "val.bin" -> size and SHA-256
+    saved_step: int = None  # the step of this run's checkpoint on disk (None: none saved yet)
+
+
 def train_loop(run, end, report, save, slices=None):
     """The training loop from run.step to step `end`, and its cadence: each step's batch
     in its epoch's shuffled order, its learning rate and a training step; a stop when the
@@ -897,12 +910,10 @@ def evaluation_result(position_loss, positions_each, total_correct):
 
 
 # An evaluation batch holds EVAL_BATCH records whatever the training batch: the records
-# are independent, so the batch changes only the speed.  On the CPU each thread reads
-# its rows EVAL_CHUNK positions at a time with the state carried, which gives the same
-# logits as the whole record (model_forward).  Both pay: the recurrence steps through
-# time over all of a thread's rows at once, so more rows share each step's Python, and
-# 32 positions of them make arrays that stay in the core's cache, where whole records of
-# as many rows spill to memory (docs/results.md, "Evaluation speed").
+# are independent, so the batch changes only the speed.  On the CPU each thread reads its
+# rows EVAL_CHUNK positions at a time with the state carried (the same logits as whole
+# records): more rows then share each time step's Python, and 32 positions of them stay in
+# the core's cache, where whole records would spill to memory (docs/results.md).
 EVAL_BATCH, EVAL_CHUNK = 256, 32
 
 
@@ -1192,37 +1203,6 @@ def resumed_settings(args, cfg, meta, chosen):
     return replace(settings, **changed)
 
 
-@dataclass
-class Run:
-    """A training run: its model, settings and data, its parameters, gradient mask
-    and Adam moments on the device, and the step it stands at (also the data cursor)."""
-    cfg: Config
-    settings: TrainSettings
-    step: int
-    train_records: np.ndarray
-    val_records: np.ndarray
-    flat: object  # every parameter in one vector (xp array)
-    params: dict  # name -> view into flat
-    trainable: object  # flat 0/1 mask: 0 where an ablation holds a parameter at zero (None: no ablation)
-    adam_m: object
-    adam_v: object
-    data_files: dict  # what it trains and validates on: "train.bin" and "val.bin" -> data_fingerprint
-    saved_step: int = None  # the step of this run's checkpoint on disk (None: none saved yet)
-
-    def log_line(self, val=None, **columns):
-        """The log's row for this step: `columns`, and an evaluation's (`val`) when given."""
-        if val:
-            columns.update({f"val_{k}": f"{val[k]:.5f}" for k in ("loss", "bpb", "accuracy")})
-        return log_line(dict(columns, step=self.step, bytes=self.step * self.cfg.batch_size * self.cfg.seq_len))
-
-    def meta(self):
-        epoch, position = divmod(self.step, len(self.train_records) // self.cfg.batch_size)
-        return {"config": asdict(self.cfg), "step": self.step, "train": asdict(self.settings),
-                "data": {"train_records": len(self.train_records), "epoch": epoch, "batch_in_epoch": position,
-                         "order": "numpy default_rng([seed, epoch]).permutation(train_records)",
-                         "files": self.data_files}}
-
-
 # Why a resumed run is bit for bit the same as one that never stopped:
 #   - one BLAS thread per worker (BLAS_VARIABLES, at the top), so no sum's order depends on the cores;
 #   - the saved slice count (cpu_slices, kept in the settings): the batch is cut the same way on any threads;
@@ -1415,8 +1395,10 @@ class RunFiles:
                 raise
 
     def save(self, run):
+        meta = {"config": asdict(run.cfg), "step": run.step, "train": asdict(run.settings),
+                "data": {"train_records": len(run.train_records), "files": run.data_files}}
         with self.writing(self.ckpt):
-            save_checkpoint(self.ckpt, run.params, run.meta(), run.adam_m, run.adam_v)
+            save_checkpoint(self.ckpt, run.params, meta, run.adam_m, run.adam_v)
         run.saved_step = run.step
 
     @contextlib.contextmanager
@@ -1520,9 +1502,8 @@ class Report:
         try:
             if val and self.sample_length:
                 self.files.write_line(self.files.samples, f"step {run.step:,}: {text!r}\n")
-            self.files.write_line(self.files.log, run.log_line(
-                val, lr=f"{lr:.6g}", loss=f"{loss:.5f}", bpb=f"{bpb:.5f}", accuracy=f"{accuracy:.5f}",
-                grad_norm=f"{grad_norm:.4f}", ms_per_step=f"{1000 * seconds:.2f}"))
+            self.log(val, lr=f"{lr:.6g}", loss=f"{loss:.5f}", bpb=f"{bpb:.5f}", accuracy=f"{accuracy:.5f}",
+                     grad_norm=f"{grad_norm:.4f}", ms_per_step=f"{1000 * seconds:.2f}")
         except WriteError as exc:  # the loop stops as for a signal: the checkpoint is saved, then this is said
             self.problem, self.stop_requested = exc, True
         if run.step > self.start + 1:
@@ -1536,6 +1517,13 @@ class Report:
             sys.stdout.flush()  # what was printed before this line comes before it in a file that holds both
             print(f"step {run.step:,}/{run.settings.max_steps:,}: {numbers}", file=sys.stderr, flush=True)
             self.next_line = time.monotonic() + self.PLAIN_SECONDS
+
+    def log(self, val=None, **columns):
+        """Append the log's row for this step: `columns`, and an evaluation's (`val`) when given."""
+        if val:
+            columns.update({f"val_{k}": f"{val[k]:.5f}" for k in ("loss", "bpb", "accuracy")})
+        row = dict(columns, step=self.run.step, bytes=self.run.step * self.run.cfg.batch_size * self.run.cfg.seq_len)
+        self.files.write_line(self.files.log, log_line(row))
 
     def speed(self):
         """The speed of the timed steps (once there are some)."""
@@ -1659,7 +1647,7 @@ def train_and_finish(run, end, report, files, slices):
         if report.stop_requested:
             raise KeyboardInterrupt
         if run.step == run.settings.max_steps and run.settings.final_eval:
-            final_evaluation(run, slices, files)
+            final_evaluation(run, slices, report)
     except KeyboardInterrupt:  # a signal: after the step under way (then saved), or a second one at once
         print(f"stopped: {files.on_disk(run)}")
         return 130
@@ -1755,12 +1743,12 @@ def evaluate_stream(params, data, seq_len, streams=1, slices=None, progress=Fals
                 protocol=f"{side_by_side}, each read in chunks of {seq_len} with its state carried")
 
 
-def final_evaluation(run, slices, files):
+def final_evaluation(run, slices, report):
     """All of val by the published protocol (state reset every record), and its start as EVAL_STREAMS texts."""
     full = evaluate(run.params, run.val_records, EVAL_BATCH, slices, progress=True)
     text = run.val_records.reshape(-1)[:run.settings.eval_bytes]
     stream = evaluate_stream(run.params, text, run.cfg.seq_len, EVAL_STREAMS, slices, progress=True)
-    files.write_line(files.log, run.log_line(full, val_stream_bpb=f"{stream['bpb']:.5f}"))
+    report.log(full, val_stream_bpb=f"{stream['bpb']:.5f}")
     print_evaluation(f"val, per record (all {len(run.val_records):,} records, the state reset every record)", full)
     print_evaluation(f"val, streamed (the first {len(text):,} bytes as {stream['protocol']})", stream)
 
