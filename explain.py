@@ -241,8 +241,7 @@ def main(argv=None):
     parser.add_argument("--out", default="explain.html")
     args = parser.parse_args(argv)
     try:
-        mora.check_outputs([args.out, os.path.realpath(args.out) + ".tmp"],  # the page and what written_atomically writes
-                           [args.ckpt] + [args.file] * (args.file is not None))
+        mora.check_outputs([args.out], [args.ckpt] + [args.file] * (args.file is not None))  # the page, and its .tmp
         data, cut_note = read_input(args)
         cfg, params, meta, _ = mora.load_checkpoint(args.ckpt)
         bits, top, beta, delta = read_text(params, data)

@@ -920,9 +920,8 @@ EVAL_BATCH, EVAL_CHUNK = 256, 32
 def evaluate(params, records, batch_size, slices=None, progress=False):
     """Loss, accuracy and bits/byte over every record, in order, in batches of
     batch_size (the last one may be smaller); the recurrent state starts at zero in
-    every record (the published protocol).  Forward only: no backward cache.  With
-    CPU slices (see "CPU threads") each batch's rows are shared out over the threads,
-    and read in chunks of EVAL_CHUNK positions."""
+    every record (the published protocol).  Forward only: no backward cache.  CPU
+    slices (see "CPU threads") share out each batch's rows, read as said above."""
     xp = array_module(params["embed"])
     n, T = len(records), records.shape[1] - 1
     chunk = T if slices is None else EVAL_CHUNK
@@ -967,23 +966,25 @@ def file_problem(path, fix):
 
 def check_outputs(paths, inputs=(), flag="--out"):
     """Refuse, in one line before any work, each of `paths` (the file `flag` names, then those written beside it) that
-    cannot be written whole: each must be a regular file or nothing yet, in a writable folder, and none of `inputs`."""
-    for path in map(os.fspath, paths):
-        real = os.path.realpath(path)
-        folder = os.path.dirname(real)
-        fix = f"choose another {flag}" if path == os.fspath(paths[0]) else \
+    cannot be written whole, nor the .tmp written_atomically writes for it: each must be a regular file or nothing
+    yet, in a writable folder, and none of `inputs`."""
+    for given in map(os.fspath, paths):
+        fix = f"choose another {flag}" if given == os.fspath(paths[0]) else \
             f"{flag} {paths[0]} writes a file there: move it, or choose another {flag}"
-        if problem := file_problem(path, fix):
-            raise UserError(problem)
-        if not os.path.isdir(folder):
-            raise UserError(f"the folder {folder} does not exist (or is not a folder): create it, or {fix}")
-        if not os.access(folder, os.W_OK):
-            raise UserError(f"cannot write to {folder}: {fix}")
-        if os.path.isfile(real) and not os.stat(real).st_mode & stat.S_IWUSR:
-            raise UserError(f"{path} is read-only: make it writable (chmod u+w), or {fix}")
-        if same := [i for i in map(os.fspath, inputs) if os.path.realpath(i) == real
-                    or os.path.exists(i) and os.path.exists(real) and os.path.samefile(i, real)]:
-            raise UserError(f"{path} is also an input of this command ({same[0]}): writing it would destroy it; {fix}")
+        for path in (given, os.path.realpath(given) + ".tmp"):
+            real = os.path.realpath(path)
+            folder = os.path.dirname(real)
+            if problem := file_problem(path, fix):
+                raise UserError(problem)
+            if not os.path.isdir(folder):
+                raise UserError(f"the folder {folder} does not exist (or is not a folder): create it, or {fix}")
+            if not os.access(folder, os.W_OK):
+                raise UserError(f"cannot write to {folder}: {fix}")
+            if os.path.isfile(real) and not os.stat(real).st_mode & stat.S_IWUSR:
+                raise UserError(f"{path} is read-only: make it writable (chmod u+w), or {fix}")
+            if same := [i for i in map(os.fspath, inputs) if os.path.realpath(i) == real
+                        or os.path.exists(i) and os.path.exists(real) and os.path.samefile(i, real)]:
+                raise UserError(f"{path} is also an input of this command ({same[0]}): writing it destroys it; {fix}")
 
 
 @contextlib.contextmanager
@@ -1152,7 +1153,6 @@ SETTINGS = {
     "ckpt_every": Setting(positive_int, "steps between checkpoints", on_resume=True),
     "final_eval": Setting(yes_no, "evaluate on all of val when the run ends", on_resume=True),
 }
-SIZE_SETTINGS = ("d_model", "n_layers", "seq_len", "batch_size")  # the flags bench shares with train
 
 
 def add_setting_flags(p, names):
@@ -1332,10 +1332,8 @@ class RunFiles:
                             f"choose another --ckpt, e.g. checkpoints/mora.npz")
         with contextlib.suppress(OSError):  # a folder that cannot be made is check_outputs' to say
             os.makedirs(os.path.dirname(os.path.abspath(ckpt)), exist_ok=True)
-        written = [self.ckpt, self.log, self.samples]  # each through its .tmp, beside the file a link names
-        tmps = [(os.path.realpath(p) if os.path.islink(p) else p) + ".tmp" for p in written]
-        check_outputs(written + tmps + [self.lock], [os.path.join(args.data_dir, n) for n in ("train.bin", "val.bin")],
-                      "--ckpt")
+        check_outputs([ckpt, self.log, self.samples, self.lock],
+                      [os.path.join(args.data_dir, name) for name in ("train.bin", "val.bin")], "--ckpt")
 
     def __enter__(self):
         """Lock the run (CKPT.lock, never through a link): a second run on it stops at once, before it prints.  The
@@ -1902,7 +1900,7 @@ FLAGS = [  # the commands that take it, the flag, argparse's arguments for it
     ("bench", "--report", dict(action="store_true", help="the small and the large model (docs/gpu.md)")),
 ]
 SETTING_FLAGS = {"train": [name for name, setting in SETTINGS.items() if setting.help],  # each setting's flag, its rule
-                 "bench": [*SIZE_SETTINGS, "slices"]}
+                 "bench": ["d_model", "n_layers", "seq_len", "batch_size", "slices"]}
 
 
 def build_parser():

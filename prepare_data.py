@@ -191,14 +191,14 @@ def check_files(args):
 
 
 def written_files(args):
-    """Every file this run may write: each .bin, its record and the text taken out of a .zip, with their .tmp (beside
-    the file a symbolic link names, as written_atomically writes it); each download with its .part."""
+    """Every file this run may write: each .bin, its record and the text taken out of a .zip (check_outputs adds the
+    .tmp written_atomically writes beside each); each download with its .part."""
     _, name, splits = SPLIT_TEXTS.get(args.dataset, (None, "", ["train", "val"]))
     made = [f"{split}.bin{end}" for split in splits for end in ("", ".json")] + [args.dataset] * name.endswith(".zip")
     downloads = [] if args.input_train else [name] if name else \
         [VAL_FILE, TRAIN_FILE] + [f"{TRAIN_FILE}.first{args.train_bytes}"] * bool(args.train_bytes)
     made, downloads = ([os.path.join(args.out_dir, f) for f in files] for files in (made, downloads))
-    return [p for f in made for p in (f, os.path.realpath(f) + ".tmp")] + [p for f in downloads for p in (f, f + ".part")]
+    return made + [p for f in downloads for p in (f, f + ".part")]
 
 
 def lock_folder(folder):
