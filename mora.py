@@ -65,8 +65,7 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------
 # Array backend: xp is numpy or cupy, chosen by the arrays themselves, so one code
-# path serves both.  `gpu_problem` (in the appendix) sets `cupy` when
-# the command asks for a GPU and one works.
+# path serves both; `gpu_problem` (in the appendix) sets `cupy` once a GPU works.
 
 cupy = None  # the CuPy module, once gpu_problem has found a GPU that works
 
@@ -918,10 +917,9 @@ EVAL_BATCH, EVAL_CHUNK = 256, 32
 
 
 def evaluate(params, records, batch_size, slices=None, progress=False):
-    """Loss, accuracy and bits/byte over every record, in order, in batches of
-    batch_size (the last one may be smaller); the recurrent state starts at zero in
-    every record (the published protocol).  Forward only: no backward cache.  CPU
-    slices (see "CPU threads") share out each batch's rows, read as said above."""
+    """Loss, accuracy and bits/byte over every record, in order, in batches of batch_size
+    (the last may be smaller), the recurrent state zero at each record's start (the
+    published protocol); forward only.  CPU slices share out each batch's rows (above)."""
     xp = array_module(params["embed"])
     n, T = len(records), records.shape[1] - 1
     chunk = T if slices is None else EVAL_CHUNK
@@ -965,9 +963,8 @@ def file_problem(path, fix):
 
 
 def check_outputs(paths, inputs=(), flag="--out"):
-    """Refuse, in one line before any work, each of `paths` (the file `flag` names, then those written beside it) that
-    cannot be written whole, nor the .tmp written_atomically writes for it: each must be a regular file or nothing
-    yet, in a writable folder, and none of `inputs`."""
+    """Refuse in one line, before any work, each of `paths` (the file `flag` names, then those beside it) or its .tmp
+    that cannot be written whole: a regular file or nothing yet, in a writable folder, and none of `inputs`."""
     for given in map(os.fspath, paths):
         fix = f"choose another {flag}" if given == os.fspath(paths[0]) else \
             f"{flag} {paths[0]} writes a file there: move it, or choose another {flag}"
@@ -1225,8 +1222,7 @@ def start_or_resume(args, xp, checkpoint):
         check_memory(cfg, xp)
         params_np, adam_state = init_params(cfg, settings.seed, mix=settings.mix_init), {}
     train_records, val_records, data_files = open_run_data(args, cfg, meta)
-    steps_per_epoch = len(train_records) // cfg.batch_size
-    if steps_per_epoch == 0:
+    if (steps_per_epoch := len(train_records) // cfg.batch_size) == 0:
         raise UserError(f"train.bin has {len(train_records)} records of {cfg.seq_len + 1} bytes, fewer than one batch of {cfg.batch_size}: lower --batch-size or --seq-len")
     settings.max_steps = settings.max_steps or settings.epochs * steps_per_epoch  # (a given one is never 0)
     if settings.warmup is None:
@@ -1289,9 +1285,8 @@ def line_step(line, log):
 
 
 def lines_up_to(path, step, header):
-    """The lines of a run's file (the log: `header` first; the samples: none) that belong to a checkpoint at `step`.
-    A file with a line cut short or unreadable (a kill mid-line, a hand edit) is set aside as .bad and the lines
-    before it kept; lines after `step` (written after that checkpoint) are dropped."""
+    """A run's file's lines (the log, after its `header`; the samples) up to the checkpoint at `step`.  A file with a
+    line cut short or unreadable (a kill mid-line, a hand edit) is set aside as .bad, the lines before it kept."""
     if not os.path.exists(path):  # (said of the log alone: a run may have sampled nothing so far)
         if header:
             print(f"warning: {path} is missing: a new one starts at step {step:,}", file=sys.stderr)
@@ -1316,10 +1311,10 @@ class WriteError(UserError):
 
 
 class RunFiles:
-    """Every file `train` writes, each named from the checkpoint's whole name (STEM: CKPT less a last .npz, so exp.1
-    and exp.2 are two runs): CKPT, CKPT.lock, the log STEM.csv, STEM.samples.txt, and the .tmp each is written to;
-    and, while the run trains, its standard output and error (QuietOnFailure).  All are checked before any work;
-    each write is whole or undone, and an OSError on any file becomes one WriteError."""
+    """Every file `train` writes, named from the checkpoint's whole name (STEM: CKPT less a last .npz, so exp.1 and
+    exp.2 are two runs): CKPT, CKPT.lock, the log STEM.csv and STEM.samples.txt, and while the run trains its standard
+    streams (QuietOnFailure).  All are checked before any work; each write is whole or undone, and an OSError on any
+    file becomes one WriteError."""
 
     def __init__(self, args):
         ckpt, stem, self.args = args.ckpt, args.ckpt.removesuffix(".npz"), args
@@ -1431,9 +1426,8 @@ class RunFiles:
 
 
 class QuietOnFailure:
-    """sys.stdout or sys.stderr while a run trains: a write that fails (`train | head`, a full disk, a closed
-    terminal, a character it cannot encode) never ends the run.  The first failure is said once on stderr if it
-    can be; from then on the stream's descriptor is the null device, so nothing fails later, at exit included."""
+    """A standard stream while a run trains: a write that fails (`| head`, a full disk, a closed terminal) never ends
+    the run; it is said once, then the descriptor is the null device, so nothing fails later, at exit included."""
 
     def __init__(self, stream):
         self.stream, self.failed = stream, False
@@ -1460,11 +1454,10 @@ class QuietOnFailure:
 
 class Report:
     """What train_loop shows of each step, and whether it should stop.  A step's row goes to the log, an evaluation
-    and its sample to stdout and the samples file, and the progress to stderr: a bar on a terminal, else a line at
-    the first and last step and every PLAIN_SECONDS (the speed leaves out the first step, which warms caches and
-    compiles on the GPU).  SIGINT (Ctrl-C), SIGTERM (`kill`, schedulers) and SIGHUP (a closed terminal) stop the
-    loop after the step under way, as does a log or samples file that cannot be written (kept as `problem`); a
-    second signal, or one once the run is `saved`, stops at once (KeyboardInterrupt), the last checkpoint as it was."""
+    and its sample to stdout and the samples file, the progress to stderr: a bar on a terminal, else a line at the
+    first and last step and every PLAIN_SECONDS (the speed leaves out the first step: caches warm, the GPU compiles).
+    SIGINT, SIGTERM and SIGHUP (a closed terminal) stop the loop after the step under way, as does a file that cannot
+    be written (kept as `problem`); a second signal, or one once the run is `saved`, stops at once, unsaved."""
     PLAIN_SECONDS = 10
     SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
 
@@ -1767,8 +1760,8 @@ def evaluate_checkpoint(args):
     cfg, params, meta, xp = checkpoint_on_device(args)
     path = os.path.join(args.data_dir, f"{args.split}.bin")
     if args.split == "test" and not os.path.exists(path):
-        raise UserError(f"{path} not found: prepare_data.py makes a test split for enwik8 alone (--dataset enwik8): "
-                        "use --split val, or --data-dir the enwik8 folder")
+        raise UserError(f"{path} not found: enwik8 alone has a test split (prepare_data.py --dataset enwik8); "
+                        "use --split val")
     seq_len = args.seq_len or cfg.seq_len  # a recurrent model reads records of any length
     streams = args.streams or (EVAL_STREAMS if args.stream else 0)  # 0: record by record
     data = open_bytes(path)[:args.max_bytes or None]
